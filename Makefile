@@ -1,0 +1,38 @@
+# The two commands a newcomer needs:  make demo   and   make test
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV ?= $(CURDIR)/.venv
+export PATH := $(VENV)/bin:$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+export INFERD_TESTHOST_IMAGE = $(shell scripts/testhost-image.sh --name 2>/dev/null)
+DEMO_HOST ?= inferd-demo
+STAGE = scripts/stage.sh
+
+.PHONY: setup demo demo-down test lint specs unit modules molecule clean
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	@scripts/testhost-up.sh $(DEMO_HOST) >/dev/null
+	ansible-playbook site.yml -i inventory/demo
+	@scripts/demo-report.sh $(DEMO_HOST)
+
+demo-down:
+	@scripts/testhost-down.sh $(DEMO_HOST)
+
+# Every check, each stage timed so drift shows. CI runs exactly this (.ci/run).
+test: setup
+	@$(STAGE) ruff         ruff check . && ruff format --check .
+	@$(STAGE) ansible-lint ansible-lint --profile production
+	@$(STAGE) specs        pytest -q tests/test_argument_specs.py
+	@$(STAGE) runtime      pytest -q runtime/tests
+	@$(STAGE) modules      pytest -q tests --ignore=tests/test_argument_specs.py
+	@$(STAGE) molecule     scripts/molecule-all.sh
+	@$(STAGE) --summary
+
+lint:
+	ruff check . && ruff format --check . && ansible-lint --profile production
+
+clean: demo-down
+	scripts/testhost-down.sh --all

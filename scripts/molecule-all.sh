@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Run every molecule scenario under molecule/ (or those named): create, converge, idempotence,
+# verify, destroy. The test-host image and network must exist (make setup).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+INFERD_TESTHOST_IMAGE=$(scripts/testhost-image.sh --name)
+export INFERD_TESTHOST_IMAGE
+scripts/testhost-image.sh >/dev/null
+if [ $# -gt 0 ]; then scenarios=("$@"); else
+  mapfile -t scenarios < <(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -n1 basename | sort)
+fi
+[ ${#scenarios[@]} -gt 0 ] || { echo "error: no molecule scenarios found under molecule/" >&2; exit 1; }
+for s in "${scenarios[@]}"; do
+  start=$(date +%s)
+  molecule test -s "$s"
+  echo "molecule scenario $s: $(( $(date +%s) - start ))s"
+done
