@@ -37,9 +37,10 @@ fi
 #    exceed the host's hard limits).
 conf_dir=/etc/containers/containers.conf.d
 conf="$conf_dir/50-inferd-testhosts.conf"
+# Capped as well: on this VM runc failed to set nproc above 32768 even under the hard limit.
 nofile=$(ulimit -Hn); nproc=$(ulimit -Hu)
-[ "$nofile" = unlimited ] && nofile=1048576
-[ "$nproc" = unlimited ] && nproc=1048576
+[ "$nofile" = unlimited ] || [ "$nofile" -gt 20000 ] && nofile=20000
+[ "$nproc" = unlimited ] || [ "$nproc" -gt 32768 ] && nproc=32768
 want=$(cat <<CONF
 # Written by inferd scripts/setup.sh for the disposable test hosts.
 [containers]

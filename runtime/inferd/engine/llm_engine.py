@@ -1,0 +1,159 @@
+"""The engine loop: admit requests, schedule a step, run it, apply stop rules, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from inferd.config import EngineConfig
+from inferd.engine.block_manager import BlockManager
+from inferd.engine.model_runner import ModelRunner
+from inferd.engine.scheduler import Scheduler
+from inferd.engine.sequence import Sequence
+from inferd.models.config import load_model_config
+from inferd.outputs import RequestOutput
+from inferd.sampling_params import SamplingParams
+from inferd.tokenizer import Tokenizer
+
+log = logging.getLogger("inferd.engine")
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, weights=None):
+        self.config = config
+        self.model_config = load_model_config(config.model)
+        self.max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, 8192)
+        tok_path = Path(config.model) / "tokenizer.json"
+        self.tokenizer = Tokenizer(config.model) if tok_path.exists() else None
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        gen_cfg = Path(config.model) / "generation_config.json"
+        if gen_cfg.exists():
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            if eos is not None:
+                self.eos_token_ids |= set([eos] if isinstance(eos, int) else eos)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.runner = ModelRunner(config, self.model_config, self.max_model_len, weights=weights)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.sequences: dict[str, Sequence] = {}
+        self._texts: dict[str, str] = {}
+
+    # ---- requests -------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model directory has no tokenizer.json: pass token ids instead of text")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        token_ids = self.tokenize(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(token_ids)} tokens; this model's context is {self.max_model_len} "
+                "(prompt and output together): shorten the prompt"
+            )
+        seq = Sequence(token_ids, params, self.config.block_size, request_id)
+        if seq.request_id in self.sequences:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self.sequences[seq.request_id] = seq
+        self._texts[seq.request_id] = ""
+        self.scheduler.add(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.abort(seq)
+            self.runner.sampler.release(seq)
+            self._texts.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One engine step. Returns an output for every sequence that produced a token."""
+        batch, is_prefill = self.scheduler.schedule()
+        if not batch:
+            return []
+        tokens, logprobs = self.runner.run(batch, is_prefill)
+        produced = self.scheduler.postprocess(batch, tokens, logprobs)
+        return [self._check_stop(seq) for seq in produced]
+
+    def _check_stop(self, seq: Sequence) -> RequestOutput:
+        p = seq.params
+        token = seq.last_token
+        reason = None
+        if not p.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        elif token in p.stop_token_ids:
+            reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            reason = "length"
+        old_text = self._texts.get(seq.request_id, "")
+        text = old_text
+        if self.tokenizer is not None:
+            ids = seq.output_token_ids
+            if reason == "stop" and not p.ignore_eos:
+                ids = ids[:-1]  # the stop token itself is not part of the text
+            text = self.tokenizer.decode(ids)
+            if p.stop:
+                hits = [text.find(s, max(0, len(old_text) - len(s))) for s in p.stop]
+                hits = [h for h in hits if h >= 0]
+                if hits:
+                    text, reason = text[: min(hits)], "stop"
+            if reason is None and text.endswith("\ufffd"):
+                text = old_text  # an incomplete UTF-8 sequence: wait for the next token
+        self._texts[seq.request_id] = text
+        if reason is not None:
+            seq.finish_reason = reason
+            self.scheduler.finish(seq, reason)
+            self.runner.sampler.release(seq)
+            self.sequences.pop(seq.request_id, None)
+            self._texts.pop(seq.request_id, None)
+        new_text = text[len(old_text) :] if text.startswith(old_text) else text
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            token_ids=seq.output_token_ids,
+            text=text,
+            finish_reason=reason,
+            logprobs=list(seq.output_logprobs) if p.logprobs else None,
+            num_cached_tokens=seq.num_cached_tokens,
+            finished=reason is not None,
+            new_token_ids=[token],
+            new_text=new_text,
+        )
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams], use_tqdm: bool = False) -> list[RequestOutput]:
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("pass one SamplingParams, or one per prompt")
+        ids = [self.add_request(p, sp).request_id for p, sp in zip(prompts, params_list)]
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(prompts), desc="generating", unit="req")
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.finished:
+                    results[out.request_id] = out
+                    if bar:
+                        bar.update(1)
+        if bar:
+            bar.close()
+        return [results[i] for i in ids]
