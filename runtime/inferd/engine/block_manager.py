@@ -129,4 +129,3 @@ class BlockManager:
         seq.block_table = []
         seq.num_hashed_blocks = 0
         seq.num_computed_tokens = 0
-        seq.num_cached_tokens = 0
