@@ -26,7 +26,7 @@ def test_triton_paged_decode_matches_reference(heads, kv_heads, head_dim, dtype)
     tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32)[: batch * 21].view(batch, 21)
     out = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, head_dim**-0.5)
     ref = decode_attention_reference(q, k_cache, v_cache, tables.long(), context_lens, head_dim**-0.5)
-    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3  # tl.dot uses TF32 for float32
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
@@ -38,10 +38,10 @@ def test_cuda_engine_matches_cpu_engine_and_transformers(tiny_model):
     gpu_llm = LLM(str(path), device="cuda", dtype="float32")
     assert gpu_llm.engine.runner.graphs, "CUDA graphs were not captured"
     gpu = [o.token_ids for o in gpu_llm.generate(prompts, sp)]
-    # TF32 in the decode kernel may flip a near-tie late in a sequence; the start must agree.
-    for c, g in zip(cpu, gpu):
-        assert c[:8] == g[:8]
-        assert sum(a == b for a, b in zip(c, g)) >= 24
+    assert gpu == cpu
+    ref = [model.generate(torch.tensor([tokenizer(p).input_ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                          eos_token_id=None)[0, len(tokenizer(p).input_ids):].tolist() for p in prompts]
+    assert gpu == ref
 
 
 def test_cuda_bf16_batch_of_16_runs_through_graphs(llama_dir):
