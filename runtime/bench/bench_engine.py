@@ -107,8 +107,7 @@ def hf_generate_batch(model, prompts, new_tokens, device):
     gc_ = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     sync(device)
     t = time.perf_counter()
-    with torch.inference_mode():
-        outs = model.generate_batch(inputs=prompts, generation_config=gc_)
+    outs = model.generate_batch(inputs=prompts, generation_config=gc_)
     sync(device)
     took = time.perf_counter() - t
     generated = sum(len(o.generated_tokens) for o in outs.values())
@@ -136,6 +135,27 @@ def run_ours(engine: LLMEngine, prompts, new_tokens):
         "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
         "tpot_ms_p50": percentile(tpot, 50), "tpot_ms_p99": percentile(tpot, 99),
     }
+
+
+def replay_ms(graph, reps: int = 50) -> float:
+    """GPU time of one decode step alone (no scheduling, no sampling)."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def profile(engine, prompts, steps) -> str:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_ours(engine, prompts, steps)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
 
 
 def bench_shape(name: str, args, bandwidth: float) -> dict:
@@ -182,6 +202,10 @@ def bench_shape(name: str, args, bandwidth: float) -> dict:
         b1["achieved_GB_s"] = weight_bytes / (step_ms / 1000) / 1e9
         b1["pct_of_roofline"] = 100 * res["roofline_ms_per_token"] / step_ms
         res["ours_b1"] = b1
+        if engine.runner.graphs:
+            res["graph_replay_ms"] = {bs: replay_ms(engine.runner.graphs[bs]) for bs in (1, 64) if bs in engine.runner.graphs}
+        if args.profile:
+            res["profile_b1"] = profile(engine, b1_prompt, 16)
         for n, prompts in loads.items():
             res[f"ours_{n}"] = run_ours(engine, prompts, args.output_len)
         del engine
@@ -203,6 +227,7 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--profile", action="store_true", help="add a torch.profiler table of batch-1 decode")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,

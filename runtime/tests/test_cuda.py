@@ -14,15 +14,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (12, 2, 128), (4, 4, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_triton_paged_decode_matches_reference(heads, kv_heads, head_dim, dtype):
+@pytest.mark.parametrize("batch", [1, 5, 40])  # split-K for small batches, one pass for large ones
+def test_triton_paged_decode_matches_reference(heads, kv_heads, head_dim, dtype, batch):
     from inferd.layers.paged_decode import paged_decode_attention
 
     torch.manual_seed(0)
-    block_size, num_blocks, batch = 16, 64, 5
+    block_size, num_blocks = 16, 21 * 40
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=dtype)
     v_cache = torch.randn_like(k_cache)
     q = torch.randn(batch, heads, head_dim, device="cuda", dtype=dtype)
-    context_lens = torch.tensor([1, 17, 64, 200, 333], device="cuda", dtype=torch.int32)
+    context_lens = torch.tensor([333, 1, 17, 64, 200] * 8, device="cuda", dtype=torch.int32)[:batch]
     tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32)[: batch * 21].view(batch, 21)
     out = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, head_dim**-0.5)
     ref = decode_attention_reference(q, k_cache, v_cache, tables.long(), context_lens, head_dim**-0.5)

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from inferd.layers.fused import silu_and_mul
 
 
 class SiluAndMul(nn.Module):
     """silu(gate) * up on the fused gate_up projection's output."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return silu_and_mul(x)

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from inferd.layers.fused import apply_rotary
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -27,11 +29,6 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     return torch.where(medium, smoothed, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None):
         super().__init__()
@@ -42,9 +39,4 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin", torch.stack((emb.cos(), emb.sin())), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos, sin = self.cos_sin[:, positions].to(q.dtype).unsqueeze(2)  # [T, 1, D]
-        q = q.view(q.shape[0], -1, self.head_dim)
-        k = k.view(k.shape[0], -1, self.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        return q.flatten(1), k.flatten(1)
+        return apply_rotary(positions, q, k, self.cos_sin, self.head_dim)
