@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -30,17 +29,53 @@ from inferd.sampling_params import SamplingParams  # noqa: E402
 
 SHAPES = {
     # DeepSeek-R1-Distill-Llama-8B
-    "llama-8b": dict(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
-                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 8192}, tie_word_embeddings=False, rms_norm_eps=1e-5),
+    "llama-8b": dict(
+        arch="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    ),
     # DeepSeek-R1-Distill-Qwen-1.5B
-    "qwen-1.5b": dict(arch="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                      num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072, rope_theta=10000.0,
-                      tie_word_embeddings=False, rms_norm_eps=1e-6),
-    "tiny": dict(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0,
-                 tie_word_embeddings=False, rms_norm_eps=1e-6),
+    "qwen-1.5b": dict(
+        arch="qwen2",
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=131072,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+    ),
+    "tiny": dict(
+        arch="llama",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+    ),
 }
 
 
@@ -93,8 +128,14 @@ def hf_generate(model, prompts, new_tokens, device):
     sync(device)
     t = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
     sync(device)
     took = time.perf_counter() - t
     generated = (out.shape[1] - x.shape[1]) * x.shape[0]
@@ -131,9 +172,13 @@ def run_ours(engine: LLMEngine, prompts, new_tokens):
     ttft = [(first[r] - start) * 1000 for r in first]
     tpot = [(done[r] - first[r]) * 1000 / max(1, counts[r] - 1) for r in done]
     return {
-        "output_tok_s": sum(counts.values()) / took, "seconds": took, "tokens": sum(counts.values()),
-        "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
-        "tpot_ms_p50": percentile(tpot, 50), "tpot_ms_p99": percentile(tpot, 99),
+        "output_tok_s": sum(counts.values()) / took,
+        "seconds": took,
+        "tokens": sum(counts.values()),
+        "ttft_ms_p50": percentile(ttft, 50),
+        "ttft_ms_p99": percentile(ttft, 99),
+        "tpot_ms_p50": percentile(tpot, 50),
+        "tpot_ms_p99": percentile(tpot, 99),
     }
 
 
@@ -189,8 +234,14 @@ def bench_shape(name: str, args, bandwidth: float) -> dict:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         t = time.perf_counter()
-        config = EngineConfig(model=tmp, device=device, dtype=args.dtype, max_model_len=args.max_model_len,
-                              enforce_eager=args.eager, max_num_seqs=max(args.concurrency))
+        config = EngineConfig(
+            model=tmp,
+            device=device,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            enforce_eager=args.eager,
+            max_num_seqs=max(args.concurrency),
+        )
         engine = LLMEngine(config, weights=iter(state.items()))
         del state
         res["engine_init_s"] = time.perf_counter() - t
@@ -230,8 +281,12 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="add a torch.profiler table of batch-1 decode")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "args": vars(args)}
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "args": vars(args),
+    }
     try:
         import transformers
 

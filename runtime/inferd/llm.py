@@ -13,7 +13,9 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, device=device, dtype=dtype, **engine_args))
         self.tokenizer = self.engine.tokenizer
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False
+    ) -> list[RequestOutput]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         return self.engine.generate(prompts, sampling_params or SamplingParams(), use_tqdm=use_tqdm)

@@ -15,3 +15,6 @@ class RequestOutput:
     finished: bool = True
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
+    num_output_tokens: int = 0
+    # Unfinished outputs (one per step, for streaming) carry only the new token and text delta;
+    # the finished one carries everything.

@@ -28,21 +28,45 @@ def build_tokenizer(vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = ["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", chat_template=CHAT_TEMPLATE)
 
 
-def make_model(path, arch: str = "llama", *, vocab_size=512, hidden=64, layers=2, heads=4, kv_heads=2,
-               tie=False, rope_scaling=None, max_pos=1024, seed=0, intermediate=128):
+def make_model(
+    path,
+    arch: str = "llama",
+    *,
+    vocab_size=512,
+    hidden=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    tie=False,
+    rope_scaling=None,
+    max_pos=1024,
+    seed=0,
+    intermediate=128,
+):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(vocab_size)
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
-                  tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=tie,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     if arch == "llama":
         cfg = LlamaConfig(**common, rope_theta=500000.0, rope_scaling=rope_scaling)
         model = LlamaForCausalLM(cfg)
@@ -60,8 +84,13 @@ def make_model(path, arch: str = "llama", *, vocab_size=512, hidden=64, layers=2
     return model, tokenizer
 
 
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 256}
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 256,
+}
 
 VARIANTS = {
     "llama-gqa2-untied": dict(arch="llama", heads=4, kv_heads=2),

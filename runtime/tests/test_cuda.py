@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from inferd import LLM, SamplingParams
 from inferd.layers.attention import decode_attention_reference
 
@@ -40,13 +39,19 @@ def test_cuda_engine_matches_cpu_engine_and_transformers(tiny_model):
     assert gpu_llm.engine.runner.graphs, "CUDA graphs were not captured"
     gpu = [o.token_ids for o in gpu_llm.generate(prompts, sp)]
     assert gpu == cpu
-    ref = [model.generate(torch.tensor([tokenizer(p).input_ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                          eos_token_id=None)[0, len(tokenizer(p).input_ids):].tolist() for p in prompts]
+    ref = [
+        model.generate(
+            torch.tensor([tokenizer(p).input_ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None
+        )[0, len(tokenizer(p).input_ids) :].tolist()
+        for p in prompts
+    ]
     assert gpu == ref
 
 
 def test_cuda_bf16_batch_of_16_runs_through_graphs(llama_dir):
     llm = LLM(str(llama_dir), device="cuda", dtype="bfloat16")
-    outs = llm.generate([[3 + i] * (5 + 7 * i) for i in range(16)], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    outs = llm.generate(
+        [[3 + i] * (5 + 7 * i) for i in range(16)], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    )
     assert all(len(o.token_ids) == 40 for o in outs)
     assert 16 in llm.engine.runner.graphs

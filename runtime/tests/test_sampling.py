@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from inferd import LLM, SamplingParams
 
 
@@ -43,8 +42,10 @@ def test_tiny_top_p_and_min_p_are_greedy(llm):
 def test_penalties_stop_repetition(llm):
     plain = llm.generate([PROMPT], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))[0].token_ids
     assert len(set(plain)) < len(plain), "the test needs a model that repeats itself greedily"
-    for sp in (SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, presence_penalty=2.0),
-               SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, repetition_penalty=1e6)):
+    for sp in (
+        SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, presence_penalty=2.0),
+        SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, repetition_penalty=1e6),
+    ):
         out = llm.generate([PROMPT], sp)[0].token_ids
         assert len(set(out)) > len(set(plain))
     forbid = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, repetition_penalty=1e9)
@@ -92,8 +93,18 @@ def test_logprobs_are_those_of_the_chosen_tokens(llm):
     assert all(lp <= 0 and math.isfinite(lp) for lp in out.logprobs)
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=float("nan")), dict(temperature=-1), dict(max_tokens=0),
-                                 dict(top_p=0), dict(top_k=0), dict(min_p=2), dict(repetition_penalty=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=float("nan")),
+        dict(temperature=-1),
+        dict(max_tokens=0),
+        dict(top_p=0),
+        dict(top_k=0),
+        dict(min_p=2),
+        dict(repetition_penalty=0),
+    ],
+)
 def test_bad_sampling_params_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -14,7 +14,7 @@ from inferd.engine.sequence import Sequence
 from inferd.models.config import load_model_config
 from inferd.outputs import RequestOutput
 from inferd.sampling_params import SamplingParams
-from inferd.tokenizer import Tokenizer
+from inferd.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("inferd.engine")
 
@@ -42,7 +42,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.sequences: dict[str, Sequence] = {}
-        self._texts: dict[str, str] = {}
+        self._detoks: dict[str, IncrementalDetokenizer] = {}
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -68,7 +68,8 @@ class LLMEngine:
         if seq.request_id in self.sequences:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
         self.sequences[seq.request_id] = seq
-        self._texts[seq.request_id] = ""
+        if self.tokenizer is not None:
+            self._detoks[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add(seq)
         return seq
 
@@ -77,7 +78,7 @@ class LLMEngine:
         if seq is not None:
             self.scheduler.abort(seq)
             self.runner.sampler.release(seq)
-            self._texts.pop(request_id, None)
+            self._detoks.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -96,34 +97,46 @@ class LLMEngine:
         p = seq.params
         token = seq.last_token
         reason = None
-        if not p.ignore_eos and token in self.eos_token_ids:
-            reason = "stop"
-        elif token in p.stop_token_ids:
+        stopped_by_token = (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
+        if stopped_by_token:
             reason = "stop"
         elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
-        old_text = self._texts.get(seq.request_id, "")
-        text = old_text
-        if self.tokenizer is not None:
-            ids = seq.output_token_ids
-            if reason == "stop" and not p.ignore_eos:
-                ids = ids[:-1]  # the stop token itself is not part of the text
-            text = self.tokenizer.decode(ids)
-            if p.stop:
-                hits = [text.find(s, max(0, len(old_text) - len(s))) for s in p.stop]
+        detok = self._detoks.get(seq.request_id)
+        new_text = ""
+        if detok is not None and not stopped_by_token:
+            new_text = detok.add(token)
+            if p.stop and new_text:
+                window = detok.text[-(len(new_text) + max(map(len, p.stop))) :]
+                hits = [window.find(s) for s in p.stop]
                 hits = [h for h in hits if h >= 0]
                 if hits:
-                    text, reason = text[: min(hits)], "stop"
-            if reason is None and text.endswith("\ufffd"):
-                text = old_text  # an incomplete UTF-8 sequence: wait for the next token
-        self._texts[seq.request_id] = text
-        if reason is not None:
-            seq.finish_reason = reason
-            self.scheduler.finish(seq, reason)
-            self.runner.sampler.release(seq)
-            self.sequences.pop(seq.request_id, None)
-            self._texts.pop(seq.request_id, None)
-        new_text = text[len(old_text) :] if text.startswith(old_text) else text
+                    cut = len(detok.text) - len(window) + min(hits)
+                    new_text = new_text[: max(0, cut - (len(detok.text) - len(new_text)))]
+                    detok.text = detok.text[:cut]
+                    reason = "stop"
+        if reason is None:
+            return RequestOutput(
+                request_id=seq.request_id,
+                prompt_token_ids=[],
+                token_ids=[],
+                text="",
+                finish_reason=None,
+                finished=False,
+                new_token_ids=[token],
+                new_text=new_text,
+                num_output_tokens=seq.num_output_tokens,
+            )
+        seq.finish_reason = reason
+        self.scheduler.finish(seq, reason)
+        self.runner.sampler.release(seq)
+        self.sequences.pop(seq.request_id, None)
+        self._detoks.pop(seq.request_id, None)
+        text = ""
+        if detok is not None:
+            # One full decode at the end: the reference text, cut where a stop string was found.
+            full = self.tokenizer.decode(seq.output_token_ids[:-1] if stopped_by_token else seq.output_token_ids)
+            text = detok.text if (p.stop and len(detok.text) < len(full)) else full
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
@@ -132,9 +145,10 @@ class LLMEngine:
             finish_reason=reason,
             logprobs=list(seq.output_logprobs) if p.logprobs else None,
             num_cached_tokens=seq.num_cached_tokens,
-            finished=reason is not None,
+            finished=True,
             new_token_ids=[token],
             new_text=new_text,
+            num_output_tokens=seq.num_output_tokens,
         )
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams], use_tqdm: bool = False) -> list[RequestOutput]:

@@ -45,7 +45,10 @@ class ModelRunner:
         log.info("model loaded in %.1fs", time.perf_counter() - start)
 
         self.attn_layers = self.model.attention_layers()
-        self.use_triton = self.is_cuda
+        # The Triton kernel needs a power-of-two head_dim of at least 16 (tl.dot); real checkpoints
+        # have 64 or 128. Tiny test models below that take the reference path.
+        hd = model_cfg.head_dim
+        self.use_triton = self.is_cuda and hd >= 16 and hd & (hd - 1) == 0
         for layer in self.attn_layers:
             layer.use_triton = self.use_triton
         self.sampler = Sampler(self.device)
@@ -95,8 +98,14 @@ class ModelRunner:
             )
         # One extra block at the end: padded rows of a captured decode batch write there.
         self.kv_cache = torch.zeros(
-            2, cfg.num_hidden_layers, num_blocks + 1, self.block_size, cfg.num_key_value_heads, cfg.head_dim,
-            dtype=self.dtype, device=self.device,
+            2,
+            cfg.num_hidden_layers,
+            num_blocks + 1,
+            self.block_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            dtype=self.dtype,
+            device=self.device,
         )
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]

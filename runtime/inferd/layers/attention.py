@@ -40,16 +40,17 @@ def prefill_attention_reference(q, k, v, k_cache, v_cache, ctx, scale: float) ->
         else:
             ks = gather_context(k_cache, ctx.block_tables[i], ctx_len)
             vs = gather_context(v_cache, ctx.block_tables[i], ctx_len)
-        ks = ks.transpose(0, 1).repeat_interleave(group, dim=0)
-        vs = vs.transpose(0, 1).repeat_interleave(group, dim=0)
+        # 4-D inputs: SDPA's flash and memory-efficient kernels take nothing else.
+        ks = ks.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+        vs = vs.transpose(0, 1).repeat_interleave(group, dim=0)[None]
         if ctx_len == q_len:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+            o = F.scaled_dot_product_attention(qs[None], ks, vs, is_causal=True, scale=scale)
         else:
             # Query j sits at absolute position ctx_len - q_len + j and sees keys up to it.
             qpos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
             mask = torch.arange(ctx_len, device=q.device)[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
-        out[start : start + q_len] = o.transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs[None], ks, vs, attn_mask=mask, scale=scale)
+        out[start : start + q_len] = o[0].transpose(0, 1)
         start += q_len
     return out
 
