@@ -49,7 +49,7 @@ def test_cuda_engine_matches_cpu_engine_and_transformers(tiny_model):
 
 
 def test_cuda_bf16_batch_of_16_runs_through_graphs(llama_dir):
-    llm = LLM(str(llama_dir), device="cuda", dtype="bfloat16")
+    llm = LLM(str(llama_dir), device="cuda", dtype="bfloat16", cuda_graph_max_batch=16)
     outs = llm.generate(
         [[3 + i] * (5 + 7 * i) for i in range(16)], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     )
