@@ -73,7 +73,9 @@ def test_a_build_that_fails_half_way_leaves_nothing_under_the_final_names(tmp_pa
     fake = tmp_path / "fake"
     fake.mkdir()
     # A debootstrap that writes part of a root filesystem, then dies.
-    (fake / "debootstrap").write_text("#!/bin/sh\nmkdir -p \"$4/etc\" && echo half > \"$4/etc/half\"\necho 'E: download failed' >&2\nexit 1\n")
+    (fake / "debootstrap").write_text(
+        '#!/bin/sh\nmkdir -p "$4/etc" && echo half > "$4/etc/half"\necho \'E: download failed\' >&2\nexit 1\n'
+    )
     (fake / "debootstrap").chmod(0o755)
     cache = tmp_path / "cache"
     name = "localhost/inferd-test-halfway"

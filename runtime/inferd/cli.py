@@ -35,8 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         from inferd import LLM, SamplingParams
 
-        llm = LLM(args.model, device=args.device, dtype=args.dtype)
-        out = llm.generate([args.prompt], SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature))
+        try:
+            params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+            llm = LLM(args.model, device=args.device, dtype=args.dtype)
+            out = llm.generate([args.prompt], params)
+        except (OSError, ValueError, RuntimeError) as e:
+            print(f"inferd: error: {e}", file=sys.stderr)
+            return 2
         print(out[0].text)
         return 0
     parser.error(f"unknown command {args.command}")

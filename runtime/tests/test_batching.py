@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from inferd import LLM, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from inferd import LLM
 from inferd.models.config import UnsupportedModelError, load_model_config
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from inferd import LLM, SamplingParams
 from inferd.layers.context import AttentionContext, reset_context, set_context
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from inferd import LLM, SamplingParams
 from inferd.layers.attention import decode_attention_reference
 
