@@ -25,7 +25,7 @@ need_cmd() {
 TESTHOST_PACKAGES="systemd,systemd-sysv,dbus,python3,python3-apt,sudo,openssh-server,iproute2,iputils-ping,procps,ca-certificates,gnupg,curl,less,kmod,udev,e2fsprogs,util-linux,cron"
 
 testhost_image_tag() {
-  printf '%s bookworm minbase v1' "$TESTHOST_PACKAGES" | sha256sum | cut -c1-12
+  printf '%s bookworm minbase v2' "$TESTHOST_PACKAGES" | sha256sum | cut -c1-12
 }
 
 testhost_image() { printf '%s:%s' "$TESTHOST_IMAGE_NAME" "$(testhost_image_tag)"; }

@@ -42,6 +42,10 @@ if [ ! -s "$tarball" ]; then
   fi
   # Each container gets its own machine id on first boot.
   : >"$work/rootfs/etc/machine-id"
+  # udev's default link policy derives eth0's MAC from the interface name, so every container
+  # got the same MAC and hosts on one network could not reach each other: keep podman's MAC.
+  mkdir -p "$work/rootfs/etc/systemd/network"
+  ln -sf /dev/null "$work/rootfs/etc/systemd/network/99-default.link"
   # Units that make no sense in a container and slow the boot down.
   for unit in systemd-networkd-wait-online.service getty@tty1.service; do
     ln -sf /dev/null "$work/rootfs/etc/systemd/system/$unit"

@@ -87,3 +87,22 @@ def test_a_build_that_fails_half_way_leaves_nothing_under_the_final_names(tmp_pa
     assert not list(cache.glob("rootfs.*")), "the half-built root filesystem was left behind"
     images = subprocess.run(["podman", "images", "--format", "{{.Repository}}", name], capture_output=True, text=True).stdout
     assert name not in images
+
+
+def test_two_hosts_on_one_network_reach_each_other_by_name():
+    if not shutil.which("podman"):
+        pytest.skip("podman is not installed")
+    names = ["inferd-pytest-a", "inferd-pytest-b"]
+    try:
+        ips = []
+        for name in names:
+            r = run("testhost-up.sh", name)
+            assert r.returncode == 0, r.stderr
+            ips.append(r.stdout.strip())
+        assert ips[0] != ips[1] and all(ip.count(".") == 3 for ip in ips), ips
+        state = subprocess.run(["podman", "exec", names[0], "systemctl", "is-system-running"], capture_output=True, text=True)
+        assert state.stdout.strip() in ("running", "degraded")
+        ping = subprocess.run(["podman", "exec", names[0], "ping", "-c1", "-W5", names[1]], capture_output=True, text=True)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+    finally:
+        run("testhost-down.sh", *names)

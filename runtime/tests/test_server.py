@@ -1,0 +1,328 @@
+"""The server as a user runs it: a real `inferd serve` process, the official openai client."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from inferd.server.auth import ROLE_TABLE
+
+
+def inferd(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inferd.cli", *args], capture_output=True, text=True, timeout=120, **kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir: Path, data_dir: Path, extra_config: dict | None = None):
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.config = data_dir / "config.yaml"
+        cfg = {
+            "model": str(model_dir),
+            "served_model_name": "tiny",
+            "host": "127.0.0.1",
+            "port": self.port,
+            "data_dir": str(data_dir),
+            "max_model_len": 256,
+            "max_tokens_limit": 200,
+            "max_body_bytes": 1 << 20,
+        }
+        cfg.update(extra_config or {})
+        self.config.write_text(json.dumps(cfg))  # JSON is YAML
+        self.keys = {}
+        for name, role in (("alice", "user"), ("bob", "user"), ("olivia", "ops"), ("adam", "admin"), ("rex", "user")):
+            r = inferd("keys", "add", "--config", str(self.config), "--name", name, "--role", role)
+            assert r.returncode == 0, r.stderr
+            self.keys[name] = r.stdout.strip()
+        assert inferd("keys", "revoke", "--config", str(self.config), "--name", "rex").returncode == 0
+        self.log = open(data_dir / "server.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "inferd.cli", "serve", "--config", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert self.proc.poll() is None, (data_dir / "server.log").read_text()
+            time.sleep(0.3)
+        raise AssertionError("server did not become ready: " + (data_dir / "server.log").read_text())
+
+    def client(self, name="alice") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.keys[name], max_retries=0)
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(60)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir, tmp_path_factory):
+    s = Server(llama_dir, tmp_path_factory.mktemp("server"))
+    yield s
+    s.stop()
+
+
+def test_chat_completion_with_the_openai_client(server):
+    r = server.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "The quick brown fox"}], max_tokens=12, temperature=0
+    )
+    assert r.object == "chat.completion" and r.model == "tiny"
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    again = server.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "The quick brown fox"}], max_tokens=12, temperature=0
+    )
+    assert again.choices[0].message.content == r.choices[0].message.content
+
+
+def test_completion_and_stream_agree(server):
+    c = server.client()
+    full = c.completions.create(model="tiny", prompt="Paged attention", max_tokens=16, temperature=0)
+    chunks = list(c.completions.create(model="tiny", prompt="Paged attention", max_tokens=16, temperature=0, stream=True))
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert text == full.choices[0].text
+    assert [ch for ch in chunks if ch.usage][-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_chat_stream_ends_with_done(server):
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {server.keys['alice']}"},
+        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True},
+    ) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_seed_reproducible_and_n(server):
+    c = server.client()
+    a = c.completions.create(model="tiny", prompt="The quick", max_tokens=10, temperature=1.0, seed=7, n=2)
+    b = c.completions.create(model="tiny", prompt="The quick", max_tokens=10, temperature=1.0, seed=7, n=2)
+    assert [x.text for x in a.choices] == [x.text for x in b.choices] and len(a.choices) == 2
+
+
+def test_stop_strings(server):
+    c = server.client()
+    full = c.completions.create(model="tiny", prompt="The quick", max_tokens=30, temperature=0).choices[0].text
+    assert len(full) > 5
+    stop = full[3:5]
+    cut = c.completions.create(model="tiny", prompt="The quick", max_tokens=30, temperature=0, stop=[stop]).choices[0]
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_logprobs(server):
+    r = server.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4, temperature=0, logprobs=True
+    )
+    assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
+    assert all(t.logprob <= 0 for t in r.choices[0].logprobs.content)
+
+
+def test_models_route(server):
+    assert [m.id for m in server.client().models.list()] == ["tiny"]
+
+
+def test_error_shapes(server):
+    c = server.client()
+    with pytest.raises(openai.NotFoundError) as e:
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="sk-inferd-wrong", max_retries=0).models.list()
+
+
+def post(server, body, key="alice", raw=None, headers=None):
+    h = {"Authorization": f"Bearer {server.keys[key]}"} | (headers or {})
+    if raw is not None:
+        return httpx.post(server.url + "/v1/chat/completions", content=raw, headers=h | {"content-type": "application/json"})
+    return httpx.post(server.url + "/v1/chat/completions", json=body, headers=h)
+
+
+MSG = [{"role": "user", "content": "hello"}]
+
+
+@pytest.mark.parametrize(
+    "name,body,raw,status,needle",
+    [
+        ("malformed json", None, b"{not json", 400, "JSON"),
+        ("invalid utf-8", None, b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, "JSON"),
+        ("wrong type", {"model": "tiny", "messages": "hello"}, None, 400, "messages"),
+        ("negative max_tokens", {"model": "tiny", "messages": MSG, "max_tokens": -5}, None, 400, "max_tokens"),
+        ("huge max_tokens", {"model": "tiny", "messages": MSG, "max_tokens": 10**9}, None, 400, "max_tokens"),
+        (
+            "temperature NaN",
+            None,
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+            400,
+            "",
+        ),
+        ("negative temperature", {"model": "tiny", "messages": MSG, "temperature": -1}, None, 400, "temperature"),
+        (
+            "prompt longer than context",
+            {"model": "tiny", "messages": [{"role": "user", "content": "word " * 400}]},
+            None,
+            400,
+            "context",
+        ),
+        ("empty messages", {"model": "tiny", "messages": []}, None, 400, "messages"),
+        ("unknown model", {"model": "gpt-9", "messages": MSG}, None, 404, "does not exist"),
+        ("unknown role", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, None, 400, "role"),
+        (
+            "10 MB body",
+            None,
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "' + b"a" * (10 << 20) + b'"}]}',
+            413,
+            "larger",
+        ),
+    ],
+)
+def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(server, name, body, raw, status, needle):
+    r = post(server, body, raw=raw)
+    assert r.status_code == status, (name, r.text[:300])
+    err = r.json()["error"]
+    assert needle in err["message"] and err["type"], err
+    assert post(server, {"model": "tiny", "messages": MSG, "max_tokens": 2}).status_code == 200
+
+
+def test_stream_dropped_midway_frees_the_engine(server):
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/completions",
+        headers={"Authorization": f"Bearer {server.keys['alice']}"},
+        json={"model": "tiny", "prompt": "The", "max_tokens": 200, "stream": True, "temperature": 0},
+    ) as r:
+        for _ in zip(range(3), r.iter_lines()):
+            pass
+    time.sleep(1.0)
+    m = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {server.keys['olivia']}"}).text
+    assert "inferd_requests_running 0.0" in m
+    assert post(server, {"model": "tiny", "messages": MSG, "max_tokens": 2}).status_code == 200
+
+
+# ---- roles -----------------------------------------------------------------------------------
+ROUTE_CALLS = {
+    ("GET", "/health"): ("/health", None),
+    ("GET", "/ready"): ("/ready", None),
+    ("GET", "/v1/models"): ("/v1/models", None),
+    ("POST", "/v1/chat/completions"): ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "max_tokens": 1}),
+    ("POST", "/v1/completions"): ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1}),
+    ("GET", "/v1/results/{result_id}"): ("/v1/results/none-such", None),
+    ("GET", "/metrics"): ("/metrics", None),
+    ("GET", "/admin/limits"): ("/admin/limits", None),
+    ("PUT", "/admin/limits"): ("/admin/limits", {"max_concurrent_per_key": 16}),
+    ("GET", "/admin/logs"): ("/admin/logs", None),
+    ("GET", "/admin/models"): ("/admin/models", None),
+    ("GET", "/openapi.json"): ("/openapi.json", None),
+}
+
+
+def test_every_app_route_is_in_the_role_table(llama_dir, tmp_path):
+    from fastapi.routing import APIRoute
+
+    from inferd.server.app import create_app
+    from inferd.server.config import ServerConfig
+
+    app = create_app(ServerConfig(model=str(llama_dir), data_dir=str(tmp_path)), load_model=False)
+    routes = {(m, r.path) for r in app.routes if isinstance(r, APIRoute) for m in r.methods}
+    missing = routes - set(ROLE_TABLE)
+    assert not missing, f"routes without a role-table entry (they would be refused): {missing}"
+    assert routes == set(ROUTE_CALLS), "a new route needs an entry in ROUTE_CALLS for the role-matrix test"
+
+
+def expected_status(route, who) -> int:
+    allowed = ROLE_TABLE[route]
+    if "anonymous" in allowed:
+        return 200
+    if who in ("anonymous", "malformed"):
+        return 401
+    if who == "revoked":
+        return 401
+    if who not in allowed:
+        return 403
+    return 404 if route[1] == "/v1/results/{result_id}" else 200
+
+
+@pytest.mark.parametrize("route", sorted(ROUTE_CALLS))
+@pytest.mark.parametrize("who", ["anonymous", "user", "ops", "admin", "revoked", "malformed"])
+def test_role_matrix(server, route, who):
+    key = {"user": "alice", "ops": "olivia", "admin": "adam", "revoked": "rex"}.get(who)
+    headers = {}
+    if key:
+        headers["Authorization"] = f"Bearer {server.keys[key]}"
+    elif who == "malformed":
+        headers["Authorization"] = f"Token {server.keys['alice']}"
+    path, body = ROUTE_CALLS[route]
+    r = httpx.request(route[0], server.url + path, json=body, headers=headers)
+    assert r.status_code == expected_status(route, who), (route, who, r.text[:200])
+
+
+def test_key_in_query_string_is_refused(server):
+    r = httpx.get(server.url + "/v1/models", params={"api_key": server.keys["alice"]})
+    assert r.status_code == 400 and "Authorization" in r.json()["error"]["message"]
+
+
+def test_results_only_for_their_owner(server):
+    r = server.client("alice").chat.completions.create(model="tiny", messages=MSG, max_tokens=3, temperature=0)
+    own = httpx.get(f"{server.url}/v1/results/{r.id}", headers={"Authorization": f"Bearer {server.keys['alice']}"})
+    assert own.status_code == 200 and own.json()["choices"][0]["message"]["content"] == r.choices[0].message.content
+    other = httpx.get(f"{server.url}/v1/results/{r.id}", headers={"Authorization": f"Bearer {server.keys['bob']}"})
+    assert other.status_code == 404
+
+
+def test_per_key_rate_limit_gives_429(server):
+    ops = {"Authorization": f"Bearer {server.keys['olivia']}"}
+    try:
+        assert httpx.put(server.url + "/admin/limits", json={"requests_per_minute_per_key": 2}, headers=ops).status_code == 200
+        codes = [post(server, {"model": "tiny", "messages": MSG, "max_tokens": 1}, key="bob").status_code for _ in range(4)]
+        assert codes.count(429) >= 1 and codes[0] == 200
+    finally:
+        httpx.put(server.url + "/admin/limits", json={"requests_per_minute_per_key": 600}, headers=ops)
+
+
+def test_metrics_name_the_key_signals(server):
+    m = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {server.keys['olivia']}"}).text
+    for name in (
+        "inferd_time_to_first_token_seconds_bucket",
+        "inferd_e2e_request_latency_seconds_bucket",
+        "inferd_kv_cache_usage_ratio",
+        "inferd_model_load_failures_total",
+        "inferd_audit_records_dropped_total 0.0",
+    ):
+        assert name in m, name
+
+
+def test_audit_log_verifies_and_detects_tampering(server, tmp_path):
+    audit = server.data_dir / "audit" / "audit.log"
+    r = inferd("audit", "verify", str(audit))
+    assert r.returncode == 0 and "chain intact" in r.stdout, r.stderr
+    data = bytearray(audit.read_bytes())
+    edited = tmp_path / "edited.log"
+    i = data.index(b'"route"') + 12
+    data[i] ^= 0x01
+    edited.write_bytes(bytes(data))
+    r = inferd("audit", "verify", str(edited))
+    assert r.returncode == 1 and "record" in r.stderr and "checksum" in r.stderr
