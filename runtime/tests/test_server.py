@@ -326,3 +326,119 @@ def test_audit_log_verifies_and_detects_tampering(server, tmp_path):
     edited.write_bytes(bytes(data))
     r = inferd("audit", "verify", str(edited))
     assert r.returncode == 1 and "record" in r.stderr and "checksum" in r.stderr
+
+
+def test_schemathesis_finds_no_5xx(server, tmp_path):
+    """Generated requests against every operation of /openapi.json: none may answer 5xx."""
+    schema = tmp_path / "openapi.json"
+    r = httpx.get(server.url + "/openapi.json", headers={"Authorization": f"Bearer {server.keys['alice']}"})
+    assert r.status_code == 200
+    schema.write_text(r.text)
+    st = Path(sys.executable).parent / "schemathesis"
+    run = subprocess.run(
+        [
+            str(st),
+            "run",
+            str(schema),
+            "--url",
+            server.url,
+            "-H",
+            f"Authorization: Bearer {server.keys['alice']}",
+            "--checks",
+            "not_a_server_error",
+            "-n",
+            "25",
+            "--request-timeout",
+            "60",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--exclude-path",
+            "/admin/limits",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+def _load(server, stop_at: float, completed: list, name="alice"):
+    c = server.client(name)
+    while time.time() < stop_at:
+        try:
+            r = c.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=8, temperature=0)
+            completed.append(r.id)
+        except Exception:
+            return
+
+
+def test_kill_9_under_load_loses_no_completed_record(llama_dir, tmp_path):
+    import threading
+
+    s = Server(llama_dir, tmp_path, {"limits": {"max_concurrent_per_key": 64, "requests_per_minute_per_key": 100000}})
+    completed: list[str] = []
+    stop_at = time.time() + 4
+    threads = [threading.Thread(target=_load, args=(s, stop_at, completed)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    s.proc.kill()  # SIGKILL while requests are in flight
+    s.proc.wait(30)
+    for t in threads:
+        t.join(30)
+    s.log.close()
+    assert len(completed) >= 5, "the load produced too few completed requests to mean anything"
+    audit = tmp_path / "audit" / "audit.log"
+    r = inferd("audit", "verify", str(audit))
+    assert r.returncode == 0, r.stderr
+    from inferd.server.audit import read_records
+
+    logged = {rec.get("request_id") for rec in read_records(audit)}
+    lost = [rid for rid in completed if rid not in logged]
+    assert not lost, f"{len(lost)} completed requests have no audit record"
+
+
+def test_sigterm_finishes_in_flight_requests_and_flushes_the_audit(llama_dir, tmp_path):
+    s = Server(llama_dir, tmp_path)
+    lines = []
+    with httpx.stream(
+        "POST",
+        s.url + "/v1/completions",
+        headers={"Authorization": f"Bearer {s.keys['alice']}"},
+        json={"model": "tiny", "prompt": "The", "max_tokens": 120, "stream": True, "temperature": 0},
+        timeout=60,
+    ) as r:
+        for line in r.iter_lines():
+            if line and not lines:
+                s.proc.send_signal(signal.SIGTERM)  # after the first chunk
+            if line:
+                lines.append(line)
+    assert lines[-1] == "data: [DONE]", "the in-flight stream was cut by the shutdown"
+    # uvicorn re-raises the signal after its graceful shutdown; systemd counts that as a clean stop.
+    assert s.proc.wait(60) in (0, -signal.SIGTERM)
+    s.log.close()
+    r = inferd("audit", "verify", str(tmp_path / "audit" / "audit.log"))
+    assert r.returncode == 0 and "records" in r.stdout
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(s.url + "/health", timeout=2)
+
+
+def test_deleted_audit_record_shows_as_a_gap(server, tmp_path):
+    from inferd.server.audit import HEADER
+
+    for _ in range(3):
+        post(server, {"model": "tiny", "messages": MSG, "max_tokens": 1})
+    data = (server.data_dir / "audit" / "audit.log").read_bytes()
+    frames, pos = [], 0
+    while pos < len(data):
+        length, _ = HEADER.unpack_from(data, pos)
+        frames.append(data[pos : pos + HEADER.size + length])
+        pos += HEADER.size + length
+    assert len(frames) >= 3
+    gapped = tmp_path / "gap.log"
+    gapped.write_bytes(b"".join(frames[:1] + frames[2:]))
+    r = inferd("audit", "verify", str(gapped))
+    assert r.returncode == 1 and "gap" in r.stderr
+    torn = tmp_path / "torn.log"
+    torn.write_bytes(data + frames[1][:7])
+    assert inferd("audit", "verify", str(torn)).returncode == 0
