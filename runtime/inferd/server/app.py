@@ -481,20 +481,9 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
         finally:
             s.limiter.release(p.key_id)
         completion_tokens = sum(len(o.token_ids) for o in outs)
-        usage = {
-            "prompt_tokens": len(prompt_ids) * body.n,
-            "completion_tokens": completion_tokens,
-            "total_tokens": len(prompt_ids) * body.n + completion_tokens,
-        }
+        usage = usage_body(len(prompt_ids), body.n, completion_tokens)
         choices = [choice_body(chat, i, o, logprobs, eng) for i, o in enumerate(outs)]
-        resp = {
-            "id": rid,
-            "object": "chat.completion" if chat else "text_completion",
-            "created": created,
-            "model": cfg.model_id,
-            "choices": choices,
-            "usage": usage,
-        }
+        resp = completion_body(rid, chat, created, choices, usage)
         record.update(completion_tokens=completion_tokens, latency_ms=round((time.perf_counter() - t0) * 1000, 1))
         await s.audit_record(**record)  # durable before the response goes out
         s.results.put(rid, p.key_id, resp)
@@ -560,6 +549,18 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
             if len(o.token_ids) > 1 and first is not None:
                 m.tpot.observe((end - first) / (len(o.token_ids) - 1))
 
+    def usage_body(prompt_len: int, n: int, completion_tokens: int) -> dict:
+        prompt_tokens = prompt_len * n
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    def completion_body(rid: str, chat: bool, created: int, choices: list, usage: dict) -> dict:
+        obj = "chat.completion" if chat else "text_completion"
+        return {"id": rid, "object": obj, "created": created, "model": cfg.model_id, "choices": choices, "usage": usage}
+
     def choice_body(chat, i, o, logprobs, eng):
         lp = None
         if logprobs and o.logprobs is not None:
@@ -615,11 +616,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
                 elif out.new_text:
                     yield chunk(i, out.new_text, None)
             completion_tokens = sum(len(o.token_ids) for o in finals.values())
-            usage = {
-                "prompt_tokens": len(prompt_ids) * len(params),
-                "completion_tokens": completion_tokens,
-                "total_tokens": len(prompt_ids) * len(params) + completion_tokens,
-            }
+            usage = usage_body(len(prompt_ids), len(params), completion_tokens)
             record.update(completion_tokens=completion_tokens, latency_ms=round((time.perf_counter() - t0) * 1000, 1))
             try:
                 await s.audit_record(**record)
@@ -634,18 +631,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
             yield "data: [DONE]\n\n"
             completed = True
             choices = [choice_body(chat, i, finals[i], False, s.engine.engine) for i in range(len(params))]
-            s.results.put(
-                rid,
-                p.key_id,
-                {
-                    "id": rid,
-                    "object": "chat.completion" if chat else "text_completion",
-                    "created": created,
-                    "model": cfg.model_id,
-                    "choices": choices,
-                    "usage": usage,
-                },
-            )
+            s.results.put(rid, p.key_id, completion_body(rid, chat, created, choices, usage))
         finally:
             s.limiter.release(p.key_id)
             observe(s, t0, first, finals.values())
