@@ -237,7 +237,11 @@ ROUTE_CALLS = {
     ("GET", "/admin/logs"): ("/admin/logs", None),
     ("GET", "/admin/models"): ("/admin/models", None),
     ("GET", "/openapi.json"): ("/openapi.json", None),
+    ("POST", "/admin/models/load"): ("/admin/models/load", {"model": "/nonexistent"}),
+    ("POST", "/admin/models/unload"): ("/admin/models/unload", None),
 }
+# What an allowed caller gets where it is not 200.
+ALLOWED_STATUS = {("GET", "/v1/results/{result_id}"): 404, ("POST", "/admin/models/load"): 400}
 
 
 def test_every_app_route_is_in_the_role_table(llama_dir, tmp_path):
@@ -263,12 +267,14 @@ def expected_status(route, who) -> int:
         return 401
     if who not in allowed:
         return 403
-    return 404 if route[1] == "/v1/results/{result_id}" else 200
+    return ALLOWED_STATUS.get(route, 200)
 
 
 @pytest.mark.parametrize("route", sorted(ROUTE_CALLS))
 @pytest.mark.parametrize("who", ["anonymous", "user", "ops", "admin", "revoked", "malformed"])
 def test_role_matrix(server, route, who):
+    if route == ("POST", "/admin/models/unload") and who == "admin":
+        pytest.skip("an admin unload would stop the shared server: test_admin_swaps_and_unloads_the_model covers it")
     key = {"user": "alice", "ops": "olivia", "admin": "adam", "revoked": "rex"}.get(who)
     headers = {}
     if key:
@@ -442,3 +448,53 @@ def test_deleted_audit_record_shows_as_a_gap(server, tmp_path):
     torn = tmp_path / "torn.log"
     torn.write_bytes(data + frames[1][:7])
     assert inferd("audit", "verify", str(torn)).returncode == 0
+
+
+def test_admin_swaps_and_unloads_the_model(llama_dir, tmp_path_factory):
+    """Swap to another model without a restart; a failed load keeps the old one serving."""
+    from conftest import make_model
+
+    other = tmp_path_factory.mktemp("other-model")
+    make_model(other, arch="qwen2", heads=4, kv_heads=2, seed=5)
+    broken = tmp_path_factory.mktemp("broken-model")
+    for f in llama_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a checkpoint")
+    s = Server(llama_dir, tmp_path_factory.mktemp("swap"))
+    admin = {"Authorization": f"Bearer {s.keys['adam']}"}
+
+    def wait_loaded():
+        for _ in range(200):
+            info = httpx.get(s.url + "/admin/models", headers=admin).json()
+            if not info["loading"]:
+                return info
+            time.sleep(0.1)
+        raise AssertionError("load did not finish")
+
+    try:
+        assert (
+            httpx.post(
+                s.url + "/admin/models/load", json={"model": str(broken), "served_model_name": "b"}, headers=admin
+            ).status_code
+            == 202
+        )
+        info = wait_loaded()
+        assert info["model"] == "tiny" and info["load_error"]
+        m = httpx.get(s.url + "/metrics", headers=admin).text
+        assert "inferd_model_load_failures_total 1.0" in m
+        assert post(s, {"model": "tiny", "messages": MSG, "max_tokens": 2}).status_code == 200, "the old model must keep serving"
+
+        r = httpx.post(s.url + "/admin/models/load", json={"model": str(other), "served_model_name": "qwen"}, headers=admin)
+        assert r.status_code == 202
+        info = wait_loaded()
+        assert info["model"] == "qwen" and info["load_error"] is None
+        assert [m.id for m in s.client().models.list()] == ["qwen"]
+        out = s.client().completions.create(model="qwen", prompt="The quick", max_tokens=3, temperature=0)
+        assert out.model == "qwen" and out.usage.completion_tokens == 3
+
+        assert httpx.post(s.url + "/admin/models/unload", headers=admin).status_code == 200
+        assert httpx.get(s.url + "/ready").status_code == 503
+        gone = post(s, {"model": "qwen", "messages": MSG, "max_tokens": 2})
+        assert gone.status_code == 503 and "not loaded" in gone.json()["error"]["message"]
+    finally:
+        s.stop()

@@ -13,6 +13,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,7 +29,7 @@ from inferd.server.audit import AuditFullError, AuditLog
 from inferd.server.auth import ANONYMOUS, ROLE_TABLE, ApiKey, KeyStore, digest
 from inferd.server.config import ServerConfig
 from inferd.server.metrics import Metrics
-from inferd.server.protocol import ChatCompletionRequest, CompletionRequest, LimitsUpdate
+from inferd.server.protocol import ChatCompletionRequest, CompletionRequest, LimitsUpdate, ModelLoad
 from inferd.server.results import ResultStore
 
 log = logging.getLogger("inferd.server")
@@ -143,14 +144,22 @@ class ServerState:
         self.engine = engine
         self.ready = False
         self.load_error: str | None = None
+        self.loading = False
+        self.model_id, self.model_path = cfg.model_id, cfg.model
         self.started = int(time.time())
 
-    def load_model(self) -> None:
+    def load_model(self, path: str | None = None, name: str | None = None) -> None:
+        """Load a model and start serving it. With a model already serving this is a swap: the new
+        one loads beside it, takes new requests once warm, and the old one finishes its in-flight
+        requests before it is shut down. A failed load leaves the old model serving."""
+        cfg = self.cfg
+        path = path or cfg.model
+        name = name or (cfg.model_id if path == cfg.model else Path(path).name)
         self.metrics.load_attempts.inc()
+        self.loading = True
         try:
-            cfg = self.cfg
             engine_cfg = EngineConfig(
-                model=cfg.model,
+                model=path,
                 device=cfg.device,
                 dtype=cfg.dtype,
                 max_model_len=cfg.max_model_len,
@@ -159,16 +168,29 @@ class ServerState:
             )
             engine = LLMEngine(engine_cfg)
             if engine.tokenizer is None:
-                raise ValueError(f"{cfg.model} has no tokenizer.json: the server needs one")
+                raise ValueError(f"{path} has no tokenizer.json: the server needs one")
             engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))  # warm-up
-            self.engine = AsyncLLMEngine(engine)
+            old, self.engine = self.engine, AsyncLLMEngine(engine)
+            self.model_id, self.model_path = name, path
             self.ready = True
+            self.load_error = None
             self.metrics.ready.set(1)
-            log.info("model ready", extra={"model": cfg.model_id})
+            log.info("model ready", extra={"model": name, "path": path})
+            if old is not None:
+                self.retire(old)
         except Exception as e:
             self.metrics.load_failures.inc()
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("model load failed: %s", self.load_error)
+        finally:
+            self.loading = False
+
+    def retire(self, engine: AsyncLLMEngine) -> None:
+        """Shut an engine down once its in-flight requests are done (or the shutdown timeout passed)."""
+        deadline = time.monotonic() + self.cfg.shutdown_timeout_s
+        while engine.num_unfinished and time.monotonic() < deadline:
+            time.sleep(0.05)
+        engine.shutdown()
 
     async def audit_record(self, **record) -> None:
         """Queue a record and wait until it is durable; raises OpenAIError(503) otherwise."""
@@ -301,7 +323,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
     async def ready(request: Request):
         s = st(request)
         if s.ready:
-            return {"status": "ready", "model": cfg.model_id}
+            return {"status": "ready", "model": s.model_id}
         body = {"status": "loading" if s.load_error is None else "failed", "error": s.load_error}
         return JSONResponse(body, status_code=503)
 
@@ -310,7 +332,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
     async def models(request: Request):
         return {
             "object": "list",
-            "data": [{"id": cfg.model_id, "object": "model", "created": st(request).started, "owned_by": "inferd"}],
+            "data": [{"id": st(request).model_id, "object": "model", "created": st(request).started, "owned_by": "inferd"}],
         }
 
     @app.get("/openapi.json")
@@ -393,13 +415,36 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
     async def get_models(request: Request):
         s = st(request)
         await s.audit_record(**audit_fields(request, 200))
-        return {"model": cfg.model_id, "path": cfg.model, "ready": s.ready, "load_error": s.load_error}
+        return {"model": s.model_id, "path": s.model_path, "ready": s.ready, "loading": s.loading, "load_error": s.load_error}
+
+    @app.post("/admin/models/load", status_code=202)
+    async def load(body: ModelLoad, request: Request):
+        s = st(request)
+        if s.loading:
+            raise OpenAIError(409, "a model load is already in progress: wait for GET /admin/models", code="load_in_progress")
+        if not (Path(body.model) / "config.json").exists():
+            raise OpenAIError(400, f"{body.model} is not a model directory (no config.json)", param="model")
+        await s.audit_record(**audit_fields(request, 202), change={"load": body.model})
+        s.loading = True
+        threading.Thread(target=s.load_model, args=(body.model, body.served_model_name), daemon=True).start()
+        return {"status": "loading", "model": body.served_model_name or Path(body.model).name}
+
+    @app.post("/admin/models/unload")
+    async def unload(request: Request):
+        s = st(request)
+        if s.engine is None or s.loading:
+            raise OpenAIError(409, "no model is serving (or one is loading)", code="nothing_to_unload")
+        await s.audit_record(**audit_fields(request, 200), change={"unload": s.model_id})
+        old, s.engine, s.ready = s.engine, None, False
+        s.metrics.ready.set(0)
+        threading.Thread(target=s.retire, args=(old,), daemon=True).start()
+        return {"status": "unloaded", "model": s.model_id}
 
     # ---- helpers ----------------------------------------------------------------------------
     def engine_state(request: Request, model: str) -> ServerState:
         s = st(request)
-        if model != cfg.model_id:
-            raise OpenAIError(404, f"model {model!r} does not exist: this server serves {cfg.model_id!r}", code="model_not_found")
+        if model != s.model_id:
+            raise OpenAIError(404, f"model {model!r} does not exist: this server serves {s.model_id!r}", code="model_not_found")
         if not s.ready or s.engine is None:
             raise OpenAIError(503, "the model is not loaded yet: retry when GET /ready answers 200", "server_error")
         return s
@@ -464,7 +509,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
         created = int(time.time())
         record = audit_fields(request, 200) | {
             "request_id": rid,
-            "model": cfg.model_id,
+            "model": s.model_id,
             "prompt_tokens": len(prompt_ids) * body.n,
         }
         if cfg.audit_log_prompts:
@@ -483,7 +528,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
         completion_tokens = sum(len(o.token_ids) for o in outs)
         usage = usage_body(len(prompt_ids), body.n, completion_tokens)
         choices = [choice_body(chat, i, o, logprobs, eng) for i, o in enumerate(outs)]
-        resp = completion_body(rid, chat, created, choices, usage)
+        resp = completion_body(rid, chat, created, choices, usage, s.model_id)
         record.update(completion_tokens=completion_tokens, latency_ms=round((time.perf_counter() - t0) * 1000, 1))
         await s.audit_record(**record)  # durable before the response goes out
         s.results.put(rid, p.key_id, resp)
@@ -557,9 +602,9 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
             "total_tokens": prompt_tokens + completion_tokens,
         }
 
-    def completion_body(rid: str, chat: bool, created: int, choices: list, usage: dict) -> dict:
+    def completion_body(rid: str, chat: bool, created: int, choices: list, usage: dict, model: str) -> dict:
         obj = "chat.completion" if chat else "text_completion"
-        return {"id": rid, "object": obj, "created": created, "model": cfg.model_id, "choices": choices, "usage": usage}
+        return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, "usage": usage}
 
     def choice_body(chat, i, o, logprobs, eng):
         lp = None
@@ -585,6 +630,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
 
     async def stream_response(s, request, rid, created, chat, prompt_ids, params, record, t0, p):
         obj = "chat.completion.chunk" if chat else "text_completion"
+        model_id = s.model_id
         texts = collections.defaultdict(str)
         finals: dict[int, object] = {}
         first = None
@@ -598,7 +644,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
                 choice = {"index": i, "text": delta_text, "logprobs": None, "finish_reason": finish}
             return (
                 "data: "
-                + json.dumps({"id": rid, "object": obj, "created": created, "model": cfg.model_id, "choices": [choice]})
+                + json.dumps({"id": rid, "object": obj, "created": created, "model": model_id, "choices": [choice]})
                 + "\n\n"
             )
 
@@ -625,13 +671,13 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
                 return  # no [DONE]: the client sees the stream did not complete
             yield (
                 "data: "
-                + json.dumps({"id": rid, "object": obj, "created": created, "model": cfg.model_id, "choices": [], "usage": usage})
+                + json.dumps({"id": rid, "object": obj, "created": created, "model": model_id, "choices": [], "usage": usage})
                 + "\n\n"
             )
             yield "data: [DONE]\n\n"
             completed = True
             choices = [choice_body(chat, i, finals[i], False, s.engine.engine) for i in range(len(params))]
-            s.results.put(rid, p.key_id, completion_body(rid, chat, created, choices, usage))
+            s.results.put(rid, p.key_id, completion_body(rid, chat, created, choices, usage, model_id))
         finally:
             s.limiter.release(p.key_id)
             observe(s, t0, first, finals.values())

@@ -31,6 +31,8 @@ ROLE_TABLE: dict[tuple[str, str], frozenset[str]] = {
     ("PUT", "/admin/limits"): frozenset({"ops"}),
     ("GET", "/admin/logs"): frozenset({"ops"}),
     ("GET", "/admin/models"): frozenset({"admin"}),
+    ("POST", "/admin/models/load"): frozenset({"admin"}),
+    ("POST", "/admin/models/unload"): frozenset({"admin"}),
     ("GET", "/openapi.json"): frozenset({"user", "ops", "admin"}),
 }
 

@@ -58,3 +58,9 @@ class LimitsUpdate(_Base):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     max_concurrent_per_key: int | None = Field(None, ge=1)
     requests_per_minute_per_key: int | None = Field(None, ge=1)
+
+
+class ModelLoad(_Base):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
+    model: str = Field(..., min_length=1)
+    served_model_name: str | None = None
