@@ -7,6 +7,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export INFERD_TESTHOST_IMAGE = $(shell scripts/testhost-image.sh --name 2>/dev/null)
 DEMO_HOST ?= inferd-demo
 STAGE = scripts/stage.sh
+export STAGE_TIMES := $(CURDIR)/.cache/stage-times.txt
 
 .PHONY: setup demo demo-down test lint clean
 
@@ -23,7 +24,8 @@ demo-down:
 
 # Every check, each stage timed so drift shows. CI runs exactly this (.ci/run).
 test: setup
-	@$(STAGE) ruff         ruff check . && ruff format --check .
+	@mkdir -p .cache && rm -f $(STAGE_TIMES)
+	@$(STAGE) ruff         'ruff check . && ruff format --check .'
 	@$(STAGE) ansible-lint ansible-lint --profile production
 	@$(STAGE) repo         pytest -q tests --ignore=tests/modules
 	@$(STAGE) runtime      pytest -q runtime/tests

@@ -2,7 +2,7 @@
 # Run one named stage of `make test` and record its time: stage.sh NAME CMD...; stage.sh --summary
 # pytest's exit 5 ("no tests collected") is a failure: every stage must test something.
 set -uo pipefail
-times="${STAGE_TIMES:-${TMPDIR:-/tmp}/inferd-stage-times.$PPID}"
+times="${STAGE_TIMES:?STAGE_TIMES names the file that collects stage times}"
 if [ "$1" = "--summary" ]; then
   printf '\n%-14s %8s\n' stage seconds
   cat "$times" 2>/dev/null
