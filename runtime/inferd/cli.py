@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 
 from inferd import __version__
 
@@ -38,6 +40,41 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--name", help="a name for the key's holder (add, revoke)")
     keys.add_argument("--role", choices=["admin", "ops", "user"], help="the key's role (add)")
 
+    pack = sub.add_parser(
+        "pack",
+        help="pack a model directory: chunked, zstd-compressed, AES-256-GCM encrypted, signed",
+        description="Pack a Hugging Face model directory into the inferd store format. Every file is cut into "
+        "chunks; each chunk is compressed and sealed on its own, so packing and loading take constant memory "
+        "whatever the model size. The manifest lists every file with its size and sha256, and can be signed.",
+        epilog="example: inferd keygen --out keys/ && inferd pack ./DeepSeek-R1-Distill-Llama-8B ./packed "
+        "--compress zstd --encrypt --key-file keys/model.key --sign-key keys/signing.pem",
+    )
+    pack.add_argument("src", metavar="HF_DIR", help="the model directory to pack")
+    pack.add_argument("out", metavar="OUT_DIR", help="the new packed directory (must not exist or be empty)")
+    pack.add_argument("--compress", choices=["zstd", "none"], default="zstd", help="chunk compression (default zstd)")
+    pack.add_argument(
+        "--encrypt", action="store_true", help="encrypt with the master key (needs --key-file or $INFERD_MODEL_KEY_FILE)"
+    )
+    pack.add_argument("--key-file", help="file holding the 256-bit master key (from 'inferd keygen')")
+    pack.add_argument("--sign-key", help="Ed25519 private key (PEM) that signs the manifest")
+    pack.add_argument("--model-id", help="model id bound into every chunk (default: the directory name)")
+    pack.add_argument("--model-version", default="1", help="version recorded in the manifest")
+    pack.add_argument("--chunk-kib", type=int, default=8192, help="chunk size in KiB (default 8192: 8 MiB)")
+
+    verify = sub.add_parser("verify", help="check a packed model: signature, chunks, and with the key every digest")
+    verify.add_argument("dir", metavar="DIR")
+    verify.add_argument("--key-file", help="master key: also decrypt and check every plaintext digest")
+    verify.add_argument("--public-key", help="signer's Ed25519 public key (PEM): the manifest must be signed by it")
+
+    unpack = sub.add_parser("unpack", help="write a packed model back to plain files (each renamed into place when verified)")
+    unpack.add_argument("dir", metavar="DIR")
+    unpack.add_argument("out", metavar="OUT")
+    unpack.add_argument("--key-file", help="master key (if the model is encrypted)")
+    unpack.add_argument("--public-key", help="signer's public key: refuse a manifest it did not sign")
+
+    keygen = sub.add_parser("keygen", help="make a 256-bit master key (mode 0600) and an Ed25519 signing key pair")
+    keygen.add_argument("--out", default=".", help="directory for model.key, signing.pem, signing.pub (default: .)")
+
     audit = sub.add_parser("audit", help="check an audit log")
     audit.add_argument("action", choices=["verify"])
     audit.add_argument("file", help="the audit log file")
@@ -67,6 +104,69 @@ def _keys(args) -> int:
         return 0
     store.revoke(args.name)
     print(f"revoked {args.name}", file=sys.stderr)
+    return 0
+
+
+def _store(args) -> int:
+    from pathlib import Path
+
+    from inferd.store import crypto
+    from inferd.store.packed import PackedModel, pack
+
+    progress = sys.stderr.isatty()
+    if args.command == "keygen":
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        private, public = crypto.new_signing_key()
+        crypto.write_secret(out / "model.key", crypto.new_master_key().hex().encode())
+        crypto.write_secret(out / "signing.pem", private)
+        (out / "signing.pub").write_bytes(public)
+        print(f"wrote {out / 'model.key'} (0600), {out / 'signing.pem'} (0600), {out / 'signing.pub'}")
+        return 0
+    public = Path(args.public_key).read_bytes() if getattr(args, "public_key", None) else None
+    if args.command == "pack":
+        master = crypto.read_master_key(args.key_file) if args.encrypt else None
+        if args.key_file and not args.encrypt:
+            print("inferd: error: --key-file given without --encrypt: add --encrypt, or drop the key", file=sys.stderr)
+            return 2
+        signing = Path(args.sign_key).read_bytes() if args.sign_key else None
+        t = time.perf_counter()
+        m = pack(
+            args.src,
+            args.out,
+            model_id=args.model_id,
+            model_version=args.model_version,
+            compress=args.compress == "zstd",
+            master=master,
+            signing_key=signing,
+            chunk_size=args.chunk_kib << 10,
+            progress=progress,
+        )
+        plain = sum(f["size"] for f in m["files"])
+        stored = sum(c["stored"] for f in m["files"] for c in f["chunks"])
+        took = time.perf_counter() - t
+        print(
+            f"packed {len(m['files'])} files, {plain / 1e6:.1f} MB -> {stored / 1e6:.1f} MB "
+            f"(ratio {plain / max(stored, 1):.3f}) in {took:.1f}s ({plain / 1e6 / max(took, 1e-9):.0f} MB/s)"
+        )
+        return 0
+    encrypted = (
+        json.loads((Path(args.dir) / "manifest.json").read_text()).get("encryption")
+        if (Path(args.dir) / "manifest.json").exists()
+        else None
+    )
+    master = crypto.read_master_key(args.key_file) if (args.key_file or (encrypted and args.command == "unpack")) else None
+    pm = PackedModel(args.dir, master=master, public_key=public)
+    t = time.perf_counter()
+    if args.command == "verify":
+        deep = master is not None or not encrypted
+        n = pm.verify(deep=deep, progress=progress)
+        what = "every plaintext digest checked" if deep else "chunks match the manifest (no key: plaintext not checked)"
+        sig = "signature verified" if pm.signed else "signature not checked (no --public-key)"
+        print(f"{args.dir}: OK: {n} files, {what}, {sig} ({time.perf_counter() - t:.1f}s)")
+        return 0
+    pm.unpack(args.out, progress=progress)
+    print(f"unpacked {len(pm.files)} files into {args.out} ({time.perf_counter() - t:.1f}s)")
     return 0
 
 
@@ -125,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             return _audit(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command in ("pack", "verify", "unpack", "keygen"):
+            return _store(args)
     except (OSError, ValueError) as e:
         print(f"inferd: error: {e}", file=sys.stderr)
         return 2

@@ -19,20 +19,21 @@ def _token_text(value) -> str | None:
 
 
 class Tokenizer:
-    def __init__(self, model_dir: str | Path):
-        model_dir = Path(model_dir)
-        path = model_dir / "tokenizer.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: the model directory needs a tokenizer.json")
-        self._tok = HFTokenizer.from_file(str(path))
-        cfg_path = model_dir / "tokenizer_config.json"
-        self.config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    def __init__(self, source):
+        """`source`: a model directory, or a model source (inferd.store.source) for packed models."""
+        if isinstance(source, (str, Path)):
+            from inferd.store.source import PlainSource
+
+            source = PlainSource(source)
+        text = source.read_text("tokenizer.json")
+        if text is None:
+            raise FileNotFoundError("the model has no tokenizer.json")
+        self._tok = HFTokenizer.from_str(text)
+        cfg_text = source.read_text("tokenizer_config.json")
+        self.config = json.loads(cfg_text) if cfg_text else {}
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
-        self.chat_template = self.config.get("chat_template")
-        template_file = model_dir / "chat_template.jinja"
-        if self.chat_template is None and template_file.exists():
-            self.chat_template = template_file.read_text()
+        self.chat_template = self.config.get("chat_template") or source.read_text("chat_template.jinja")
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self._compiled = None
 

@@ -11,9 +11,10 @@ from inferd.engine.block_manager import BlockManager
 from inferd.engine.model_runner import ModelRunner
 from inferd.engine.scheduler import Scheduler
 from inferd.engine.sequence import Sequence
-from inferd.models.config import load_model_config
+from inferd.models.config import parse_model_config
 from inferd.outputs import RequestOutput
 from inferd.sampling_params import SamplingParams
+from inferd.store.source import open_model
 from inferd.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("inferd.engine")
@@ -26,18 +27,24 @@ class PromptTooLongError(ValueError):
 class LLMEngine:
     def __init__(self, config: EngineConfig, weights=None):
         self.config = config
-        self.model_config = load_model_config(config.model)
+        if not Path(config.model).is_dir():
+            raise FileNotFoundError(f"{config.model}/config.json not found: pass a Hugging Face or packed model directory")
+        source = open_model(config.model, config.model_key_file)
+        config_text = source.read_text("config.json")
+        if config_text is None:
+            raise FileNotFoundError(f"{config.model}/config.json not found: pass a Hugging Face model directory")
+        self.model_config = parse_model_config(json.loads(config_text))
         self.max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, 8192)
-        tok_path = Path(config.model) / "tokenizer.json"
-        self.tokenizer = Tokenizer(config.model) if tok_path.exists() else None
+        self.tokenizer = Tokenizer(source) if source.read_text("tokenizer.json") is not None else None
         self.eos_token_ids = set(self.model_config.eos_token_ids)
-        gen_cfg = Path(config.model) / "generation_config.json"
-        if gen_cfg.exists():
-            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        gen_cfg = source.read_text("generation_config.json")
+        if gen_cfg:
+            eos = json.loads(gen_cfg).get("eos_token_id")
             if eos is not None:
                 self.eos_token_ids |= set([eos] if isinstance(eos, int) else eos)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        weights = weights if weights is not None else source.iter_tensors()
         self.runner = ModelRunner(config, self.model_config, self.max_model_len, weights=weights)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)

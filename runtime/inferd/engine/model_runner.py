@@ -14,7 +14,7 @@ from inferd.config import EngineConfig
 from inferd.engine.sequence import Sequence
 from inferd.layers.context import AttentionContext, reset_context, set_context
 from inferd.layers.sampler import Sampler
-from inferd.loader import iter_safetensors, load_weights
+from inferd.loader import load_weights
 from inferd.models.config import ModelConfig
 from inferd.models.registry import model_class
 
@@ -22,7 +22,7 @@ log = logging.getLogger("inferd.runner")
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int, weights=None):
+    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int, weights):
         self.config = config
         self.model_cfg = model_cfg
         self.max_model_len = max_model_len
@@ -40,9 +40,9 @@ class ModelRunner:
                 self.model = model_class(model_cfg)(model_cfg, max_model_len)
         finally:
             torch.set_default_dtype(default_dtype)
-        load_weights(self.model, weights if weights is not None else iter_safetensors(config.model))
+        load_weights(self.model, weights)
         self.model.eval()
-        log.info("model loaded in %.1fs", time.perf_counter() - start)
+        log.info("model %s loaded in %.1fs", config.model, time.perf_counter() - start)
 
         self.attn_layers = self.model.attention_layers()
         # The Triton kernel needs a power-of-two head_dim of at least 16 (tl.dot); real checkpoints

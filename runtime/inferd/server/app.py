@@ -165,6 +165,7 @@ class ServerState:
                 max_model_len=cfg.max_model_len,
                 max_num_seqs=cfg.max_num_seqs,
                 kv_cache_fraction=cfg.kv_cache_fraction,
+                model_key_file=cfg.model_key_file,
             )
             engine = LLMEngine(engine_cfg)
             if engine.tokenizer is None:

@@ -18,6 +18,7 @@ class LimitsConfig(BaseModel):
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str = ""
+    model_key_file: str | None = None  # packed, encrypted models: else $INFERD_MODEL_KEY_FILE or the credential
     served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
