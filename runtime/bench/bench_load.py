@@ -41,8 +41,8 @@ print("FIRST_TOKEN", time.time(), re.search(r"VmHWM:\s+(\d+)", open("/proc/self/
 def prepare(shape: str, work: Path) -> tuple[Path, Path, Path]:
     sys.path.insert(0, str(RUNTIME))
     import torch
-
     from bench.bench_engine import SHAPES, build_hf_model
+
     from inferd.store import crypto
     from inferd.store.packed import pack
 
@@ -69,8 +69,13 @@ def measure(mode: str, path: Path, key: Path) -> dict:
     env = dict(os.environ, INFERD_RUNTIME=str(RUNTIME), INFERD_MODEL_KEY_FILE=str(key))
     subprocess.run(["sync"])
     start = time.time()
-    r = subprocess.run([sys.executable, "-c", CHILD, "hf" if mode == "hf" else "inferd", str(path)],
-                       capture_output=True, text=True, env=env, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, "hf" if mode == "hf" else "inferd", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     m = re.search(r"FIRST_TOKEN (\S+) (\d+)", r.stdout)
     if not m:
         return {"error": (r.stderr or r.stdout)[-600:]}
@@ -85,8 +90,11 @@ def main() -> int:
     args = ap.parse_args()
     plain, packed, key = prepare(args.shape, Path(args.workdir))
     results = {"shape": args.shape, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    for label, mode, path in (("a_hf_from_pretrained", "hf", plain), ("b_inferd_plain", "inferd", plain),
-                              ("c_inferd_packed", "inferd", packed)):
+    for label, mode, path in (
+        ("a_hf_from_pretrained", "hf", plain),
+        ("b_inferd_plain", "inferd", plain),
+        ("c_inferd_packed", "inferd", packed),
+    ):
         results[label] = measure(mode, path, key)
         print(label, results[label], flush=True)
     if args.out:
