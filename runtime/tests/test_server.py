@@ -498,3 +498,32 @@ def test_admin_swaps_and_unloads_the_model(llama_dir, tmp_path_factory):
         assert gone.status_code == 503 and "not loaded" in gone.json()["error"]["message"]
     finally:
         s.stop()
+
+
+def test_prometheus_bearer_token_reads_metrics_only(llama_dir, tmp_path):
+    import hashlib
+
+    token = "prom-scrape-token-0123456789"
+    s = Server(llama_dir, tmp_path, {"metrics_bearer_token_sha256": hashlib.sha256(token.encode()).hexdigest()})
+    try:
+        h = {"Authorization": f"Bearer {token}"}
+        assert httpx.get(s.url + "/metrics", headers=h).status_code == 200
+        assert httpx.get(s.url + "/v1/models", headers=h).status_code == 401
+        assert httpx.get(s.url + "/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    finally:
+        s.stop()
+
+
+def test_server_serves_an_encrypted_packed_model(llama_dir, tmp_path):
+    d = tmp_path / "keys"
+    assert inferd("keygen", "--out", str(d)).returncode == 0
+    packed = tmp_path / "packed"
+    r = inferd("pack", str(llama_dir), str(packed), "--encrypt", "--key-file", str(d / "model.key"))
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "srv").mkdir()
+    s = Server(packed, tmp_path / "srv", {"model_key_file": str(d / "model.key")})
+    try:
+        out = s.client().completions.create(model="tiny", prompt="The quick", max_tokens=4, temperature=0)
+        assert out.usage.completion_tokens == 4
+    finally:
+        s.stop()
