@@ -15,6 +15,7 @@ setup:
 	@scripts/setup.sh
 
 demo: setup
+	@scripts/demo-assets.sh .cache/demo
 	@scripts/testhost-up.sh $(DEMO_HOST) >/dev/null
 	ansible-playbook site.yml -i inventory/demo
 	@scripts/demo-report.sh $(DEMO_HOST)

@@ -452,7 +452,7 @@ def test_deleted_audit_record_shows_as_a_gap(server, tmp_path):
 
 def test_admin_swaps_and_unloads_the_model(llama_dir, tmp_path_factory):
     """Swap to another model without a restart; a failed load keeps the old one serving."""
-    from conftest import make_model
+    from inferd.testing import make_model
 
     other = tmp_path_factory.mktemp("other-model")
     make_model(other, arch="qwen2", heads=4, kv_heads=2, seed=5)

@@ -1,0 +1,238 @@
+"""The `inferd` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from inferd import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inferd",
+        description="DeepSeek inference runtime: generate text from a Hugging Face model directory.",
+    )
+    parser.add_argument("--version", action="version", version=f"inferd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate a completion for one prompt (offline, no server)")
+    gen.add_argument("--model", required=True, help="Hugging Face model directory (config.json, *.safetensors)")
+    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--device", default="cpu", help="cpu or cuda")
+    gen.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: per device)")
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    serve.add_argument("--model", help="model directory (overrides the config's model)")
+    serve.add_argument("--config", help="YAML config file (see runtime/README.md)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--device")
+    serve.add_argument("--data-dir", help="where keys, the audit log and results live")
+
+    keys = sub.add_parser("keys", help="manage API keys (stored only as sha256 digests)")
+    keys.add_argument("action", choices=["add", "revoke", "list"])
+    keys.add_argument("--config", help="YAML config file naming the keys file (data_dir / keys_file)")
+    keys.add_argument("--keys-file", help="the keys file, instead of --config")
+    keys.add_argument("--name", help="a name for the key's holder (add, revoke)")
+    keys.add_argument("--role", choices=["admin", "ops", "user"], help="the key's role (add)")
+
+    pack = sub.add_parser(
+        "pack",
+        help="pack a model directory: chunked, zstd-compressed, AES-256-GCM encrypted, signed",
+        description="Pack a Hugging Face model directory into the inferd store format. Every file is cut into "
+        "chunks; each chunk is compressed and sealed on its own, so packing and loading take constant memory "
+        "whatever the model size. The manifest lists every file with its size and sha256, and can be signed.",
+        epilog="example: inferd keygen --out keys/ && inferd pack ./DeepSeek-R1-Distill-Llama-8B ./packed "
+        "--compress zstd --encrypt --key-file keys/model.key --sign-key keys/signing.pem",
+    )
+    pack.add_argument("src", metavar="HF_DIR", help="the model directory to pack")
+    pack.add_argument("out", metavar="OUT_DIR", help="the new packed directory (must not exist or be empty)")
+    pack.add_argument("--compress", choices=["zstd", "none"], default="zstd", help="chunk compression (default zstd)")
+    pack.add_argument(
+        "--encrypt", action="store_true", help="encrypt with the master key (needs --key-file or $INFERD_MODEL_KEY_FILE)"
+    )
+    pack.add_argument("--key-file", help="file holding the 256-bit master key (from 'inferd keygen')")
+    pack.add_argument("--sign-key", help="Ed25519 private key (PEM) that signs the manifest")
+    pack.add_argument("--model-id", help="model id bound into every chunk (default: the directory name)")
+    pack.add_argument("--model-version", default="1", help="version recorded in the manifest")
+    pack.add_argument("--chunk-kib", type=int, default=8192, help="chunk size in KiB (default 8192: 8 MiB)")
+
+    verify = sub.add_parser("verify", help="check a packed model: signature, chunks, and with the key every digest")
+    verify.add_argument("dir", metavar="DIR")
+    verify.add_argument("--key-file", help="master key: also decrypt and check every plaintext digest")
+    verify.add_argument("--public-key", help="signer's Ed25519 public key (PEM): the manifest must be signed by it")
+
+    unpack = sub.add_parser("unpack", help="write a packed model back to plain files (each renamed into place when verified)")
+    unpack.add_argument("dir", metavar="DIR")
+    unpack.add_argument("out", metavar="OUT")
+    unpack.add_argument("--key-file", help="master key (if the model is encrypted)")
+    unpack.add_argument("--public-key", help="signer's public key: refuse a manifest it did not sign")
+
+    keygen = sub.add_parser("keygen", help="make a 256-bit master key (mode 0600) and an Ed25519 signing key pair")
+    keygen.add_argument("--out", default=".", help="directory for model.key, signing.pem, signing.pub (default: .)")
+
+    audit = sub.add_parser("audit", help="check an audit log")
+    audit.add_argument("action", choices=["verify"])
+    audit.add_argument("file", help="the audit log file")
+    return parser
+
+
+def _keys(args) -> int:
+    from inferd.server.auth import KeyStore
+    from inferd.server.config import load_config
+
+    path = args.keys_file or load_config(args.config).keys_path
+    store = KeyStore(path)
+    if args.action == "list":
+        for k in store.keys:
+            print(f"{k.name}\t{k.role}\t{'revoked' if k.revoked else 'active'}\t{k.key_id}")
+        return 0
+    if not args.name:
+        print("inferd: error: --name is required", file=sys.stderr)
+        return 2
+    if args.action == "add":
+        if not args.role:
+            print("inferd: error: --role is required (admin, ops or user)", file=sys.stderr)
+            return 2
+        key = store.add(args.name, args.role)
+        print(key)
+        print(f"# stored only as a sha256 digest in {path}: this is the only time the key is shown", file=sys.stderr)
+        return 0
+    store.revoke(args.name)
+    print(f"revoked {args.name}", file=sys.stderr)
+    return 0
+
+
+def _store(args) -> int:
+    from pathlib import Path
+
+    from inferd.store import crypto
+    from inferd.store.packed import PackedModel, pack
+
+    progress = sys.stderr.isatty()
+    if args.command == "keygen":
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        private, public = crypto.new_signing_key()
+        crypto.write_secret(out / "model.key", crypto.new_master_key().hex().encode())
+        crypto.write_secret(out / "signing.pem", private)
+        (out / "signing.pub").write_bytes(public)
+        print(f"wrote {out / 'model.key'} (0600), {out / 'signing.pem'} (0600), {out / 'signing.pub'}")
+        return 0
+    public = Path(args.public_key).read_bytes() if getattr(args, "public_key", None) else None
+    if args.command == "pack":
+        master = crypto.read_master_key(args.key_file) if args.encrypt else None
+        if args.key_file and not args.encrypt:
+            print("inferd: error: --key-file given without --encrypt: add --encrypt, or drop the key", file=sys.stderr)
+            return 2
+        signing = Path(args.sign_key).read_bytes() if args.sign_key else None
+        t = time.perf_counter()
+        m = pack(
+            args.src,
+            args.out,
+            model_id=args.model_id,
+            model_version=args.model_version,
+            compress=args.compress == "zstd",
+            master=master,
+            signing_key=signing,
+            chunk_size=args.chunk_kib << 10,
+            progress=progress,
+        )
+        plain = sum(f["size"] for f in m["files"])
+        stored = sum(c["stored"] for f in m["files"] for c in f["chunks"])
+        took = time.perf_counter() - t
+        print(
+            f"packed {len(m['files'])} files, {plain / 1e6:.1f} MB -> {stored / 1e6:.1f} MB "
+            f"(ratio {plain / max(stored, 1):.3f}) in {took:.1f}s ({plain / 1e6 / max(took, 1e-9):.0f} MB/s)"
+        )
+        return 0
+    encrypted = (
+        json.loads((Path(args.dir) / "manifest.json").read_text()).get("encryption")
+        if (Path(args.dir) / "manifest.json").exists()
+        else None
+    )
+    master = crypto.read_master_key(args.key_file) if (args.key_file or (encrypted and args.command == "unpack")) else None
+    pm = PackedModel(args.dir, master=master, public_key=public)
+    t = time.perf_counter()
+    if args.command == "verify":
+        deep = master is not None or not encrypted
+        n = pm.verify(deep=deep, progress=progress)
+        what = "every plaintext digest checked" if deep else "chunks match the manifest (no key: plaintext not checked)"
+        sig = "signature verified" if pm.signed else "signature not checked (no --public-key)"
+        print(f"{args.dir}: OK: {n} files, {what}, {sig} ({time.perf_counter() - t:.1f}s)")
+        return 0
+    pm.unpack(args.out, progress=progress)
+    print(f"unpacked {len(pm.files)} files into {args.out} ({time.perf_counter() - t:.1f}s)")
+    return 0
+
+
+def _audit(args) -> int:
+    from inferd.server.audit import AuditVerifyError, scan
+
+    try:
+        result = scan(args.file)
+    except AuditVerifyError as e:
+        print(f"inferd: audit log {args.file} FAILED: {e}", file=sys.stderr)
+        return 1
+    torn = " (a torn last record from a crash was ignored)" if result.torn_tail else ""
+    print(f"audit log {args.file}: {result.records} records, chain intact{torn}")
+    return 0
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from inferd.server.app import create_app
+    from inferd.server.config import load_config
+    from inferd.server.logging import setup_json_logging
+
+    cfg = load_config(args.config, model=args.model, host=args.host, port=args.port, device=args.device, data_dir=args.data_dir)
+    if not cfg.model:
+        print("inferd: error: no model: pass --model DIR or set model: in the config", file=sys.stderr)
+        return 2
+    setup_json_logging()
+    app = create_app(cfg)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=None, timeout_graceful_shutdown=int(cfg.shutdown_timeout_s))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "generate":
+        from inferd import LLM, SamplingParams
+
+        try:
+            params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+            llm = LLM(args.model, device=args.device, dtype=args.dtype)
+            out = llm.generate([args.prompt], params)
+        except (OSError, ValueError, RuntimeError) as e:
+            print(f"inferd: error: {e}", file=sys.stderr)
+            return 2
+        print(out[0].text)
+        return 0
+    try:
+        if args.command == "keys":
+            return _keys(args)
+        if args.command == "audit":
+            return _audit(args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command in ("pack", "verify", "unpack", "keygen"):
+            return _store(args)
+    except (OSError, ValueError) as e:
+        print(f"inferd: error: {e}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

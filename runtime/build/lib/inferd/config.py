@@ -1,0 +1,38 @@
+"""Engine settings: one dataclass the offline API, the server and the benchmarks share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    device: str = "cpu"
+    dtype: str | None = None  # default: float32 on CPU, bfloat16 on CUDA
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 8192
+    block_size: int = 16
+    kv_cache_fraction: float = 0.9  # of the device memory free after the warm-up run
+    cpu_kv_cache_bytes: int = 1 << 30  # KV cache size on CPU, where "free memory" means little
+    num_kv_blocks: int | None = None  # fixed size, overriding the two above (tests force preemption with it)
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # no CUDA graphs
+    cuda_graph_max_batch: int = 128
+    seed: int = 0
+    model_key_file: str | None = None  # for encrypted packed models (else $INFERD_MODEL_KEY_FILE / credential)
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.dtype is None:
+            self.dtype = "float32" if self.device == "cpu" else "bfloat16"
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError("kv_cache_fraction must be in (0, 1]")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError("block_size must be a power of two")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.block_size:
+            raise ValueError("max_num_seqs must be >= 1 and max_num_batched_tokens >= block_size")

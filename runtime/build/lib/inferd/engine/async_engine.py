@@ -1,0 +1,119 @@
+"""The streaming interface the server uses: add a request, get its tokens as they come, abort.
+
+The engine itself is single-threaded; one background thread owns it and runs steps while there
+is work. Callers on an asyncio loop talk to it through a queue per request. Leaving the async
+iterator early (a client disconnect, a cancelled task) aborts the request in the engine, so its
+KV blocks are freed at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from inferd.engine.llm_engine import LLMEngine
+from inferd.outputs import RequestOutput
+from inferd.sampling_params import SamplingParams
+
+log = logging.getLogger("inferd.async")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pending: list[tuple[str, object, SamplingParams]] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="inferd-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (any asyncio loop) ---------------------------------------------------
+    async def generate(self, prompt, params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        if self.error is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self.error}")
+        request_id = request_id or f"req-{next(self._ids)}"
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+            self._pending.append((request_id, prompt, params))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+        self._wake.set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    # ---- engine thread --------------------------------------------------------------------
+    def _deliver(self, request_id: str, item) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            loop, queue = target
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopping:
+            with self._lock:
+                pending, self._pending = self._pending, []
+                aborts, self._aborts = self._aborts, []
+            for request_id in aborts:
+                engine.abort_request(request_id)
+            for request_id, prompt, params in pending:
+                try:
+                    engine.add_request(prompt, params, request_id)
+                except Exception as e:  # bad input: this request fails, the engine goes on
+                    self._deliver(request_id, e)
+            if not engine.has_unfinished_requests():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as e:  # the engine is in an unknown state: fail everything, stop
+                log.exception("engine step failed")
+                self.error = e
+                with self._lock:
+                    ids = list(self._streams)
+                for request_id in ids:
+                    self._deliver(request_id, EngineDeadError(f"the engine failed: {e}"))
+                return
+            for out in outputs:
+                self._deliver(out.request_id, out)

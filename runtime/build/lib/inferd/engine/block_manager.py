@@ -1,0 +1,131 @@
+"""Paged KV-cache bookkeeping: fixed-size blocks, reference counts, prefix caching.
+
+A full block is identified by a hash chained over every token before it, so two sequences that
+share a prefix share its blocks, and a block freed by one request stays findable for the next
+until it is reused (freed blocks go to the back of the free list: least recently used first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+
+import numpy as np
+
+from inferd.engine.sequence import Sequence
+
+
+def chain_hash(token_ids: list[int], prefix: bytes) -> bytes:
+    h = hashlib.blake2b(prefix, digest_size=16)
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return h.digest()
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: bytes | None = None
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.hash_to_block: dict[bytes, int] = {}
+        self.free_ids: deque[int] = deque(range(num_blocks))
+        self.prefix_queries = 0
+        self.prefix_hits = 0  # in tokens
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_ids)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks
+
+    def _take(self, block_id: int) -> Block:
+        """Share a cached block: revive it from the free list if nobody holds it now."""
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            self.free_ids.remove(block_id)
+        block.ref_count += 1
+        return block
+
+    def _allocate_fresh(self) -> Block:
+        block_id = self.free_ids.popleft()
+        block = self.blocks[block_id]
+        if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
+            del self.hash_to_block[block.hash]
+        block.hash = None
+        block.ref_count = 1
+        return block
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """Blocks to add to the sequence's table so that num_tokens (total) fit."""
+        return max(0, (num_tokens + self.block_size - 1) // self.block_size - len(seq.block_table))
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= self.num_free
+
+    def allocate_prompt(self, seq: Sequence) -> None:
+        """First scheduling of a sequence: reuse cached prefix blocks (never the block holding the
+        last prompt token, whose logits must be computed), reserve nothing else yet."""
+        assert not seq.block_table
+        prefix = b""
+        seq.num_cached_tokens = 0
+        if self.enable_prefix_caching:
+            self.prefix_queries += len(seq)
+            full_blocks = (len(seq) - 1) // self.block_size
+            for i in range(full_blocks):
+                h = chain_hash(seq.block(i), prefix)
+                block_id = self.hash_to_block.get(h)
+                if block_id is None:
+                    break
+                self._take(block_id)
+                seq.block_table.append(block_id)
+                prefix = h
+            seq.num_cached_tokens = len(seq.block_table) * self.block_size
+            seq.num_hashed_blocks = len(seq.block_table)
+            self.prefix_hits += seq.num_cached_tokens
+        seq.num_computed_tokens = seq.num_cached_tokens
+
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        """Make room for num_tokens (total) in the sequence's blocks."""
+        for _ in range(self.blocks_needed(seq, num_tokens)):
+            seq.block_table.append(self._allocate_fresh().block_id)
+
+    def commit_full_blocks(self, seq: Sequence) -> None:
+        """Register the hashes of blocks that are now completely computed."""
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        start = seq.num_hashed_blocks
+        prefix = self.blocks[seq.block_table[start - 1]].hash if start else b""
+        for i in range(start, full):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None:
+                block.hash = chain_hash(seq.block(i), prefix)
+                self.hash_to_block.setdefault(block.hash, block.block_id)
+            prefix = block.hash
+        seq.num_hashed_blocks = max(start, full)
+
+    def free(self, seq: Sequence) -> None:
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.hash is None:
+                    self.free_ids.appendleft(block_id)  # nothing worth keeping: reuse first
+                else:
+                    self.free_ids.append(block_id)
+        seq.block_table = []
+        seq.num_hashed_blocks = 0
+        seq.num_computed_tokens = 0

@@ -1,0 +1,180 @@
+"""The engine loop: admit requests, schedule a step, run it, apply stop rules, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from inferd.config import EngineConfig
+from inferd.engine.block_manager import BlockManager
+from inferd.engine.model_runner import ModelRunner
+from inferd.engine.scheduler import Scheduler
+from inferd.engine.sequence import Sequence
+from inferd.models.config import parse_model_config
+from inferd.outputs import RequestOutput
+from inferd.sampling_params import SamplingParams
+from inferd.store.source import open_model
+from inferd.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("inferd.engine")
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, weights=None):
+        self.config = config
+        if not Path(config.model).is_dir():
+            raise FileNotFoundError(f"{config.model}/config.json not found: pass a Hugging Face or packed model directory")
+        source = open_model(config.model, config.model_key_file)
+        config_text = source.read_text("config.json")
+        if config_text is None:
+            raise FileNotFoundError(f"{config.model}/config.json not found: pass a Hugging Face model directory")
+        self.model_config = parse_model_config(json.loads(config_text))
+        self.max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, 8192)
+        self.tokenizer = Tokenizer(source) if source.read_text("tokenizer.json") is not None else None
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        gen_cfg = source.read_text("generation_config.json")
+        if gen_cfg:
+            eos = json.loads(gen_cfg).get("eos_token_id")
+            if eos is not None:
+                self.eos_token_ids |= set([eos] if isinstance(eos, int) else eos)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        weights = weights if weights is not None else source.iter_tensors()
+        self.runner = ModelRunner(config, self.model_config, self.max_model_len, weights=weights)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.sequences: dict[str, Sequence] = {}
+        self._detoks: dict[str, IncrementalDetokenizer] = {}
+
+    # ---- requests -------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model directory has no tokenizer.json: pass token ids instead of text")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        token_ids = self.tokenize(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(token_ids)} tokens; this model's context is {self.max_model_len} "
+                "(prompt and output together): shorten the prompt"
+            )
+        seq = Sequence(token_ids, params, self.config.block_size, request_id)
+        if seq.request_id in self.sequences:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self.sequences[seq.request_id] = seq
+        if self.tokenizer is not None:
+            self._detoks[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.abort(seq)
+            self.runner.sampler.release(seq)
+            self._detoks.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One engine step. Returns an output for every sequence that produced a token."""
+        batch, is_prefill = self.scheduler.schedule()
+        if not batch:
+            return []
+        tokens, logprobs = self.runner.run(batch, is_prefill)
+        produced = self.scheduler.postprocess(batch, tokens, logprobs)
+        return [self._check_stop(seq) for seq in produced]
+
+    def _check_stop(self, seq: Sequence) -> RequestOutput:
+        p = seq.params
+        token = seq.last_token
+        reason = None
+        stopped_by_token = (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
+        if stopped_by_token:
+            reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            reason = "length"
+        detok = self._detoks.get(seq.request_id)
+        new_text = ""
+        if detok is not None and not stopped_by_token:
+            new_text = detok.add(token)
+            if p.stop and new_text:
+                window = detok.text[-(len(new_text) + max(map(len, p.stop))) :]
+                hits = [window.find(s) for s in p.stop]
+                hits = [h for h in hits if h >= 0]
+                if hits:
+                    cut = len(detok.text) - len(window) + min(hits)
+                    new_text = new_text[: max(0, cut - (len(detok.text) - len(new_text)))]
+                    detok.text = detok.text[:cut]
+                    reason = "stop"
+        if reason is None:
+            return RequestOutput(
+                request_id=seq.request_id,
+                prompt_token_ids=[],
+                token_ids=[],
+                text="",
+                finish_reason=None,
+                finished=False,
+                new_token_ids=[token],
+                new_text=new_text,
+                num_output_tokens=seq.num_output_tokens,
+            )
+        seq.finish_reason = reason
+        self.scheduler.finish(seq, reason)
+        self.runner.sampler.release(seq)
+        self.sequences.pop(seq.request_id, None)
+        self._detoks.pop(seq.request_id, None)
+        text = ""
+        if detok is not None:
+            # One full decode at the end: the reference text, cut where a stop string was found.
+            full = self.tokenizer.decode(seq.output_token_ids[:-1] if stopped_by_token else seq.output_token_ids)
+            text = detok.text if (p.stop and len(detok.text) < len(full)) else full
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            token_ids=seq.output_token_ids,
+            text=text,
+            finish_reason=reason,
+            logprobs=list(seq.output_logprobs) if p.logprobs else None,
+            num_cached_tokens=seq.num_cached_tokens,
+            finished=True,
+            new_token_ids=[token],
+            new_text=new_text,
+            num_output_tokens=seq.num_output_tokens,
+        )
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams], use_tqdm: bool = False) -> list[RequestOutput]:
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("pass one SamplingParams, or one per prompt")
+        ids = [self.add_request(p, sp).request_id for p, sp in zip(prompts, params_list)]
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(prompts), desc="generating", unit="req")
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.finished:
+                    results[out.request_id] = out
+                    if bar:
+                        bar.update(1)
+        if bar:
+            bar.close()
+        return [results[i] for i in ids]

@@ -1,0 +1,248 @@
+"""Runs the model for one scheduled step: builds the flat token batch and the attention context,
+owns the KV cache (sized from memory measured after a warm-up) and, on CUDA, replays a CUDA
+graph captured for the nearest decode batch-size bucket."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from inferd.config import EngineConfig
+from inferd.engine.sequence import Sequence
+from inferd.layers.context import AttentionContext, reset_context, set_context
+from inferd.layers.sampler import Sampler
+from inferd.loader import load_weights
+from inferd.models.config import ModelConfig
+from inferd.models.registry import model_class
+
+log = logging.getLogger("inferd.runner")
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int, weights):
+        self.config = config
+        self.model_cfg = model_cfg
+        self.max_model_len = max_model_len
+        self.block_size = config.block_size
+        self.device = torch.device(config.device)
+        self.dtype = getattr(torch, config.dtype)
+        self.is_cuda = self.device.type == "cuda"
+        torch.manual_seed(config.seed)
+
+        start = time.perf_counter()
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = model_class(model_cfg)(model_cfg, max_model_len)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_weights(self.model, weights)
+        self.model.eval()
+        log.info("model %s loaded in %.1fs", config.model, time.perf_counter() - start)
+
+        self.attn_layers = self.model.attention_layers()
+        # The Triton kernel needs a power-of-two head_dim of at least 16 (tl.dot); real checkpoints
+        # have 64 or 128. Tiny test models below that take the reference path.
+        hd = model_cfg.head_dim
+        self.use_triton = self.is_cuda and hd >= 16 and hd & (hd - 1) == 0
+        for layer in self.attn_layers:
+            layer.use_triton = self.use_triton
+        self.sampler = Sampler(self.device)
+        self.max_blocks_per_seq = (max_model_len + self.block_size - 1) // self.block_size
+        self.num_blocks = self._allocate_kv_cache()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.is_cuda and not config.enforce_eager:
+            self._capture_cuda_graphs()
+
+    # ---- KV cache -------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        cfg = self.model_cfg
+        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+        return per_token * self.block_size * self.dtype.itemsize
+
+    @torch.inference_mode()
+    def _warmup(self) -> None:
+        """The largest prefill step the scheduler can produce, to measure activation memory."""
+        tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        pos = torch.arange(tokens, device=self.device)
+        set_context(AttentionContext(is_prefill=True, query_lens=[tokens], context_lens_list=[tokens]))
+        hidden = self.model(ids, pos)
+        self.model.compute_logits(hidden[-min(tokens, self.config.max_num_seqs) :])
+        reset_context()
+
+    def _allocate_kv_cache(self) -> int:
+        cfg, config = self.model_cfg, self.config
+        per_block = self.kv_bytes_per_block()
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        elif self.is_cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._warmup()
+            free, total = torch.cuda.mem_get_info(self.device)
+            peak_extra = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+            budget = total * config.kv_cache_fraction - (total - free) - peak_extra
+            num_blocks = int(budget // per_block)
+        else:
+            self._warmup()
+            num_blocks = config.cpu_kv_cache_bytes // per_block
+        if num_blocks * self.block_size < self.max_model_len:
+            raise RuntimeError(
+                f"the KV cache holds {max(num_blocks, 0) * self.block_size} tokens, fewer than max_model_len "
+                f"({self.max_model_len}): raise kv_cache_fraction (or cpu_kv_cache_bytes), or lower max_model_len"
+            )
+        # One extra block at the end: padded rows of a captured decode batch write there.
+        self.kv_cache = torch.zeros(
+            2,
+            cfg.num_hidden_layers,
+            num_blocks + 1,
+            self.block_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        for i, layer in enumerate(self.attn_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size, num_blocks * per_block / 2**30)
+        return num_blocks
+
+    # ---- inputs ---------------------------------------------------------------------------
+    def _slots(self, seq: Sequence, start: int, end: int) -> np.ndarray:
+        pos = np.arange(start, end)
+        table = np.asarray(seq.block_table, dtype=np.int64)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _block_tables(self, seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
+        width = width or max(len(s.block_table) for s in seqs)
+        table = np.full((len(seqs), width), self.num_blocks, dtype=np.int32)
+        for i, s in enumerate(seqs):
+            table[i, : len(s.block_table)] = s.block_table
+        return torch.from_numpy(table).to(self.device, non_blocking=True)
+
+    def _to_device(self, array, dtype=torch.long) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(array), dtype=dtype).to(self.device, non_blocking=True)
+
+    def prepare_prefill(self, seqs: list[Sequence]):
+        ids, positions, slots, query_lens, context_lens = [], [], [], [], []
+        for seq in seqs:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
+            ids.extend(seq.token_ids[start:end])
+            positions.append(np.arange(start, end))
+            slots.append(self._slots(seq, start, end))
+            query_lens.append(end - start)
+            context_lens.append(end)
+        has_cached = any(q != c for q, c in zip(query_lens, context_lens))
+        ctx = AttentionContext(
+            is_prefill=True,
+            slot_mapping=self._to_device(np.concatenate(slots)),
+            query_lens=query_lens,
+            context_lens_list=context_lens,
+            has_cached_context=has_cached,
+            block_tables=self._block_tables(seqs) if has_cached else None,
+        )
+        last = np.cumsum(query_lens) - 1
+        return self._to_device(ids), self._to_device(np.concatenate(positions)), ctx, self._to_device(last)
+
+    def prepare_decode(self, seqs: list[Sequence], width: int | None = None):
+        ids = [s.last_token for s in seqs]
+        positions = [len(s) - 1 for s in seqs]
+        slots = [s.block_table[p // self.block_size] * self.block_size + p % self.block_size for s, p in zip(seqs, positions)]
+        ctx = AttentionContext(
+            is_prefill=False,
+            slot_mapping=self._to_device(slots),
+            context_lens=self._to_device([len(s) for s in seqs], torch.int32),
+            block_tables=self._block_tables(seqs, width),
+        )
+        return self._to_device(ids), self._to_device(positions), ctx
+
+    # ---- running --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float] | None]:
+        """Compute one step. Returns a token (and logprob) per sequence; meaningless for
+        sequences whose prompt chunk does not reach the end of their prompt."""
+        if is_prefill:
+            ids, positions, ctx, last = self.prepare_prefill(seqs)
+            set_context(ctx)
+            logits = self.model.compute_logits(self.model(ids, positions)[last])
+        else:
+            logits = self._decode(seqs)
+        reset_context()
+        complete = [i for i, s in enumerate(seqs) if s.num_computed_tokens + s.num_scheduled_tokens == len(s)]
+        tokens = [0] * len(seqs)
+        logprobs = [0.0] * len(seqs) if any(s.params.logprobs for s in seqs) else None
+        if complete:
+            rows = logits if len(complete) == len(seqs) else logits[complete]
+            sampled, lps = self.sampler(rows, [seqs[i] for i in complete])
+            for j, i in enumerate(complete):
+                tokens[i] = sampled[j]
+                if logprobs is not None:
+                    logprobs[i] = lps[j]
+        return tokens, logprobs
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        bs = len(seqs)
+        bucket = next((b for b in sorted(self.graphs) if b >= bs), None)
+        if bucket is None:
+            ids, positions, ctx = self.prepare_decode(seqs)
+            set_context(ctx)
+            return self.model.compute_logits(self.model(ids, positions))
+        ids, positions, ctx = self.prepare_decode(seqs, width=self.max_blocks_per_seq)
+        g = self.graph_vars
+        g["input_ids"][:bs] = ids
+        g["positions"][:bs] = positions
+        g["slot_mapping"][:bs] = ctx.slot_mapping
+        g["context_lens"][:bs] = ctx.context_lens
+        g["block_tables"][:bs] = ctx.block_tables
+        # Padded rows: write into the scratch block, attend to one token there.
+        g["slot_mapping"][bs:bucket] = self.num_blocks * self.block_size
+        g["context_lens"][bs:bucket] = 1
+        g["block_tables"][bs:bucket] = self.num_blocks
+        self.graphs[bucket].replay()
+        return self.graph_outputs[bucket][:bs]
+
+    def graph_buckets(self) -> list[int]:
+        top = min(self.config.max_num_seqs, self.config.cuda_graph_max_batch)
+        buckets = [b for b in (1, 2, 4, 8) if b <= top] + list(range(16, top + 1, 16))
+        return sorted(set(buckets + [top]))
+
+    @torch.inference_mode()
+    def _capture_cuda_graphs(self) -> None:
+        start = time.perf_counter()
+        buckets = self.graph_buckets()
+        top = max(buckets)
+        dev = self.device
+        g = self.graph_vars = {
+            "input_ids": torch.zeros(top, dtype=torch.long, device=dev),
+            "positions": torch.zeros(top, dtype=torch.long, device=dev),
+            "slot_mapping": torch.full((top,), self.num_blocks * self.block_size, dtype=torch.long, device=dev),
+            "context_lens": torch.ones(top, dtype=torch.int32, device=dev),
+            "block_tables": torch.full((top, self.max_blocks_per_seq), self.num_blocks, dtype=torch.int32, device=dev),
+        }
+        self.graph_outputs: dict[int, torch.Tensor] = {}
+        pool = None
+        for bs in reversed(buckets):
+            ctx = AttentionContext(
+                is_prefill=False,
+                slot_mapping=g["slot_mapping"][:bs],
+                context_lens=g["context_lens"][:bs],
+                block_tables=g["block_tables"][:bs],
+            )
+            set_context(ctx)
+            # Warm up outside the graph (Triton autotuning/compilation, cuBLAS handles).
+            self.model.compute_logits(self.model(g["input_ids"][:bs], g["positions"][:bs]))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.model.compute_logits(self.model(g["input_ids"][:bs], g["positions"][:bs]))
+            if pool is None:
+                pool = graph.pool()  # the smaller graphs reuse the largest one's memory
+            self.graphs[bs] = graph
+            self.graph_outputs[bs] = out
+            torch.cuda.synchronize()
+        reset_context()
+        log.info("captured %d CUDA graphs in %.1fs", len(buckets), time.perf_counter() - start)

@@ -1,0 +1,132 @@
+"""Continuous batching: requests join and leave between steps.
+
+Each step is either a prefill step (prompt chunks of several sequences, at most
+max_num_batched_tokens tokens; a long prompt is split over several steps) or a decode step (one
+token for every running sequence). When the KV cache runs out during decode, the most recently
+admitted sequence is preempted: its blocks are freed and it goes back to the front of the queue,
+to be recomputed later (its full blocks are usually still in the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from inferd.config import EngineConfig
+from inferd.engine.block_manager import BlockManager
+from inferd.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, seq: Sequence) -> None:
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """Pick this step's sequences. Returns (sequences, is_prefill)."""
+        while True:
+            batch = self._schedule_prefill()
+            if batch:
+                return batch, True
+            batch = self._schedule_decode()
+            if batch:
+                return batch, False
+            if not self.running:
+                return [], False
+            # Only partially prefilled sequences are left and none fits: free the newest.
+            self._preempt(self.running[-1])
+
+    def _schedule_prefill(self) -> list[Sequence]:
+        budget = self.max_num_batched_tokens
+        batch: list[Sequence] = []
+        bm = self.block_manager
+        # Sequences in the middle of a chunked prefill continue first, then new ones are admitted.
+        for seq in [s for s in self.running if len(s) - s.num_computed_tokens > 1]:
+            if budget == 0:
+                break
+            chunk = min(len(seq) - seq.num_computed_tokens, budget)
+            if not bm.can_allocate(bm.blocks_needed(seq, seq.num_computed_tokens + chunk)):
+                break
+            bm.grow(seq, seq.num_computed_tokens + chunk)
+            seq.num_scheduled_tokens = chunk
+            budget -= chunk
+            batch.append(seq)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            bm.allocate_prompt(seq)
+            chunk = min(len(seq) - seq.num_computed_tokens, budget)
+            if not bm.can_allocate(bm.blocks_needed(seq, seq.num_computed_tokens + chunk)):
+                bm.free(seq)
+                break
+            bm.grow(seq, seq.num_computed_tokens + chunk)
+            seq.num_scheduled_tokens = chunk
+            seq.status = SequenceStatus.RUNNING
+            budget -= chunk
+            self.waiting.popleft()
+            self.running.append(seq)
+            batch.append(seq)
+        return batch
+
+    def _schedule_decode(self) -> list[Sequence]:
+        bm = self.block_manager
+        batch: list[Sequence] = []
+        for seq in list(self.running):
+            if seq.status != SequenceStatus.RUNNING or len(seq) - seq.num_computed_tokens != 1:
+                continue
+            while not bm.can_allocate(bm.blocks_needed(seq, len(seq))):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                break
+            bm.grow(seq, len(seq))
+            seq.num_scheduled_tokens = 1
+            batch.append(seq)
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, batch: list[Sequence], sampled: list[int], logprobs: list[float] | None) -> list[Sequence]:
+        """Advance the sequences by this step's results. Returns those that produced a token."""
+        produced = []
+        for i, seq in enumerate(batch):
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = 0
+            self.block_manager.commit_full_blocks(seq)
+            if seq.num_computed_tokens < len(seq):
+                continue  # a prompt chunk: no token yet
+            seq.append_token(sampled[i])
+            if logprobs is not None:
+                seq.output_logprobs.append(logprobs[i])
+            produced.append(seq)
+        return produced
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.running.remove(seq)
+        self.block_manager.free(seq)

@@ -1,0 +1,97 @@
+"""Paged attention. The KV cache of one layer is [num_blocks, block_size, num_kv_heads, head_dim]
+for K and for V; a sequence's tokens live in the blocks its block table lists.
+
+The pure-PyTorch path below is the readable reference and runs everywhere; on CUDA, decode uses
+the Triton kernel in paged_decode.py. A new cache layout (MLA's one latent per token) comes as a
+new attention class with the same interface: forward(q, k, v) reading the step's context.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferd.layers.context import get_context
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    num_kv_heads, head_dim = k.shape[-2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+
+
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """A sequence's first `length` cached tokens, [length, num_kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
+
+
+def prefill_attention_reference(q, k, v, k_cache, v_cache, ctx, scale: float) -> torch.Tensor:
+    """Causal attention for prompt chunks; a chunk also sees its sequence's cached context."""
+    out = torch.empty_like(q)
+    group = q.shape[1] // k.shape[1]
+    start = 0
+    for i, (q_len, ctx_len) in enumerate(zip(ctx.query_lens, ctx.context_lens_list)):
+        qs = q[start : start + q_len].transpose(0, 1)  # [H, q_len, D]
+        if ctx_len == q_len:
+            ks, vs = k[start : start + q_len], v[start : start + q_len]
+        else:
+            ks = gather_context(k_cache, ctx.block_tables[i], ctx_len)
+            vs = gather_context(v_cache, ctx.block_tables[i], ctx_len)
+        # 4-D inputs: SDPA's flash and memory-efficient kernels take nothing else.
+        ks = ks.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+        vs = vs.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+        if ctx_len == q_len:
+            o = F.scaled_dot_product_attention(qs[None], ks, vs, is_causal=True, scale=scale)
+        else:
+            # Query j sits at absolute position ctx_len - q_len + j and sees keys up to it.
+            qpos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+            mask = torch.arange(ctx_len, device=q.device)[None, :] <= qpos[:, None]
+            o = F.scaled_dot_product_attention(qs[None], ks, vs, attn_mask=mask, scale=scale)
+        out[start : start + q_len] = o[0].transpose(0, 1)
+        start += q_len
+    return out
+
+
+def decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+    """One query token per sequence against its whole cached context, batched with a length mask
+    (static shapes, so it can also be captured in a CUDA graph)."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    keys = k_cache[block_tables].flatten(1, 2)  # [B, T, Hkv, D]
+    values = v_cache[block_tables].flatten(1, 2)
+    qg = q.view(batch, num_kv_heads, group, head_dim).float()
+    scores = torch.einsum("bhgd,bthd->bhgt", qg, keys.float()) * scale
+    valid = torch.arange(keys.shape[1], device=q.device)[None, :] < context_lens[:, None]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("bhgt,bthd->bhgd", probs, values.float())
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.k_cache = self.v_cache = torch.tensor([])  # bound by the model runner
+        self.use_triton = False
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = get_context()
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.k_cache.numel():
+            store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if ctx.is_prefill:
+            o = prefill_attention_reference(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
+        elif self.use_triton:
+            from inferd.layers.paged_decode import paged_decode_attention
+
+            o = paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)
+        else:
+            o = decode_attention_reference(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)
+        return o.reshape(-1, self.num_heads * self.head_dim)

@@ -1,0 +1,38 @@
+"""Attention metadata for the current step, set by the model runner so model code needs no
+cache plumbing (the nano-vllm pattern)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionContext:
+    is_prefill: bool = False
+    slot_mapping: torch.Tensor | None = None  # [num_tokens]: where each new token's K/V goes
+    # Prefill (per sequence): query lengths and total context lengths (cached + new), as Python
+    # lists for the per-sequence reference loop, and block tables for context gathering.
+    query_lens: list[int] | None = None
+    context_lens_list: list[int] | None = None
+    has_cached_context: bool = False
+    # Both: [batch, max_blocks] block tables; decode: [batch] context lengths on the device.
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+
+
+_CONTEXT = AttentionContext()
+
+
+def get_context() -> AttentionContext:
+    return _CONTEXT
+
+
+def set_context(ctx: AttentionContext) -> None:
+    global _CONTEXT
+    _CONTEXT = ctx
+
+
+def reset_context() -> None:
+    set_context(AttentionContext())

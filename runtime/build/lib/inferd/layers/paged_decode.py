@@ -1,0 +1,186 @@
+"""Paged decode attention as Triton kernels (CUDA only).
+
+One program per (sequence, KV head, split): it loads the query heads of that KV head's group,
+walks its share of the sequence's block table TILE tokens at a time and keeps an online softmax,
+so K/V are read once per group whatever the GQA ratio. With few sequences the context is split
+across programs (flash-decoding) and a second kernel merges the partial softmaxes, so a batch of
+one still fills the GPU. Shapes are static per batch, so CUDA graphs capture both kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    scale,
+    stride_bt,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx_len = tl.load(context_lens_ptr + seq)
+    # This split's token range, in whole tiles.
+    tiles = tl.cdiv(ctx_len, TILE)
+    per_split = tl.cdiv(tiles, SPLITS)
+    lo = split * per_split * TILE
+    hi = tl.minimum((split + 1) * per_split * TILE, ctx_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    head = kv_head * GROUP + offs_g
+    q_mask = offs_g < GROUP
+    q = tl.load(
+        q_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask[:, None], other=0.0
+    )
+
+    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    token_stride = NUM_KV_HEADS * HEAD_DIM
+    block_stride = BLOCK_SIZE * token_stride
+
+    for start in range(lo, hi, TILE):
+        offs_t = start + tl.arange(0, TILE)
+        t_mask = offs_t < hi
+        blocks = tl.load(block_tables_ptr + seq * stride_bt + offs_t // BLOCK_SIZE, mask=t_mask, other=0)
+        base = blocks.to(tl.int64) * block_stride + (offs_t % BLOCK_SIZE) * token_stride + kv_head * HEAD_DIM
+        k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+        s = tl.where(t_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        denom = denom * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+        m = m_new
+
+    if SPLITS == 1:
+        out = acc / denom[:, None]
+        tl.store(
+            out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=q_mask[:, None],
+        )
+    else:
+        row = ((seq * NUM_KV_HEADS + kv_head) * SPLITS + split) * GROUP_PAD + offs_g
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc)
+        tl.store(part_ml_ptr + row * 2, m)
+        tl.store(part_ml_ptr + row * 2 + 1, denom)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    for split in range(SPLITS):
+        row = ((seq * NUM_KV_HEADS + kv_head) * SPLITS + split) * GROUP_PAD + offs_g
+        m_s = tl.load(part_ml_ptr + row * 2)
+        l_s = tl.load(part_ml_ptr + row * 2 + 1)
+        acc_s = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :])
+        m_new = tl.maximum(m, m_s)
+        # An empty split has m_s = -inf and l_s = 0; guard the -inf - -inf case.
+        a = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
+        b = tl.where(m_new == float("-inf"), 0.0, tl.exp(m_s - m_new))
+        denom = denom * a + l_s * b
+        acc = acc * a[:, None] + acc_s * b[:, None]
+        m = m_new
+    head = kv_head * GROUP + offs_g
+    out = acc / denom[:, None]
+    tl.store(
+        out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=(offs_g < GROUP)[:, None],
+    )
+
+
+def num_splits(batch: int, num_kv_heads: int, sm_count: int = 132) -> int:
+    """Enough programs to cover the GPU about twice; one split once the batch does that alone."""
+    programs = batch * num_kv_heads
+    return max(1, min(16, (2 * sm_count) // max(1, programs)))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, W]; context_lens [B]."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    group_pad = max(16, triton.next_power_of_2(group))
+    splits = num_splits(batch, num_kv_heads, _sm_count(q.device.index or 0))
+    out = torch.empty_like(q)
+    if splits > 1:
+        part_acc = torch.empty(batch * num_kv_heads * splits * group_pad, head_dim, device=q.device, dtype=torch.float32)
+        part_ml = torch.empty(batch * num_kv_heads * splits * group_pad, 2, device=q.device, dtype=torch.float32)
+    else:
+        part_acc = part_ml = out
+    consts = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim)
+    _paged_decode_kernel[(batch, num_kv_heads, splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        part_acc,
+        part_ml,
+        scale,
+        block_tables.stride(0),
+        **consts,
+        BLOCK_SIZE=block_size,
+        TILE=64,
+        SPLITS=splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+        num_stages=2,
+    )
+    if splits > 1:
+        _merge_splits_kernel[(batch, num_kv_heads)](out, part_acc, part_ml, **consts, SPLITS=splits, num_warps=4)
+    return out

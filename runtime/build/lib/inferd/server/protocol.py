@@ -1,0 +1,66 @@
+"""OpenAI request bodies, validated strictly: NaN, out-of-range and wrong types are 400s."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Base(BaseModel):
+    # Unknown fields are ignored, as OpenAI's API does; NaN/inf are refused.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class ContentPart(_Base):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Base):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class _SamplingFields(_Base):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    user: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] = Field(..., min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+
+
+class LimitsUpdate(_Base):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    max_concurrent_per_key: int | None = Field(None, ge=1)
+    requests_per_minute_per_key: int | None = Field(None, ge=1)
+
+
+class ModelLoad(_Base):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
+    model: str = Field(..., min_length=1)
+    served_model_name: str | None = None

@@ -1,0 +1,85 @@
+"""Tiny random-weight models in Hugging Face format, for tests and the demo. Built with
+`transformers` (save_pretrained) and a byte-level BPE tokenizer trained with `tokenizers`;
+nothing is downloaded. Needs the dev extra (transformers)."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Banks and hospitals run DeepSeek models on their own GPU servers.",
+    "Paged attention keeps the KV cache in fixed-size blocks.",
+    "Continuous batching lets requests join and leave between steps.",
+    "0123456789 !?.,;:-+*/()[]{}<>= abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+] * 20
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer trained on a small corpus, wrapped the way HF saves it."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", chat_template=CHAT_TEMPLATE)
+
+
+def make_model(
+    path,
+    arch: str = "llama",
+    *,
+    vocab_size=512,
+    hidden=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    tie=False,
+    rope_scaling=None,
+    max_pos=1024,
+    seed=0,
+    intermediate=128,
+):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(vocab_size)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=tie,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    if arch == "llama":
+        cfg = LlamaConfig(**common, rope_theta=500000.0, rope_scaling=rope_scaling)
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = Qwen2Config(**common, rope_theta=10000.0)
+        model = Qwen2ForCausalLM(cfg)
+    # Larger-than-default init so logits are spread out: near-ties would make greedy checks flaky.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.08)
+    model = model.eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer

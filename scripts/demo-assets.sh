@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Build what the demo deploys, on the controller, once: a wheelhouse with the runtime and its
+# dependencies (the CPU torch wheel that lies on this machine; the path air-gapped sites use too)
+# and a tiny random-weight demo model with a tokenizer and chat template (nothing downloaded).
+# Usage: demo-assets.sh OUT_DIR      (writes OUT_DIR/wheelhouse and OUT_DIR/demo-model)
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
+out="${1:?usage: $0 OUT_DIR}"
+py="${VENV:-$PROJECT_ROOT/.venv}/bin/python"
+[ -x "$py" ] || die "no virtualenv at ${py%/bin/python}." "run 'make setup' first."
+mkdir -p "$out"
+
+key=$(cat "$PROJECT_ROOT/runtime/pyproject.toml" "$PROJECT_ROOT"/runtime/inferd/*.py "$PROJECT_ROOT"/runtime/inferd/*/*.py | sha256sum | cut -c1-16)
+if [ "$(cat "$out/wheelhouse/.stamp" 2>/dev/null)" != "$key" ]; then
+  log "building the wheelhouse (runtime + dependencies, CPU torch)"
+  rm -rf "$out/wheelhouse.partial"
+  "$py" -m pip wheel -q -w "$out/wheelhouse.partial" "$PROJECT_ROOT/runtime" torch==2.13.0 ||
+    die "building the wheelhouse failed (see pip's message above)." "check that PyPI is reachable, then run again."
+  printf '%s' "$key" >"$out/wheelhouse.partial/.stamp"
+  rm -rf "$out/wheelhouse"
+  mv "$out/wheelhouse.partial" "$out/wheelhouse"
+fi
+
+if [ ! -f "$out/demo-model/config.json" ]; then
+  log "making the tiny demo model"
+  rm -rf "$out/demo-model.partial"
+  "$py" -c "import sys; from inferd.testing import make_model; make_model(sys.argv[1], arch='llama', heads=4, kv_heads=2)" \
+    "$out/demo-model.partial" >/dev/null 2>&1 || die "could not build the demo model." "run 'make setup' (it installs transformers), then again."
+  mv "$out/demo-model.partial" "$out/demo-model"
+fi
+
+if [ ! -f "$out/api-keys.json" ]; then
+  log "generating demo API keys (user, ops, admin) in $out/api-keys.json"
+  "$py" - "$out/api-keys.json" <<'PY'
+import json, os, secrets, sys
+keys = [{"name": f"demo-{r}", "role": r, "key": "sk-inferd-" + secrets.token_hex(32)} for r in ("user", "ops", "admin")]
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+with os.fdopen(fd, "w") as f:
+    json.dump(keys, f)
+PY
+fi
