@@ -1,0 +1,367 @@
+#!/usr/bin/python
+# Copyright: inferd contributors. Apache-2.0.
+"""gpu_assess: what GPUs a host has, and whether a model fits on them."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: gpu_assess
+short_description: Inventory NVIDIA GPUs and decide whether a model fits
+description:
+  - Reads every NVIDIA GPU on the host through nvidia-ml-py (NVML), or by parsing
+    C(nvidia-smi -q -x) when the Python bindings are missing, including name, memory, compute
+    capability, driver and CUDA versions, ECC mode and error counts, persistence mode, PCIe
+    generation and width, MIG mode, and the GPU's NUMA node and local CPU list.
+  - Given a model (parameter count, or a C(config.json) on the host), a dtype, a context length
+    and a concurrency, computes weights + KV cache + overhead against the memory of one GPU and
+    returns go/no-go, the headroom, and the lowest-loss quantization that fits
+    (bf16, then fp8, then int8, then int4).
+  - Changes nothing on the host; safe in check mode.
+  - On a host without an NVIDIA GPU it returns C(gpus=[]), C(fits=false) and a message that says
+    so; it does not fail. The play decides (see C(playbooks/assess.yml)).
+version_added: "0.1.0"
+author: inferd contributors
+options:
+  model_config:
+    description: Path on the host of the model's Hugging Face C(config.json); sizes are read from it.
+    type: path
+  params_billion:
+    description: Parameter count in billions, when there is no config.json. Layer/KV sizes then come from I(kv_bytes_per_token).
+    type: float
+  kv_bytes_per_token:
+    description: KV-cache bytes per token at I(dtype), when there is no config.json (2 x layers x kv_heads x head_dim x bytes).
+    type: int
+  dtype:
+    description: Precision to check first. The recommendation walks down the ladder from here.
+    type: str
+    choices: [bf16, fp16, fp8, int8, int4]
+    default: bf16
+  context_length:
+    description: Tokens per sequence (prompt + output) to reserve KV cache for.
+    type: int
+    default: 4096
+  concurrency:
+    description: Sequences served at once.
+    type: int
+    default: 1
+  gpu_memory_utilization:
+    description: Fraction of each GPU's memory the runtime may use.
+    type: float
+    default: 0.95
+  overhead_gib:
+    description: CUDA context, activations and graphs, in GiB.
+    type: float
+    default: 2.0
+requirements:
+  - nvidia-ml-py (optional; C(nvidia-smi) is the fallback)
+notes:
+  - The KV cache is kept in 16 bits whatever the weight quantization.
+"""
+
+EXAMPLES = r"""
+- name: Assess the GPUs for DeepSeek-R1-Distill-Llama-8B
+  gpu_assess:
+    model_config: /var/lib/inferd/models/current/config.json
+    context_length: 8192
+    concurrency: 16
+  register: assessment
+
+- name: Assess a 70B model by size alone
+  gpu_assess:
+    params_billion: 70.6
+    kv_bytes_per_token: 327680
+    dtype: int8
+"""
+
+RETURN = r"""
+gpus:
+  description: One entry per GPU.
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - index: 0
+      name: NVIDIA H100 80GB HBM3
+      memory_total_mib: 81559
+      compute_capability: "9.0"
+      driver_version: "580.159.04"
+      cuda_version: "13.0"
+      ecc_mode: Enabled
+      ecc_errors_uncorrected: 0
+      persistence_mode: Enabled
+      pcie_generation: 5
+      pcie_width: 16
+      mig_mode: Disabled
+      numa_node: 0
+      local_cpus: 0-51,104-155
+source:
+  description: Where the GPU facts came from (nvml, nvidia-smi, or none).
+  returned: always
+  type: str
+fits:
+  description: Whether the model fits one GPU at I(dtype).
+  returned: always
+  type: bool
+headroom_gib:
+  description: Usable memory minus what the model needs at I(dtype), in GiB (negative when it does not fit).
+  returned: when a GPU was found
+  type: float
+need_gib:
+  description: Weights, KV cache, overhead and their total at I(dtype), in GiB.
+  returned: when a GPU was found
+  type: dict
+recommended_quantization:
+  description: The lowest-loss precision (from I(dtype) down) that fits, or null if none does.
+  returned: always
+  type: str
+msg:
+  description: A readable summary.
+  returned: always
+  type: str
+"""
+
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import xml.etree.ElementTree as ET  # noqa: E402
+
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+
+GIB = 1 << 30
+LADDER = ["bf16", "fp16", "fp8", "int8", "int4"]
+BYTES_PER_PARAM = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+# Loss order: bf16/fp16 exact, fp8 and int8 small, int4 noticeable.
+RECOMMEND_ORDER = ["bf16", "fp8", "int8", "int4"]
+
+
+# ---- model sizing --------------------------------------------------------------------------
+def model_shape(config: dict) -> dict:
+    """Parameter count and KV bytes per token (16-bit) from a Hugging Face config."""
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or h // heads
+    vocab = config["vocab_size"]
+    attn = h * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * h * inter
+    embed = vocab * h * (1 if config.get("tie_word_embeddings") else 2)
+    params = layers * (attn + mlp + 2 * h) + embed + h
+    return {"params": params, "kv_bytes_per_token": 2 * layers * kv_heads * head_dim * 2}
+
+
+def need(params: float, kv_bytes_per_token: int, dtype: str, context: int, concurrency: int, overhead_gib: float) -> dict:
+    weights = params * BYTES_PER_PARAM[dtype]
+    kv = kv_bytes_per_token * context * concurrency
+    total = weights + kv + overhead_gib * GIB
+    return {"weights": weights / GIB, "kv_cache": kv / GIB, "overhead": overhead_gib, "total": total / GIB}
+
+
+def assess(
+    gpus: list,
+    params: float,
+    kv_bytes_per_token: int,
+    dtype: str,
+    context: int,
+    concurrency: int,
+    utilization: float,
+    overhead_gib: float,
+) -> dict:
+    if not gpus:
+        return {
+            "fits": False,
+            "recommended_quantization": None,
+            "msg": "no NVIDIA GPU found on this host (no NVML device and no working nvidia-smi)",
+        }
+    usable = min(g["memory_total_mib"] for g in gpus) / 1024 * utilization
+    want = need(params, kv_bytes_per_token, dtype, context, concurrency, overhead_gib)
+    recommended = None
+    start = RECOMMEND_ORDER.index("bf16" if dtype == "fp16" else dtype)
+    for q in RECOMMEND_ORDER[start:]:
+        if need(params, kv_bytes_per_token, q, context, concurrency, overhead_gib)["total"] <= usable:
+            recommended = q
+            break
+    fits = want["total"] <= usable
+    headroom = usable - want["total"]
+    msg = (
+        f"{params / 1e9:.1f}B parameters at {dtype}: need {want['total']:.1f} GiB "
+        f"(weights {want['weights']:.1f}, KV {want['kv_cache']:.1f} for {concurrency} x {context} tokens, "
+        f"overhead {overhead_gib:.1f}) of {usable:.1f} GiB usable on {gpus[0]['name']}: "
+        + ("fits" if fits else "does NOT fit")
+        + (f"; lowest-loss quantization that fits: {recommended}" if recommended else "; no quantization fits one GPU")
+    )
+    return {
+        "fits": fits,
+        "headroom_gib": round(headroom, 2),
+        "need_gib": {k: round(v, 2) for k, v in want.items()},
+        "usable_gib": round(usable, 2),
+        "recommended_quantization": recommended,
+        "msg": msg,
+    }
+
+
+# ---- GPU facts -----------------------------------------------------------------------------
+def _int(text):
+    try:
+        return int(str(text).split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def _numa(bus_id: str) -> tuple:
+    """NUMA node and local CPUs of a PCI device, from sysfs."""
+    bus = bus_id.lower()
+    if bus.count(":") == 2 and len(bus.split(":")[0]) == 8:
+        bus = bus[4:]  # nvidia-smi's 8-digit domain -> sysfs's 4-digit one
+    base = f"/sys/bus/pci/devices/{bus}"
+    try:
+        with open(base + "/numa_node") as f:
+            node = int(f.read().strip())
+        with open(base + "/local_cpulist") as f:
+            cpus = f.read().strip()
+        return (None if node < 0 else node), cpus
+    except OSError:
+        return None, None
+
+
+def parse_nvidia_smi_xml(text: str) -> list:
+    root = ET.fromstring(text)
+    driver = root.findtext("driver_version")
+    cuda = root.findtext("cuda_version")
+    out = []
+    for i, gpu in enumerate(root.findall("gpu")):
+        bus = gpu.get("id", "")
+        node, cpus = _numa(bus)
+        out.append(
+            {
+                "index": i,
+                "name": gpu.findtext("product_name"),
+                "uuid": gpu.findtext("uuid"),
+                "pci_bus_id": bus,
+                "memory_total_mib": _int(gpu.findtext("fb_memory_usage/total")),
+                "compute_capability": None,
+                "driver_version": driver,
+                "cuda_version": cuda,
+                "ecc_mode": gpu.findtext("ecc_mode/current_ecc"),
+                "ecc_errors_uncorrected": _int(
+                    gpu.findtext("ecc_errors/volatile/dram_uncorrectable")
+                    or gpu.findtext("ecc_errors/volatile/sram_uncorrectable")
+                    or 0
+                ),
+                "persistence_mode": gpu.findtext("persistence_mode"),
+                "pcie_generation": _int(gpu.findtext("pci/pci_gpu_link_info/pcie_gen/current_link_gen")),
+                "pcie_width": _int((gpu.findtext("pci/pci_gpu_link_info/link_widths/current_link_width") or "").rstrip("x")),
+                "mig_mode": gpu.findtext("mig_mode/current_mig"),
+                "numa_node": node,
+                "local_cpus": cpus,
+            }
+        )
+    return out
+
+
+def query_nvml() -> list | None:
+    try:
+        import pynvml as nv
+    except ImportError:
+        return None
+    try:
+        nv.nvmlInit()
+    except Exception:
+        return []
+    out = []
+    driver = nv.nvmlSystemGetDriverVersion()
+    cuda = nv.nvmlSystemGetCudaDriverVersion_v2()
+    for i in range(nv.nvmlDeviceGetCount()):
+        h = nv.nvmlDeviceGetHandleByIndex(i)
+        bus = nv.nvmlDeviceGetPciInfo(h).busId
+        bus = bus.decode() if isinstance(bus, bytes) else bus
+        node, cpus = _numa(bus)
+
+        def safe(fn, *a):
+            try:
+                return fn(*a)
+            except Exception:
+                return None
+
+        ecc = safe(nv.nvmlDeviceGetEccMode, h)
+        mig = safe(nv.nvmlDeviceGetMigMode, h)
+        cc = safe(nv.nvmlDeviceGetCudaComputeCapability, h)
+        out.append(
+            {
+                "index": i,
+                "name": nv.nvmlDeviceGetName(h),
+                "uuid": nv.nvmlDeviceGetUUID(h),
+                "pci_bus_id": bus,
+                "memory_total_mib": nv.nvmlDeviceGetMemoryInfo(h).total // (1 << 20),
+                "compute_capability": f"{cc[0]}.{cc[1]}" if cc else None,
+                "driver_version": driver,
+                "cuda_version": f"{cuda // 1000}.{cuda % 1000 // 10}",
+                "ecc_mode": None if ecc is None else ("Enabled" if ecc[0] else "Disabled"),
+                "ecc_errors_uncorrected": safe(
+                    nv.nvmlDeviceGetTotalEccErrors, h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_VOLATILE_ECC
+                ),
+                "persistence_mode": "Enabled" if safe(nv.nvmlDeviceGetPersistenceMode, h) else "Disabled",
+                "pcie_generation": safe(nv.nvmlDeviceGetCurrPcieLinkGeneration, h),
+                "pcie_width": safe(nv.nvmlDeviceGetCurrPcieLinkWidth, h),
+                "mig_mode": None if mig is None else ("Enabled" if mig[0] else "Disabled"),
+                "numa_node": node,
+                "local_cpus": cpus,
+            }
+        )
+    return out
+
+
+def discover() -> tuple:
+    gpus = query_nvml()
+    if gpus:
+        return gpus, "nvml"
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        r = subprocess.run([smi, "-q", "-x"], capture_output=True, text=True, timeout=60)
+        if r.returncode == 0:
+            return parse_nvidia_smi_xml(r.stdout), "nvidia-smi"
+    return [], "none"
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            model_config=dict(type="path"),
+            params_billion=dict(type="float"),
+            kv_bytes_per_token=dict(type="int"),
+            dtype=dict(type="str", default="bf16", choices=LADDER),
+            context_length=dict(type="int", default=4096),
+            concurrency=dict(type="int", default=1),
+            gpu_memory_utilization=dict(type="float", default=0.95),
+            overhead_gib=dict(type="float", default=2.0),
+        ),
+        required_one_of=[("model_config", "params_billion")],
+        mutually_exclusive=[("model_config", "params_billion")],
+        required_together=[("params_billion", "kv_bytes_per_token")],
+        supports_check_mode=True,
+    )
+    p = module.params
+    if p["model_config"]:
+        if not os.path.exists(p["model_config"]):
+            module.fail_json(msg=f"model_config {p['model_config']} does not exist on the host")
+        with open(p["model_config"]) as f:
+            shape = model_shape(json.load(f))
+    else:
+        shape = {"params": p["params_billion"] * 1e9, "kv_bytes_per_token": p["kv_bytes_per_token"]}
+    gpus, source = discover()
+    result = assess(
+        gpus,
+        shape["params"],
+        shape["kv_bytes_per_token"],
+        p["dtype"],
+        p["context_length"],
+        p["concurrency"],
+        p["gpu_memory_utilization"],
+        p["overhead_gib"],
+    )
+    module.exit_json(changed=False, gpus=gpus, source=source, **result)
+
+
+if __name__ == "__main__":
+    main()
