@@ -19,10 +19,24 @@ spec.loader.exec_module(ga)
 GIB = 1 << 30
 H100 = [{"name": "NVIDIA H100 80GB HBM3", "memory_total_mib": 81559}]
 L4 = [{"name": "NVIDIA L4", "memory_total_mib": 23034}]
-LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
-LLAMA_70B = {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
-             "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
+LLAMA_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+LLAMA_70B = {
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
 
 
 def test_model_shape_by_hand():
@@ -60,8 +74,15 @@ def test_8b_fits_an_80gb_card_and_70b_needs_int8():
 
 
 def test_seed_matrix_7_to_13b_on_24gb_cards():
-    thirteen = {**LLAMA_8B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
-                "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000}
+    thirteen = {
+        **LLAMA_8B,
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 40,
+        "vocab_size": 32000,
+    }
     assert ga.assess(L4, *shape(LLAMA_8B), "bf16", 4096, 1, 0.95, 2.0)["fits"] is True  # 15.0 + 0.5 + 2 <= 21.4 GiB
     r = ga.assess(L4, *shape(thirteen), "bf16", 4096, 1, 0.95, 2.0)
     assert not r["fits"] and r["recommended_quantization"] in ("fp8", "int8")
@@ -110,8 +131,13 @@ def test_module_on_a_host_without_gpu(tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(LLAMA_8B))
     args = json.dumps({"ANSIBLE_MODULE_ARGS": {"model_config": str(cfg), "_ansible_check_mode": True}})
-    r = subprocess.run([sys.executable, str(ROOT / "library" / "gpu_assess.py")], input=args, capture_output=True, text=True,
-                       env={"PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "library" / "gpu_assess.py")],
+        input=args,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     out = json.loads(r.stdout)
     assert out["changed"] is False and out["gpus"] == [] and out["fits"] is False
     assert "no NVIDIA GPU found" in out["msg"] and "Traceback" not in r.stderr
