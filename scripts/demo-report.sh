@@ -1,31 +1,33 @@
 #!/usr/bin/env bash
-# Print what now runs on the demo host, one answer from it, and how to reach it.
+# Print what now runs on the demo host, one answer through its TLS gateway, and how to reach it.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 host="${1:-inferd-demo}"
-keys="$PROJECT_ROOT/.cache/demo/api-keys.json"
+demo="$PROJECT_ROOT/.cache/demo"
 ip=$(podman container inspect -f "{{(index .NetworkSettings.Networks \"$TESTHOST_NETWORK\").IPAddress}}" "$host")
-user_key=$(python3 -c "import json,sys; print(next(k['key'] for k in json.load(open(sys.argv[1])) if k['role']=='user'))" "$keys")
-state=$(podman exec "$host" systemctl is-active inferd || true)
+user_key=$(python3 -c "import json,sys; print(next(k['key'] for k in json.load(open(sys.argv[1])) if k['role']=='user'))" "$demo/api-keys.json")
+podman cp "$host:/etc/inferd/pki/ca.crt" "$demo/ca.crt"
 cat <<MSG
 
-Demo host '$host' is up at $ip (a podman container with systemd as PID 1).
-  inferd.service: $state   (podman exec $host systemctl status inferd)
-  the server listens on 127.0.0.1:8000 inside the host; the TLS gateway is not built yet.
+Demo host '$host' is up at $ip (a podman container with systemd as PID 1):
+  inferd.service  $(podman exec "$host" systemctl is-active inferd)  the runtime, on 127.0.0.1:8000 inside the host (hardened unit)
+  nginx.service   $(podman exec "$host" systemctl is-active nginx)  the TLS gateway, https://$ip:443 (private CA: $demo/ca.crt)
 
-One chat completion, asked inside the host with the demo user key:
+One chat completion through the gateway, from this machine, with the demo user key:
 MSG
-podman exec "$host" curl -sS http://127.0.0.1:8000/v1/chat/completions \
+curl -sS --cacert "$demo/ca.crt" "https://$ip/v1/chat/completions" \
   -H "Authorization: Bearer $user_key" -H 'Content-Type: application/json' \
   -d '{"model": "deepseek-demo", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}' | sed 's/^/  /'
 cat <<MSG
 
 
-Try it yourself (the demo keys are in .cache/demo/api-keys.json):
-  podman exec $host curl -s http://127.0.0.1:8000/v1/chat/completions \\
-    -H "Authorization: Bearer \$KEY" -H 'Content-Type: application/json' \\
+Try it yourself (demo keys: $demo/api-keys.json; the model is random weights, so the text is noise):
+  KEY=\$(python3 -c "import json; print(json.load(open('$demo/api-keys.json'))[0]['key'])")
+  curl --cacert $demo/ca.crt https://$ip/v1/chat/completions -H "Authorization: Bearer \$KEY" \\
+    -H 'Content-Type: application/json' \\
     -d '{"model": "deepseek-demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}'
+  SSL_CERT_FILE=$demo/ca.crt .venv/bin/python -c "import openai; c = openai.OpenAI(base_url='https://$ip/v1', api_key='\$KEY'); print(c.chat.completions.create(model='deepseek-demo', messages=[{'role': 'user', 'content': 'Hi'}], max_tokens=16).choices[0].message.content)"
   re-run:     ansible-playbook site.yml -i inventory/demo      (idempotent: changed=0)
   tear down:  make demo-down
 MSG
