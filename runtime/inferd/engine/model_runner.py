@@ -143,7 +143,6 @@ class ModelRunner:
             slot_mapping=self._to_device(np.concatenate(slots)),
             query_lens=query_lens,
             context_lens_list=context_lens,
-            has_cached_context=has_cached,
             block_tables=self._block_tables(seqs) if has_cached else None,
         )
         last = np.cumsum(query_lens) - 1

@@ -16,7 +16,6 @@ class AttentionContext:
     # lists for the per-sequence reference loop, and block tables for context gathering.
     query_lens: list[int] | None = None
     context_lens_list: list[int] | None = None
-    has_cached_context: bool = False
     # Both: [batch, max_blocks] block tables; decode: [batch] context lengths on the device.
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
