@@ -30,6 +30,8 @@ if mode == "hf":
     m.generate(torch.tensor([[1, 2, 3]], device="cuda"), max_new_tokens=1, do_sample=False)
 else:
     sys.path.insert(0, os.environ["INFERD_RUNTIME"])
+    import logging
+    logging.basicConfig(level=logging.INFO)
     from inferd import LLM, SamplingParams
     LLM(path, device="cuda", dtype="bfloat16", max_model_len=4096, max_num_seqs=16).generate(
         [[1, 2, 3]], SamplingParams(max_tokens=1, temperature=0.0))
@@ -79,7 +81,11 @@ def measure(mode: str, path: Path, key: Path) -> dict:
     m = re.search(r"FIRST_TOKEN (\S+) (\d+)", r.stdout)
     if not m:
         return {"error": (r.stderr or r.stdout)[-600:]}
-    return {"seconds_to_first_token": round(float(m.group(1)) - start, 2), "peak_rss_GiB": round(int(m.group(2)) / 2**20, 2)}
+    result = {"seconds_to_first_token": round(float(m.group(1)) - start, 2), "peak_rss_GiB": round(int(m.group(2)) / 2**20, 2)}
+    loaded = re.search(r"loaded: .* in ([\d.]+)s \(([\d.]+) GB/s\)", r.stderr)
+    if loaded:  # our loader's own log line: weights only, before KV sizing, compile and graph capture
+        result["weights_loaded_seconds"], result["weights_GB_per_s"] = float(loaded.group(1)), float(loaded.group(2))
+    return result
 
 
 def main() -> int:

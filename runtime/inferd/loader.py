@@ -1,8 +1,13 @@
-"""Load checkpoint tensors into a model: a loop over tensors, each parameter loading itself."""
+"""Load checkpoint tensors into a model: a loop over tensors, each parameter loading itself.
+
+On CUDA, host tensors travel through a small ring of pinned staging buffers: the CPU fills one
+slot while the copy engine drains the previous one, so host memory stays bounded by the ring, not
+the model, and the transfer runs at pinned-memory speed."""
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,13 +41,56 @@ def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]
                 yield name, f.get_tensor(name)
 
 
-def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+class PinnedStager:
+    """Copies host tensors to one CUDA device through `slots` pinned buffers of `slot_bytes`."""
+
+    def __init__(self, device: torch.device, slot_bytes: int = 64 << 20, slots: int = 2):
+        self.device = device
+        self.slot_bytes = slot_bytes
+        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
+        self.done: list[torch.cuda.Event | None] = [None] * slots
+        self.stream = torch.cuda.Stream(device)
+        self.next = 0
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        src = tensor.contiguous().reshape(-1).view(torch.uint8)
+        out = torch.empty(src.numel(), dtype=torch.uint8, device=self.device)
+        for off in range(0, src.numel(), self.slot_bytes):
+            n = min(self.slot_bytes, src.numel() - off)
+            i = self.next
+            self.next = (i + 1) % len(self.slots)
+            if self.done[i] is not None:
+                self.done[i].synchronize()  # the copy engine has finished reading this slot
+            self.slots[i][:n].copy_(src[off : off + n])
+            with torch.cuda.stream(self.stream):
+                out[off : off + n].copy_(self.slots[i][:n], non_blocking=True)
+                self.done[i] = torch.cuda.Event()
+                self.done[i].record(self.stream)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        out.record_stream(torch.cuda.current_stream(self.device))
+        return out.view(tensor.dtype).reshape(tensor.shape)
+
+
+def load_weights(
+    model: nn.Module,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    total_bytes: int | None = None,
+    progress: bool | None = None,
+) -> None:
+    """`progress`: None shows a bar only when stderr is a terminal (never in a service's journal)."""
+    from tqdm import tqdm
+
     mapping: dict = getattr(model, "packed_modules_mapping", {})
     ignored = getattr(model, "ignored_checkpoint_tensors", ())
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = set(dict(model.named_parameters()))
     loaded: set[str] = set()
+    device = next(model.parameters()).device
+    stager = PinnedStager(device) if device.type == "cuda" else None
+    enabled = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not enabled)
     for name, tensor in tensors:
+        bar.update(tensor.numel() * tensor.element_size())
         if any(name.endswith(s) for s in ignored):
             continue
         shard_id = None
@@ -55,6 +103,8 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]]) 
         if param is None:
             raise ValueError(f"checkpoint tensor {name!r} matches no model parameter: is this the right architecture?")
         loader = getattr(param, "weight_loader", None)
+        if stager is not None and tensor.device.type == "cpu" and tensor.numel():
+            tensor = stager.to_device(tensor)
         try:
             if loader is None:
                 default_weight_loader(param, tensor)
@@ -65,6 +115,7 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]]) 
         except ValueError as e:
             raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
         loaded.add(target)
+    bar.close()
     # A tied lm_head shares the embedding's parameter and is not in the checkpoint.
     aliases = {n for n, p in params.items() if n not in expected}
     missing = sorted(expected - loaded - aliases)

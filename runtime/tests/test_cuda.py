@@ -56,3 +56,16 @@ def test_cuda_bf16_batch_of_16_runs_through_graphs(llama_dir):
     )
     assert all(len(o.token_ids) == 40 for o in outs)
     assert 16 in llm.engine.runner.graphs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8])
+def test_pinned_stager_copies_tensors_larger_than_its_ring(dtype):
+    from inferd.loader import PinnedStager
+
+    stager = PinnedStager(torch.device("cuda"), slot_bytes=4096, slots=2)
+    assert all(s.is_pinned() for s in stager.slots)
+    for shape in [(7,), (333, 129), (3, 5, 1001)]:
+        host = (torch.randn(shape) * 50).to(dtype)
+        dev = stager.to_device(host)
+        assert dev.is_cuda and dev.dtype == dtype and dev.shape == host.shape
+        assert torch.equal(dev.cpu(), host)

@@ -44,8 +44,10 @@ class LLMEngine:
                 self.eos_token_ids |= set([eos] if isinstance(eos, int) else eos)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        weights = weights if weights is not None else source.iter_tensors()
-        self.runner = ModelRunner(config, self.model_config, self.max_model_len, weights=weights)
+        weight_bytes = None
+        if weights is None:
+            weights, weight_bytes = source.iter_tensors(), source.weight_bytes()
+        self.runner = ModelRunner(config, self.model_config, self.max_model_len, weights, weight_bytes)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.sequences: dict[str, Sequence] = {}

@@ -22,7 +22,7 @@ log = logging.getLogger("inferd.runner")
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int, weights):
+    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int, weights, weight_bytes=None):
         self.config = config
         self.model_cfg = model_cfg
         self.max_model_len = max_model_len
@@ -40,9 +40,13 @@ class ModelRunner:
                 self.model = model_class(model_cfg)(model_cfg, max_model_len)
         finally:
             torch.set_default_dtype(default_dtype)
-        load_weights(self.model, weights)
+        load_weights(self.model, weights, total_bytes=weight_bytes)
         self.model.eval()
-        log.info("model %s loaded in %.1fs", config.model, time.perf_counter() - start)
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        gb = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 1e9
+        log.info("model %s loaded: %.2f GB of weights in %.1fs (%.2f GB/s)", config.model, gb, seconds, gb / max(seconds, 1e-9))
 
         self.attn_layers = self.model.attention_layers()
         # The Triton kernel needs a power-of-two head_dim of at least 16 (tl.dot); real checkpoints

@@ -36,6 +36,11 @@ class PlainSource:
         p = self.path / name
         return p.read_text() if p.exists() else None
 
+    def weight_bytes(self) -> int:
+        from inferd.loader import checkpoint_files
+
+        return sum(f.stat().st_size for f in checkpoint_files(self.path))
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         from inferd.loader import iter_safetensors
 
@@ -73,7 +78,7 @@ class PackedSource:
     def read_text(self, name: str) -> str | None:
         return self.packed.read_bytes(name).decode() if name in self.packed.files else None
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def _weight_files(self) -> list[str]:
         index = self.read_text("model.safetensors.index.json")
         if index:
             names = sorted(set(json.loads(index)["weight_map"].values()))
@@ -81,7 +86,13 @@ class PackedSource:
             names = sorted(n for n in self.packed.files if n.endswith(".safetensors"))
         if not names:
             raise FileNotFoundError(f"no *.safetensors files in packed model {self.packed.path}")
-        for name in names:
+        return names
+
+    def weight_bytes(self) -> int:
+        return sum(self.packed.files[n]["size"] for n in self._weight_files())
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._weight_files():
             stream = _Stream(self.packed.iter_chunks(name))
             (header_len,) = struct.unpack("<Q", stream.read(8))
             header = json.loads(bytes(stream.read(header_len)))
