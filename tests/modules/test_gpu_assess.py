@@ -141,3 +141,17 @@ def test_module_on_a_host_without_gpu(tmp_path):
     out = json.loads(r.stdout)
     assert out["changed"] is False and out["gpus"] == [] and out["fits"] is False
     assert "no NVIDIA GPU found" in out["msg"] and "Traceback" not in r.stderr
+
+
+def test_parse_nvidia_smi_xml_recorded_on_the_h200():
+    """`nvidia-smi -q -x` as recorded on the lent H200 (scripts/device-provision-check.sh)."""
+    xml = (Path(__file__).parent / "fixtures" / "nvidia-smi-q-h200.xml").read_text()
+    (gpu,) = ga.parse_nvidia_smi_xml(xml)
+    assert gpu["name"] == "NVIDIA H200" and gpu["memory_total_mib"] == 143771
+    assert gpu["driver_version"] == "580.159.04" and gpu["cuda_version"] == "13.0"
+    assert (gpu["pcie_generation"], gpu["pcie_width"]) == (5, 16)
+    assert gpu["ecc_mode"] == "Enabled" and gpu["ecc_errors_uncorrected"] == 0
+    assert gpu["persistence_mode"] == "Enabled" and gpu["mig_mode"] == "Disabled"
+    assert gpu["compute_capability"] is None  # the XML does not carry it; NVML does
+    r = ga.assess([gpu], 70.55e9, 327_680, "bf16", 4096, 1, 0.95, 2.0)
+    assert not r["fits"] and r["recommended_quantization"] == "fp8"

@@ -217,9 +217,11 @@ class PackedModel:
                 data = fh.read(c["stored"])
                 if len(data) != c["stored"]:
                     raise PackError(f"{name}: truncated at chunk {i}")
-                if hashlib.sha256(data).hexdigest() != c["sha256"]:
-                    raise PackError(f"{name}: chunk {i} does not match the manifest (changed, swapped or copied from elsewhere)")
                 yield i, data
+
+    def _check_stored(self, name: str, index: int, data: bytes) -> None:
+        if hashlib.sha256(data).hexdigest() != self.files[name]["chunks"][index]["sha256"]:
+            raise PackError(f"{name}: chunk {index} does not match the manifest (changed, swapped or copied from elsewhere)")
 
     def iter_chunks(self, name: str, pool: ThreadPoolExecutor | None = None) -> Iterator[bytes]:
         """The file's plaintext, chunk by chunk, checked against the manifest's digest at the end."""
@@ -239,6 +241,7 @@ class PackedModel:
         compressed = self.manifest["compression"] == "zstd"
 
         def decode(index: int, data: bytes) -> bytes:
+            self._check_stored(name, index, data)
             if fkey:
                 data = crypto.open_sealed(fkey, self.model_id, name, index, index == count - 1, data)
             if compressed:
@@ -249,15 +252,24 @@ class PackedModel:
 
         own = pool is None
         pool = pool or ThreadPoolExecutor(_workers())
+        # The whole-file digest is serial by nature: one thread of its own runs it (hashlib lets
+        # go of the GIL), a bounded number of chunks behind the consumer.
+        hasher = ThreadPoolExecutor(1)
+        hashing: deque = deque()
         digest, size = hashlib.sha256(), 0
         try:
             for plain in _ordered(pool, decode, self._stored_chunks(name), 2 * _workers()):
-                digest.update(plain)
+                hashing.append(hasher.submit(digest.update, plain))
+                if len(hashing) > 2 * _workers():
+                    hashing.popleft().result()
                 size += len(plain)
                 yield plain
+            for h in hashing:
+                h.result()
         except crypto.DecryptError as e:
             raise PackError(str(e)) from None
         finally:
+            hasher.shutdown(wait=True, cancel_futures=True)
             if own:
                 pool.shutdown(wait=False, cancel_futures=True)
         if size != f["size"] or digest.hexdigest() != f["sha256"]:
@@ -277,8 +289,8 @@ class PackedModel:
                     for chunk in self.iter_chunks(name, pool):
                         bar.update(len(chunk))
                 else:
-                    for _ in self._stored_chunks(name):
-                        pass
+                    for i, data in self._stored_chunks(name):
+                        self._check_stored(name, i, data)
         return len(self.files)
 
     def unpack(self, out: str | Path, progress: bool = False) -> None:

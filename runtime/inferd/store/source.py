@@ -48,22 +48,28 @@ class PlainSource:
 
 
 class _Stream:
-    """read(n) over an iterator of chunks, holding at most one chunk plus what is asked for."""
+    """Reads over an iterator of chunks, holding at most one chunk besides the caller's buffer."""
 
     def __init__(self, chunks: Iterator[bytes]):
-        self.chunks, self.buf, self.pos = chunks, b"", 0
+        self.chunks, self.buf, self.pos = chunks, memoryview(b""), 0
+
+    def readinto(self, out: memoryview) -> None:
+        """Fill `out` exactly: one copy from each decoded chunk into the destination."""
+        done = 0
+        while done < len(out):
+            if self.pos == len(self.buf):
+                self.buf, self.pos = memoryview(next(self.chunks, b"")), 0
+                if not len(self.buf):
+                    raise EOFError("unexpected end of file")
+            take = min(len(out) - done, len(self.buf) - self.pos)
+            out[done : done + take] = self.buf[self.pos : self.pos + take]
+            done += take
+            self.pos += take
 
     def read(self, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            if self.pos == len(self.buf):
-                self.buf, self.pos = next(self.chunks, b""), 0
-                if not self.buf:
-                    raise EOFError("unexpected end of file")
-            take = min(n - len(out), len(self.buf) - self.pos)
-            out += self.buf[self.pos : self.pos + take]
-            self.pos += take
-        return bytes(out) if n < (1 << 20) else out
+        out = bytearray(n)
+        self.readinto(memoryview(out))
+        return bytes(out)
 
     def drain(self) -> None:
         for _ in self.chunks:  # run the iterator to its end: it checks the file's digest there
@@ -102,11 +108,10 @@ class PackedSource:
                 start, end = info["data_offsets"]
                 if start > pos:
                     stream.read(start - pos)
-                data = bytearray(stream.read(end - start))
+                raw = torch.empty(end - start, dtype=torch.uint8)
+                stream.readinto(memoryview(raw.numpy()))
                 pos = end
-                dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-                yield tname, tensor.reshape(info["shape"])
+                yield tname, raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
             stream.drain()
 
 
