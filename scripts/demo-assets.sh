@@ -30,6 +30,11 @@ if [ ! -f "$out/demo-model/config.json" ]; then
   mv "$out/demo-model.partial" "$out/demo-model"
 fi
 
+if [ ! -f "$out/metrics-token" ]; then
+  log "generating the demo Prometheus scrape token in $out/metrics-token"
+  (umask 077 && openssl rand -hex 32 | tr -d '\n' >"$out/metrics-token.partial" && mv "$out/metrics-token.partial" "$out/metrics-token")
+fi
+
 if [ ! -f "$out/api-keys.json" ]; then
   log "generating demo API keys (user, ops, admin) in $out/api-keys.json"
   "$py" - "$out/api-keys.json" <<'PY'

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 INFERD_TESTHOST_IMAGE=$(scripts/testhost-image.sh --name)
 export INFERD_TESTHOST_IMAGE
 scripts/testhost-image.sh >/dev/null
-scripts/demo-assets.sh .cache/demo  # the wheelhouse, demo model and keys the runtime scenario deploys
+scripts/demo-assets.sh .cache/demo  # the wheelhouse, demo model and keys the site scenario deploys
 if [ $# -gt 0 ]; then scenarios=("$@"); else
   mapfile -t scenarios < <(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -n1 basename | sort)
 fi

@@ -28,3 +28,8 @@ GPU_TEMPERATURE = PREFIX + "gpu_temperature_celsius"
 GPU_POWER = PREFIX + "gpu_power_watts"
 GPU_SM_ACTIVITY = PREFIX + "gpu_sm_activity_ratio"
 GPU_DRAM_BANDWIDTH = PREFIX + "gpu_dram_bandwidth_utilization_ratio"
+GPU_ECC_ERRORS = PREFIX + "gpu_ecc_uncorrected_errors"
+
+# Written by the model_storage role's wear check into node exporter's textfile collector.
+NVME_PERCENTAGE_USED = PREFIX + "nvme_percentage_used"
+NVME_MEDIA_ERRORS = PREFIX + "nvme_media_errors"

@@ -33,6 +33,8 @@ class Metrics:
         self.audit_records = Gauge(n.AUDIT_RECORDS, "Audit records written", registry=r)
         self.audit_dropped = Gauge(n.AUDIT_DROPPED, "Audit records that could not be written (must stay 0)", registry=r)
         self.rate_limited = Counter(n.RATE_LIMITED, "Requests refused with 429", ["reason"], registry=r)
+        for reason in ("rate", "concurrency"):  # exported at 0 from the start, so rate() has a series
+            self.rate_limited.labels(reason)
         self.gpu = GpuCollector()
         if self.gpu.available:
             r.register(self.gpu)
@@ -88,6 +90,7 @@ class GpuCollector:
                 (n.GPU_POWER, "GPU power draw"),
                 (n.GPU_SM_ACTIVITY, "SM activity (GPM, Hopper+)"),
                 (n.GPU_DRAM_BANDWIDTH, "DRAM bandwidth utilisation (GPM, Hopper+)"),
+                (n.GPU_ECC_ERRORS, "Uncorrected ECC errors since the driver loaded (volatile)"),
             )
         }
         for i, h in enumerate(self.handles):
@@ -101,6 +104,11 @@ class GpuCollector:
                 fams[n.GPU_POWER].add_metric(label, nv.nvmlDeviceGetPowerUsage(h) / 1000.0)
             except Exception:
                 continue
+            try:  # absent where ECC is off or not supported
+                ecc = nv.nvmlDeviceGetTotalEccErrors(h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_VOLATILE_ECC)
+                fams[n.GPU_ECC_ERRORS].add_metric(label, ecc)
+            except Exception:
+                pass
             gpm = self._gpm(i, h)
             if gpm is not None:
                 fams[n.GPU_SM_ACTIVITY].add_metric(label, gpm[0])
