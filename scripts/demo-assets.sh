@@ -2,7 +2,8 @@
 # Build what the demo deploys, on the controller, once: a wheelhouse with the runtime and its
 # dependencies (the CPU torch wheel that lies on this machine; the path air-gapped sites use too)
 # and a tiny random-weight demo model with a tokenizer and chat template (nothing downloaded).
-# Usage: demo-assets.sh OUT_DIR      (writes OUT_DIR/wheelhouse and OUT_DIR/demo-model)
+# and that model packed (zstd, encrypted, signed) with its own keys, as a bank receives one.
+# Usage: demo-assets.sh OUT_DIR      (writes wheelhouse/, demo-model/, keys/, demo-model.packed/ under OUT_DIR)
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -28,6 +29,22 @@ if [ ! -f "$out/demo-model/config.json" ]; then
   "$py" -c "import sys; from inferd.testing import make_model; make_model(sys.argv[1], arch='llama', heads=4, kv_heads=2)" \
     "$out/demo-model.partial" >/dev/null 2>&1 || die "could not build the demo model." "run 'make setup' (it installs transformers), then again."
   mv "$out/demo-model.partial" "$out/demo-model"
+fi
+
+if [ ! -f "$out/keys/model.key" ]; then
+  log "making the demo's model key and signing key pair in $out/keys"
+  rm -rf "$out/keys.partial" && mkdir -p "$out/keys.partial"
+  "${py%/python}/inferd" keygen --out "$out/keys.partial" >/dev/null || die "inferd keygen failed." "run 'make setup', then again."
+  mv "$out/keys.partial" "$out/keys"
+fi
+
+if [ ! -f "$out/demo-model.packed/manifest.json" ]; then
+  log "packing the demo model (zstd, AES-256-GCM, signed) into $out/demo-model.packed"
+  rm -rf "$out/demo-model.packed.partial"
+  "${py%/python}/inferd" pack "$out/demo-model" "$out/demo-model.packed.partial" --encrypt \
+    --key-file "$out/keys/model.key" --sign-key "$out/keys/signing.pem" --model-id deepseek-demo >/dev/null ||
+    die "packing the demo model failed (see the message above)." "remove $out/demo-model and run again."
+  mv "$out/demo-model.packed.partial" "$out/demo-model.packed"
 fi
 
 if [ ! -f "$out/metrics-token" ]; then
