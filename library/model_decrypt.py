@@ -170,7 +170,9 @@ def _stale_files(dest: Path, files: dict, manifest_sha: str, checksum: bool) -> 
         if not p.is_file() or p.stat().st_size != f["size"] or (checksum and _sha256(p) != f["sha256"]):
             stale.append(name)
     extra = sorted(
-        str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and p.name != STAMP and str(p.relative_to(dest)) not in files
+        str(p.relative_to(dest))
+        for p in dest.rglob("*")
+        if p.is_file() and p.name != STAMP and str(p.relative_to(dest)) not in files
     )
     return stale + extra
 
@@ -179,7 +181,7 @@ def _apply_ownership(root: Path, owner, group, mode: int) -> None:
     uid = pwd.getpwnam(owner).pw_uid if owner else -1
     gid = grp.getgrnam(group).gr_gid if group else -1
     dir_mode = mode | ((mode & 0o444) >> 2)  # r -> x on directories
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         os.chown(dirpath, uid, gid)
         os.chmod(dirpath, dir_mode)
         for name in filenames:
@@ -208,7 +210,9 @@ def run(module: AnsibleModule) -> dict:
             module.fail_json(msg="key must be the model's 256-bit master key as 64 hex characters (inferd keygen makes one)")
     public = p["public_key"].encode() if p["public_key"] else None
     if p["require_signature"] and public is None:
-        module.fail_json(msg="a signature is required: set public_key to the signer's Ed25519 public key (PEM), or require_signature: false")
+        module.fail_json(
+            msg="a signature is required: set public_key to the signer's Ed25519 public key (PEM), or require_signature: false"
+        )
     try:
         pm = PackedModel(src, master=master, public_key=public, require_signature=p["require_signature"])
         if pm.manifest.get("encryption") and master is None:

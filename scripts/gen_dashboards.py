@@ -27,8 +27,7 @@ def q(expr: str, legend: str = "") -> dict:
 
 def quantiles(metric: str, label: str) -> list[dict]:
     return [
-        q(f"histogram_quantile({p}, sum by (le) (rate({metric}_bucket[5m])))", f"{label} p{int(p * 100)}")
-        for p in (0.5, 0.99)
+        q(f"histogram_quantile({p}, sum by (le) (rate({metric}_bucket[5m])))", f"{label} p{int(p * 100)}") for p in (0.5, 0.99)
     ]
 
 
@@ -68,9 +67,17 @@ def dashboards() -> dict[str, dict]:
             ("Time per output token", "s", quantiles(m.TIME_PER_OUTPUT_TOKEN, "TPOT")),
             ("End-to-end latency", "s", quantiles(m.E2E_LATENCY, "E2E")),
             ("Running and queued requests", "short", [q(m.REQUESTS_RUNNING, "running"), q(m.REQUESTS_WAITING, "waiting")]),
-            ("Tokens per second", "short", [q(f"rate({m.GENERATION_TOKENS}[5m])", "generated"), q(f"rate({m.PROMPT_TOKENS}[5m])", "prompt")]),
+            (
+                "Tokens per second",
+                "short",
+                [q(f"rate({m.GENERATION_TOKENS}[5m])", "generated"), q(f"rate({m.PROMPT_TOKENS}[5m])", "prompt")],
+            ),
             ("KV-cache usage", "percentunit", [q(m.KV_CACHE_USAGE, "used")]),
-            ("Prefix-cache hit ratio", "percentunit", [q(f"{m.PREFIX_CACHE_HITS} / clamp_min({m.PREFIX_CACHE_QUERIES}, 1)", "hits")]),
+            (
+                "Prefix-cache hit ratio",
+                "percentunit",
+                [q(f"{m.PREFIX_CACHE_HITS} / clamp_min({m.PREFIX_CACHE_QUERIES}, 1)", "hits")],
+            ),
             (
                 "Model ready and loads",
                 "short",
@@ -80,7 +87,11 @@ def dashboards() -> dict[str, dict]:
                     q(f"increase({m.MODEL_LOAD_FAILURES}[1h])", "load failures (1h)"),
                 ],
             ),
-            ("Audit records", "short", [q(f"rate({m.AUDIT_RECORDS}[5m])", "written/s"), q(m.AUDIT_RING_DEPTH, "queued"), q(m.AUDIT_DROPPED, "dropped")]),
+            (
+                "Audit records",
+                "short",
+                [q(f"rate({m.AUDIT_RECORDS}[5m])", "written/s"), q(m.AUDIT_RING_DEPTH, "queued"), q(m.AUDIT_DROPPED, "dropped")],
+            ),
             ("Rate-limited requests", "reqps", [q(f"sum by (reason) (rate({m.RATE_LIMITED}[5m]))", "{{reason}}")]),
         ],
     )
@@ -101,9 +112,26 @@ def dashboards() -> dict[str, dict]:
         "inferd-host",
         "inferd: host",
         [
-            ("CPU busy", "percentunit", [q('1 - avg by (instance) (rate(node_cpu_seconds_total{mode="idle"}[5m]))', "{{instance}}")]),
-            ("Memory used", "percentunit", [q("1 - node_memory_MemAvailable_bytes / node_memory_MemTotal_bytes", "{{instance}}")]),
-            ("Filesystem free", "percentunit", [q('node_filesystem_avail_bytes{fstype!~"tmpfs|ramfs"} / node_filesystem_size_bytes{fstype!~"tmpfs|ramfs"}', "{{mountpoint}}")]),
+            (
+                "CPU busy",
+                "percentunit",
+                [q('1 - avg by (instance) (rate(node_cpu_seconds_total{mode="idle"}[5m]))', "{{instance}}")],
+            ),
+            (
+                "Memory used",
+                "percentunit",
+                [q("1 - node_memory_MemAvailable_bytes / node_memory_MemTotal_bytes", "{{instance}}")],
+            ),
+            (
+                "Filesystem free",
+                "percentunit",
+                [
+                    q(
+                        'node_filesystem_avail_bytes{fstype!~"tmpfs|ramfs"} / node_filesystem_size_bytes{fstype!~"tmpfs|ramfs"}',
+                        "{{mountpoint}}",
+                    )
+                ],
+            ),
             ("Disk writes", "Bps", [q("rate(node_disk_written_bytes_total[5m])", "{{device}}")]),
             ("NVMe percentage used", "percent", [q(m.NVME_PERCENTAGE_USED, "{{device}}")]),
             ("NVMe media errors", "short", [q(m.NVME_MEDIA_ERRORS, "{{device}}")]),

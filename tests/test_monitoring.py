@@ -125,6 +125,12 @@ def test_grafana_provisioning_files_parse(tmp_path):
 H = 'instance="h:8000",job="inferd"'
 
 
+def sel(metric: str, **labels: str) -> str:
+    """metric{labels..., instance="h:8000", job="inferd"}"""
+    extra = "".join(f'{k}="{v}",' for k, v in labels.items())
+    return metric + "{" + extra + H + "}"
+
+
 def hist(metric: str, slow_le: str) -> list[dict]:
     """Ten observations a minute, all in the bucket ending at slow_le."""
     return [
@@ -135,42 +141,52 @@ def hist(metric: str, slow_le: str) -> list[dict]:
 
 # alert: (series when it must fire, series when it must not, eval time, labels of the firing alert)
 CASES = {
-    "InferdDown": ([("up{%s}" % H, "0x10")], [("up{%s}" % H, "1x10")], "3m", {"instance": "h:8000", "job": "inferd"}),
+    "InferdDown": ([(sel("up"), "0x10")], [(sel("up"), "1x10")], "3m", {"instance": "h:8000", "job": "inferd"}),
     "InferdNotReady": (
-        [("inferd_model_ready{%s}" % H, "0x10")],
-        [("inferd_model_ready{%s}" % H, "1x10")],
+        [(sel("inferd_model_ready"), "0x10")],
+        [(sel("inferd_model_ready"), "1x10")],
         "7m",
         {"instance": "h:8000", "job": "inferd"},
     ),
-    "InferdTTFTHigh": (hist("inferd_time_to_first_token_seconds", "10"), hist("inferd_time_to_first_token_seconds", "1"), "20m", {}),
-    "InferdE2ELatencyHigh": (hist("inferd_e2e_request_latency_seconds", "100"), hist("inferd_e2e_request_latency_seconds", "10"), "20m", {}),
+    "InferdTTFTHigh": (
+        hist("inferd_time_to_first_token_seconds", "10"),
+        hist("inferd_time_to_first_token_seconds", "1"),
+        "20m",
+        {},
+    ),
+    "InferdE2ELatencyHigh": (
+        hist("inferd_e2e_request_latency_seconds", "100"),
+        hist("inferd_e2e_request_latency_seconds", "10"),
+        "20m",
+        {},
+    ),
     "InferdModelLoadFailures": (
-        [("inferd_model_load_failures_total{%s}" % H, "0 0 1 1 1 1")],
-        [("inferd_model_load_failures_total{%s}" % H, "0x6")],
+        [(sel("inferd_model_load_failures_total"), "0 0 1 1 1 1")],
+        [(sel("inferd_model_load_failures_total"), "0x6")],
         "4m",
         {"instance": "h:8000", "job": "inferd"},
     ),
     "InferdAuditRecordsDropped": (
-        [("inferd_audit_records_dropped_total{%s}" % H, "0 0 3 3")],
-        [("inferd_audit_records_dropped_total{%s}" % H, "0x4")],
+        [(sel("inferd_audit_records_dropped_total"), "0 0 3 3")],
+        [(sel("inferd_audit_records_dropped_total"), "0x4")],
         "3m",
         {"instance": "h:8000", "job": "inferd"},
     ),
     "GpuTemperatureHigh": (
-        [('inferd_gpu_temperature_celsius{gpu="0",%s}' % H, "90x10")],
-        [('inferd_gpu_temperature_celsius{gpu="0",%s}' % H, "70x10")],
+        [(sel("inferd_gpu_temperature_celsius", gpu="0"), "90x10")],
+        [(sel("inferd_gpu_temperature_celsius", gpu="0"), "70x10")],
         "7m",
         {"gpu": "0", "instance": "h:8000", "job": "inferd"},
     ),
     "GpuEccErrors": (
-        [('inferd_gpu_ecc_uncorrected_errors{gpu="0",%s}' % H, "0 2 2")],
-        [('inferd_gpu_ecc_uncorrected_errors{gpu="0",%s}' % H, "0x3")],
+        [(sel("inferd_gpu_ecc_uncorrected_errors", gpu="0"), "0 2 2")],
+        [(sel("inferd_gpu_ecc_uncorrected_errors", gpu="0"), "0x3")],
         "2m",
         {"gpu": "0", "instance": "h:8000", "job": "inferd"},
     ),
     "GpuMemoryNearlyFull": (
-        [('inferd_gpu_memory_used_bytes{gpu="0",%s}' % H, "99x20"), ('inferd_gpu_memory_total_bytes{gpu="0",%s}' % H, "100x20")],
-        [('inferd_gpu_memory_used_bytes{gpu="0",%s}' % H, "90x20"), ('inferd_gpu_memory_total_bytes{gpu="0",%s}' % H, "100x20")],
+        [(sel("inferd_gpu_memory_used_bytes", gpu="0"), "99x20"), (sel("inferd_gpu_memory_total_bytes", gpu="0"), "100x20")],
+        [(sel("inferd_gpu_memory_used_bytes", gpu="0"), "90x20"), (sel("inferd_gpu_memory_total_bytes", gpu="0"), "100x20")],
         "15m",
         {"gpu": "0", "instance": "h:8000"},
     ),
@@ -224,11 +240,21 @@ def test_promtool_unit_tests_fire_and_stay_quiet(rules, tmp_path):
             "exp_labels": {**labels, "severity": rule["labels"]["severity"]},
             "exp_annotations": {k: expand(v, labels, value) for k, v in rule["annotations"].items()},
         }
-        tests.append({"interval": "1m", "input_series": series, "alert_rule_test": [{"eval_time": at, "alertname": name, "exp_alerts": [firing]}]})
+        tests.append(
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [{"eval_time": at, "alertname": name, "exp_alerts": [firing]}],
+            }
+        )
         quiet = [s if isinstance(s, dict) else {"series": s[0], "values": s[1]} for s in good]
-        tests.append({"interval": "1m", "input_series": quiet, "alert_rule_test": [{"eval_time": at, "alertname": name, "exp_alerts": []}]})
+        tests.append(
+            {"interval": "1m", "input_series": quiet, "alert_rule_test": [{"eval_time": at, "alertname": name, "exp_alerts": []}]}
+        )
     shutil.copy(rules, tmp_path / "inferd.yml")
-    (tmp_path / "alerts.test.yml").write_text(yaml.safe_dump({"rule_files": ["inferd.yml"], "evaluation_interval": "1m", "tests": tests}))
+    (tmp_path / "alerts.test.yml").write_text(
+        yaml.safe_dump({"rule_files": ["inferd.yml"], "evaluation_interval": "1m", "tests": tests})
+    )
     r = subprocess.run(["promtool", "test", "rules", "alerts.test.yml"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout
@@ -238,11 +264,28 @@ def test_public_listen_addresses_are_refused(tmp_path):
     play = tmp_path / "play.yml"
     play.write_text(
         yaml.safe_dump(
-            [{"hosts": "localhost", "gather_facts": False, "tasks": [{"ansible.builtin.import_tasks": f"{ROOT}/roles/monitoring/tasks/preflight.yml"}]}]
+            [
+                {
+                    "hosts": "localhost",
+                    "gather_facts": False,
+                    "tasks": [{"ansible.builtin.import_tasks": f"{ROOT}/roles/monitoring/tasks/preflight.yml"}],
+                }
+            ]
         )
     )
-    base = [str(ANSIBLE) + "-playbook", "-i", "localhost,", "-c", "local", str(play), "-e", f"@{ROOT}/roles/monitoring/defaults/main.yml"]
-    r = subprocess.run([*base, "-e", "monitoring_prometheus_listen_address=0.0.0.0:9090"], capture_output=True, text=True, cwd=ROOT)
+    base = [
+        str(ANSIBLE) + "-playbook",
+        "-i",
+        "localhost,",
+        "-c",
+        "local",
+        str(play),
+        "-e",
+        f"@{ROOT}/roles/monitoring/defaults/main.yml",
+    ]
+    r = subprocess.run(
+        [*base, "-e", "monitoring_prometheus_listen_address=0.0.0.0:9090"], capture_output=True, text=True, cwd=ROOT
+    )
     assert r.returncode != 0 and "listens on all interfaces" in r.stdout
     r = subprocess.run(
         [*base, "-e", "monitoring_prometheus_listen_address=0.0.0.0:9090", "-e", '{"monitoring_allow_public_listen": true}'],
