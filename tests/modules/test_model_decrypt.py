@@ -15,23 +15,32 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "library" / "model_decrypt.py"
-sys.path.insert(0, str(ROOT / "runtime"))
+
+
+BUILD = """
+import json, sys
+from inferd.store import crypto
+from inferd.store.packed import pack
+from inferd.testing import make_model
+d = sys.argv[1]
+make_model(d + "/plain", arch="llama")
+master = crypto.new_master_key()
+private, public = crypto.new_signing_key()
+pack(d + "/plain", d + "/packed", master=master, signing_key=private, model_id="tiny-llama")
+_, other = crypto.new_signing_key()
+print(json.dumps({"key": master.hex(), "pub": public.decode(), "other_pub": other.decode()}))
+"""
 
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
-    from inferd.store import crypto
-    from inferd.store.packed import pack
-    from inferd.testing import make_model
-
+    # Built in a child process: torch and Ansible's module_utils do not share one interpreter well.
     d = tmp_path_factory.mktemp("model")
-    plain, packed = d / "plain", d / "packed"
-    make_model(plain, arch="llama")
-    master = crypto.new_master_key()
-    private, public = crypto.new_signing_key()
-    pack(plain, packed, master=master, signing_key=private, model_id="tiny-llama")
-    _, other_public = crypto.new_signing_key()
-    return {"plain": plain, "packed": packed, "key": master.hex(), "pub": public.decode(), "other_pub": other_public.decode()}
+    env = {"PYTHONPATH": str(ROOT / "runtime"), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", BUILD, str(d)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    keys = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"plain": d / "plain", "packed": d / "packed", **keys}
 
 
 def run(args: dict, check: bool = False, diff: bool = False) -> dict:
