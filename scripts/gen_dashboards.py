@@ -135,6 +135,7 @@ def dashboards() -> dict[str, dict]:
             ("Disk writes", "Bps", [q("rate(node_disk_written_bytes_total[5m])", "{{device}}")]),
             ("NVMe percentage used", "percent", [q(m.NVME_PERCENTAGE_USED, "{{device}}")]),
             ("NVMe media errors", "short", [q(m.NVME_MEDIA_ERRORS, "{{device}}")]),
+            ("NVMe SMART log readable", "short", [q(m.NVME_SMART_OK, "{{device}}")]),
         ],
     )
     return {"inferd-service.json": service, "inferd-gpu.json": gpu, "inferd-host.json": host}

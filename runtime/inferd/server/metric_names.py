@@ -33,3 +33,4 @@ GPU_ECC_ERRORS = PREFIX + "gpu_ecc_uncorrected_errors"
 # Written by the model_storage role's wear check into node exporter's textfile collector.
 NVME_PERCENTAGE_USED = PREFIX + "nvme_percentage_used"
 NVME_MEDIA_ERRORS = PREFIX + "nvme_media_errors"
+NVME_SMART_OK = PREFIX + "nvme_smart_ok"
