@@ -13,6 +13,10 @@ fi
 [ ${#scenarios[@]} -gt 0 ] || { echo "error: no molecule scenarios found under molecule/" >&2; exit 1; }
 for s in "${scenarios[@]}"; do
   start=$(date +%s)
-  molecule test -s "$s"
+  molecule test -s "$s" || status=$?
+  # Loop devices belong to the shared kernel: detach any a failed scenario left behind.
+  losetup --list --noheadings --output NAME,BACK-FILE 2>/dev/null |
+    awk '$2 ~ /^\/var\/tmp\/(model|foreign|data)\.img/ {print $1}' | xargs -r -n1 losetup --detach || true
+  [ "${status:-0}" -eq 0 ] || exit "$status"
   echo "molecule scenario $s: $(( $(date +%s) - start ))s"
 done
