@@ -8,13 +8,13 @@ demo="$PROJECT_ROOT/.cache/demo"
 ip=$(podman container inspect -f "{{(index .NetworkSettings.Networks \"$TESTHOST_NETWORK\").IPAddress}}" "$host")
 user_key=$(python3 -c "import json,sys; print(next(k['key'] for k in json.load(open(sys.argv[1])) if k['role']=='user'))" "$demo/api-keys.json")
 podman cp "$host:/etc/inferd/pki/ca.crt" "$demo/ca.crt"
-targets_up=$(podman exec "$host" python3 -c "import json, urllib.request as u; print(int(float(json.load(u.urlopen('http://127.0.0.1:9090/api/v1/query?query=sum(up)'))['data']['result'][0]['value'][1])))" 2>/dev/null || echo "?")
+targets_up=$(podman exec "$host" python3 -c "import json, urllib.request as u; t = json.load(u.urlopen('http://127.0.0.1:9090/api/v1/targets'))['data']['activeTargets']; print(sum(x['health'] == 'up' for x in t), 'of', len(t))" 2>/dev/null || echo "?")
 cat <<MSG
 
 Demo host '$host' is up at $ip (a podman container with systemd as PID 1):
   inferd.service  $(podman exec "$host" systemctl is-active inferd)  the runtime, on 127.0.0.1:8000 inside the host (hardened unit)
   nginx.service   $(podman exec "$host" systemctl is-active nginx)  the TLS gateway, https://$ip:443 (private CA: $demo/ca.crt)
-  prometheus      $(podman exec "$host" systemctl is-active prometheus)  Prometheus, Alertmanager, node exporter on the host's loopback: $targets_up of 4 scrape targets up
+  prometheus      $(podman exec "$host" systemctl is-active prometheus)  Prometheus, Alertmanager, node exporter on the host's loopback: $targets_up scrape targets up
                           (podman exec $host curl -s localhost:9090/api/v1/alerts, or an SSH tunnel on a real host)
 
 One chat completion through the gateway, from this machine, with the demo user key:
