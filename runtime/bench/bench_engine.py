@@ -159,11 +159,18 @@ def run_ours(engine: LLMEngine, prompts, new_tokens):
     sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     first, done, counts = {}, {}, {}
+    full_steps = []  # wall time of steps in which every request produced a token (steady decode)
     for p in prompts:
         engine.add_request(p, sp)
+    last = time.perf_counter()
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            now = time.perf_counter()
+        outs = engine.step()
+        t = time.perf_counter()
+        if len(outs) == len(prompts) and all(not o.finished for o in outs):
+            full_steps.append((t - last) * 1000)
+        last = t
+        for out in outs:
+            now = t
             first.setdefault(out.request_id, now)
             if out.finished:
                 done[out.request_id] = now
@@ -179,6 +186,7 @@ def run_ours(engine: LLMEngine, prompts, new_tokens):
         "ttft_ms_p99": percentile(ttft, 99),
         "tpot_ms_p50": percentile(tpot, 50),
         "tpot_ms_p99": percentile(tpot, 99),
+        "steady_step_ms_p50": percentile(full_steps, 50) if full_steps else None,
     }
 
 
@@ -233,36 +241,50 @@ def bench_shape(name: str, args, bandwidth: float) -> dict:
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-        t = time.perf_counter()
-        config = EngineConfig(
-            model=tmp,
-            device=device,
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            enforce_eager=args.eager,
-            max_num_seqs=max(args.concurrency),
-        )
-        engine = LLMEngine(config, weights=iter(state.items()))
+        for quant in args.quantization:
+            key = "ours" if quant == "none" else f"ours_{quant}"
+            t = time.perf_counter()
+            config = EngineConfig(
+                model=tmp,
+                device=device,
+                dtype=args.dtype,
+                max_model_len=args.max_model_len,
+                enforce_eager=args.eager,
+                max_num_seqs=max(args.concurrency),
+                quantization=None if quant == "none" else quant,
+            )
+            engine = LLMEngine(config, weights=iter(state.items()))
+            res[f"{key}_init_s"] = time.perf_counter() - t
+            res[f"{key}_weight_bytes"] = engine.runner.weight_bytes()
+            res[f"{key}_kv_blocks"] = engine.runner.num_blocks
+            res[f"{key}_cuda_graphs"] = sorted(engine.runner.graphs)
+            run_ours(engine, b1_prompt, 8)  # warm-up
+            b1 = run_ours(engine, b1_prompt, args.b1_tokens)
+            step_ms = b1["tpot_ms_p50"]
+            # Against the bf16 roofline (the peers' weights) and against our own weight bytes.
+            b1["pct_of_bf16_roofline"] = 100 * res["roofline_ms_per_token"] / step_ms
+            own_roofline = res[f"{key}_weight_bytes"] / bandwidth * 1000
+            b1["own_roofline_ms"] = own_roofline
+            b1["achieved_GB_s"] = res[f"{key}_weight_bytes"] / (step_ms / 1000) / 1e9
+            b1["pct_of_own_roofline"] = 100 * own_roofline / step_ms
+            res[f"{key}_b1"] = b1
+            if engine.runner.graphs:
+                res[f"{key}_graph_replay_ms"] = {
+                    bs: replay_ms(engine.runner.graphs[bs]) for bs in (1, 64) if bs in engine.runner.graphs
+                }
+            if args.profile:
+                res[f"{key}_profile_b1"] = profile(engine, b1_prompt, 16)
+            for n, prompts in loads.items():
+                res[f"{key}_{n}"] = run_ours(engine, prompts, args.output_len)
+                hf = res.get(f"hf_generate_{n}", {}).get("output_tok_s")
+                if hf:
+                    res[f"{key}_{n}"]["x_hf_generate"] = res[f"{key}_{n}"]["output_tok_s"] / hf
+            print(json.dumps({k: v for k, v in res.items() if k.startswith(key)}), flush=True)
+            del engine
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
         del state
-        res["engine_init_s"] = time.perf_counter() - t
-        res["kv_blocks"] = engine.runner.num_blocks
-        res["cuda_graphs"] = sorted(engine.runner.graphs)
-        run_ours(engine, b1_prompt, 8)  # warm-up
-        b1 = run_ours(engine, b1_prompt, args.b1_tokens)
-        step_ms = b1["tpot_ms_p50"]
-        b1["achieved_GB_s"] = weight_bytes / (step_ms / 1000) / 1e9
-        b1["pct_of_roofline"] = 100 * res["roofline_ms_per_token"] / step_ms
-        res["ours_b1"] = b1
-        if engine.runner.graphs:
-            res["graph_replay_ms"] = {bs: replay_ms(engine.runner.graphs[bs]) for bs in (1, 64) if bs in engine.runner.graphs}
-        if args.profile:
-            res["profile_b1"] = profile(engine, b1_prompt, 16)
-        for n, prompts in loads.items():
-            res[f"ours_{n}"] = run_ours(engine, prompts, args.output_len)
-        del engine
-        gc.collect()
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
     return res
 
 
@@ -278,6 +300,13 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument(
+        "--quantization",
+        nargs="+",
+        choices=["none", "fp8"],
+        default=["none"],
+        help="our engine's weights, one run each (peers stay bf16)",
+    )
     ap.add_argument("--profile", action="store_true", help="add a torch.profiler table of batch-1 decode")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -21,6 +21,7 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     cuda_graph_max_batch: int = 128
     seed: int = 0
+    quantization: str | None = None  # "fp8": fp8 weights (per channel) and activations (per token)
     model_key_file: str | None = None  # for encrypted packed models (else $INFERD_MODEL_KEY_FILE / credential)
 
     def __post_init__(self) -> None:
@@ -30,6 +31,10 @@ class EngineConfig:
             self.dtype = "float32" if self.device == "cpu" else "bfloat16"
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantization not in (None, "fp8"):
+            raise ValueError(f"quantization must be 'fp8' or none, got {self.quantization!r}")
+        if self.quantization and self.device != "cpu" and self.dtype != "bfloat16":
+            raise ValueError(f"fp8 on CUDA computes in bfloat16: set dtype bfloat16 (got {self.dtype})")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError("kv_cache_fraction must be in (0, 1]")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -7,6 +7,7 @@ the model, and the transfer runs at pinned-memory speed."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,17 @@ from inferd.layers.linear import default_weight_loader
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
-    model_dir = Path(model_dir)
+    files = _checkpoint_files(Path(model_dir))
+    unreadable = [str(f) for f in files if not os.access(f, os.R_OK)]
+    if unreadable:
+        raise PermissionError(
+            f"the model files {unreadable} cannot be read by uid {os.getuid()}: make them readable by the "
+            "service user (e.g. chmod 0640 and group of the service user, or 0644)"
+        )
+    return files
+
+
+def _checkpoint_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))

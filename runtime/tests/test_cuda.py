@@ -69,3 +69,58 @@ def test_pinned_stager_copies_tensors_larger_than_its_ring(dtype):
         dev = stager.to_device(host)
         assert dev.is_cuda and dev.dtype == dtype and dev.shape == host.shape
         assert torch.equal(dev.cpu(), host)
+
+
+needs_fp8 = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="fp8 needs compute capability 8.9+"
+)
+
+
+@needs_fp8
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_fp8_scaled_mm_matches_the_cpu_emulation(rows):
+    from inferd.layers.quant import fp8_linear, quantize_weight
+
+    torch.manual_seed(0)
+    x = (torch.randn(rows, 4096) * torch.logspace(-2, 1, rows).unsqueeze(1)).bfloat16()
+    w = (torch.randn(6144, 4096) / 64).bfloat16()
+    q, scale = quantize_weight(w.cuda())
+    out = fp8_linear(x.cuda(), q, scale, None).float().cpu()
+    ref = fp8_linear(x.float(), q.cpu(), scale.cpu(), None)
+    assert out.dtype == torch.float32 and out.shape == (rows, 6144)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().amax().item())
+    full = torch.nn.functional.linear(x.float(), w.float())
+    assert (out - full).norm() / full.norm() < 0.05
+
+
+@needs_fp8
+def test_fp8_engine_runs_through_cuda_graphs_close_to_bf16(llama_dir):
+    from inferd.layers.linear import Linear
+    from inferd.layers.quant import FP8
+
+    sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    fp8 = LLM(str(llama_dir), device="cuda", dtype="bfloat16", quantization="fp8")
+    assert fp8.engine.runner.graphs, "CUDA graphs were not captured"
+    assert all(m.weight.dtype == FP8 for m in fp8.engine.runner.model.modules() if isinstance(m, Linear))
+    prompts = [list(range(3, 3 + n)) for n in (5, 40, 17, 90)]
+    outs = fp8.generate(prompts, sp)
+    assert all(len(o.token_ids) == 16 for o in outs)
+    bf16 = LLM(str(llama_dir), device="cuda", dtype="bfloat16")
+    ids = torch.arange(5, 60, device="cuda")
+
+    def logits(llm):
+        from inferd.layers.context import AttentionContext, reset_context, set_context
+
+        n = len(ids)
+        set_context(
+            AttentionContext(is_prefill=True, query_lens=[n], context_lens_list=[n], slot_mapping=torch.arange(n, device="cuda"))
+        )
+        try:
+            with torch.inference_mode():
+                m = llm.engine.runner.model
+                return m.compute_logits(m(ids, torch.arange(n, device="cuda"))).float()
+        finally:
+            reset_context()
+
+    cosine = torch.nn.functional.cosine_similarity(logits(fp8), logits(bf16), dim=-1)
+    assert cosine.min() > 0.98, cosine.min()

@@ -49,9 +49,10 @@ class LLMEngine:
             weights, weight_bytes = source.iter_tensors(), source.weight_bytes()
         self.runner = ModelRunner(config, self.model_config, self.max_model_len, weights, weight_bytes)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.block_manager)
+        self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
         self.sequences: dict[str, Sequence] = {}
         self._detoks: dict[str, IncrementalDetokenizer] = {}
+        self._pending: list[Sequence] = []  # produced a token last step; stop rules not yet applied
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -90,17 +91,22 @@ class LLMEngine:
             self._detoks.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self._pending) or self.scheduler.has_unfinished()
 
     # ---- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine step. Returns an output for every sequence that produced a token."""
+        """One engine step. Returns an output for every sequence that produced a token in the
+        previous step: this step is launched on the device first, and the previous step's stop
+        rules and detokenizing run while the device computes (a sequence that stopped then has
+        computed one token too many, which is dropped)."""
         batch, is_prefill = self.scheduler.schedule()
-        if not batch:
-            return []
-        tokens, logprobs = self.runner.run(batch, is_prefill)
-        produced = self.scheduler.postprocess(batch, tokens, logprobs)
-        return [self._check_stop(seq) for seq in produced]
+        handle = self.runner.launch(batch, is_prefill) if batch else None
+        pending, self._pending = self._pending, []
+        outputs = [self._check_stop(seq) for seq in pending if self.sequences.get(seq.request_id) is seq]
+        if handle is not None:
+            tokens, logprobs = self.runner.collect(handle)
+            self._pending = self.scheduler.postprocess(batch, tokens, logprobs)
+        return outputs
 
     def _check_stop(self, seq: Sequence) -> RequestOutput:
         p = seq.params

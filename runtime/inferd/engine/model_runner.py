@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,12 +14,25 @@ import torch
 from inferd.config import EngineConfig
 from inferd.engine.sequence import Sequence
 from inferd.layers.context import AttentionContext, reset_context, set_context
+from inferd.layers.linear import Linear
+from inferd.layers.quant import check_supported
 from inferd.layers.sampler import Sampler
 from inferd.loader import load_weights
 from inferd.models.config import ModelConfig
 from inferd.models.registry import model_class
 
 log = logging.getLogger("inferd.runner")
+
+
+@dataclass
+class StepHandle:
+    """One launched step: which rows produce a token, and where the tokens will be."""
+
+    num_seqs: int
+    complete: list[int]
+    tokens: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+    event: torch.cuda.Event | None = None
 
 
 class ModelRunner:
@@ -31,6 +45,7 @@ class ModelRunner:
         self.dtype = getattr(torch, config.dtype)
         self.is_cuda = self.device.type == "cuda"
         torch.manual_seed(config.seed)
+        check_supported(config.quantization, self.device)
 
         start = time.perf_counter()
         default_dtype = torch.get_default_dtype()
@@ -41,11 +56,21 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(default_dtype)
         load_weights(self.model, weights, total_bytes=weight_bytes)
+        if config.quantization == "fp8":
+            linears = [m for m in self.model.modules() if isinstance(m, Linear)]
+            kept = [m for m in linears if not m.quantize_fp8()]
+            log.info(
+                "fp8 weights: %d of %d linear layers (%d kept in %s: shape not divisible by 16)",
+                len(linears) - len(kept),
+                len(linears),
+                len(kept),
+                config.dtype,
+            )
         self.model.eval()
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        gb = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 1e9
+        gb = self.weight_bytes() / 1e9
         log.info("model %s loaded: %.2f GB of weights in %.1fs (%.2f GB/s)", config.model, gb, seconds, gb / max(seconds, 1e-9))
 
         self.attn_layers = self.model.attention_layers()
@@ -56,11 +81,18 @@ class ModelRunner:
         for layer in self.attn_layers:
             layer.use_triton = self.use_triton
         self.sampler = Sampler(self.device)
+        if self.is_cuda:  # where `launch` leaves a step's tokens for `collect` (one step in flight)
+            self._host_tokens = torch.empty(config.max_num_seqs, dtype=torch.long, pin_memory=True)
+            self._host_logprobs = torch.empty(config.max_num_seqs, dtype=torch.float32, pin_memory=True)
         self.max_blocks_per_seq = (max_model_len + self.block_size - 1) // self.block_size
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.is_cuda and not config.enforce_eager:
             self._capture_cuda_graphs()
+
+    def weight_bytes(self) -> int:
+        scales = [b for name, b in self.model.named_buffers() if name.endswith("weight_scale")]
+        return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *scales])
 
     # ---- KV cache -------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -165,10 +197,16 @@ class ModelRunner:
         return self._to_device(ids), self._to_device(positions), ctx
 
     # ---- running --------------------------------------------------------------------------
-    @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float] | None]:
         """Compute one step. Returns a token (and logprob) per sequence; meaningless for
         sequences whose prompt chunk does not reach the end of their prompt."""
+        return self.collect(self.launch(seqs, is_prefill))
+
+    @torch.inference_mode()
+    def launch(self, seqs: list[Sequence], is_prefill: bool) -> StepHandle:
+        """Queue one step on the device and return without waiting for it: the sampled tokens
+        travel to pinned host memory behind the step's kernels, and `collect` waits for them. The
+        engine does the previous step's host work (stop rules, detokenizing) in between."""
         if is_prefill:
             ids, positions, ctx, last = self.prepare_prefill(seqs)
             set_context(ctx)
@@ -177,15 +215,30 @@ class ModelRunner:
             logits = self._decode(seqs)
         reset_context()
         complete = [i for i, s in enumerate(seqs) if s.num_computed_tokens + s.num_scheduled_tokens == len(s)]
-        tokens = [0] * len(seqs)
-        logprobs = [0.0] * len(seqs) if any(s.params.logprobs for s in seqs) else None
+        handle = StepHandle(len(seqs), complete)
         if complete:
             rows = logits if len(complete) == len(seqs) else logits[complete]
-            sampled, lps = self.sampler(rows, [seqs[i] for i in complete])
-            for j, i in enumerate(complete):
-                tokens[i] = sampled[j]
-                if logprobs is not None:
-                    logprobs[i] = lps[j]
+            handle.tokens, handle.logprobs = self.sampler.sample(rows, [seqs[i] for i in complete])
+            if self.is_cuda:
+                n = len(complete)
+                handle.tokens = self._host_tokens[:n].copy_(handle.tokens, non_blocking=True)
+                if handle.logprobs is not None:
+                    handle.logprobs = self._host_logprobs[:n].copy_(handle.logprobs, non_blocking=True)
+                handle.event = torch.cuda.Event()
+                handle.event.record()
+        return handle
+
+    def collect(self, handle: StepHandle) -> tuple[list[int], list[float] | None]:
+        if handle.event is not None:
+            handle.event.synchronize()
+        tokens = [0] * handle.num_seqs
+        logprobs = [0.0] * handle.num_seqs if handle.logprobs is not None else None
+        if handle.complete:
+            for i, t in zip(handle.complete, handle.tokens.tolist()):
+                tokens[i] = t
+            if logprobs is not None:
+                for i, lp in zip(handle.complete, handle.logprobs.tolist()):
+                    logprobs[i] = lp
         return tokens, logprobs
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:

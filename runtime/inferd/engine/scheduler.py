@@ -17,7 +17,8 @@ from inferd.engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int):
+        self.max_model_len = max_model_len
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.block_manager = block_manager
@@ -48,8 +49,8 @@ class Scheduler:
             batch = self._schedule_decode()
             if batch:
                 return batch, False
-            if not self.running:
-                return [], False
+            if all(self._at_max_tokens(s) for s in self.running):
+                return [], False  # nothing, or only sequences whose last token ends them
             # Only partially prefilled sequences are left and none fits: free the newest.
             self._preempt(self.running[-1])
 
@@ -84,11 +85,16 @@ class Scheduler:
             batch.append(seq)
         return batch
 
+    def _at_max_tokens(self, seq: Sequence) -> bool:
+        """The engine applies stop rules one step late (overlapped with the next step); a
+        sequence that has all its tokens, or fills the context, is not scheduled again meanwhile."""
+        return seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len
+
     def _schedule_decode(self) -> list[Sequence]:
         bm = self.block_manager
         batch: list[Sequence] = []
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING or len(seq) - seq.num_computed_tokens != 1:
+            if seq.status != SequenceStatus.RUNNING or len(seq) - seq.num_computed_tokens != 1 or self._at_max_tokens(seq):
                 continue
             while not bm.can_allocate(bm.blocks_needed(seq, len(seq))):
                 victim = self.running[-1]
@@ -114,6 +120,8 @@ class Scheduler:
         """Advance the sequences by this step's results. Returns those that produced a token."""
         produced = []
         for i, seq in enumerate(batch):
+            if seq.status == SequenceStatus.FINISHED:
+                continue  # stopped by the previous step's token while this step ran: drop its token
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
             self.block_manager.commit_full_blocks(seq)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inferd.layers.quant import FP8, can_quantize, fp8_linear, quantize_weight
+
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
     if param.shape != loaded.shape:
@@ -29,7 +31,20 @@ class Linear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         default_weight_loader(param, loaded)
 
+    def quantize_fp8(self) -> bool:
+        """Replace the loaded weight by fp8 values and per-channel scales. False where the shape
+        does not allow it (the layer then stays in the model's dtype)."""
+        out_features, in_features = self.weight.shape
+        if not can_quantize(in_features, out_features):
+            return False
+        q, scale = quantize_weight(self.weight.data)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.register_buffer("weight_scale", scale)
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == FP8:
+            return fp8_linear(x, self.weight, self.weight_scale, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -46,7 +46,9 @@ class Sampler:
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
         return logits
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens (and, when any request asks, their logprobs) as tensors on the logits' device:
+        nothing here waits for the GPU."""
         logits = logits.float()
         want_logprobs = any(s.params.logprobs for s in seqs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
@@ -55,11 +57,12 @@ class Sampler:
         else:
             logits = self.apply_penalties(logits.clone(), seqs)
             tokens = self._sample(logits, seqs)
-        token_list = tokens.tolist()
-        logprobs = None
-        if raw_logprobs is not None:
-            logprobs = raw_logprobs.gather(1, tokens.view(-1, 1)).view(-1).tolist()
-        return token_list, logprobs
+        logprobs = raw_logprobs.gather(1, tokens.view(-1, 1)).view(-1) if raw_logprobs is not None else None
+        return tokens, logprobs
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
+        tokens, logprobs = self.sample(logits, seqs)
+        return tokens.tolist(), (logprobs.tolist() if logprobs is not None else None)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
@@ -72,15 +75,15 @@ class Sampler:
             kth = logits.sort(dim=-1, descending=True).values.gather(1, (ks - 1)[:, None])
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = logits.softmax(dim=-1)
-        top_p = torch.tensor([s.params.top_p for s in seqs], device=logits.device)
-        if (top_p < 1).any():
+        if any(s.params.top_p < 1 for s in seqs):  # decided on the host: no wait for the GPU
+            top_p = torch.tensor([s.params.top_p for s in seqs], device=logits.device)
             sorted_probs, idx = probs.sort(dim=-1, descending=True)
             cum = sorted_probs.cumsum(dim=-1)
             drop = (cum - sorted_probs) > top_p[:, None]  # keep the smallest set reaching top_p
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(1, idx, sorted_probs)
-        min_p = torch.tensor([s.params.min_p for s in seqs], device=logits.device)
-        if (min_p > 0).any():
+        if any(s.params.min_p > 0 for s in seqs):
+            min_p = torch.tensor([s.params.min_p for s in seqs], device=logits.device)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
         noise = torch.empty_like(probs)
         for i, seq in enumerate(seqs):

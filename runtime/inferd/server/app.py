@@ -162,6 +162,7 @@ class ServerState:
                 model=path,
                 device=cfg.device,
                 dtype=cfg.dtype,
+                quantization=cfg.quantization,
                 max_model_len=cfg.max_model_len,
                 max_num_seqs=cfg.max_num_seqs,
                 kv_cache_fraction=cfg.kv_cache_fraction,

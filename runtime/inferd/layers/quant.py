@@ -1,0 +1,60 @@
+"""FP8 (e4m3) linear layers: weights quantized once after loading, one scale per output channel;
+activations quantized per token at run time, one scale per row. Per-row scales keep a token's
+result independent of the other tokens in its batch (batch invariance holds as in bf16).
+
+On CUDA (compute capability 8.9+: Ada, Hopper) the product runs through `torch._scaled_mm` with
+row-wise scales and bf16 output, reading half the weight bytes of bf16 in each decode step. On the
+CPU the same arithmetic is emulated exactly (fp8 values widened to float32, scales applied after
+the product): the readable reference the CUDA path is tested against."""
+
+from __future__ import annotations
+
+import torch
+
+from inferd.layers.fused import cuda_compiled
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+QUANTIZATIONS = ("fp8",)
+
+
+def check_supported(quantization: str | None, device: torch.device) -> None:
+    if quantization is None:
+        return
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)} or none, got {quantization!r}")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(f"fp8 needs compute capability 8.9 or newer (Ada, Hopper); {name} has less: serve bfloat16")
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) weight -> fp8 (N, K) and float32 scales (1, N): w ≈ q * scale[column]."""
+    scale = (w.abs().amax(dim=1).float().clamp(min=1e-12) / FP8_MAX).view(1, -1)
+    q = (w.float() / scale.view(-1, 1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale.contiguous()
+
+
+@cuda_compiled
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) activations -> fp8 (M, K) and float32 scales (M, 1), one per token."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    shape = x.shape
+    xq, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
+    if x.is_cuda:
+        out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=x.dtype)
+    else:
+        out = ((xq.float() @ weight.float().t()) * x_scale * weight_scale).to(x.dtype)
+    if bias is not None:
+        out = out + bias
+    return out.view(*shape[:-1], weight.shape[0])
+
+
+def can_quantize(in_features: int, out_features: int) -> bool:
+    """`_scaled_mm` needs both dimensions divisible by 16."""
+    return in_features % 16 == 0 and out_features % 16 == 0
