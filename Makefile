@@ -28,9 +28,10 @@ test: setup
 	@mkdir -p .cache && rm -f $(STAGE_TIMES)
 	@$(STAGE) ruff         'ruff check . && ruff format --check .'
 	@$(STAGE) ansible-lint ansible-lint --profile production
-	@$(STAGE) repo         pytest -q tests --ignore=tests/modules
+	@$(STAGE) repo         pytest -q tests --ignore=tests/modules --ignore=tests/image
 	@$(STAGE) runtime      pytest -q runtime/tests
 	@if compgen -G 'library/*.py' >/dev/null; then $(STAGE) modules pytest -q tests/modules; fi
+	@$(STAGE) image        pytest -q tests/image
 	@$(STAGE) molecule     scripts/molecule-all.sh
 	@$(STAGE) --summary
 

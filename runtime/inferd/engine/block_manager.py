@@ -104,10 +104,10 @@ class BlockManager:
 
     def commit_full_blocks(self, seq: Sequence) -> None:
         """Register the hashes of blocks that are now completely computed."""
-        if not self.enable_prefix_caching:
-            return
         full = seq.num_computed_tokens // self.block_size
         start = seq.num_hashed_blocks
+        if not self.enable_prefix_caching or full <= start:
+            return
         prefix = self.blocks[seq.block_table[start - 1]].hash if start else b""
         for i in range(start, full):
             block = self.blocks[seq.block_table[i]]

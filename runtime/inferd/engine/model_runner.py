@@ -248,17 +248,28 @@ class ModelRunner:
             ids, positions, ctx = self.prepare_decode(seqs)
             set_context(ctx)
             return self.model.compute_logits(self.model(ids, positions))
-        ids, positions, ctx = self.prepare_decode(seqs, width=self.max_blocks_per_seq)
+        # The step's inputs are written into pinned host buffers (padded rows: write into the
+        # scratch block, attend to one token there) and copied to the graph's inputs
+        # asynchronously. The previous step's copies are done: its tokens were collected.
+        ints, lens, tables = self._host_ints.numpy(), self._host_lens.numpy(), self._host_tables.numpy()
+        bsz = self.block_size
+        tables[:bucket] = self.num_blocks
+        for i, s in enumerate(seqs):
+            n = len(s.token_ids)
+            table = s.block_table
+            ints[0, i] = s.token_ids[-1]
+            ints[1, i] = n - 1
+            ints[2, i] = table[(n - 1) // bsz] * bsz + (n - 1) % bsz
+            lens[i] = n
+            tables[i, : len(table)] = table
+        ints[0:2, bs:bucket] = 0
+        ints[2, bs:bucket] = self.num_blocks * bsz
+        lens[bs:bucket] = 1
         g = self.graph_vars
-        g["input_ids"][:bs] = ids
-        g["positions"][:bs] = positions
-        g["slot_mapping"][:bs] = ctx.slot_mapping
-        g["context_lens"][:bs] = ctx.context_lens
-        g["block_tables"][:bs] = ctx.block_tables
-        # Padded rows: write into the scratch block, attend to one token there.
-        g["slot_mapping"][bs:bucket] = self.num_blocks * self.block_size
-        g["context_lens"][bs:bucket] = 1
-        g["block_tables"][bs:bucket] = self.num_blocks
+        for row, name in enumerate(("input_ids", "positions", "slot_mapping")):
+            g[name][:bucket].copy_(self._host_ints[row, :bucket], non_blocking=True)
+        g["context_lens"][:bucket].copy_(self._host_lens[:bucket], non_blocking=True)
+        g["block_tables"][:bucket].copy_(self._host_tables[:bucket], non_blocking=True)
         self.graphs[bucket].replay()
         return self.graph_outputs[bucket][:bs]
 
@@ -280,6 +291,9 @@ class ModelRunner:
             "context_lens": torch.ones(top, dtype=torch.int32, device=dev),
             "block_tables": torch.full((top, self.max_blocks_per_seq), self.num_blocks, dtype=torch.int32, device=dev),
         }
+        self._host_ints = torch.zeros(3, top, dtype=torch.long, pin_memory=True)
+        self._host_lens = torch.zeros(top, dtype=torch.int32, pin_memory=True)
+        self._host_tables = torch.zeros(top, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
         self.graph_outputs: dict[int, torch.Tensor] = {}
         pool = None
         for bs in reversed(buckets):

@@ -92,18 +92,21 @@ class Scheduler:
 
     def _schedule_decode(self) -> list[Sequence]:
         bm = self.block_manager
+        block_size = bm.block_size
         batch: list[Sequence] = []
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING or len(seq) - seq.num_computed_tokens != 1 or self._at_max_tokens(seq):
+            n = len(seq.token_ids)
+            if seq.status != SequenceStatus.RUNNING or n - seq.num_computed_tokens != 1 or self._at_max_tokens(seq):
                 continue
-            while not bm.can_allocate(bm.blocks_needed(seq, len(seq))):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
+            if n > len(seq.block_table) * block_size:  # the new token starts a block (1 step in block_size)
+                while not bm.can_allocate(bm.blocks_needed(seq, n)):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status != SequenceStatus.RUNNING:
                     break
-            if seq.status != SequenceStatus.RUNNING:
-                break
-            bm.grow(seq, len(seq))
+                bm.grow(seq, n)
             seq.num_scheduled_tokens = 1
             batch.append(seq)
         return batch

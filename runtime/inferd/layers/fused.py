@@ -13,6 +13,9 @@ import torch.nn.functional as F
 
 
 def cuda_compiled(fn):
+    """torch.compile on CUDA, eager on the CPU. Sizes stay symbolic: no "duck sizing" (a batch of
+    4096 tokens must not be specialised as equal to a hidden size of 4096), and room for the few
+    real specialisations (size 1, bias or none) before dynamo would fall back to eager code."""
     compiled = None
 
     @functools.wraps(fn)
@@ -21,6 +24,8 @@ def cuda_compiled(fn):
         if not args[0].is_cuda:
             return fn(*args)
         if compiled is None:
+            torch.fx.experimental._config.use_duck_shape = False
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             compiled = torch.compile(fn, dynamic=True, fullgraph=True)
         return compiled(*args)
 

@@ -2,12 +2,18 @@
 activations quantized per token at run time, one scale per row. Per-row scales keep a token's
 result independent of the other tokens in its batch (batch invariance holds as in bf16).
 
-On CUDA (compute capability 8.9+: Ada, Hopper) the product runs through `torch._scaled_mm` with
-row-wise scales and bf16 output, reading half the weight bytes of bf16 in each decode step. On the
-CPU the same arithmetic is emulated exactly (fp8 values widened to float32, scales applied after
-the product): the readable reference the CUDA path is tested against."""
+On CUDA (compute capability 8.9+: Ada, Hopper) the fp8 product runs through `torch._scaled_mm`
+with unit scales (cuBLAS's tensor-wise fp8 kernels), and one fused kernel applies the token and
+channel scales (and the bias): (diag(s_x) Xq)(Wq^T diag(s_w)) = diag(s_x) (Xq Wq^T) diag(s_w).
+Measured on the H200 (runtime/bench/bench_fp8_gemm.py, BENCHMARKS.md) the tensor-wise kernels
+stream fp8 weights at 3.1-3.9 TB/s at decode sizes, about twice as fast as bf16, while the
+row-wise CUTLASS kernels (`INFERD_FP8_GEMM=rowwise`) reach only 1.3-3.0 TB/s. On the CPU the same
+arithmetic is emulated (fp8 values widened to float32, scales applied after the product): the
+readable reference the CUDA path is tested against."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -16,6 +22,15 @@ from inferd.layers.fused import cuda_compiled
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 QUANTIZATIONS = ("fp8",)
+# cuBLAS tensor-wise kernels + one scaling kernel (default, faster), or CUTLASS row-wise (bench).
+TENSORWISE = os.environ.get("INFERD_FP8_GEMM", "tensorwise") == "tensorwise"
+_ONE: dict[torch.device, torch.Tensor] = {}
+
+
+def _one(device: torch.device) -> torch.Tensor:
+    if device not in _ONE:
+        _ONE[device] = torch.ones((), dtype=torch.float32, device=device)
+    return _ONE[device]
 
 
 def check_supported(quantization: str | None, device: torch.device) -> None:
@@ -43,15 +58,29 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+@cuda_compiled
+def scale_product(product, x_scale, weight_scale, bias, dtype: torch.dtype):
+    """The product of fp8 values times the token and channel scales (plus the bias): the CPU
+    emulation's last step, and on CUDA the tensor-wise variant measured in bench_fp8_gemm.py."""
+    out = product.float() * x_scale * weight_scale
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(dtype)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     shape = x.shape
     xq, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
-    if x.is_cuda:
+    if x.is_cuda and TENSORWISE:
+        one = _one(x.device)
+        product = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        out = scale_product(product, x_scale, weight_scale, bias, x.dtype)
+    elif x.is_cuda:
         out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=x.dtype)
+        if bias is not None:
+            out = out + bias
     else:
-        out = ((xq.float() @ weight.float().t()) * x_scale * weight_scale).to(x.dtype)
-    if bias is not None:
-        out = out + bias
+        out = scale_product(xq.float() @ weight.float().t(), x_scale, weight_scale, bias, x.dtype)
     return out.view(*shape[:-1], weight.shape[0])
 
 
