@@ -147,11 +147,8 @@ STAMP = ".inferd-unpacked.json"
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _stale_files(dest: Path, files: dict, manifest_sha: str, checksum: bool) -> list[str]:

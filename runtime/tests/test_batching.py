@@ -72,3 +72,27 @@ def test_max_num_seqs_limits_the_running_batch(llama_dir):
         engine.step()
         peak = max(peak, len(engine.scheduler.running))
     assert peak == 3
+
+
+def test_a_sequence_preempted_before_its_stop_rule_runs_finishes_cleanly(llama_dir):
+    # Stop rules run one step late (overlapped with the next step), so a sequence whose last
+    # token is still pending can be preempted by the step scheduled in between.
+    llm = LLM(str(llama_dir), device="cpu", dtype="float32", num_kv_blocks=40, max_model_len=256)
+    engine = llm.engine
+    short = engine.add_request(list(range(3, 20)), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    engine.add_request(list(range(5, 40)), SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    while not (short.num_output_tokens == 4 and short in engine._pending):
+        engine.step()
+    engine.scheduler._preempt(short)
+    engine.scheduler.max_num_seqs = 1  # the next step must not re-admit it before its stop rule runs
+    finished = {out.request_id: out for out in engine.step() if out.finished}
+    assert short in engine.scheduler.waiting or short.is_finished
+    engine.scheduler.max_num_seqs = 2
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert finished[short.request_id].finish_reason == "length"
+    assert len(finished[short.request_id].token_ids) == 4
+    assert not engine.scheduler.waiting and not engine.scheduler.running
+    assert engine.block_manager.num_free == 40, "blocks leaked"

@@ -137,7 +137,12 @@ class Scheduler:
         return produced
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        # Stop rules run one step late: the sequence may have been preempted back to the queue
+        # by the step scheduled in between.
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.running.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
         self.block_manager.free(seq)
