@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
+
+# Weight/activation formats beyond the compute dtype (the server's config validates against it too).
+Quantization = Literal["fp8"]
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 
 
 @dataclass
@@ -31,8 +36,8 @@ class EngineConfig:
             self.dtype = "float32" if self.device == "cpu" else "bfloat16"
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.quantization not in (None, "fp8"):
-            raise ValueError(f"quantization must be 'fp8' or none, got {self.quantization!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)} or none, got {self.quantization!r}")
         if self.quantization and self.device != "cpu" and self.dtype != "bfloat16":
             raise ValueError(f"fp8 on CUDA computes in bfloat16: set dtype bfloat16 (got {self.dtype})")
         if not 0 < self.kv_cache_fraction <= 1:

@@ -81,7 +81,7 @@ def test_a_sequence_preempted_before_its_stop_rule_runs_finishes_cleanly(llama_d
     engine = llm.engine
     short = engine.add_request(list(range(3, 20)), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     engine.add_request(list(range(5, 40)), SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
-    while not (short.num_output_tokens == 4 and short in engine._pending):
+    while not (short.num_output_tokens == 4 and short.has_pending_token):
         engine.step()
     engine.scheduler._preempt(short)
     engine.scheduler.max_num_seqs = 1  # the next step must not re-admit it before its stop rule runs
@@ -96,3 +96,40 @@ def test_a_sequence_preempted_before_its_stop_rule_runs_finishes_cleanly(llama_d
     assert len(finished[short.request_id].token_ids) == 4
     assert not engine.scheduler.waiting and not engine.scheduler.running
     assert engine.block_manager.num_free == 40, "blocks leaked"
+
+
+def _record_launches(engine):
+    """Wrap the runner's launch: for each decode step, how many of its sequences had their last
+    token still on the device (scheduled before the host read it)."""
+    seen = []
+    launch = engine.runner.launch
+
+    def recording(seqs, is_prefill, prev=None):
+        if not is_prefill:
+            seen.append((len(seqs), sum(s.has_pending_token for s in seqs)))
+        return launch(seqs, is_prefill, prev)
+
+    engine.runner.launch = recording
+    return seen
+
+
+def test_decode_steps_are_scheduled_before_the_previous_tokens_are_read(llama_dir, alone):
+    prompts = mixed_prompts(6, 512, seed=7)
+    llm = LLM(str(llama_dir), device="cpu", dtype="float32")
+    seen = _record_launches(llm.engine)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone(prompts)
+    steady = [(n, pending) for n, pending in seen if n == len(prompts)]
+    assert steady and all(pending == n for n, pending in steady), "decode did not overlap the previous step"
+
+
+def test_penalties_make_the_steps_wait_for_the_host(llama_dir):
+    # A penalty needs every earlier token on the host, so no step may start with one pending.
+    llm = LLM(str(llama_dir), device="cpu", dtype="float32")
+    seen = _record_launches(llm.engine)
+    params = [GREEDY, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, repetition_penalty=1.3)]
+    prompts = mixed_prompts(2, 512, seed=8)
+    penalised = llm.generate(prompts, params)[1]
+    assert seen and all(pending == 0 for _, pending in seen)
+    assert all(t >= 0 for t in penalised.token_ids)
+    reference = LLM(str(llama_dir), device="cpu", dtype="float32").generate([prompts[1]], params[1])[0]
+    assert penalised.token_ids == reference.token_ids

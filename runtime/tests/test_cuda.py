@@ -58,6 +58,27 @@ def test_cuda_bf16_batch_of_16_runs_through_graphs(llama_dir):
     assert 16 in llm.engine.runner.graphs
 
 
+def test_overlapped_cuda_steps_match_the_cpu_engine_in_and_beyond_the_graph_buckets(llama_dir):
+    # Six sequences with different lengths: the batch shrinks from 6 (eager, above the largest
+    # graph bucket) through the graphs for 4, 2 and 1; every decode step takes its input tokens
+    # from the previous step's sampled tokens on the device.
+    prompts = [list(range(3 + i, 10 + 9 * i)) for i in range(6)]
+    params = [SamplingParams(max_tokens=8 + 6 * i, temperature=0.0, ignore_eos=True) for i in range(6)]
+    cpu = [o.token_ids for o in LLM(str(llama_dir), device="cpu", dtype="float32").generate(prompts, params)]
+    llm = LLM(str(llama_dir), device="cuda", dtype="float32", cuda_graph_max_batch=4)
+    assert max(llm.engine.runner.graphs) == 4
+    pending = []
+    launch = llm.engine.runner.launch
+
+    def recording(seqs, is_prefill, prev=None):
+        pending.extend(s.has_pending_token for s in seqs if not is_prefill)
+        return launch(seqs, is_prefill, prev)
+
+    llm.engine.runner.launch = recording
+    assert [o.token_ids for o in llm.generate(prompts, params)] == cpu
+    assert pending and all(pending), "a decode step waited for the previous step's tokens"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8])
 def test_pinned_stager_copies_tensors_larger_than_its_ring(dtype):
     from inferd.loader import PinnedStager
@@ -77,7 +98,7 @@ needs_fp8 = pytest.mark.skipif(
 
 
 @needs_fp8
-@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("rows", [1, 7, 64, 300, 600, 2048])  # tensor-wise below ROWWISE_MIN_ROWS, row-wise above
 def test_fp8_scaled_mm_matches_the_cpu_emulation(rows):
     from inferd.layers.quant import fp8_linear, quantize_weight
 

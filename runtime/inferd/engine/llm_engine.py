@@ -8,9 +8,9 @@ from pathlib import Path
 
 from inferd.config import EngineConfig
 from inferd.engine.block_manager import BlockManager
-from inferd.engine.model_runner import ModelRunner
+from inferd.engine.model_runner import ModelRunner, StepHandle
 from inferd.engine.scheduler import Scheduler
-from inferd.engine.sequence import Sequence
+from inferd.engine.sequence import Sequence, SequenceStatus
 from inferd.models.config import parse_model_config
 from inferd.outputs import RequestOutput
 from inferd.sampling_params import SamplingParams
@@ -52,7 +52,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
         self.sequences: dict[str, Sequence] = {}
         self._detoks: dict[str, IncrementalDetokenizer] = {}
-        self._pending: list[Sequence] = []  # produced a token last step; stop rules not yet applied
+        self._inflight: tuple[list[Sequence], StepHandle] | None = None  # launched, tokens not read yet
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -91,21 +91,51 @@ class LLMEngine:
             self._detoks.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._pending) or self.scheduler.has_unfinished()
+        return self._inflight is not None or self.scheduler.has_unfinished()
 
     # ---- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine step. Returns an output for every sequence that produced a token in the
-        previous step: this step is launched on the device first, and the previous step's stop
-        rules and detokenizing run while the device computes (a sequence that stopped then has
-        computed one token too many, which is dropped)."""
+        """One engine step: schedule and launch the next step, then read the step in flight's
+        tokens and apply their stop rules and detokenizing while the device computes. Outputs are
+        for the tokens read, so they lag the launch by one step.
+
+        The step launched here is scheduled before the previous step's tokens reach the host:
+        each sequence's newest token is pending (the device takes it from the previous step's
+        sampled tokens), and a sequence that turns out to have stopped on it computes one token
+        too many, which is dropped. Requests with repetition, presence or frequency penalties
+        need every token on the host to sample, so while one runs the steps do not overlap."""
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None and self._needs_host_tokens():
+            outputs = self._resolve()
         batch, is_prefill = self.scheduler.schedule()
-        handle = self.runner.launch(batch, is_prefill) if batch else None
-        pending, self._pending = self._pending, []
-        outputs = [self._check_stop(seq) for seq in pending if self.sequences.get(seq.request_id) is seq]
+        prev = self._inflight[1] if self._inflight is not None else None
+        handle = self.runner.launch(batch, is_prefill, prev) if batch else None
+        if self._inflight is not None:
+            outputs = self._resolve()
         if handle is not None:
-            tokens, logprobs = self.runner.collect(handle)
-            self._pending = self.scheduler.postprocess(batch, tokens, logprobs)
+            self.scheduler.advance(batch, handle.complete)
+            self._inflight = (batch, handle)
+        return outputs
+
+    def _needs_host_tokens(self) -> bool:
+        return any(s.params.needs_penalties for s in self.scheduler.running)
+
+    def _resolve(self) -> list[RequestOutput]:
+        """Read the step in flight's tokens into their sequences and apply the stop rules."""
+        batch, handle = self._inflight
+        self._inflight = None
+        tokens, logprobs = self.runner.collect(handle)
+        outputs = []
+        for j, i in enumerate(handle.complete):
+            seq = batch[i]
+            if seq.status == SequenceStatus.FINISHED or seq.pending_row != j:
+                continue  # stopped or aborted after this step was scheduled
+            seq.token_ids[-1] = tokens[j]
+            seq.pending_row = None
+            if logprobs is not None:
+                seq.output_logprobs.append(logprobs[j])
+            if self.sequences.get(seq.request_id) is seq:
+                outputs.append(self._check_stop(seq))
         return outputs
 
     def _check_stop(self, seq: Sequence) -> RequestOutput:

@@ -26,10 +26,12 @@ log = logging.getLogger("inferd.runner")
 
 @dataclass
 class StepHandle:
-    """One launched step: which rows produce a token, and where the tokens will be."""
+    """One launched step: which rows produce a token, and where their tokens will be: `device_tokens`
+    on the device (the next step's pending inputs are gathered from it) and, on CUDA, pinned host
+    memory the tokens reach behind the step's kernels."""
 
-    num_seqs: int
     complete: list[int]
+    device_tokens: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
     logprobs: torch.Tensor | None = None
     event: torch.cuda.Event | None = None
@@ -81,10 +83,22 @@ class ModelRunner:
         for layer in self.attn_layers:
             layer.use_triton = self.use_triton
         self.sampler = Sampler(self.device)
-        if self.is_cuda:  # where `launch` leaves a step's tokens for `collect` (one step in flight)
-            self._host_tokens = torch.empty(config.max_num_seqs, dtype=torch.long, pin_memory=True)
-            self._host_logprobs = torch.empty(config.max_num_seqs, dtype=torch.float32, pin_memory=True)
         self.max_blocks_per_seq = (max_model_len + self.block_size - 1) // self.block_size
+        # Host staging, two sets used in turn: while one step's copies may still be in flight, the
+        # next step fills the other set. Decode inputs (rows: token id, position, slot, pending
+        # destination, pending source; context lengths; block tables) and the sampled tokens.
+        n, pin = config.max_num_seqs, self.is_cuda
+        self._staging = [
+            {
+                "ints": torch.zeros(5, n, dtype=torch.long, pin_memory=pin),
+                "lens": torch.zeros(n, dtype=torch.int32, pin_memory=pin),
+                "tables": torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=pin),
+                "tokens": torch.zeros(n, dtype=torch.long, pin_memory=pin),
+                "logprobs": torch.zeros(n, dtype=torch.float32, pin_memory=pin),
+            }
+            for _ in range(2)
+        ]
+        self._turn = 0
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.is_cuda and not config.enforce_eager:
@@ -184,92 +198,116 @@ class ModelRunner:
         last = np.cumsum(query_lens) - 1
         return self._to_device(ids), self._to_device(np.concatenate(positions)), ctx, self._to_device(last)
 
-    def prepare_decode(self, seqs: list[Sequence], width: int | None = None):
-        ids = [s.last_token for s in seqs]
-        positions = [len(s) - 1 for s in seqs]
-        slots = [s.block_table[p // self.block_size] * self.block_size + p % self.block_size for s, p in zip(seqs, positions)]
-        ctx = AttentionContext(
-            is_prefill=False,
-            slot_mapping=self._to_device(slots),
-            context_lens=self._to_device([len(s) for s in seqs], torch.int32),
-            block_tables=self._block_tables(seqs, width),
-        )
-        return self._to_device(ids), self._to_device(positions), ctx
+    def _decode_inputs(self, seqs: list[Sequence], rows: int, staging: dict) -> int:
+        """Fill the staging arrays with `rows` decode rows: the sequences, then padding rows that
+        write into the scratch block and attend to one token there. Returns how many sequences
+        have a pending token (listed in the pending rows of `ints`)."""
+        ints, lens, tables = staging["ints"].numpy(), staging["lens"].numpy(), staging["tables"].numpy()
+        bsz = self.block_size
+        tables[:rows] = self.num_blocks
+        pending = 0
+        for i, s in enumerate(seqs):
+            n = len(s.token_ids)
+            table = s.block_table
+            ints[0, i] = s.token_ids[-1] if s.pending_row is None else 0
+            ints[1, i] = n - 1
+            ints[2, i] = table[(n - 1) // bsz] * bsz + (n - 1) % bsz
+            lens[i] = n
+            tables[i, : len(table)] = table
+            if s.pending_row is not None:
+                ints[3, pending], ints[4, pending] = i, s.pending_row
+                pending += 1
+        bs = len(seqs)
+        ints[0:2, bs:rows] = 0
+        ints[2, bs:rows] = self.num_blocks * bsz
+        lens[bs:rows] = 1
+        return pending
+
+    @staticmethod
+    def _fill_pending(ids: torch.Tensor, pending: torch.Tensor, prev: StepHandle | None) -> None:
+        """Input ids still on the device: taken from the previous step's sampled tokens."""
+        if pending.shape[1]:
+            if prev is None or prev.device_tokens is None:
+                raise RuntimeError("a sequence's last token is pending but no step is in flight")
+            ids.index_copy_(0, pending[0], prev.device_tokens.index_select(0, pending[1]))
 
     # ---- running --------------------------------------------------------------------------
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float] | None]:
-        """Compute one step. Returns a token (and logprob) per sequence; meaningless for
-        sequences whose prompt chunk does not reach the end of their prompt."""
+        """Compute one step with every input on the host. Returns a token (and logprob) for each
+        sequence whose prompt this step completes, in batch order."""
         return self.collect(self.launch(seqs, is_prefill))
 
     @torch.inference_mode()
-    def launch(self, seqs: list[Sequence], is_prefill: bool) -> StepHandle:
-        """Queue one step on the device and return without waiting for it: the sampled tokens
-        travel to pinned host memory behind the step's kernels, and `collect` waits for them. The
-        engine does the previous step's host work (stop rules, detokenizing) in between."""
+    def launch(self, seqs: list[Sequence], is_prefill: bool, prev: StepHandle | None = None) -> StepHandle:
+        """Queue one step on the device and return without waiting for it. Input tokens that are
+        still pending are read on the device from `prev` (the step in flight); the sampled tokens
+        travel to pinned host memory behind the step's kernels, and `collect` waits for them."""
+        staging = self._staging[self._turn]
+        self._turn ^= 1
         if is_prefill:
+            if any(s.pending_row is not None for s in seqs):
+                raise RuntimeError("a prefill chunk cannot contain a pending token")
             ids, positions, ctx, last = self.prepare_prefill(seqs)
             set_context(ctx)
             logits = self.model.compute_logits(self.model(ids, positions)[last])
         else:
-            logits = self._decode(seqs)
+            logits = self._decode(seqs, staging, prev)
         reset_context()
         complete = [i for i, s in enumerate(seqs) if s.num_computed_tokens + s.num_scheduled_tokens == len(s)]
-        handle = StepHandle(len(seqs), complete)
+        handle = StepHandle(complete)
         if complete:
-            rows = logits if len(complete) == len(seqs) else logits[complete]
-            handle.tokens, handle.logprobs = self.sampler.sample(rows, [seqs[i] for i in complete])
+            rows = logits if len(complete) == len(seqs) else logits[self._to_device(complete)]
+            tokens, logprobs = self.sampler.sample(rows, [seqs[i] for i in complete])
+            handle.device_tokens = handle.tokens = tokens
+            handle.logprobs = logprobs
             if self.is_cuda:
                 n = len(complete)
-                handle.tokens = self._host_tokens[:n].copy_(handle.tokens, non_blocking=True)
-                if handle.logprobs is not None:
-                    handle.logprobs = self._host_logprobs[:n].copy_(handle.logprobs, non_blocking=True)
+                handle.tokens = staging["tokens"][:n].copy_(tokens, non_blocking=True)
+                if logprobs is not None:
+                    handle.logprobs = staging["logprobs"][:n].copy_(logprobs, non_blocking=True)
                 handle.event = torch.cuda.Event()
                 handle.event.record()
         return handle
 
     def collect(self, handle: StepHandle) -> tuple[list[int], list[float] | None]:
+        """Wait for a launched step's tokens: one per row in `handle.complete`."""
         if handle.event is not None:
             handle.event.synchronize()
-        tokens = [0] * handle.num_seqs
-        logprobs = [0.0] * handle.num_seqs if handle.logprobs is not None else None
-        if handle.complete:
-            for i, t in zip(handle.complete, handle.tokens.tolist()):
-                tokens[i] = t
-            if logprobs is not None:
-                for i, lp in zip(handle.complete, handle.logprobs.tolist()):
-                    logprobs[i] = lp
-        return tokens, logprobs
+        if not handle.complete:
+            return [], None
+        logprobs = handle.logprobs.tolist() if handle.logprobs is not None else None
+        return handle.tokens.tolist(), logprobs
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _decode(self, seqs: list[Sequence], staging: dict, prev: StepHandle | None) -> torch.Tensor:
         bs = len(seqs)
         bucket = next((b for b in sorted(self.graphs) if b >= bs), None)
+        pending = self._decode_inputs(seqs, bucket or bs, staging)
+        ints = staging["ints"]
+        # Whole pinned rows are copied and sliced on the device: a strided slice of pinned memory
+        # would be staged through pageable memory, and such a copy waits for the device.
         if bucket is None:
-            ids, positions, ctx = self.prepare_decode(seqs)
-            set_context(ctx)
-            return self.model.compute_logits(self.model(ids, positions))
-        # The step's inputs are written into pinned host buffers (padded rows: write into the
-        # scratch block, attend to one token there) and copied to the graph's inputs
-        # asynchronously. The previous step's copies are done: its tokens were collected.
-        ints, lens, tables = self._host_ints.numpy(), self._host_lens.numpy(), self._host_tables.numpy()
-        bsz = self.block_size
-        tables[:bucket] = self.num_blocks
-        for i, s in enumerate(seqs):
-            n = len(s.token_ids)
-            table = s.block_table
-            ints[0, i] = s.token_ids[-1]
-            ints[1, i] = n - 1
-            ints[2, i] = table[(n - 1) // bsz] * bsz + (n - 1) % bsz
-            lens[i] = n
-            tables[i, : len(table)] = table
-        ints[0:2, bs:bucket] = 0
-        ints[2, bs:bucket] = self.num_blocks * bsz
-        lens[bs:bucket] = 1
+            width = max(len(s.block_table) for s in seqs)
+            dev = self.device
+            step = ints.to(dev, non_blocking=True)[:, :bs]
+            ids = step[0].clone()
+            self._fill_pending(ids, step[3:5, :pending], prev)
+            set_context(
+                AttentionContext(
+                    is_prefill=False,
+                    slot_mapping=step[2],
+                    context_lens=staging["lens"][:bs].to(dev, non_blocking=True),
+                    block_tables=staging["tables"][:bs].to(dev, non_blocking=True)[:, :width],
+                )
+            )
+            return self.model.compute_logits(self.model(ids, step[1]))
+        # The graph's inputs are copied from the pinned staging arrays asynchronously.
         g = self.graph_vars
         for row, name in enumerate(("input_ids", "positions", "slot_mapping")):
-            g[name][:bucket].copy_(self._host_ints[row, :bucket], non_blocking=True)
-        g["context_lens"][:bucket].copy_(self._host_lens[:bucket], non_blocking=True)
-        g["block_tables"][:bucket].copy_(self._host_tables[:bucket], non_blocking=True)
+            g[name][:bucket].copy_(ints[row, :bucket], non_blocking=True)
+        g["context_lens"][:bucket].copy_(staging["lens"][:bucket], non_blocking=True)
+        g["block_tables"][:bucket].copy_(staging["tables"][:bucket], non_blocking=True)
+        if pending:
+            self._fill_pending(g["input_ids"], ints[3:5].to(self.device, non_blocking=True)[:, :pending], prev)
         self.graphs[bucket].replay()
         return self.graph_outputs[bucket][:bs]
 
@@ -291,9 +329,6 @@ class ModelRunner:
             "context_lens": torch.ones(top, dtype=torch.int32, device=dev),
             "block_tables": torch.full((top, self.max_blocks_per_seq), self.num_blocks, dtype=torch.int32, device=dev),
         }
-        self._host_ints = torch.zeros(3, top, dtype=torch.long, pin_memory=True)
-        self._host_lens = torch.zeros(top, dtype=torch.int32, pin_memory=True)
-        self._host_tables = torch.zeros(top, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
         self.graph_outputs: dict[int, torch.Tensor] = {}
         pool = None
         for bs in reversed(buckets):

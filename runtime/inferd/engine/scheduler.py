@@ -13,7 +13,7 @@ from collections import deque
 
 from inferd.config import EngineConfig
 from inferd.engine.block_manager import BlockManager
-from inferd.engine.sequence import Sequence, SequenceStatus
+from inferd.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 
 
 class Scheduler:
@@ -71,6 +71,8 @@ class Scheduler:
             batch.append(seq)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.has_pending_token:
+                break  # preempted in this very schedule with its last token still on the device
             bm.allocate_prompt(seq)
             chunk = min(len(seq) - seq.num_computed_tokens, budget)
             if not bm.can_allocate(bm.blocks_needed(seq, seq.num_computed_tokens + chunk)):
@@ -87,7 +89,8 @@ class Scheduler:
 
     def _at_max_tokens(self, seq: Sequence) -> bool:
         """The engine applies stop rules one step late (overlapped with the next step); a
-        sequence that has all its tokens, or fills the context, is not scheduled again meanwhile."""
+        sequence that has all its tokens (the last one maybe still pending), or fills the context,
+        is not scheduled again meanwhile."""
         return seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len
 
     def _schedule_decode(self) -> list[Sequence]:
@@ -119,22 +122,22 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def postprocess(self, batch: list[Sequence], sampled: list[int], logprobs: list[float] | None) -> list[Sequence]:
-        """Advance the sequences by this step's results. Returns those that produced a token."""
-        produced = []
+    def advance(self, batch: list[Sequence], complete: list[int]) -> None:
+        """Move the sequences of a step that is now launched forward: the tokens it computes
+        count as computed, and each row in `complete` (its prompt done) gets a pending token, the
+        sampled token the device holds at that row until the engine reads it. The next step can
+        be scheduled, and launched, before that happens."""
+        rows = {i: j for j, i in enumerate(complete)}
         for i, seq in enumerate(batch):
             if seq.status == SequenceStatus.FINISHED:
-                continue  # stopped by the previous step's token while this step ran: drop its token
+                continue  # stopped (or aborted) since it was scheduled: its token is dropped
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
             self.block_manager.commit_full_blocks(seq)
-            if seq.num_computed_tokens < len(seq):
-                continue  # a prompt chunk: no token yet
-            seq.append_token(sampled[i])
-            if logprobs is not None:
-                seq.output_logprobs.append(logprobs[i])
-            produced.append(seq)
-        return produced
+            j = rows.get(i)
+            if j is not None:
+                seq.append_token(PENDING_TOKEN)
+                seq.pending_row = j
 
     def finish(self, seq: Sequence, reason: str) -> None:
         # Stop rules run one step late: the sequence may have been preempted back to the queue

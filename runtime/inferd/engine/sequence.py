@@ -7,6 +7,10 @@ from itertools import count
 
 from inferd.sampling_params import SamplingParams
 
+# Stands for a token the device has sampled but the host has not read yet (the engine schedules
+# the next step before the previous step's tokens arrive); replaced when they do.
+PENDING_TOKEN = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
@@ -34,6 +38,8 @@ class Sequence:
         self.num_preemptions = 0
         # Tokens this step computes (set by the scheduler; a prompt chunk or one decode token).
         self.num_scheduled_tokens = 0
+        # While the last token is PENDING_TOKEN: its row in the in-flight step's sampled tokens.
+        self.pending_row: int | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -60,6 +66,10 @@ class Sequence:
 
     def block(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size : (i + 1) * self.block_size]
+
+    @property
+    def has_pending_token(self) -> bool:
+        return self.pending_row is not None
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

@@ -2,18 +2,19 @@
 activations quantized per token at run time, one scale per row. Per-row scales keep a token's
 result independent of the other tokens in its batch (batch invariance holds as in bf16).
 
-On CUDA (compute capability 8.9+: Ada, Hopper) the fp8 product runs through `torch._scaled_mm`
-with unit scales (cuBLAS's tensor-wise fp8 kernels), and one fused kernel applies the token and
-channel scales (and the bias): (diag(s_x) Xq)(Wq^T diag(s_w)) = diag(s_x) (Xq Wq^T) diag(s_w).
-Measured on the H200 (runtime/bench/bench_fp8_gemm.py, BENCHMARKS.md) the tensor-wise kernels
-stream fp8 weights at 3.1-3.9 TB/s at decode sizes, about twice as fast as bf16, while the
-row-wise CUTLASS kernels (`INFERD_FP8_GEMM=rowwise`) reach only 1.3-3.0 TB/s. On the CPU the same
-arithmetic is emulated (fp8 values widened to float32, scales applied after the product): the
-readable reference the CUDA path is tested against."""
+On CUDA (compute capability 8.9+: Ada, Hopper) the product runs through `torch._scaled_mm`, with
+the kernel chosen by the number of rows (measured on the H200 with runtime/bench/bench_fp8_gemm.py,
+BENCHMARKS.md):
+- decode sizes (fewer than ROWWISE_MIN_ROWS tokens): unit scales, i.e. cuBLAS's tensor-wise fp8
+  kernels, which stream the weights at 3.1-3.9 TB/s (the row-wise CUTLASS kernels reach only
+  1.3-3.0 TB/s there), then one fused kernel applies the token and channel scales (and the bias):
+  (diag(s_x) Xq)(Wq^T diag(s_w)) = diag(s_x) (Xq Wq^T) diag(s_w);
+- prefill sizes: the row-wise kernels with the scales in their epilogue, as fast as tensor-wise
+  there, so the separate scaling pass (a third of the GEMM's time at 8,192 rows) disappears.
+On the CPU the same arithmetic is emulated (fp8 values widened to float32, scales applied after
+the product): the readable reference the CUDA path is tested against."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -21,9 +22,7 @@ from inferd.layers.fused import cuda_compiled
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-QUANTIZATIONS = ("fp8",)
-# cuBLAS tensor-wise kernels + one scaling kernel (default, faster), or CUTLASS row-wise (bench).
-TENSORWISE = os.environ.get("INFERD_FP8_GEMM", "tensorwise") == "tensorwise"
+ROWWISE_MIN_ROWS = 512  # from this many tokens on, row-wise scales in the GEMM's epilogue
 _ONE: dict[torch.device, torch.Tensor] = {}
 
 
@@ -36,8 +35,6 @@ def _one(device: torch.device) -> torch.Tensor:
 def check_supported(quantization: str | None, device: torch.device) -> None:
     if quantization is None:
         return
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)} or none, got {quantization!r}")
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         name = torch.cuda.get_device_name(device)
         raise ValueError(f"fp8 needs compute capability 8.9 or newer (Ada, Hopper); {name} has less: serve bfloat16")
@@ -71,7 +68,7 @@ def scale_product(product, x_scale, weight_scale, bias, dtype: torch.dtype):
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     shape = x.shape
     xq, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
-    if x.is_cuda and TENSORWISE:
+    if x.is_cuda and xq.shape[0] < ROWWISE_MIN_ROWS:
         one = _one(x.device)
         product = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
         out = scale_product(product, x_scale, weight_scale, bias, x.dtype)

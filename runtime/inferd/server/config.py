@@ -4,10 +4,11 @@ runtime/README.md ("Server configuration reference")."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+from inferd.config import Quantization
 
 
 class LimitsConfig(BaseModel):
@@ -25,7 +26,7 @@ class ServerConfig(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     device: str = "cpu"
     dtype: str | None = None
-    quantization: Literal["fp8"] | None = None
+    quantization: Quantization | None = None
     max_model_len: int | None = None
     max_num_seqs: int = Field(64, ge=1)
     kv_cache_fraction: float = Field(0.9, gt=0, le=1)
