@@ -51,7 +51,7 @@ def measure(name: str, w: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, m: i
     r["scaled_mm_tensorwise"] = graph_us(
         lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs_t, scale_b=one, out_dtype=torch.bfloat16)
     )
-    r["scale_product"] = graph_us(lambda: scale_product(prod, xs, ws, None, torch.bfloat16))
+    r["scale_product"] = graph_us(lambda: scale_product(prod, xs, ws, None))
     # GB/s of weight bytes streamed by each GEMM
     r["bf16_GB_s"] = n * k * 2 / r["bf16_linear"] / 1e3
     r["rowwise_GB_s"] = n * k / r["scaled_mm_rowwise"] / 1e3

@@ -145,3 +145,22 @@ def test_fp8_engine_runs_through_cuda_graphs_close_to_bf16(llama_dir):
 
     cosine = torch.nn.functional.cosine_similarity(logits(fp8), logits(bf16), dim=-1)
     assert cosine.min() > 0.98, cosine.min()
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(32, 8), (12, 2), (4, 4)])
+def test_varlen_prefill_attention_matches_the_reference_loop(heads, kv_heads):
+    from types import SimpleNamespace
+
+    from inferd.layers.attention import prefill_attention_reference, prefill_attention_varlen
+
+    torch.manual_seed(0)
+    lens = [5, 130, 1, 77, 512]
+    total, d = sum(lens), 128
+    q = torch.randn(total, heads, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(total, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(total, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    ctx = SimpleNamespace(query_lens=lens, context_lens_list=lens, cu_seqlens=cu, max_query_len=max(lens), block_tables=None)
+    out = prefill_attention_varlen(q, k, v, ctx, d**-0.5)
+    ref = prefill_attention_reference(q, k, v, None, None, ctx, d**-0.5)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)

@@ -9,6 +9,7 @@ import torch
 from inferd import LLM, SamplingParams
 from inferd.config import EngineConfig
 from inferd.layers.context import AttentionContext, reset_context, set_context
+from inferd.layers.fused import QuantizedRows, UnscaledProduct
 from inferd.layers.linear import Linear
 from inferd.layers.quant import FP8, fp8_linear, quantize_rows, quantize_weight
 from inferd.server.config import ServerConfig
@@ -104,3 +105,27 @@ def test_unknown_quantization_is_refused_by_name(llama_dir):
     assert ServerConfig(model="m", quantization="fp8").quantization == "fp8"
     with pytest.raises(ValueError, match="quantization"):
         ServerConfig(model="m", quantization="int4")
+
+
+def test_fp8_handoffs_between_fused_kernels_change_nothing(fp8_llm):
+    # Norms and SiLU-and-multiply hand the projections quantized rows, and the projections hand
+    # their unscaled products on: the same arithmetic as each layer doing its own (handoff off).
+    model = fp8_llm.engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    kinds = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: kinds.append((type(args[0]), type(out)))) for m in linears]
+    ids = list(range(3, 40))
+    try:
+        fused = _prefill_logits(fp8_llm, ids)
+        assert {(QuantizedRows, UnscaledProduct), (torch.Tensor, UnscaledProduct)} == set(kinds)  # o_proj: attention output
+        for m in linears:
+            m.fp8_handoff = False
+        kinds.clear()
+        separate = _prefill_logits(fp8_llm, ids)
+        assert set(kinds) == {(torch.Tensor, torch.Tensor)}
+    finally:
+        for m in linears:
+            m.fp8_handoff = True
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)

@@ -195,6 +195,9 @@ class ModelRunner:
             context_lens_list=context_lens,
             block_tables=self._block_tables(seqs) if has_cached else None,
         )
+        if not has_cached and self.is_cuda:
+            ctx.cu_seqlens = self._to_device(np.concatenate([[0], np.cumsum(query_lens)]), torch.int32)
+            ctx.max_query_len = max(query_lens)
         last = np.cumsum(query_lens) - 1
         return self._to_device(ids), self._to_device(np.concatenate(positions)), ctx, self._to_device(last)
 

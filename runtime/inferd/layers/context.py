@@ -19,6 +19,10 @@ class AttentionContext:
     # Both: [batch, max_blocks] block tables; decode: [batch] context lengths on the device.
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
+    # Prefill of fresh prompts only (no cached context): [batch + 1] int32 offsets of each
+    # sequence in the flat token batch, for one variable-length attention call on CUDA.
+    cu_seqlens: torch.Tensor | None = None
+    max_query_len: int = 0
 
 
 _CONTEXT = AttentionContext()

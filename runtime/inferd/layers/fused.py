@@ -7,6 +7,7 @@ same functions run eagerly, so the reference path and the fast path are one piec
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ def cuda_compiled(fn):
     @functools.wraps(fn)
     def wrapper(*args):
         nonlocal compiled
-        if not args[0].is_cuda:
+        if not next(a for a in args if isinstance(a, torch.Tensor)).is_cuda:
             return fn(*args)
         if compiled is None:
             torch.fx.experimental._config.use_duck_shape = False
@@ -32,6 +33,59 @@ def cuda_compiled(fn):
     return wrapper
 
 
+# ---- fp8 handoffs between kernels ---------------------------------------------------------------
+# With fp8 weights a linear layer needs its input quantized per token, and its product still
+# needs the token and channel scales (and the bias). Both are elementwise passes over the
+# activations, so they are done inside the neighbouring fused kernels: a norm or SiLU-and-multiply
+# hands the next layer quantized rows, and the layer hands its consumer the unscaled product.
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+class QuantizedRows(NamedTuple):
+    """Activations quantized to fp8 per token: q (M, K) and float32 scales (M, 1)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+
+class UnscaledProduct(NamedTuple):
+    """An fp8 product (M, N) still to be multiplied by x_scale (M, 1) and weight_scale (1, N),
+    plus the bias: the kernel that consumes it applies them (`finish`)."""
+
+    product: torch.Tensor
+    x_scale: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def unpack(x) -> tuple:
+    """A layer output as the flat (value, x_scale, weight_scale, bias) the fused kernels take."""
+    return tuple(x) if isinstance(x, UnscaledProduct) else (x, None, None, None)
+
+
+def finish(x: torch.Tensor, x_scale, weight_scale, bias) -> torch.Tensor:
+    """The layer output itself: scales and bias applied in float32, rounded to the product's dtype."""
+    if x_scale is None:
+        return x
+    out = x.float() * x_scale * weight_scale
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) activations -> fp8 (M, K) and float32 scales (M, 1), one per token."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def _output(h: torch.Tensor, quant: bool):
+    return quantize(h) if quant else h
+
+
+# ---- decoder-layer kernels ----------------------------------------------------------------------
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -39,14 +93,14 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @cuda_compiled
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _rms(x, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, quant: bool = False):
+    return _output(_rms(x, weight, eps), quant)
 
 
 @cuda_compiled
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    x = x + residual
-    return _rms(x, weight, eps), x
+def add_rms_norm(x, x_scale, weight_scale, bias, residual: torch.Tensor, weight: torch.Tensor, eps: float, quant: bool = False):
+    x = finish(x, x_scale, weight_scale, bias) + residual
+    return _output(_rms(x, weight, eps), quant), x
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -55,16 +109,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 @cuda_compiled
-def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, head_dim: int):
+def qkv_rotary(
+    positions: torch.Tensor, x, x_scale, weight_scale, bias, cos_sin: torch.Tensor, head_dim: int, q_size: int, kv_size: int
+):
+    """Split the fused q/k/v projection and rotate q and k."""
+    q, k, v = finish(x, x_scale, weight_scale, bias).split([q_size, kv_size, kv_size], dim=-1)
     cos, sin = cos_sin[:, positions].to(q.dtype).unsqueeze(2)  # [T, 1, D]
-    q = q.view(q.shape[0], -1, head_dim)
-    k = k.view(k.shape[0], -1, head_dim)
+    q = q.reshape(q.shape[0], -1, head_dim)
+    k = k.reshape(k.shape[0], -1, head_dim)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
-    return q.flatten(1), k.flatten(1)
+    return q.flatten(1), k.flatten(1), v.contiguous()
 
 
 @cuda_compiled
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+def silu_and_mul(x, x_scale=None, weight_scale=None, bias=None, quant: bool = False):
+    gate, up = finish(x, x_scale, weight_scale, bias).chunk(2, dim=-1)
+    return _output(F.silu(gate) * up, quant)

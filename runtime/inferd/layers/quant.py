@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from inferd.layers.fused import cuda_compiled
+from inferd.layers.fused import FP8, FP8_MAX, QuantizedRows, UnscaledProduct, cuda_compiled, finish, quantize
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448
 ROWWISE_MIN_ROWS = 512  # from this many tokens on, row-wise scales in the GEMM's epilogue
 _ONE: dict[torch.device, torch.Tensor] = {}
 
@@ -47,38 +45,31 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.contiguous()
 
 
-@cuda_compiled
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) activations -> fp8 (M, K) and float32 scales (M, 1), one per token."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+quantize_rows = cuda_compiled(quantize)
+scale_product = cuda_compiled(finish)
 
 
-@cuda_compiled
-def scale_product(product, x_scale, weight_scale, bias, dtype: torch.dtype):
-    """The product of fp8 values times the token and channel scales (plus the bias): the CPU
-    emulation's last step, and on CUDA the tensor-wise variant measured in bench_fp8_gemm.py."""
-    out = product.float() * x_scale * weight_scale
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(dtype)
-
-
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    shape = x.shape
-    xq, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
-    if x.is_cuda and xq.shape[0] < ROWWISE_MIN_ROWS:
-        one = _one(x.device)
-        product = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-        out = scale_product(product, x_scale, weight_scale, bias, x.dtype)
-    elif x.is_cuda:
-        out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=x.dtype)
-        if bias is not None:
-            out = out + bias
+def fp8_linear(
+    x, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype=None, defer: bool = False
+):
+    """x (M, K): activations, or rows a fused kernel already quantized (`QuantizedRows`). Returns
+    the (M, N) output; with `defer`, at decode sizes, the `UnscaledProduct` for the consuming
+    kernel to finish."""
+    if isinstance(x, QuantizedRows):
+        xq, x_scale = x
     else:
-        out = scale_product(xq.float() @ weight.float().t(), x_scale, weight_scale, bias, x.dtype)
-    return out.view(*shape[:-1], weight.shape[0])
+        out_dtype = out_dtype or x.dtype
+        xq, x_scale = quantize_rows(x)
+    if xq.is_cuda and xq.shape[0] >= ROWWISE_MIN_ROWS:
+        out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=out_dtype)
+        return out if bias is None else out + bias
+    if xq.is_cuda:
+        one = _one(xq.device)
+        product = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=out_dtype)
+    else:
+        product = (xq.float() @ weight.float().t()).to(out_dtype)
+    pending = UnscaledProduct(product, x_scale, weight_scale, bias)
+    return pending if defer else scale_product(*pending)
 
 
 def can_quantize(in_features: int, out_features: int) -> bool:

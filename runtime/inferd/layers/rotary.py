@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from inferd.layers.fused import apply_rotary
+from inferd.layers.fused import qkv_rotary, unpack
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -38,5 +38,6 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_sin", torch.stack((emb.cos(), emb.sin())), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return apply_rotary(positions, q, k, self.cos_sin, self.head_dim)
+    def forward(self, positions: torch.Tensor, qkv, q_size: int, kv_size: int):
+        """The fused q/k/v projection's output (or its unscaled fp8 product) -> rotated q, k and v."""
+        return qkv_rotary(positions, *unpack(qkv), self.cos_sin, self.head_dim, q_size, kv_size)
