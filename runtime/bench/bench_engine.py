@@ -241,8 +241,10 @@ def bench_shape(name: str, args, bandwidth: float) -> dict:
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-        for quant in args.quantization:
+        for variant in args.quantization:
+            quant, _, kv = variant.partition("/")  # "fp8/fp8": fp8 weights and an fp8 KV cache
             key = "ours" if quant == "none" else f"ours_{quant}"
+            key += f"_kv{kv}" if kv else ""
             t = time.perf_counter()
             config = EngineConfig(
                 model=tmp,
@@ -252,6 +254,7 @@ def bench_shape(name: str, args, bandwidth: float) -> dict:
                 enforce_eager=args.eager,
                 max_num_seqs=max(args.concurrency),
                 quantization=None if quant == "none" else quant,
+                kv_cache_dtype=kv or "auto",
             )
             engine = LLMEngine(config, weights=iter(state.items()))
             res[f"{key}_init_s"] = time.perf_counter() - t
@@ -303,9 +306,9 @@ def main() -> int:
     ap.add_argument(
         "--quantization",
         nargs="+",
-        choices=["none", "fp8"],
+        choices=["none", "fp8", "none/fp8", "fp8/fp8"],
         default=["none"],
-        help="our engine's weights, one run each (peers stay bf16)",
+        help="our engine's weights[/KV cache], one run each (peers stay bf16); fp8/fp8: fp8 weights and KV cache",
     )
     ap.add_argument("--profile", action="store_true", help="add a torch.profiler table of batch-1 decode")
     ap.add_argument("--out", default=None)

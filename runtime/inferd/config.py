@@ -8,6 +8,9 @@ from typing import Literal, get_args
 # Weight/activation formats beyond the compute dtype (the server's config validates against it too).
 Quantization = Literal["fp8"]
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
+# The KV cache's element type: "auto" is the model's dtype; "fp8" (e4m3, unit scale, values
+# clamped to +-448) halves what decode attention reads per token.
+KVCacheDType = Literal["auto", "fp8"]
 
 
 @dataclass
@@ -27,6 +30,7 @@ class EngineConfig:
     cuda_graph_max_batch: int = 128
     seed: int = 0
     quantization: str | None = None  # "fp8": fp8 weights (per channel) and activations (per token)
+    kv_cache_dtype: str = "auto"  # or "fp8"
     model_key_file: str | None = None  # for encrypted packed models (else $INFERD_MODEL_KEY_FILE / credential)
 
     def __post_init__(self) -> None:
@@ -38,6 +42,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)} or none, got {self.quantization!r}")
+        if self.kv_cache_dtype not in get_args(KVCacheDType):
+            raise ValueError(f"kv_cache_dtype must be one of {list(get_args(KVCacheDType))}, got {self.kv_cache_dtype!r}")
         if self.quantization and self.device != "cpu" and self.dtype != "bfloat16":
             raise ValueError(f"fp8 on CUDA computes in bfloat16: set dtype bfloat16 (got {self.dtype})")
         if not 0 < self.kv_cache_fraction <= 1:

@@ -13,15 +13,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (12, 2, 128), (4, 4, 64)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "dtype,cache_dtype", [(torch.bfloat16, None), (torch.float32, None), (torch.bfloat16, torch.float8_e4m3fn)]
+)
 @pytest.mark.parametrize("batch", [1, 5, 40])  # split-K for small batches, one pass for large ones
-def test_triton_paged_decode_matches_reference(heads, kv_heads, head_dim, dtype, batch):
+def test_triton_paged_decode_matches_reference(heads, kv_heads, head_dim, dtype, cache_dtype, batch):
     from inferd.layers.paged_decode import paged_decode_attention
 
     torch.manual_seed(0)
     block_size, num_blocks = 16, 21 * 40
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=dtype)
-    v_cache = torch.randn_like(k_cache)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=dtype).to(cache_dtype or dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=dtype).to(cache_dtype or dtype)
     q = torch.randn(batch, heads, head_dim, device="cuda", dtype=dtype)
     context_lens = torch.tensor([333, 1, 17, 64, 200] * 8, device="cuda", dtype=torch.int32)[:batch]
     tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32)[: batch * 21].view(batch, 21)
@@ -29,6 +31,35 @@ def test_triton_paged_decode_matches_reference(heads, kv_heads, head_dim, dtype,
     ref = decode_attention_reference(q, k_cache, v_cache, tables.long(), context_lens, head_dim**-0.5)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.fixture(autouse=True)
+def _free_gpu_memory():
+    # Each engine takes most of the free GPU memory for its KV cache: release it between tests.
+    yield
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_triton_store_kv_writes_what_the_reference_writes(cache_dtype):
+    from inferd.layers.attention import store_kv
+    from inferd.layers.paged_decode import store_kv_triton
+
+    torch.manual_seed(0)
+    qkv = torch.randn(70, 8 * 128 + 2 * 2 * 128, device="cuda", dtype=torch.bfloat16) * 100
+    k = qkv[:, 1024:1280].reshape(70, 2, 128)  # rows of a wider tensor, as after the q/k/v split
+    v = qkv[:, 1280:].reshape(70, 2, 128)
+    slots = torch.randperm(40 * 16, device="cuda")[:70]
+    caches = []
+    for store in (store_kv, store_kv_triton):
+        kc = torch.zeros(40, 16, 2, 128, device="cuda", dtype=cache_dtype)
+        vc = torch.zeros_like(kc)
+        store(k, v, kc, vc, slots)
+        caches.append((kc.view(torch.uint8), vc.view(torch.uint8)) if cache_dtype.itemsize == 1 else (kc, vc))
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
 
 
 def test_cuda_engine_matches_cpu_engine_and_transformers(tiny_model):
@@ -65,7 +96,7 @@ def test_overlapped_cuda_steps_match_the_cpu_engine_in_and_beyond_the_graph_buck
     prompts = [list(range(3 + i, 10 + 9 * i)) for i in range(6)]
     params = [SamplingParams(max_tokens=8 + 6 * i, temperature=0.0, ignore_eos=True) for i in range(6)]
     cpu = [o.token_ids for o in LLM(str(llama_dir), device="cpu", dtype="float32").generate(prompts, params)]
-    llm = LLM(str(llama_dir), device="cuda", dtype="float32", cuda_graph_max_batch=4)
+    llm = LLM(str(llama_dir), device="cuda", dtype="float32", cuda_graph_max_batch=4, kv_cache_fraction=0.3)
     assert max(llm.engine.runner.graphs) == 4
     pending = []
     launch = llm.engine.runner.launch
@@ -77,6 +108,18 @@ def test_overlapped_cuda_steps_match_the_cpu_engine_in_and_beyond_the_graph_buck
     llm.engine.runner.launch = recording
     assert [o.token_ids for o in llm.generate(prompts, params)] == cpu
     assert pending and all(pending), "a decode step waited for the previous step's tokens"
+    del llm.engine.runner.launch
+
+
+def test_fp8_kv_cache_on_cuda_matches_the_cpu_engine_with_one(llama_dir):
+    # The Triton store and decode kernels against the CPU reference, both over fp8 K/V, in
+    # float32 compute (bf16 compute would differ from the CPU for its own reasons).
+    prompts = [list(range(3 + i, 30 + 11 * i)) for i in range(5)]
+    sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    cpu = LLM(str(llama_dir), device="cpu", dtype="float32", kv_cache_dtype="fp8").generate(prompts, sp)
+    llm = LLM(str(llama_dir), device="cuda", dtype="float32", kv_cache_dtype="fp8", kv_cache_fraction=0.3)
+    assert llm.engine.runner.kv_cache.dtype == torch.float8_e4m3fn
+    assert [o.token_ids for o in llm.generate(prompts, sp)] == [o.token_ids for o in cpu]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8])
@@ -120,13 +163,13 @@ def test_fp8_engine_runs_through_cuda_graphs_close_to_bf16(llama_dir):
     from inferd.layers.quant import FP8
 
     sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    fp8 = LLM(str(llama_dir), device="cuda", dtype="bfloat16", quantization="fp8")
+    fp8 = LLM(str(llama_dir), device="cuda", dtype="bfloat16", quantization="fp8", kv_cache_fraction=0.3)
     assert fp8.engine.runner.graphs, "CUDA graphs were not captured"
     assert all(m.weight.dtype == FP8 for m in fp8.engine.runner.model.modules() if isinstance(m, Linear))
     prompts = [list(range(3, 3 + n)) for n in (5, 40, 17, 90)]
     outs = fp8.generate(prompts, sp)
     assert all(len(o.token_ids) == 16 for o in outs)
-    bf16 = LLM(str(llama_dir), device="cuda", dtype="bfloat16")
+    bf16 = LLM(str(llama_dir), device="cuda", dtype="bfloat16", kv_cache_fraction=0.6)
     ids = torch.arange(5, 60, device="cuda")
 
     def logits(llm):

@@ -45,6 +45,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.device = torch.device(config.device)
         self.dtype = getattr(torch, config.dtype)
+        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         self.is_cuda = self.device.type == "cuda"
         torch.manual_seed(config.seed)
         check_supported(config.quantization, self.device)
@@ -112,7 +113,7 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         cfg = self.model_cfg
         per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
-        return per_token * self.block_size * self.dtype.itemsize
+        return per_token * self.block_size * self.kv_dtype.itemsize
 
     @torch.inference_mode()
     def _warmup(self) -> None:
@@ -154,12 +155,18 @@ class ModelRunner:
             self.block_size,
             cfg.num_key_value_heads,
             cfg.head_dim,
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
             device=self.device,
         )
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-        log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size, num_blocks * per_block / 2**30)
+        log.info(
+            "KV cache: %d blocks of %d tokens, %s (%.2f GiB)",
+            num_blocks,
+            self.block_size,
+            str(self.kv_dtype).removeprefix("torch."),
+            num_blocks * per_block / 2**30,
+        )
         return num_blocks
 
     # ---- inputs ---------------------------------------------------------------------------

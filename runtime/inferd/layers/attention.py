@@ -14,11 +14,25 @@ from torch import nn
 
 from inferd.layers.context import get_context
 
+FP8_MAX = 448.0
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """K/V in the cache's element type; an fp8 cache (unit scale) saturates at +-448."""
+    if x.dtype == dtype:
+        return x
+    if dtype == torch.float8_e4m3fn:
+        x = x.clamp(-FP8_MAX, FP8_MAX)
+    return x.to(dtype)
+
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
     num_kv_heads, head_dim = k.shape[-2:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        new = to_cache_dtype(new, cache.dtype)
+        if cache.dtype.itemsize == 1:  # index_copy_ has no fp8 kernels on every device: copy the bytes
+            new, cache = new.view(torch.uint8), cache.view(torch.uint8)
+        cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, new)
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -26,6 +40,10 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
     block_size = cache.shape[1]
     num_blocks = (length + block_size - 1) // block_size
     return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
+
+
+def _widen(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == like.dtype else x.to(like.dtype)
 
 
 def prefill_attention_reference(q, k, v, k_cache, v_cache, ctx, scale: float) -> torch.Tensor:
@@ -38,8 +56,8 @@ def prefill_attention_reference(q, k, v, k_cache, v_cache, ctx, scale: float) ->
         if ctx_len == q_len:
             ks, vs = k[start : start + q_len], v[start : start + q_len]
         else:
-            ks = gather_context(k_cache, ctx.block_tables[i], ctx_len)
-            vs = gather_context(v_cache, ctx.block_tables[i], ctx_len)
+            ks = _widen(gather_context(k_cache, ctx.block_tables[i], ctx_len), q)
+            vs = _widen(gather_context(v_cache, ctx.block_tables[i], ctx_len), q)
         # 4-D inputs: SDPA's flash and memory-efficient kernels take nothing else.
         ks = ks.transpose(0, 1).repeat_interleave(group, dim=0)[None]
         vs = vs.transpose(0, 1).repeat_interleave(group, dim=0)[None]
@@ -95,7 +113,17 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.k_cache.numel():
-            store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            if self.use_triton:
+                from inferd.layers.paged_decode import store_kv_triton
+
+                store_kv_triton(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            else:
+                store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if ctx.is_prefill and self.k_cache.dtype.itemsize < k.dtype.itemsize:
+            # A narrower cache (fp8): the prompt attends to its K/V as the cache holds them, as
+            # later tokens, a prefix-cache hit or a recomputation after preemption will.
+            k = to_cache_dtype(k, self.k_cache.dtype).to(q.dtype)
+            v = to_cache_dtype(v, self.v_cache.dtype).to(q.dtype)
         if ctx.is_prefill and ctx.cu_seqlens is not None and self.use_triton and q.dtype in (torch.bfloat16, torch.float16):
             o = prefill_attention_varlen(q, k, v, ctx, self.scale)
         elif ctx.is_prefill:

@@ -66,14 +66,14 @@ def _paged_decode_kernel(
         t_mask = offs_t < hi
         blocks = tl.load(block_tables_ptr + seq * stride_bt + offs_t // BLOCK_SIZE, mask=t_mask, other=0)
         base = blocks.to(tl.int64) * block_stride + (offs_t % BLOCK_SIZE) * token_stride + kv_head * HEAD_DIM
-        k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0)
+        k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
         s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
         denom = denom * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m = m_new
 
@@ -89,6 +89,48 @@ def _paged_decode_kernel(
         tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc)
         tl.store(part_ml_ptr + row * 2, m)
         tl.store(part_ml_ptr + row * 2 + 1, denom)
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slots_ptr,
+    stride_k,
+    stride_v,
+    ROW: tl.constexpr,
+    ROW_PAD: tl.constexpr,
+    CLAMP: tl.constexpr,
+):
+    """One program per new token: its K and V rows (all KV heads) into their cache slot, in the
+    cache's element type (fp8 saturates at +-CLAMP)."""
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    offs = tl.arange(0, ROW_PAD)
+    mask = offs < ROW
+    k = tl.load(k_ptr + t * stride_k + offs, mask=mask)
+    v = tl.load(v_ptr + t * stride_v + offs, mask=mask)
+    if CLAMP > 0:
+        k = tl.minimum(tl.maximum(k.to(tl.float32), -CLAMP), CLAMP)
+        v = tl.minimum(tl.maximum(v.to(tl.float32), -CLAMP), CLAMP)
+    tl.store(k_cache_ptr + slot * ROW + offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + slot * ROW + offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """k, v [T, Hkv, D] (each row contiguous) -> caches [num_blocks, block_size, Hkv, D] at `slots`:
+    one kernel for both, casting to the cache's type on the way."""
+    tokens, num_kv_heads, head_dim = k.shape
+    if tokens == 0:
+        return
+    row = num_kv_heads * head_dim
+    assert k.stride(2) == 1 and k.stride(1) == head_dim and v.stride(2) == 1 and v.stride(1) == head_dim
+    clamp = 448.0 if k_cache.dtype == torch.float8_e4m3fn else 0.0
+    _store_kv_kernel[(tokens,)](
+        k, v, k_cache, v_cache, slots, k.stride(0), v.stride(0), ROW=row, ROW_PAD=triton.next_power_of_2(row), CLAMP=clamp
+    )
 
 
 @triton.jit

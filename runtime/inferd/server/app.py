@@ -163,6 +163,7 @@ class ServerState:
                 device=cfg.device,
                 dtype=cfg.dtype,
                 quantization=cfg.quantization,
+                kv_cache_dtype=cfg.kv_cache_dtype,
                 max_model_len=cfg.max_model_len,
                 max_num_seqs=cfg.max_num_seqs,
                 kv_cache_fraction=cfg.kv_cache_fraction,

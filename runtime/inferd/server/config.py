@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from inferd.config import Quantization
+from inferd.config import KVCacheDType, Quantization
 
 
 class LimitsConfig(BaseModel):
@@ -27,6 +27,7 @@ class ServerConfig(BaseModel):
     device: str = "cpu"
     dtype: str | None = None
     quantization: Quantization | None = None
+    kv_cache_dtype: KVCacheDType = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = Field(64, ge=1)
     kv_cache_fraction: float = Field(0.9, gt=0, le=1)
