@@ -208,7 +208,7 @@ def profile(engine, prompts, steps) -> str:
 
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run_ours(engine, prompts, steps)
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
 
 
 def bench_shape(name: str, args, bandwidth: float) -> dict:
@@ -275,8 +275,9 @@ def bench_shape(name: str, args, bandwidth: float) -> dict:
                 res[f"{key}_graph_replay_ms"] = {
                     bs: replay_ms(engine.runner.graphs[bs]) for bs in (1, 64) if bs in engine.runner.graphs
                 }
-            if args.profile:
-                res[f"{key}_profile_b1"] = profile(engine, b1_prompt, 16)
+            if args.profile:  # decode steps at the smallest concurrent load
+                n = min(loads)
+                res[f"{key}_profile_{n}"] = profile(engine, loads[n], 16)
             for n, prompts in loads.items():
                 res[f"{key}_{n}"] = run_ours(engine, prompts, args.output_len)
                 hf = res.get(f"hf_generate_{n}", {}).get("output_tok_s")
@@ -310,7 +311,7 @@ def main() -> int:
         default=["none"],
         help="our engine's weights[/KV cache], one run each (peers stay bf16); fp8/fp8: fp8 weights and KV cache",
     )
-    ap.add_argument("--profile", action="store_true", help="add a torch.profiler table of batch-1 decode")
+    ap.add_argument("--profile", action="store_true", help="add a torch.profiler table of the smallest concurrent load (16 steps)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     info = {
