@@ -236,6 +236,7 @@ def bench_shape(name: str, args, bandwidth: float) -> dict:
                 gc.collect()
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
+        print(json.dumps({k: v for k, v in res.items() if k.startswith("hf_")}), flush=True)  # kept if the run is cut
         state = {k: v.to("cpu") for k, v in hf.state_dict().items()}
         del hf
         gc.collect()
@@ -311,7 +312,7 @@ def main() -> int:
         default=["none"],
         help="our engine's weights[/KV cache], one run each (peers stay bf16); fp8/fp8: fp8 weights and KV cache",
     )
-    ap.add_argument("--profile", action="store_true", help="add a torch.profiler table of the smallest concurrent load (16 steps)")
+    ap.add_argument("--profile", action="store_true", help="profile 16 steps of the smallest concurrent load")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     info = {
