@@ -133,3 +133,23 @@ def test_penalties_make_the_steps_wait_for_the_host(llama_dir):
     assert all(t >= 0 for t in penalised.token_ids)
     reference = LLM(str(llama_dir), device="cpu", dtype="float32").generate([prompts[1]], params[1])[0]
     assert penalised.token_ids == reference.token_ids
+
+
+def test_aborting_a_request_whose_token_is_still_on_the_device(llama_dir, alone):
+    # The step in flight computed a token for it; the abort must drop that token, free the
+    # blocks once, and leave the other requests' tokens as they would be alone.
+    llm = LLM(str(llama_dir), device="cpu", dtype="float32", num_kv_blocks=40, max_model_len=256)
+    engine = llm.engine
+    prompts = mixed_prompts(3, 512, seed=11)
+    seqs = [engine.add_request(p, GREEDY) for p in prompts]
+    while not seqs[1].has_pending_token or seqs[1].num_output_tokens < 5:
+        engine.step()
+    engine.abort_request(seqs[1].request_id)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id != seqs[1].request_id, "an aborted request produced output"
+            if out.finished:
+                finished[out.request_id] = out.token_ids
+    assert [finished[seqs[i].request_id] for i in (0, 2)] == alone([prompts[0], prompts[2]])
+    assert engine.block_manager.num_free == 40, "blocks leaked or freed twice"
