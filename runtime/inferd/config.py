@@ -11,6 +11,7 @@ QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 # The KV cache's element type: "auto" is the model's dtype; "fp8" (e4m3, unit scale, values
 # clamped to +-448) halves what decode attention reads per token.
 KVCacheDType = Literal["auto", "fp8"]
+KV_CACHE_DTYPES: tuple[str, ...] = get_args(KVCacheDType)
 
 
 @dataclass
@@ -42,8 +43,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)} or none, got {self.quantization!r}")
-        if self.kv_cache_dtype not in get_args(KVCacheDType):
-            raise ValueError(f"kv_cache_dtype must be one of {list(get_args(KVCacheDType))}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.quantization and self.device != "cpu" and self.dtype != "bfloat16":
             raise ValueError(f"fp8 on CUDA computes in bfloat16: set dtype bfloat16 (got {self.dtype})")
         if not 0 < self.kv_cache_fraction <= 1:

@@ -10,7 +10,7 @@ from inferd.config import EngineConfig
 from inferd.engine.block_manager import BlockManager
 from inferd.engine.model_runner import ModelRunner, StepHandle
 from inferd.engine.scheduler import Scheduler
-from inferd.engine.sequence import Sequence, SequenceStatus
+from inferd.engine.sequence import Sequence
 from inferd.models.config import parse_model_config
 from inferd.outputs import RequestOutput
 from inferd.sampling_params import SamplingParams
@@ -128,7 +128,7 @@ class LLMEngine:
         outputs = []
         for j, i in enumerate(handle.complete):
             seq = batch[i]
-            if seq.status == SequenceStatus.FINISHED or seq.pending_row != j:
+            if seq.is_finished or seq.pending_row != j:
                 continue  # stopped or aborted after this step was scheduled
             seq.token_ids[-1] = tokens[j]
             seq.pending_row = None

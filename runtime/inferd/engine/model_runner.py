@@ -14,6 +14,7 @@ import torch
 from inferd.config import EngineConfig
 from inferd.engine.sequence import Sequence
 from inferd.layers.context import AttentionContext, reset_context, set_context
+from inferd.layers.fused import FP8
 from inferd.layers.linear import Linear
 from inferd.layers.quant import check_supported
 from inferd.layers.sampler import Sampler
@@ -45,7 +46,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.device = torch.device(config.device)
         self.dtype = getattr(torch, config.dtype)
-        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
+        self.kv_dtype = FP8 if config.kv_cache_dtype == "fp8" else self.dtype
         self.is_cuda = self.device.type == "cuda"
         torch.manual_seed(config.seed)
         check_supported(config.quantization, self.device)
@@ -255,7 +256,7 @@ class ModelRunner:
         staging = self._staging[self._turn]
         self._turn ^= 1
         if is_prefill:
-            if any(s.pending_row is not None for s in seqs):
+            if any(s.has_pending_token for s in seqs):
                 raise RuntimeError("a prefill chunk cannot contain a pending token")
             ids, positions, ctx, last = self.prepare_prefill(seqs)
             set_context(ctx)

@@ -13,15 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferd.layers.context import get_context
-
-FP8_MAX = 448.0
+from inferd.layers.fused import FP8, FP8_MAX
 
 
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """K/V in the cache's element type; an fp8 cache (unit scale) saturates at +-448."""
     if x.dtype == dtype:
         return x
-    if dtype == torch.float8_e4m3fn:
+    if dtype == FP8:
         x = x.clamp(-FP8_MAX, FP8_MAX)
     return x.to(dtype)
 
@@ -42,10 +41,6 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
     return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
 
 
-def _widen(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == like.dtype else x.to(like.dtype)
-
-
 def prefill_attention_reference(q, k, v, k_cache, v_cache, ctx, scale: float) -> torch.Tensor:
     """Causal attention for prompt chunks; a chunk also sees its sequence's cached context."""
     out = torch.empty_like(q)
@@ -56,8 +51,8 @@ def prefill_attention_reference(q, k, v, k_cache, v_cache, ctx, scale: float) ->
         if ctx_len == q_len:
             ks, vs = k[start : start + q_len], v[start : start + q_len]
         else:
-            ks = _widen(gather_context(k_cache, ctx.block_tables[i], ctx_len), q)
-            vs = _widen(gather_context(v_cache, ctx.block_tables[i], ctx_len), q)
+            ks = gather_context(k_cache, ctx.block_tables[i], ctx_len).to(q.dtype)  # an fp8 cache widens
+            vs = gather_context(v_cache, ctx.block_tables[i], ctx_len).to(q.dtype)
         # 4-D inputs: SDPA's flash and memory-efficient kernels take nothing else.
         ks = ks.transpose(0, 1).repeat_interleave(group, dim=0)[None]
         vs = vs.transpose(0, 1).repeat_interleave(group, dim=0)[None]

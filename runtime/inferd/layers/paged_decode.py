@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from inferd.layers.fused import FP8, FP8_MAX
+
 
 @triton.jit
 def _paged_decode_kernel(
@@ -127,7 +129,7 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
         return
     row = num_kv_heads * head_dim
     assert k.stride(2) == 1 and k.stride(1) == head_dim and v.stride(2) == 1 and v.stride(1) == head_dim
-    clamp = 448.0 if k_cache.dtype == torch.float8_e4m3fn else 0.0
+    clamp = FP8_MAX if k_cache.dtype == FP8 else 0.0
     _store_kv_kernel[(tokens,)](
         k, v, k_cache, v_cache, slots, k.stride(0), v.stride(0), ROW=row, ROW_PAD=triton.next_power_of_2(row), CLAMP=clamp
     )
