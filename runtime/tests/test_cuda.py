@@ -207,3 +207,33 @@ def test_varlen_prefill_attention_matches_the_reference_loop(heads, kv_heads):
     out = prefill_attention_varlen(q, k, v, ctx, d**-0.5)
     ref = prefill_attention_reference(q, k, v, None, None, ctx, d**-0.5)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (12, 2, 128), (4, 4, 64)])
+@pytest.mark.parametrize("form", ["plain", "fp8-product", "fp8-product-bias"])
+@pytest.mark.parametrize("tokens", [1, 70])
+def test_triton_qkv_rotary_matches_the_reference(heads, kv_heads, head_dim, form, tokens):
+    from inferd.layers.fused import qkv_rotary
+    from inferd.layers.rotary import RotaryEmbedding
+    from inferd.layers.rotary_triton import qkv_rotary_triton
+
+    torch.manual_seed(0)
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    n = q_size + 2 * kv_size
+    rope = RotaryEmbedding(head_dim, 4096, 500000.0, None).cuda()
+    positions = torch.randint(0, 4096, (tokens,), device="cuda")
+    x = torch.randn(tokens, n, device="cuda").bfloat16()  # results of order 1: the tolerances bite
+    x_scale = w_scale = bias = None
+    if form != "plain":  # an fp8 product: large values, scaled down by the token and channel scales
+        x = x * 100
+        x_scale = torch.rand(tokens, 1, device="cuda") + 0.5
+        w_scale = torch.rand(1, n, device="cuda") / 100 + 0.005
+        bias = torch.randn(n, device="cuda").bfloat16() if form.endswith("bias") else None
+    args = (positions, x, x_scale, w_scale, bias, rope.cos_sin, head_dim, q_size, kv_size)
+    # The reference runs eagerly in bf16 (each operation rounds), the kernel in float32 rounding
+    # once: they differ by a few bf16 steps, a wrong sign, half, position or scale by far more.
+    ref = qkv_rotary(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+    out = qkv_rotary_triton(*args)
+    for o, r, size in zip(out, ref, (q_size, kv_size, kv_size)):
+        assert o.shape == (tokens, size) and o.dtype == torch.bfloat16 and o.is_contiguous()
+        torch.testing.assert_close(o.float().cpu(), r.float(), atol=5e-2, rtol=2e-2)

@@ -38,6 +38,7 @@ def _paged_decode_kernel(
     TILE: tl.constexpr,
     SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
+    COMPUTE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -55,7 +56,7 @@ def _paged_decode_kernel(
     q_mask = offs_g < GROUP
     q = tl.load(
         q_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask[:, None], other=0.0
-    )
+    ).to(COMPUTE)
 
     m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -68,14 +69,14 @@ def _paged_decode_kernel(
         t_mask = offs_t < hi
         blocks = tl.load(block_tables_ptr + seq * stride_bt + offs_t // BLOCK_SIZE, mask=t_mask, other=0)
         base = blocks.to(tl.int64) * block_stride + (offs_t % BLOCK_SIZE) * token_stride + kv_head * HEAD_DIM
-        k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
+        k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(COMPUTE)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
         s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
         denom = denom * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(COMPUTE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m = m_new
 
@@ -180,6 +181,9 @@ def num_splits(batch: int, num_kv_heads: int, sm_count: int = 132) -> int:
     return max(1, min(16, (2 * sm_count) // max(1, programs)))
 
 
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -192,13 +196,20 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    splits: int | None = None,
+    tile: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, W]; context_lens [B]."""
+    """q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, W]; context_lens [B].
+    The keyword arguments override the launch configuration (bench/bench_decode_step.py sweeps them)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
     group_pad = max(16, triton.next_power_of_2(group))
-    splits = num_splits(batch, num_kv_heads, _sm_count(q.device.index or 0))
+    splits = splits or num_splits(batch, num_kv_heads, _sm_count(q.device.index or 0))
     out = torch.empty_like(q)
     if splits > 1:
         part_acc = torch.empty(batch * num_kv_heads * splits * group_pad, head_dim, device=q.device, dtype=torch.float32)
@@ -219,11 +230,12 @@ def paged_decode_attention(
         block_tables.stride(0),
         **consts,
         BLOCK_SIZE=block_size,
-        TILE=64,
+        TILE=tile,
         SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
-        num_stages=2,
+        COMPUTE=_TL_DTYPES[compute_dtype or q.dtype],
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if splits > 1:
         _merge_splits_kernel[(batch, num_kv_heads)](out, part_acc, part_ml, **consts, SPLITS=splits, num_warps=4)

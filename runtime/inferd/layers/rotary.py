@@ -40,4 +40,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, qkv, q_size: int, kv_size: int):
         """The fused q/k/v projection's output (or its unscaled fp8 product) -> rotated q, k and v."""
-        return qkv_rotary(positions, *unpack(qkv), self.cos_sin, self.head_dim, q_size, kv_size)
+        args = (positions, *unpack(qkv), self.cos_sin, self.head_dim, q_size, kv_size)
+        if self.cos_sin.is_cuda:
+            from inferd.layers.rotary_triton import qkv_rotary_triton
+
+            return qkv_rotary_triton(*args)
+        return qkv_rotary(*args)

@@ -1,0 +1,208 @@
+"""Where a decode step's time goes (CUDA).
+
+1. `attention`: the paged decode kernel alone on a synthetic cache, swept over its launch
+   configuration (tile, warps, pipeline stages, context splits) for bf16 and fp8 caches; reports
+   microseconds and the KV bytes read per second against the measured copy bandwidth.
+2. `step`: our engine with N requests in steady decode; the profiler's per-kernel GPU time per
+   step (CUDA-graph replays included), with full kernel names.
+
+    python runtime/bench/bench_decode_step.py attention --out attention.json
+    python runtime/bench/bench_decode_step.py step --shape llama-8b --quantization none fp8 --out step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_engine import SHAPES, build_hf_model, copy_bandwidth  # noqa: E402
+
+from inferd.config import EngineConfig  # noqa: E402
+from inferd.engine.llm_engine import LLMEngine  # noqa: E402
+from inferd.sampling_params import SamplingParams  # noqa: E402
+
+
+def time_us(fn, *args, reps: int = 20, **kwargs) -> float:
+    """Mean GPU microseconds of fn(*args, **kwargs), replayed from a CUDA graph as the engine runs
+    it: timing plain calls would measure Triton's launch overhead on the host at small sizes."""
+    fn(*args, **kwargs)  # compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn(*args, **kwargs)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (5 * reps) * 1000
+
+
+def attention(args, bandwidth: float) -> dict:
+    from inferd.layers.paged_decode import paged_decode_attention
+
+    heads, kv_heads, head_dim, block_size = 32, 8, 128, 16
+    results = []
+    for batch, ctx in args.loads:
+        blocks_per_seq = -(-ctx // block_size)
+        num_blocks = batch * blocks_per_seq + 1
+        q = torch.randn(batch, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+        lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+        tables = torch.randperm(num_blocks - 1, device="cuda", dtype=torch.int32)[: batch * blocks_per_seq].view(batch, -1)
+        variants = [(torch.bfloat16, torch.bfloat16), (torch.float8_e4m3fn, torch.bfloat16), (torch.float8_e4m3fn, torch.float16)]
+        for cache_dtype, compute in variants:
+            kc = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda").to(cache_dtype)
+            vc = torch.randn_like(kc, dtype=torch.float32).to(cache_dtype)
+            call = (paged_decode_attention, q, kc, vc, tables, lens, head_dim**-0.5)
+            kv_bytes = 2 * batch * ctx * kv_heads * head_dim * cache_dtype.itemsize
+            default = time_us(*call) if compute == torch.bfloat16 else None
+            rows = []
+            for tile, warps, stages, splits in itertools.product(args.tiles, args.warps, args.stages, args.splits):
+                try:
+                    us = time_us(*call, splits=splits, tile=tile, num_warps=warps, num_stages=stages, compute_dtype=compute)
+                except Exception as e:  # e.g. out of shared memory: a result, not a stop
+                    rows.append({"tile": tile, "warps": warps, "stages": stages, "splits": splits, "error": str(e)[:120]})
+                    continue
+                rows.append({"tile": tile, "warps": warps, "stages": stages, "splits": splits, "us": us})
+            best = min((r for r in rows if "us" in r), key=lambda r: r["us"])
+            entry = {
+                "batch": batch,
+                "context": ctx,
+                "cache": str(cache_dtype).removeprefix("torch."),
+                "compute": str(compute).removeprefix("torch."),
+                "kv_MB": kv_bytes / 1e6,
+                "roofline_us": kv_bytes / bandwidth * 1e6,
+                "default_us": default,
+                "default_pct_bw": default and 100 * kv_bytes / bandwidth * 1e6 / default,
+                "best": best,
+                "best_pct_bw": 100 * kv_bytes / bandwidth * 1e6 / best["us"],
+                "sweep": sorted((r for r in rows if "us" in r), key=lambda r: r["us"])[:12],
+            }
+            print(json.dumps({k: v for k, v in entry.items() if k != "sweep"}), flush=True)
+            results.append(entry)
+            del kc, vc
+            torch.cuda.empty_cache()
+    return {"attention": results}
+
+
+def step_profile(args) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    shape = SHAPES[args.shape]
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    vocab = shape["vocab_size"]
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = build_hf_model(shape, args.device, getattr(torch, args.dtype), Path(tmp))
+        state = {k: v.to("cpu") for k, v in hf.state_dict().items()}
+        del hf
+        gc.collect()
+        for variant in args.quantization:
+            quant, _, kv = variant.partition("/")
+            config = EngineConfig(
+                model=tmp,
+                device=args.device,
+                dtype=args.dtype,
+                max_model_len=4096,
+                max_num_seqs=args.batch,
+                quantization=None if quant == "none" else quant,
+                kv_cache_dtype=kv or "auto",
+            )
+            engine = LLMEngine(config, weights=iter(state.items()))
+            sp = SamplingParams(max_tokens=args.warm_steps + 2 * args.steps + 8, temperature=0.0, ignore_eos=True)
+            for p in prompts:
+                engine.add_request(p, sp)
+            for _ in range(args.warm_steps):  # prefill, then steady decode
+                engine.step()
+            sync()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            sync()
+            wall_ms = (time.perf_counter() - t) * 1000 / args.steps
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.steps):
+                    engine.step()
+                sync()
+            kernels = []
+            for evt in prof.key_averages():
+                dev_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+                if dev_us <= 0 or evt.key.startswith(("aten::", "Torch-Compiled", "## Call", "cuda", "Memcpy", "Memset")):
+                    continue
+                kernels.append(
+                    {
+                        "kernel": evt.key[:160],
+                        "calls_per_step": evt.count / args.steps,
+                        "us_per_call": dev_us / evt.count,
+                        "us_per_step": dev_us / args.steps,
+                    }
+                )
+            kernels.sort(key=lambda r: -r["us_per_step"])
+            key = variant.replace("/", "_kv")
+            out[key] = {
+                "wall_ms_per_step": wall_ms,
+                "kernel_ms_per_step": sum(r["us_per_step"] for r in kernels) / 1000,
+                "kernels": kernels[:40],
+            }
+            print(f"== {variant}: {wall_ms:.2f} ms/step wall, {out[key]['kernel_ms_per_step']:.2f} ms kernels", flush=True)
+            for r in kernels[:30]:
+                print(f"{r['us_per_step']:9.1f} us/step {r['calls_per_step']:6.1f}x {r['us_per_call']:8.2f} us  {r['kernel']}")
+            del engine
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    return {"step": out}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["attention", "step"])
+    ap.add_argument("--loads", nargs="+", default=["64x640", "16x640", "1x4096", "64x2048"], help="BATCHxCONTEXT")
+    ap.add_argument("--tiles", nargs="+", type=int, default=[32, 64, 128])
+    ap.add_argument("--warps", nargs="+", type=int, default=[4, 8])
+    ap.add_argument("--stages", nargs="+", type=int, default=[2, 4])
+    ap.add_argument("--splits", nargs="+", type=int, default=[1, 2, 4, 8])
+    ap.add_argument("--device", default="cuda", help="cpu: a quick check of the step profile's code")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
+    ap.add_argument("--quantization", nargs="+", default=["none", "fp8"])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--warm-steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    args.loads = [tuple(int(x) for x in load.split("x")) for load in args.loads]
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "args": vars(args),
+    }
+    bw = copy_bandwidth(args.device)
+    info["copy_bandwidth_GB_s"] = bw / 1e9
+    print(json.dumps(info), flush=True)
+    res = attention(args, bw) if args.what == "attention" else step_profile(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"info": info, **res}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
