@@ -1,8 +1,10 @@
 """Elementwise pieces of a decoder layer (RMSNorm with the residual add, rotary embedding,
-SiLU-and-multiply), written once in plain PyTorch. On CUDA each is compiled by torch.compile
-into one fused kernel: a decode step then launches a few kernels per layer instead of dozens,
-which is most of the gap between eager decode and the weight-bandwidth roofline. On the CPU the
-same functions run eagerly, so the reference path and the fast path are one piece of code."""
+SiLU-and-multiply), written once in plain PyTorch. On CUDA the norms and SiLU-and-multiply are
+compiled by torch.compile into one fused kernel each, and the rotary embedding runs as the Triton
+kernel in rotary_triton.py (torch.compile made several of it): a decode step then launches a
+few kernels per layer instead of dozens, which is most of the gap between eager decode and the
+weight-bandwidth roofline. On the CPU the same functions run eagerly: the reference the fast path
+is tested against."""
 
 from __future__ import annotations
 
