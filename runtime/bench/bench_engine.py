@@ -3,7 +3,8 @@
 For each model shape: batch-1 decode (tok/s, achieved GB/s, % of roofline = weight bytes over
 measured device-to-device copy bandwidth), then N concurrent requests of 512 tokens in / 256 out
 (output tok/s, TTFT and TPOT p50/p99), and the peers HF `generate` and HF `generate_batch`
-(continuous batching) on the same weights in the same process.
+(continuous batching) on the same weights in the same process. HF `generate` runs twice per load
+(`--peer-repeats`) and its faster run is the one we are measured against.
 
     python runtime/bench/bench_engine.py --out results.json            # on the GPU machine
     python runtime/bench/bench_engine.py --shapes tiny --device cpu    # a quick check of the script
@@ -142,6 +143,14 @@ def hf_generate(model, prompts, new_tokens, device):
     return {"output_tok_s": generated / took, "seconds": took, "tokens": generated}
 
 
+def best_of(repeats: int, run, *args) -> dict:
+    """The fastest of `repeats` runs (the peer's throughput varies from run to run on the same
+    card: 743-940 tok/s at 64 concurrent in one session), with every run's tok/s kept."""
+    runs = [run(*args) for _ in range(max(1, repeats))]
+    best = max(runs, key=lambda r: r["output_tok_s"])
+    return {**best, "runs_tok_s": [r["output_tok_s"] for r in runs]}
+
+
 def hf_generate_batch(model, prompts, new_tokens, device):
     from transformers import GenerationConfig
 
@@ -226,9 +235,9 @@ def bench_shape(name: str, args, bandwidth: float) -> dict:
         b1_prompt = [rand_prompt(128)]
         loads = {n: [rand_prompt(args.prompt_len) for _ in range(n)] for n in args.concurrency}
         if not args.skip_peers:
-            res["hf_generate_b1"] = hf_generate(hf, b1_prompt, args.b1_tokens, device)
+            res["hf_generate_b1"] = best_of(args.peer_repeats, hf_generate, hf, b1_prompt, args.b1_tokens, device)
             for n, prompts in loads.items():
-                res[f"hf_generate_{n}"] = hf_generate(hf, prompts, args.output_len, device)
+                res[f"hf_generate_{n}"] = best_of(args.peer_repeats, hf_generate, hf, prompts, args.output_len, device)
                 try:
                     res[f"hf_generate_batch_{n}"] = hf_generate_batch(hf, prompts, args.output_len, device)
                 except Exception as e:  # a peer failing is a result to report, not a reason to stop
@@ -304,6 +313,7 @@ def main() -> int:
     ap.add_argument("--b1-tokens", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--peer-repeats", type=int, default=2, help="run HF `generate` this many times per load; the fastest counts")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
     ap.add_argument(
         "--quantization",
