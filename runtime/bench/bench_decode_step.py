@@ -26,10 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import SHAPES, build_hf_model, copy_bandwidth  # noqa: E402
+from bench_engine import SHAPES, build_engine, build_hf_model, copy_bandwidth, replay_ms, variant_key  # noqa: E402
 
-from inferd.config import EngineConfig  # noqa: E402
-from inferd.engine.llm_engine import LLMEngine  # noqa: E402
 from inferd.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -42,14 +40,7 @@ def time_us(fn, *args, reps: int = 20, **kwargs) -> float:
     with torch.cuda.graph(graph):
         for _ in range(reps):
             fn(*args, **kwargs)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (5 * reps) * 1000
+    return replay_ms(graph, reps=5) / reps * 1000
 
 
 def attention(args, bandwidth: float) -> dict:
@@ -63,37 +54,41 @@ def attention(args, bandwidth: float) -> dict:
         q = torch.randn(batch, heads, head_dim, device="cuda", dtype=torch.bfloat16)
         lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
         tables = torch.randperm(num_blocks - 1, device="cuda", dtype=torch.int32)[: batch * blocks_per_seq].view(batch, -1)
-        variants = [(torch.bfloat16, torch.bfloat16), (torch.float8_e4m3fn, torch.bfloat16), (torch.float8_e4m3fn, torch.float16)]
-        for cache_dtype, compute in variants:
+        # Products in bf16 for either cache, and in fp16 for an fp8 cache.
+        computes = {torch.bfloat16: [torch.bfloat16], torch.float8_e4m3fn: [torch.bfloat16, torch.float16]}
+        for cache_dtype, compute_dtypes in computes.items():
             kc = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda").to(cache_dtype)
             vc = torch.randn_like(kc, dtype=torch.float32).to(cache_dtype)
             call = (paged_decode_attention, q, kc, vc, tables, lens, head_dim**-0.5)
             kv_bytes = 2 * batch * ctx * kv_heads * head_dim * cache_dtype.itemsize
-            default = time_us(*call) if compute == torch.bfloat16 else None
-            rows = []
-            for tile, warps, stages, splits in itertools.product(args.tiles, args.warps, args.stages, args.splits):
-                try:
-                    us = time_us(*call, splits=splits, tile=tile, num_warps=warps, num_stages=stages, compute_dtype=compute)
-                except Exception as e:  # e.g. out of shared memory: a result, not a stop
-                    rows.append({"tile": tile, "warps": warps, "stages": stages, "splits": splits, "error": str(e)[:120]})
-                    continue
-                rows.append({"tile": tile, "warps": warps, "stages": stages, "splits": splits, "us": us})
-            best = min((r for r in rows if "us" in r), key=lambda r: r["us"])
-            entry = {
-                "batch": batch,
-                "context": ctx,
-                "cache": str(cache_dtype).removeprefix("torch."),
-                "compute": str(compute).removeprefix("torch."),
-                "kv_MB": kv_bytes / 1e6,
-                "roofline_us": kv_bytes / bandwidth * 1e6,
-                "default_us": default,
-                "default_pct_bw": default and 100 * kv_bytes / bandwidth * 1e6 / default,
-                "best": best,
-                "best_pct_bw": 100 * kv_bytes / bandwidth * 1e6 / best["us"],
-                "sweep": sorted((r for r in rows if "us" in r), key=lambda r: r["us"])[:12],
-            }
-            print(json.dumps({k: v for k, v in entry.items() if k != "sweep"}), flush=True)
-            results.append(entry)
+            roofline_us = kv_bytes / bandwidth * 1e6
+            default = time_us(*call)  # the launch the engine makes for this cache
+            for compute in compute_dtypes:
+                rows = []
+                for tile, warps, stages, splits in itertools.product(args.tiles, args.warps, args.stages, args.splits):
+                    config = {"tile": tile, "warps": warps, "stages": stages, "splits": splits}
+                    try:
+                        us = time_us(*call, splits=splits, tile=tile, num_warps=warps, num_stages=stages, compute_dtype=compute)
+                    except Exception as e:  # e.g. out of shared memory: a result, not a stop
+                        rows.append({**config, "error": str(e)[:120]})
+                        continue
+                    rows.append({**config, "us": us})
+                timed = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
+                entry = {
+                    "batch": batch,
+                    "context": ctx,
+                    "cache": str(cache_dtype).removeprefix("torch."),
+                    "compute": str(compute).removeprefix("torch."),
+                    "kv_MB": kv_bytes / 1e6,
+                    "roofline_us": roofline_us,
+                    "default_us": default,
+                    "default_pct_bw": 100 * roofline_us / default,
+                    "best": timed[0],
+                    "best_pct_bw": 100 * roofline_us / timed[0]["us"],
+                    "sweep": timed[:12],
+                }
+                print(json.dumps({k: v for k, v in entry.items() if k != "sweep"}), flush=True)
+                results.append(entry)
             del kc, vc
             torch.cuda.empty_cache()
     return {"attention": results}
@@ -114,17 +109,9 @@ def step_profile(args) -> dict:
         del hf
         gc.collect()
         for variant in args.quantization:
-            quant, _, kv = variant.partition("/")
-            config = EngineConfig(
-                model=tmp,
-                device=args.device,
-                dtype=args.dtype,
-                max_model_len=4096,
-                max_num_seqs=args.batch,
-                quantization=None if quant == "none" else quant,
-                kv_cache_dtype=kv or "auto",
+            engine = build_engine(
+                variant, state, model=tmp, device=args.device, dtype=args.dtype, max_model_len=4096, max_num_seqs=args.batch
             )
-            engine = LLMEngine(config, weights=iter(state.items()))
             sp = SamplingParams(max_tokens=args.warm_steps + 2 * args.steps + 8, temperature=0.0, ignore_eos=True)
             for p in prompts:
                 engine.add_request(p, sp)
@@ -154,7 +141,7 @@ def step_profile(args) -> dict:
                     }
                 )
             kernels.sort(key=lambda r: -r["us_per_step"])
-            key = variant.replace("/", "_kv")
+            key = variant_key(variant)
             out[key] = {
                 "wall_ms_per_step": wall_ms,
                 "kernel_ms_per_step": sum(r["us_per_step"] for r in kernels) / 1000,

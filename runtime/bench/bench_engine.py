@@ -199,6 +199,21 @@ def run_ours(engine: LLMEngine, prompts, new_tokens):
     }
 
 
+def variant_key(variant: str) -> str:
+    """Result key of an engine variant: "none" -> ours, "fp8" -> ours_fp8, "fp8/fp8" -> ours_fp8_kvfp8."""
+    quant, _, kv = variant.partition("/")
+    key = "ours" if quant == "none" else f"ours_{quant}"
+    return key + (f"_kv{kv}" if kv else "")
+
+
+def build_engine(variant: str, state: dict, **config) -> LLMEngine:
+    """Our engine on `state`'s weights; variant "weights[/KV cache]": "fp8/fp8" is fp8 weights
+    and an fp8 KV cache."""
+    quant, _, kv = variant.partition("/")
+    config = EngineConfig(quantization=None if quant == "none" else quant, kv_cache_dtype=kv or "auto", **config)
+    return LLMEngine(config, weights=iter(state.items()))
+
+
 def replay_ms(graph, reps: int = 50) -> float:
     """GPU time of one decode step alone (no scheduling, no sampling)."""
     graph.replay()
@@ -252,21 +267,18 @@ def bench_shape(name: str, args, bandwidth: float) -> dict:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         for variant in args.quantization:
-            quant, _, kv = variant.partition("/")  # "fp8/fp8": fp8 weights and an fp8 KV cache
-            key = "ours" if quant == "none" else f"ours_{quant}"
-            key += f"_kv{kv}" if kv else ""
+            key = variant_key(variant)
             t = time.perf_counter()
-            config = EngineConfig(
+            engine = build_engine(
+                variant,
+                state,
                 model=tmp,
                 device=device,
                 dtype=args.dtype,
                 max_model_len=args.max_model_len,
                 enforce_eager=args.eager,
                 max_num_seqs=max(args.concurrency),
-                quantization=None if quant == "none" else quant,
-                kv_cache_dtype=kv or "auto",
             )
-            engine = LLMEngine(config, weights=iter(state.items()))
             res[f"{key}_init_s"] = time.perf_counter() - t
             res[f"{key}_weight_bytes"] = engine.runner.weight_bytes()
             res[f"{key}_kv_blocks"] = engine.runner.num_blocks
