@@ -215,7 +215,7 @@ def test_varlen_prefill_attention_matches_the_reference_loop(heads, kv_heads):
 def test_triton_qkv_rotary_matches_the_reference(heads, kv_heads, head_dim, form, tokens):
     from inferd.layers.fused import qkv_rotary
     from inferd.layers.rotary import RotaryEmbedding
-    from inferd.layers.rotary_triton import qkv_rotary_triton
+    from inferd.layers.triton_fused import qkv_rotary_triton
 
     torch.manual_seed(0)
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
@@ -237,3 +237,35 @@ def test_triton_qkv_rotary_matches_the_reference(heads, kv_heads, head_dim, form
     for o, r, size in zip(out, ref, (q_size, kv_size, kv_size)):
         assert o.shape == (tokens, size) and o.dtype == torch.bfloat16 and o.is_contiguous()
         torch.testing.assert_close(o.float().cpu(), r.float(), atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("n", [64, 8960, 14336])  # a tiny model, the 1.5B and the 8B shapes
+@pytest.mark.parametrize("form", ["plain", "fp8-product", "fp8-product-bias"])
+@pytest.mark.parametrize("quant", [False, True])
+def test_triton_silu_and_mul_matches_the_reference(n, form, quant):
+    from inferd.layers.fused import FP8, silu_and_mul
+    from inferd.layers.triton_fused import silu_and_mul_triton
+
+    torch.manual_seed(0)
+    rows = 33
+    x = torch.randn(rows, 2 * n, device="cuda").bfloat16()
+    x_scale = w_scale = bias = None
+    if form != "plain":
+        x = x * 100
+        x_scale = torch.rand(rows, 1, device="cuda") + 0.5
+        w_scale = torch.rand(1, 2 * n, device="cuda") / 100 + 0.005
+        bias = torch.randn(2 * n, device="cuda").bfloat16() if form.endswith("bias") else None
+    args = (x, x_scale, w_scale, bias, quant)
+    ref = silu_and_mul(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+    out = silu_and_mul_triton(*args)
+    if not quant:
+        assert out.shape == (rows, n) and out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float().cpu(), ref.float(), atol=1e-5, rtol=1.6e-2)  # a bf16 step or less
+        return
+    (q, scale), (ref_q, ref_scale) = out, ref
+    assert q.dtype == FP8 and q.shape == (rows, n) and scale.shape == (rows, 1)
+    torch.testing.assert_close(scale.cpu(), ref_scale, rtol=1.6e-2, atol=0)
+    # Rows rounded to fp8 alike, bar the odd element whose bf16 input was one step apart.
+    differ = (q.cpu().view(torch.uint8) != ref_q.view(torch.uint8)).float().mean().item()
+    assert differ < 0.01, differ
+    torch.testing.assert_close(q.float().cpu() * scale.cpu(), ref_q.float() * ref_scale, rtol=0.13, atol=1e-6)

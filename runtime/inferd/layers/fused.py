@@ -1,10 +1,10 @@
 """Elementwise pieces of a decoder layer (RMSNorm with the residual add, rotary embedding,
-SiLU-and-multiply), written once in plain PyTorch. On CUDA the norms and SiLU-and-multiply are
-compiled by torch.compile into one fused kernel each, and the rotary embedding runs as the Triton
-kernel in rotary_triton.py (torch.compile made several of it): a decode step then launches a
-few kernels per layer instead of dozens, which is most of the gap between eager decode and the
-weight-bandwidth roofline. On the CPU the same functions run eagerly: the reference the fast path
-is tested against."""
+SiLU-and-multiply), written once in plain PyTorch. On CUDA the norms are compiled by
+torch.compile into one fused kernel each, and the rotary embedding and SiLU-and-multiply run as
+the Triton kernels in triton_fused.py (torch.compile's were slow at decode sizes): a decode step
+then launches a few kernels per layer instead of dozens, which is most of the gap between eager
+decode and the weight-bandwidth roofline. On the CPU the same functions run eagerly: the
+reference the fast path is tested against."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def qkv_rotary(
     positions: torch.Tensor, x, x_scale, weight_scale, bias, cos_sin: torch.Tensor, head_dim: int, q_size: int, kv_size: int
 ):
     """Split the fused q/k/v projection and rotate q and k (the reference; CUDA runs the same
-    arithmetic as one Triton kernel, rotary_triton.py)."""
+    arithmetic as one Triton kernel, triton_fused.py)."""
     q, k, v = finish(x, x_scale, weight_scale, bias).split([q_size, kv_size, kv_size], dim=-1)
     cos, sin = cos_sin[:, positions].to(q.dtype).unsqueeze(2)  # [T, 1, D]
     q = q.reshape(q.shape[0], -1, head_dim)
@@ -127,7 +127,8 @@ def qkv_rotary(
     return q.flatten(1), k.flatten(1), v.contiguous()
 
 
-@cuda_compiled
 def silu_and_mul(x, x_scale=None, weight_scale=None, bias=None, quant: bool = False):
+    """silu(gate) * up from the fused gate/up product, optionally as quantized rows (the
+    reference; CUDA runs triton_fused.silu_and_mul_triton)."""
     gate, up = finish(x, x_scale, weight_scale, bias).chunk(2, dim=-1)
     return _output(F.silu(gate) * up, quant)

@@ -42,7 +42,7 @@ class RotaryEmbedding(nn.Module):
         """The fused q/k/v projection's output (or its unscaled fp8 product) -> rotated q, k and v."""
         args = (positions, *unpack(qkv), self.cos_sin, self.head_dim, q_size, kv_size)
         if self.cos_sin.is_cuda:
-            from inferd.layers.rotary_triton import qkv_rotary_triton
+            from inferd.layers.triton_fused import qkv_rotary_triton
 
             return qkv_rotary_triton(*args)
         return qkv_rotary(*args)

@@ -1,10 +1,16 @@
-"""The q/k/v split and rotary embedding as one Triton kernel (CUDA only).
+"""Decoder-layer elementwise kernels written in Triton (CUDA only), where torch.compile's own
+kernels were slow at decode sizes (per-kernel times from bench/bench_decode_step.py on an H200):
 
-torch.compile turns `fused.qkv_rotary` into four or five kernels (q, k, v and the cos/sin gather
-each get their own), 10-12 us per layer at decode sizes on an H200, where one kernel that reads
-the projection's row once takes about 3 (bench/bench_decode_step.py). The arithmetic is that of
-`fused.qkv_rotary`, the reference it is tested against: the fp8 scales and bias applied in float32
-and rounded to the output type, cos and sin rounded to it, the rotation computed in float32.
+- the q/k/v split and rotary embedding: torch.compile made three to five kernels of
+  `fused.qkv_rotary` (q, k, v, the cos/sin gather), 10-12 us per layer at 64 rows; one kernel
+  that reads the projection's row once takes about 3;
+- SiLU-and-multiply with its fp8 output: a 14,336-wide row's amax is a reduction that torch.compile
+  walks in chunks, twice (12 us at 64 rows, 1.3 TB/s at 8,192); here one program holds a whole
+  row in registers and reads it once.
+
+The arithmetic is that of the references in fused.py, which the tests hold them to: fp8 scales
+and bias applied in float32 and rounded to the output type, as `finish` does; bf16 results
+rounded where the eager reference rounds them.
 """
 
 from __future__ import annotations
@@ -152,3 +158,81 @@ def qkv_rotary_triton(positions, x, x_scale, weight_scale, bias, cos_sin, head_d
         num_warps=4,
     )
     return q, k, v
+
+
+@triton.jit
+def _silu_and_mul_kernel(
+    x_ptr,
+    xs_ptr,
+    ws_ptr,
+    bias_ptr,
+    out_ptr,
+    out_scale_ptr,
+    stride_x,
+    stride_out,
+    N: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SCALED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    QUANT: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+):
+    """One row: silu(gate) * up from the fused gate/up product ([gate | up], 2N wide)."""
+    t = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    row = x_ptr + t.to(tl.int64) * stride_x
+    gate = tl.load(row + offs, mask=mask, other=0.0)
+    up = tl.load(row + N + offs, mask=mask, other=0.0)
+    dtype = gate.dtype
+    if SCALED:
+        xs = tl.load(xs_ptr + t)
+        g = gate.to(tl.float32) * xs * tl.load(ws_ptr + offs, mask=mask, other=0.0)
+        u = up.to(tl.float32) * xs * tl.load(ws_ptr + N + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            g += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            u += tl.load(bias_ptr + N + offs, mask=mask, other=0.0).to(tl.float32)
+        gate, up = g.to(dtype), u.to(dtype)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype)  # F.silu, rounded as the eager op rounds
+    h = (act.to(tl.float32) * up.to(tl.float32)).to(dtype).to(tl.float32)
+    out = out_ptr + t.to(tl.int64) * stride_out + offs
+    if QUANT:
+        scale = tl.maximum(tl.max(tl.where(mask, tl.abs(h), 0.0), 0), 1e-12) / FP8_MAX
+        q = tl.minimum(tl.maximum(tl.math.div_rn(h, scale), -FP8_MAX), FP8_MAX)
+        tl.store(out, q.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_scale_ptr + t, scale)
+    else:
+        tl.store(out, h.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul_triton(x, x_scale=None, weight_scale=None, bias=None, quant: bool = False):
+    """Same contract as `fused.silu_and_mul`: (M, 2N) -> (M, N), or with `quant` the fp8 rows
+    and their float32 scales (M, 1)."""
+    from inferd.layers.fused import FP8, FP8_MAX
+
+    rows, n = x.shape[0], x.shape[1] // 2
+    out = torch.empty(rows, n, device=x.device, dtype=FP8 if quant else x.dtype)
+    scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32) if quant else out
+    if rows:
+        assert x.stride(1) == 1
+        scaled = x_scale is not None
+        block = triton.next_power_of_2(n)
+        _silu_and_mul_kernel[(rows,)](
+            x,
+            x_scale if scaled else x,
+            weight_scale if scaled else x,
+            bias if scaled and bias is not None else x,
+            out,
+            scale,
+            x.stride(0),
+            out.stride(0),
+            N=n,
+            BLOCK=block,
+            SCALED=scaled,
+            HAS_BIAS=scaled and bias is not None,
+            QUANT=quant,
+            FP8_MAX=FP8_MAX,
+            num_warps=max(1, min(32, block // 512)),  # 16 elements a thread: a whole row in registers
+        )
+    return (out, scale) if quant else out
