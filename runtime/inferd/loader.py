@@ -65,7 +65,13 @@ class PinnedStager:
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         src = tensor.contiguous().reshape(-1).view(torch.uint8)
+        current = torch.cuda.current_stream(self.device)
         out = torch.empty(src.numel(), dtype=torch.uint8, device=self.device)
+        # `out` may reuse memory that work queued on the current stream still reads (the last
+        # tensor, freed once its weight loader queued a copy from it): the copy stream waits for
+        # that work before writing. Without this wait a second model loaded in one process came
+        # out with other tensors' bytes in its weights, depending on timing.
+        self.stream.wait_stream(current)
         for off in range(0, src.numel(), self.slot_bytes):
             n = min(self.slot_bytes, src.numel() - off)
             i = self.next
@@ -77,8 +83,7 @@ class PinnedStager:
                 out[off : off + n].copy_(self.slots[i][:n], non_blocking=True)
                 self.done[i] = torch.cuda.Event()
                 self.done[i].record(self.stream)
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        out.record_stream(torch.cuda.current_stream(self.device))
+        current.wait_stream(self.stream)
         return out.view(tensor.dtype).reshape(tensor.shape)
 
 
