@@ -135,6 +135,33 @@ def test_pinned_stager_copies_tensors_larger_than_its_ring(dtype):
         assert torch.equal(dev.cpu(), host)
 
 
+def test_pinned_stager_does_not_overwrite_memory_the_current_stream_still_reads():
+    # A weight loader queues a copy from the staged tensor on the current stream and drops it;
+    # the next tensor's device memory is then likely the same block. Here the current stream is
+    # kept busy, so that copy runs late: the stager must not write the block before it has.
+    from inferd.loader import PinnedStager
+
+    stager = PinnedStager(torch.device("cuda"), slot_bytes=1 << 20, slots=2)
+    dsts = [torch.empty(1 << 18, device="cuda") for _ in range(6)]
+    for i, dst in enumerate(dsts):
+        staged = stager.to_device(torch.full((1 << 18,), float(i)))
+        torch.cuda._sleep(20_000_000)  # ~10 ms of a busy current stream
+        dst.copy_(staged)
+        del staged
+    torch.cuda.synchronize()
+    assert [dst.unique().tolist() for dst in dsts] == [[float(i)] for i in range(6)]
+
+
+def test_a_second_engine_in_one_process_loads_the_same_weights(llama_dir):
+    first = LLM(str(llama_dir), device="cuda", dtype="float32", kv_cache_fraction=0.2, enforce_eager=True)
+    weights = {n: p.detach().cpu() for n, p in first.engine.runner.model.named_parameters()}
+    del first
+    torch.cuda.empty_cache()
+    second = LLM(str(llama_dir), device="cuda", dtype="float32", kv_cache_fraction=0.2, enforce_eager=True)
+    for name, p in second.engine.runner.model.named_parameters():
+        assert torch.equal(p.detach().cpu(), weights[name]), name
+
+
 needs_fp8 = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="fp8 needs compute capability 8.9+"
 )
@@ -264,8 +291,12 @@ def test_triton_silu_and_mul_matches_the_reference(n, form, quant):
         return
     (q, scale), (ref_q, ref_scale) = out, ref
     assert q.dtype == FP8 and q.shape == (rows, n) and scale.shape == (rows, 1)
-    torch.testing.assert_close(scale.cpu(), ref_scale, rtol=1.6e-2, atol=0)
-    # Rows rounded to fp8 alike, bar the odd element whose bf16 input was one step apart.
-    differ = (q.cpu().view(torch.uint8) != ref_q.view(torch.uint8)).float().mean().item()
+    q, scale = q.cpu(), scale.cpu()
+    torch.testing.assert_close(scale, ref_scale, rtol=1.6e-2, atol=0)  # the row maxima a bf16 step apart at most
+    # Where a row's maximum came out the same, its elements round to fp8 alike, bar the odd one
+    # whose bf16 value was one step apart (a row whose maximum moved rounds all its elements anew).
+    same = (scale == ref_scale).view(-1)
+    assert same.float().mean() > 0.5, same
+    differ = (q[same].view(torch.uint8) != ref_q[same].view(torch.uint8)).float().mean().item()
     assert differ < 0.01, differ
     torch.testing.assert_close(q.float().cpu() * scale.cpu(), ref_q.float() * ref_scale, rtol=0.13, atol=1e-6)
