@@ -213,7 +213,7 @@ def paged_decode_attention(
     An fp8 cache is widened to fp16, not to q's bf16, for the products (exact for e4m3 values,
     and the conversion is cheaper: 41 against 62 us for 64 sequences of 640 tokens on the H200),
     in 128-token tiles."""
-    fp8_cache = k_cache.dtype.itemsize == 1
+    fp8_cache = k_cache.dtype == FP8
     tile = tile or (128 if fp8_cache else 64)
     compute_dtype = compute_dtype or (torch.float16 if fp8_cache and q.dtype != torch.float32 else q.dtype)
     batch, num_heads, head_dim = q.shape

@@ -49,10 +49,15 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens (and, when any request asks, their logprobs) as tensors on the logits' device:
         nothing here waits for the GPU."""
-        logits = logits.float()
         want_logprobs = any(s.params.logprobs for s in seqs)
+        greedy = all(s.params.greedy and not s.params.needs_penalties for s in seqs)
+        if greedy and not want_logprobs:
+            # Widening to float32 is exact, so the argmax (first maximum) is the same on the
+            # model's own dtype, without a float32 copy of the logits (22 us a step at 64 x 128k).
+            return logits.argmax(dim=-1), None
+        logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        if all(s.params.greedy and not s.params.needs_penalties for s in seqs):
+        if greedy:
             tokens = logits.argmax(dim=-1)
         else:
             logits = self.apply_penalties(logits.clone(), seqs)

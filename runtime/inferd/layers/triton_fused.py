@@ -5,8 +5,8 @@ kernels were slow at decode sizes (per-kernel times from bench/bench_decode_step
   `fused.qkv_rotary` (q, k, v, the cos/sin gather), 10-12 us per layer at 64 rows; one kernel
   that reads the projection's row once takes about 3;
 - SiLU-and-multiply with its fp8 output: a 14,336-wide row's amax is a reduction that torch.compile
-  walks in chunks, twice (12 us at 64 rows, 1.3 TB/s at 8,192); here one program holds a whole
-  row in registers and reads it once.
+  walks in chunks, twice (12.3 us at 64 rows); here one program holds a whole row in registers
+  and reads it once (6.1 us at 64 rows, 258 us = 2.3 TB/s at 8,192).
 
 The arithmetic is that of the references in fused.py, which the tests hold them to: fp8 scales
 and bias applied in float32 and rounded to the output type, as `finish` does; bf16 results
@@ -86,7 +86,7 @@ def _qkv_rotary_kernel(
     SCALED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # row offsets in 64 bits, as in the SiLU kernel
     HALF: tl.constexpr = HEAD_DIM // 2
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs_j = tl.arange(0, HALF)
@@ -199,16 +199,26 @@ def _silu_and_mul_kernel(
     out = out_ptr + t.to(tl.int64) * stride_out + offs
     if QUANT:
         scale = tl.maximum(tl.max(tl.where(mask, tl.abs(h), 0.0), 0), 1e-12) / FP8_MAX
-        q = tl.minimum(tl.maximum(tl.math.div_rn(h, scale), -FP8_MAX), FP8_MAX)
+        # Triton's "/" (div.full.f32, within 2 ulp) as in torch.compile's quantize kernels, not
+        # an IEEE div_rn.
+        q = tl.minimum(tl.maximum(h / scale, -FP8_MAX), FP8_MAX)
         tl.store(out, q.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(out_scale_ptr + t, scale)
     else:
         tl.store(out, h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul_triton(x, x_scale=None, weight_scale=None, bias=None, quant: bool = False):
+def _silu_warps(rows: int, block: int) -> int:
+    """From a sweep on the H200 (docs/bench/2026-11-28-h200-silu-warps*.json): at decode sizes
+    few programs run, and a whole row spread over up to 32 warps (16 elements a thread) is
+    fastest (6.1 against 7.8 us at 64 rows of 14,336 with 4 warps); once the rows fill the GPU,
+    4 warps are (258 against 295 us at 8,192 rows)."""
+    return 4 if rows >= 512 else max(1, min(32, block // 512))
+
+
+def silu_and_mul_triton(x, x_scale=None, weight_scale=None, bias=None, quant: bool = False, num_warps: int | None = None):
     """Same contract as `fused.silu_and_mul`: (M, 2N) -> (M, N), or with `quant` the fp8 rows
-    and their float32 scales (M, 1)."""
+    and their float32 scales (M, 1). `num_warps` overrides the launch (benchmarks sweep it)."""
     from inferd.layers.fused import FP8, FP8_MAX
 
     rows, n = x.shape[0], x.shape[1] // 2
@@ -233,6 +243,6 @@ def silu_and_mul_triton(x, x_scale=None, weight_scale=None, bias=None, quant: bo
             HAS_BIAS=scaled and bias is not None,
             QUANT=quant,
             FP8_MAX=FP8_MAX,
-            num_warps=max(1, min(32, block // 512)),  # 16 elements a thread: a whole row in registers
+            num_warps=num_warps or _silu_warps(rows, block),
         )
     return (out, scale) if quant else out
