@@ -1,13 +1,17 @@
-"""Where a decode step's time goes (CUDA).
+"""Where a decode (or prefill) step's time goes (CUDA).
 
 1. `attention`: the paged decode kernel alone on a synthetic cache, swept over its launch
    configuration (tile, warps, pipeline stages, context splits) for bf16 and fp8 caches; reports
    microseconds and the KV bytes read per second against the measured copy bandwidth.
 2. `step`: our engine with N requests in steady decode; the profiler's per-kernel GPU time per
    step (CUDA-graph replays included), with full kernel names.
+3. `prefill`: the same for prefill steps of N fresh prompts (N x 512 tokens, one step when that
+   fits max_num_batched_tokens), with the step's linear-layer TFLOP/s (2 x linear weights x tokens
+   over the step's wall time).
 
     python runtime/bench/bench_decode_step.py attention --out attention.json
     python runtime/bench/bench_decode_step.py step --shape llama-8b --quantization none fp8 --out step.json
+    python runtime/bench/bench_decode_step.py prefill --batch 16 --quantization none fp8 --out prefill.json
 """
 
 from __future__ import annotations
@@ -127,29 +131,10 @@ def step_profile(args) -> dict:
                 for _ in range(args.steps):
                     engine.step()
                 sync()
-            kernels = []
-            for evt in prof.key_averages():
-                dev_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
-                if dev_us <= 0 or evt.key.startswith(("aten::", "Torch-Compiled", "## Call", "cuda", "Memcpy", "Memset")):
-                    continue
-                kernels.append(
-                    {
-                        "kernel": evt.key[:160],
-                        "calls_per_step": evt.count / args.steps,
-                        "us_per_call": dev_us / evt.count,
-                        "us_per_step": dev_us / args.steps,
-                    }
-                )
-            kernels.sort(key=lambda r: -r["us_per_step"])
             key = variant_key(variant)
-            out[key] = {
-                "wall_ms_per_step": wall_ms,
-                "kernel_ms_per_step": sum(r["us_per_step"] for r in kernels) / 1000,
-                "kernels": kernels[:40],
-            }
+            out[key] = kernel_table(prof, args.steps, wall_ms)
             print(f"== {variant}: {wall_ms:.2f} ms/step wall, {out[key]['kernel_ms_per_step']:.2f} ms kernels", flush=True)
-            for r in kernels[:30]:
-                print(f"{r['us_per_step']:9.1f} us/step {r['calls_per_step']:6.1f}x {r['us_per_call']:8.2f} us  {r['kernel']}")
+            print_kernels(out[key]["kernels"])
             del engine
             gc.collect()
             if args.device == "cuda":
@@ -157,9 +142,110 @@ def step_profile(args) -> dict:
     return {"step": out}
 
 
+def kernel_table(prof, steps: int, wall_ms: float) -> dict:
+    """The profiler's GPU kernels, per step, slowest first."""
+    kernels = []
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if dev_us <= 0 or evt.key.startswith(("aten::", "Torch-Compiled", "## Call", "cuda", "Memcpy", "Memset")):
+            continue
+        kernels.append(
+            {
+                "kernel": evt.key[:160],
+                "calls_per_step": evt.count / steps,
+                "us_per_call": dev_us / evt.count,
+                "us_per_step": dev_us / steps,
+            }
+        )
+    kernels.sort(key=lambda r: -r["us_per_step"])
+    return {
+        "wall_ms_per_step": wall_ms,
+        "kernel_ms_per_step": sum(r["us_per_step"] for r in kernels) / 1000,
+        "kernels": kernels[:40],
+    }
+
+
+def print_kernels(kernels: list[dict], rows: int = 30) -> None:
+    for r in kernels[:rows]:
+        print(f"{r['us_per_step']:9.1f} us/step {r['calls_per_step']:6.1f}x {r['us_per_call']:8.2f} us  {r['kernel']}")
+
+
+def linear_weights(shape: dict) -> int:
+    """Weights every prompt token goes through (not the embedding, not the lm_head)."""
+    h, i = shape["hidden_size"], shape["intermediate_size"]
+    head_dim = h // shape["num_attention_heads"]
+    qkv = h * (shape["num_attention_heads"] + 2 * shape["num_key_value_heads"]) * head_dim
+    return shape["num_hidden_layers"] * (qkv + h * h + 3 * h * i)
+
+
+def prefill_profile(args) -> dict:
+    """Prefill steps of `batch` fresh prompts each, after one such round to compile and warm up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shape = SHAPES[args.shape]
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    vocab = shape["vocab_size"]
+    g = torch.Generator().manual_seed(1)
+    tokens = args.batch * args.prompt_len
+    sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    out: dict = {}
+
+    def prefill_round(engine) -> int:
+        for _ in range(args.batch):
+            engine.add_request(torch.randint(3, vocab, (args.prompt_len,), generator=g).tolist(), sp)
+        steps = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        return steps
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = build_hf_model(shape, args.device, getattr(torch, args.dtype), Path(tmp))
+        state = {k: v.to("cpu") for k, v in hf.state_dict().items()}
+        del hf
+        gc.collect()
+        for variant in args.quantization:
+            engine = build_engine(
+                variant,
+                state,
+                model=tmp,
+                device=args.device,
+                dtype=args.dtype,
+                max_model_len=4096,
+                max_num_seqs=max(args.batch, 1),
+                max_num_batched_tokens=max(tokens, 8192),
+            )
+            prefill_round(engine)  # compile, warm up
+            sync()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                prefill_round(engine)
+            sync()
+            wall_ms = (time.perf_counter() - t) * 1000 / args.steps
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.steps):
+                    prefill_round(engine)
+                sync()
+            key = variant_key(variant)
+            out[key] = kernel_table(prof, args.steps, wall_ms)
+            out[key]["tokens"] = tokens
+            out[key]["linear_TFLOP_s"] = 2 * linear_weights(shape) * tokens / (wall_ms / 1000) / 1e12
+            print(
+                f"== {variant}: {tokens} prompt tokens in {wall_ms:.1f} ms wall ({out[key]['linear_TFLOP_s']:.0f} TFLOP/s"
+                f" in the linear layers), {out[key]['kernel_ms_per_step']:.1f} ms kernels",
+                flush=True,
+            )
+            print_kernels(out[key]["kernels"])
+            del engine
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    return {"prefill": out}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["attention", "step"])
+    ap.add_argument("what", choices=["attention", "step", "prefill"])
     ap.add_argument("--loads", nargs="+", default=["64x640", "16x640", "1x4096", "64x2048"], help="BATCHxCONTEXT")
     ap.add_argument("--tiles", nargs="+", type=int, default=[32, 64, 128])
     ap.add_argument("--warps", nargs="+", type=int, default=[4, 8])
@@ -185,7 +271,8 @@ def main() -> int:
     bw = copy_bandwidth(args.device)
     info["copy_bandwidth_GB_s"] = bw / 1e9
     print(json.dumps(info), flush=True)
-    res = attention(args, bw) if args.what == "attention" else step_profile(args)
+    run = {"attention": lambda: attention(args, bw), "step": lambda: step_profile(args), "prefill": lambda: prefill_profile(args)}
+    res = run[args.what]()
     if args.out:
         Path(args.out).write_text(json.dumps({"info": info, **res}, indent=2))
     return 0
