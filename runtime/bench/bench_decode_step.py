@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import itertools
 import json
@@ -30,21 +31,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import SHAPES, build_engine, build_hf_model, copy_bandwidth, replay_ms, variant_key  # noqa: E402
+from bench_engine import SHAPES, build_engine, build_hf_model, copy_bandwidth, graph_us, variant_key  # noqa: E402
 
 from inferd.sampling_params import SamplingParams  # noqa: E402
 
 
-def time_us(fn, *args, reps: int = 20, **kwargs) -> float:
-    """Mean GPU microseconds of fn(*args, **kwargs), replayed from a CUDA graph as the engine runs
-    it: timing plain calls would measure Triton's launch overhead on the host at small sizes."""
-    fn(*args, **kwargs)  # compile
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn(*args, **kwargs)
-    return replay_ms(graph, reps=5) / reps * 1000
+def time_us(fn, *args, **kwargs) -> float:
+    """GPU microseconds of fn(*args, **kwargs): 20 calls in a CUDA graph, replayed 5 times."""
+    return graph_us(functools.partial(fn, *args, **kwargs), calls=20, reps=5)
 
 
 def attention(args, bandwidth: float) -> dict:
@@ -98,47 +92,58 @@ def attention(args, bandwidth: float) -> dict:
     return {"attention": results}
 
 
-def step_profile(args) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
+def variant_engines(args, **config):
+    """(variant, engine) for each of --quantization, on one set of random weights in the shape's
+    form; each engine is freed before the next is built."""
     shape = SHAPES[args.shape]
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    vocab = shape["vocab_size"]
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
-    out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         hf = build_hf_model(shape, args.device, getattr(torch, args.dtype), Path(tmp))
         state = {k: v.to("cpu") for k, v in hf.state_dict().items()}
         del hf
         gc.collect()
         for variant in args.quantization:
-            engine = build_engine(
-                variant, state, model=tmp, device=args.device, dtype=args.dtype, max_model_len=4096, max_num_seqs=args.batch
-            )
-            sp = SamplingParams(max_tokens=args.warm_steps + 2 * args.steps + 8, temperature=0.0, ignore_eos=True)
-            for p in prompts:
-                engine.add_request(p, sp)
-            for _ in range(args.warm_steps):  # prefill, then steady decode
-                engine.step()
-            sync()
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                engine.step()
-            sync()
-            wall_ms = (time.perf_counter() - t) * 1000 / args.steps
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.steps):
-                    engine.step()
-                sync()
-            key = variant_key(variant)
-            out[key] = kernel_table(prof, args.steps, wall_ms)
-            print(f"== {variant}: {wall_ms:.2f} ms/step wall, {out[key]['kernel_ms_per_step']:.2f} ms kernels", flush=True)
-            print_kernels(out[key]["kernels"])
+            engine = build_engine(variant, state, model=tmp, device=args.device, dtype=args.dtype, max_model_len=4096, **config)
+            yield variant, engine
             del engine
             gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
+
+
+def timed_and_profiled(run, steps: int, sync):
+    """Wall milliseconds per call of run() over `steps` calls, then the profiler over as many."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        run()
+    sync()
+    wall_ms = (time.perf_counter() - t) * 1000 / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        sync()
+    return wall_ms, prof
+
+
+def step_profile(args) -> dict:
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
+    out: dict = {}
+    for variant, engine in variant_engines(args, max_num_seqs=args.batch):
+        sp = SamplingParams(max_tokens=args.warm_steps + 2 * args.steps + 8, temperature=0.0, ignore_eos=True)
+        for p in prompts:
+            engine.add_request(p, sp)
+        for _ in range(args.warm_steps):  # prefill, then steady decode
+            engine.step()
+        wall_ms, prof = timed_and_profiled(engine.step, args.steps, sync)
+        key = variant_key(variant)
+        out[key] = kernel_table(prof, args.steps, wall_ms)
+        print(f"== {variant}: {wall_ms:.2f} ms/step wall, {out[key]['kernel_ms_per_step']:.2f} ms kernels", flush=True)
+        print_kernels(out[key]["kernels"])
     return {"step": out}
 
 
@@ -180,66 +185,33 @@ def linear_weights(shape: dict) -> int:
 
 def prefill_profile(args) -> dict:
     """Prefill steps of `batch` fresh prompts each, after one such round to compile and warm up."""
-    from torch.profiler import ProfilerActivity, profile
-
     shape = SHAPES[args.shape]
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    vocab = shape["vocab_size"]
     g = torch.Generator().manual_seed(1)
     tokens = args.batch * args.prompt_len
     sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     out: dict = {}
+    engines = variant_engines(args, max_num_seqs=max(args.batch, 1), max_num_batched_tokens=max(tokens, 8192))
+    for variant, engine in engines:
 
-    def prefill_round(engine) -> int:
-        for _ in range(args.batch):
-            engine.add_request(torch.randint(3, vocab, (args.prompt_len,), generator=g).tolist(), sp)
-        steps = 0
-        while engine.has_unfinished_requests():
-            engine.step()
-            steps += 1
-        return steps
+        def prefill_round(engine=engine) -> None:
+            for _ in range(args.batch):
+                engine.add_request(torch.randint(3, shape["vocab_size"], (args.prompt_len,), generator=g).tolist(), sp)
+            while engine.has_unfinished_requests():
+                engine.step()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        hf = build_hf_model(shape, args.device, getattr(torch, args.dtype), Path(tmp))
-        state = {k: v.to("cpu") for k, v in hf.state_dict().items()}
-        del hf
-        gc.collect()
-        for variant in args.quantization:
-            engine = build_engine(
-                variant,
-                state,
-                model=tmp,
-                device=args.device,
-                dtype=args.dtype,
-                max_model_len=4096,
-                max_num_seqs=max(args.batch, 1),
-                max_num_batched_tokens=max(tokens, 8192),
-            )
-            prefill_round(engine)  # compile, warm up
-            sync()
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                prefill_round(engine)
-            sync()
-            wall_ms = (time.perf_counter() - t) * 1000 / args.steps
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.steps):
-                    prefill_round(engine)
-                sync()
-            key = variant_key(variant)
-            out[key] = kernel_table(prof, args.steps, wall_ms)
-            out[key]["tokens"] = tokens
-            out[key]["linear_TFLOP_s"] = 2 * linear_weights(shape) * tokens / (wall_ms / 1000) / 1e12
-            print(
-                f"== {variant}: {tokens} prompt tokens in {wall_ms:.1f} ms wall ({out[key]['linear_TFLOP_s']:.0f} TFLOP/s"
-                f" in the linear layers), {out[key]['kernel_ms_per_step']:.1f} ms kernels",
-                flush=True,
-            )
-            print_kernels(out[key]["kernels"])
-            del engine
-            gc.collect()
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+        prefill_round()  # compile, warm up
+        wall_ms, prof = timed_and_profiled(prefill_round, args.steps, sync)
+        key = variant_key(variant)
+        out[key] = kernel_table(prof, args.steps, wall_ms)
+        out[key]["tokens"] = tokens
+        out[key]["linear_TFLOP_s"] = 2 * linear_weights(shape) * tokens / (wall_ms / 1000) / 1e12
+        print(
+            f"== {variant}: {tokens} prompt tokens in {wall_ms:.1f} ms wall ({out[key]['linear_TFLOP_s']:.0f} TFLOP/s"
+            f" in the linear layers), {out[key]['kernel_ms_per_step']:.1f} ms kernels",
+            flush=True,
+        )
+        print_kernels(out[key]["kernels"])
     return {"prefill": out}
 
 

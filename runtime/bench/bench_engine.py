@@ -228,6 +228,19 @@ def replay_ms(graph, reps: int = 50) -> float:
     return start.elapsed_time(end) / reps
 
 
+def graph_us(fn, calls: int = 32, reps: int = 20) -> float:
+    """Mean GPU microseconds of one fn() call: `calls` calls captured in a CUDA graph, replayed
+    `reps` times, as the engine runs its kernels (timing plain calls would measure the host's
+    launch overhead at small sizes)."""
+    fn()  # compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return replay_ms(graph, reps) * 1000 / calls
+
+
 def profile(engine, prompts, steps) -> str:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile

@@ -20,21 +20,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_engine import replay_ms  # noqa: E402  (this directory is on sys.path when run as a script)
+from bench_engine import graph_us  # noqa: E402  (this directory is on sys.path when run as a script)
 
 from inferd.layers.quant import quantize_rows, quantize_weight, scale_product  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-
-
-def graph_us(fn, calls: int = 32, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    return replay_ms(g, reps) * 1000 / calls
 
 
 def measure(name: str, w: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, m: int) -> dict:

@@ -16,19 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_engine import replay_ms  # noqa: E402
+from bench.bench_engine import graph_us  # noqa: E402
 
 from inferd.layers.triton_fused import silu_and_mul_triton  # noqa: E402
-
-
-def time_us(fn, launches: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    return replay_ms(graph, 20) / launches * 1000
 
 
 def main() -> None:
@@ -46,7 +36,8 @@ def main() -> None:
             ws = torch.rand(1, 2 * n, device="cuda") / 100
             for warps in args.warps:
                 for quant in (True, False):
-                    us = time_us(functools.partial(silu_and_mul_triton, x, xs, ws, None, quant, num_warps=warps))
+                    launch = functools.partial(silu_and_mul_triton, x, xs, ws, None, quant, num_warps=warps)
+                    us = graph_us(launch, calls=20, reps=20)
                     moved = rows * n * (4 + (1 if quant else 2))  # bf16 gate+up in, fp8 or bf16 out
                     results.append(dict(n=n, rows=rows, warps=warps, quant=quant, us=round(us, 2), GB_s=round(moved / us / 1e3)))
                     print(results[-1], flush=True)
