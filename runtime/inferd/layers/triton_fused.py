@@ -19,6 +19,21 @@ import torch
 import triton
 import triton.language as tl
 
+from inferd.layers.fused import FP8, FP8_MAX
+
+
+@triton.jit
+def _load_finished(x_ptr, ws_ptr, bias_ptr, xs, cols, mask, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Columns `cols` of a projection row in float32: as stored, or an fp8 product finished as
+    `fused.finish` does it (x * x_scale * weight_scale + bias in float32, rounded to x's type)."""
+    x = tl.load(x_ptr + cols, mask=mask, other=0.0)
+    if SCALED:
+        f = x.to(tl.float32) * xs * tl.load(ws_ptr + cols, mask=mask, other=0.0)
+        if HAS_BIAS:
+            f += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        x = f.to(x.dtype)
+    return x.to(tl.float32)
+
 
 @triton.jit
 def _rotate(
@@ -45,16 +60,8 @@ def _rotate(
     offs_j = tl.arange(0, HALF)
     mask = (offs_h < HEADS)[:, None]
     cols = col0 + offs_h[:, None] * HEAD_DIM + offs_j[None, :]  # first halves; second at + HALF
-    x1 = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + cols + HALF, mask=mask, other=0.0).to(tl.float32)
-    if SCALED:
-        x1 = x1 * xs * tl.load(ws_ptr + cols, mask=mask, other=0.0)
-        x2 = x2 * xs * tl.load(ws_ptr + cols + HALF, mask=mask, other=0.0)
-        if HAS_BIAS:
-            x1 += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            x2 += tl.load(bias_ptr + cols + HALF, mask=mask, other=0.0).to(tl.float32)
-        x1 = x1.to(out_ptr.dtype.element_ty).to(tl.float32)  # the finished product, as `finish` rounds it
-        x2 = x2.to(out_ptr.dtype.element_ty).to(tl.float32)
+    x1 = _load_finished(x_ptr, ws_ptr, bias_ptr, xs, cols, mask, SCALED, HAS_BIAS)
+    x2 = _load_finished(x_ptr, ws_ptr, bias_ptr, xs, cols + HALF, mask, SCALED, HAS_BIAS)
     if ROTATE:
         o1 = x1 * cos[None, :] - x2 * sin[None, :]
         o2 = x2 * cos[None, :] + x1 * sin[None, :]
@@ -124,6 +131,14 @@ def _qkv_rotary_kernel(
     )
 
 
+def _scale_args(x, x_scale, weight_scale, bias):
+    """The kernels' (x_scale, weight_scale, bias) pointers and SCALED / HAS_BIAS flags: x stands
+    in for a pointer that a configuration does not read."""
+    scaled = x_scale is not None
+    has_bias = scaled and bias is not None
+    return (x_scale if scaled else x, weight_scale if scaled else x, bias if has_bias else x), scaled, has_bias
+
+
 def qkv_rotary_triton(positions, x, x_scale, weight_scale, bias, cos_sin, head_dim: int, q_size: int, kv_size: int):
     """Same contract as `fused.qkv_rotary`: (q [T, q_size], k [T, kv_size], v [T, kv_size])."""
     tokens = x.shape[0]
@@ -134,13 +149,10 @@ def qkv_rotary_triton(positions, x, x_scale, weight_scale, bias, cos_sin, head_d
         return q, k, v
     assert x.stride(1) == 1 and cos_sin.is_contiguous() and head_dim % 2 == 0
     heads, kv_heads = q_size // head_dim, kv_size // head_dim
-    scaled = x_scale is not None
-    dummy = x  # pointer arguments a configuration does not read
+    scale_ptrs, scaled, has_bias = _scale_args(x, x_scale, weight_scale, bias)
     _qkv_rotary_kernel[(tokens,)](
         x,
-        x_scale if scaled else dummy,
-        weight_scale if scaled else dummy,
-        bias if scaled and bias is not None else dummy,
+        *scale_ptrs,
         positions,
         cos_sin,
         q,
@@ -154,7 +166,7 @@ def qkv_rotary_triton(positions, x, x_scale, weight_scale, bias, cos_sin, head_d
         KV_PAD=triton.next_power_of_2(kv_heads),
         HEAD_DIM=head_dim,
         SCALED=scaled,
-        HAS_BIAS=scaled and bias is not None,
+        HAS_BIAS=has_bias,
         num_warps=4,
     )
     return q, k, v
@@ -182,20 +194,15 @@ def _silu_and_mul_kernel(
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     row = x_ptr + t.to(tl.int64) * stride_x
-    gate = tl.load(row + offs, mask=mask, other=0.0)
-    up = tl.load(row + N + offs, mask=mask, other=0.0)
-    dtype = gate.dtype
+    dtype = x_ptr.dtype.element_ty
     if SCALED:
         xs = tl.load(xs_ptr + t)
-        g = gate.to(tl.float32) * xs * tl.load(ws_ptr + offs, mask=mask, other=0.0)
-        u = up.to(tl.float32) * xs * tl.load(ws_ptr + N + offs, mask=mask, other=0.0)
-        if HAS_BIAS:
-            g += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            u += tl.load(bias_ptr + N + offs, mask=mask, other=0.0).to(tl.float32)
-        gate, up = g.to(dtype), u.to(dtype)
-    g = gate.to(tl.float32)
+    else:
+        xs = 1.0
+    g = _load_finished(row, ws_ptr, bias_ptr, xs, offs, mask, SCALED, HAS_BIAS)
+    u = _load_finished(row, ws_ptr, bias_ptr, xs, N + offs, mask, SCALED, HAS_BIAS)
     act = (g / (1.0 + tl.exp(-g))).to(dtype)  # F.silu, rounded as the eager op rounds
-    h = (act.to(tl.float32) * up.to(tl.float32)).to(dtype).to(tl.float32)
+    h = (act.to(tl.float32) * u).to(dtype).to(tl.float32)
     out = out_ptr + t.to(tl.int64) * stride_out + offs
     if QUANT:
         scale = tl.maximum(tl.max(tl.where(mask, tl.abs(h), 0.0), 0), 1e-12) / FP8_MAX
@@ -219,20 +226,16 @@ def _silu_warps(rows: int, block: int) -> int:
 def silu_and_mul_triton(x, x_scale=None, weight_scale=None, bias=None, quant: bool = False, num_warps: int | None = None):
     """Same contract as `fused.silu_and_mul`: (M, 2N) -> (M, N), or with `quant` the fp8 rows
     and their float32 scales (M, 1). `num_warps` overrides the launch (benchmarks sweep it)."""
-    from inferd.layers.fused import FP8, FP8_MAX
-
     rows, n = x.shape[0], x.shape[1] // 2
     out = torch.empty(rows, n, device=x.device, dtype=FP8 if quant else x.dtype)
     scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32) if quant else out
     if rows:
         assert x.stride(1) == 1
-        scaled = x_scale is not None
+        scale_ptrs, scaled, has_bias = _scale_args(x, x_scale, weight_scale, bias)
         block = triton.next_power_of_2(n)
         _silu_and_mul_kernel[(rows,)](
             x,
-            x_scale if scaled else x,
-            weight_scale if scaled else x,
-            bias if scaled and bias is not None else x,
+            *scale_ptrs,
             out,
             scale,
             x.stride(0),
@@ -240,7 +243,7 @@ def silu_and_mul_triton(x, x_scale=None, weight_scale=None, bias=None, quant: bo
             N=n,
             BLOCK=block,
             SCALED=scaled,
-            HAS_BIAS=scaled and bias is not None,
+            HAS_BIAS=has_bias,
             QUANT=quant,
             FP8_MAX=FP8_MAX,
             num_warps=num_warps or _silu_warps(rows, block),
