@@ -52,21 +52,28 @@ def attention(args, bandwidth: float) -> dict:
         q = torch.randn(batch, heads, head_dim, device="cuda", dtype=torch.bfloat16)
         lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
         tables = torch.randperm(num_blocks - 1, device="cuda", dtype=torch.int32)[: batch * blocks_per_seq].view(batch, -1)
-        # Products in bf16 for either cache, and in fp16 for an fp8 cache.
-        computes = {torch.bfloat16: [torch.bfloat16], torch.float8_e4m3fn: [torch.bfloat16, torch.float16]}
+        # Products in bf16 for either cache, and in fp16 for an fp8 cache, whose V is widened
+        # either by Triton's cast or in registers before shared memory (the engine's launch).
+        computes = {
+            torch.bfloat16: [(torch.bfloat16, False)],
+            torch.float8_e4m3fn: [(torch.bfloat16, False), (torch.float16, False), (torch.float16, True)],
+        }
         for cache_dtype, compute_dtypes in computes.items():
+            if str(cache_dtype).removeprefix("torch.") not in args.caches:
+                continue
             kc = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda").to(cache_dtype)
             vc = torch.randn_like(kc, dtype=torch.float32).to(cache_dtype)
             call = (paged_decode_attention, q, kc, vc, tables, lens, head_dim**-0.5)
             kv_bytes = 2 * batch * ctx * kv_heads * head_dim * cache_dtype.itemsize
             roofline_us = kv_bytes / bandwidth * 1e6
             default = time_us(*call)  # the launch the engine makes for this cache
-            for compute in compute_dtypes:
+            for compute, widen_v in compute_dtypes:
                 rows = []
                 for tile, warps, stages, splits in itertools.product(args.tiles, args.warps, args.stages, args.splits):
                     config = {"tile": tile, "warps": warps, "stages": stages, "splits": splits}
                     try:
-                        us = time_us(*call, splits=splits, tile=tile, num_warps=warps, num_stages=stages, compute_dtype=compute)
+                        launch = dict(splits=splits, tile=tile, num_warps=warps, num_stages=stages)
+                        us = time_us(*call, **launch, compute_dtype=compute, widen_v_in_registers=widen_v)
                     except Exception as e:  # e.g. out of shared memory: a result, not a stop
                         rows.append({**config, "error": str(e)[:120]})
                         continue
@@ -77,6 +84,7 @@ def attention(args, bandwidth: float) -> dict:
                     "context": ctx,
                     "cache": str(cache_dtype).removeprefix("torch."),
                     "compute": str(compute).removeprefix("torch."),
+                    "v_widened_in_registers": widen_v,
                     "kv_MB": kv_bytes / 1e6,
                     "roofline_us": roofline_us,
                     "default_us": default,
@@ -223,6 +231,7 @@ def main() -> int:
     ap.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--stages", nargs="+", type=int, default=[2, 4])
     ap.add_argument("--splits", nargs="+", type=int, default=[1, 2, 4, 8])
+    ap.add_argument("--caches", nargs="+", default=["bfloat16", "float8_e4m3fn"], help="attention: the cache types swept")
     ap.add_argument("--device", default="cuda", help="cpu: a quick check of the step profile's code")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))

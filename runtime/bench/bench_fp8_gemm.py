@@ -41,11 +41,16 @@ def measure(name: str, w: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, m: i
     r["scaled_mm_tensorwise"] = graph_us(
         lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs_t, scale_b=one, out_dtype=torch.bfloat16)
     )
+    # The same product with the operands swapped, (Wq Xq^T)^T: cuBLAS picks its kernel for a
+    # problem whose small side is N rather than M.
+    r["scaled_mm_swapped"] = graph_us(lambda: torch._scaled_mm(wq, xq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
     r["scale_product"] = graph_us(lambda: scale_product(prod, xs, ws, None))
     # GB/s of weight bytes streamed by each GEMM
     r["bf16_GB_s"] = n * k * 2 / r["bf16_linear"] / 1e3
     r["rowwise_GB_s"] = n * k / r["scaled_mm_rowwise"] / 1e3
     r["tensorwise_GB_s"] = n * k / r["scaled_mm_tensorwise"] / 1e3
+    r["swapped_GB_s"] = n * k / r["scaled_mm_swapped"] / 1e3
+    r["rowwise_TFLOP_s"] = 2 * m * n * k / r["scaled_mm_rowwise"] / 1e6
     return r
 
 

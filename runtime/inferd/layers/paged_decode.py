@@ -19,6 +19,23 @@ from inferd.layers.fused import FP8, FP8_MAX
 
 
 @triton.jit
+def _widen_fp8_opaque(x):
+    """e4m3 bytes (as uint8) -> fp16, exactly, in registers. For V an fp8 cache must be widened
+    before it goes through shared memory: V's contiguous axis is not the reduction axis of p @ v,
+    and Triton, left to its cast, stages the bytes and reads them back one at a time (128 byte
+    loads per thread and tile) where 16-bit values take a transposing ldmatrix. The inline asm is
+    marked impure so the compiler cannot move the layout conversion in front of it."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r",
+        [x],
+        dtype=tl.float16,
+        is_pure=False,
+        pack=4,
+    )
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -39,6 +56,7 @@ def _paged_decode_kernel(
     SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
     COMPUTE: tl.constexpr,
+    WIDEN_V_IN_REGISTERS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -79,7 +97,11 @@ def _paged_decode_kernel(
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
         denom = denom * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(COMPUTE)
+        v_offs = base[:, None] + offs_d[None, :]
+        if WIDEN_V_IN_REGISTERS:
+            v = _widen_fp8_opaque(tl.load(v_cache_ptr.to(tl.pointer_type(tl.uint8)) + v_offs, mask=t_mask[:, None], other=0))
+        else:
+            v = tl.load(v_cache_ptr + v_offs, mask=t_mask[:, None], other=0.0).to(COMPUTE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m = m_new
 
@@ -206,21 +228,25 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int = 4,
     compute_dtype: torch.dtype | None = None,
+    widen_v_in_registers: bool | None = None,
 ) -> torch.Tensor:
     """q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, W]; context_lens [B].
     The keyword arguments override the launch configuration (bench/bench_decode_step.py sweeps them).
 
     An fp8 cache is widened to fp16, not to q's bf16, for the products (exact for e4m3 values,
     and the conversion is cheaper: 41 against 62 us for 64 sequences of 640 tokens on the H200),
-    in 128-token tiles."""
+    V in registers (35 us), in 64-token tiles when the sequences fill the GPU alone and in
+    128-token tiles when their contexts are split (the sweeps in BENCHMARKS.md)."""
     fp8_cache = k_cache.dtype == FP8
-    tile = tile or (128 if fp8_cache else 64)
-    compute_dtype = compute_dtype or (torch.float16 if fp8_cache and q.dtype != torch.float32 else q.dtype)
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    splits = splits or num_splits(batch, num_kv_heads, _sm_count(q.device.index or 0))
+    tile = tile or (128 if fp8_cache and splits > 1 else 64)
+    compute_dtype = compute_dtype or (torch.float16 if fp8_cache and q.dtype != torch.float32 else q.dtype)
+    if widen_v_in_registers is None:
+        widen_v_in_registers = fp8_cache and compute_dtype == torch.float16
     group = num_heads // num_kv_heads
     group_pad = max(16, triton.next_power_of_2(group))
-    splits = splits or num_splits(batch, num_kv_heads, _sm_count(q.device.index or 0))
     out = torch.empty_like(q)
     if splits > 1:
         part_acc = torch.empty(batch * num_kv_heads * splits * group_pad, head_dim, device=q.device, dtype=torch.float32)
@@ -245,6 +271,7 @@ def paged_decode_attention(
         SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         COMPUTE=_TL_DTYPES[compute_dtype],
+        WIDEN_V_IN_REGISTERS=widen_v_in_registers,
         num_warps=num_warps,
         num_stages=num_stages,
     )
