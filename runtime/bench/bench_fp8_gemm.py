@@ -87,17 +87,17 @@ def fp8_splitk(xq: torch.Tensor, wq: torch.Tensor, part: torch.Tensor, cfg: dict
     return part
 
 
-def _cycling(op, weights, *args):
-    """A no-argument call that runs op(next weight copy, *args): one copy per captured call."""
+def _cycling(op, weights):
+    """A no-argument call that runs op(next weight copy): one copy per captured call."""
     layer = itertools.cycle(weights)
-    return lambda: op(next(layer), *args)
+    return lambda: op(next(layer))
 
 
-def splitk_sweep(xq, wqs, prod_ref, n: int, k: int) -> dict:
+def splitk_sweep(xq, wqs, prod_ref) -> dict:
     """The split-K candidate over a few launch configurations: µs of the GEMM alone (its fp32
     partial sums would be summed by the consuming kernel) and of GEMM + sum to bf16, and its
     largest difference from cuBLAS's product."""
-    m = xq.shape[0]
+    (m, k), n = xq.shape, wqs[0].shape[0]
     rows = []
     for block_n, block_k, split_k, warps, stages in itertools.product([64, 128], [128, 256], [1, 2, 4, 8], [4], [3, 4]):
         if n % block_n or k % (block_k * split_k):
@@ -158,7 +158,7 @@ def measure(name: str, ws: list, wqs: list, wss: list, m: int, sweep: bool) -> d
     r["swapped_GB_s"] = n * k / r["scaled_mm_swapped"] / 1e3
     r["rowwise_TFLOP_s"] = 2 * m * n * k / r["scaled_mm_rowwise"] / 1e6
     if sweep:
-        r.update(splitk_sweep(xq, wqs, prod, n, k))
+        r.update(splitk_sweep(xq, wqs, prod))
         if r["splitk_best"]:
             r["splitk_GB_s"] = n * k / r["splitk_best"]["us"] / 1e3
     return r

@@ -21,16 +21,25 @@ def test_triton_paged_decode_matches_reference(heads, kv_heads, head_dim, dtype,
     from inferd.layers.paged_decode import paged_decode_attention
 
     torch.manual_seed(0)
+    args = _paged_decode_case(batch, heads, kv_heads, head_dim, dtype, cache_dtype or dtype)
+    q, k_cache, v_cache, tables, context_lens, scale = args
+    out = paged_decode_attention(*args)
+    ref = decode_attention_reference(q, k_cache, v_cache, tables.long(), context_lens, scale)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def _paged_decode_case(batch, heads, kv_heads, head_dim, dtype, cache_dtype, spread: float = 1.0) -> tuple:
+    """(q, k_cache, v_cache, block_tables, context_lens, scale) for `paged_decode_attention`: caches
+    of 21 blocks of 16 tokens a sequence, contexts of ragged lengths (one token to 21 blocks' worth)."""
     block_size, num_blocks = 16, 21 * 40
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=dtype).to(cache_dtype or dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=dtype).to(cache_dtype or dtype)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(*shape, device="cuda", dtype=dtype).mul(spread).to(cache_dtype)
+    v_cache = torch.randn(*shape, device="cuda", dtype=dtype).mul(spread).to(cache_dtype)
     q = torch.randn(batch, heads, head_dim, device="cuda", dtype=dtype)
     context_lens = torch.tensor([333, 1, 17, 64, 200] * 8, device="cuda", dtype=torch.int32)[:batch]
     tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32)[: batch * 21].view(batch, 21)
-    out = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, head_dim**-0.5)
-    ref = decode_attention_reference(q, k_cache, v_cache, tables.long(), context_lens, head_dim**-0.5)
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    return q, k_cache, v_cache, tables, context_lens, head_dim**-0.5
 
 
 @pytest.mark.parametrize("batch", [1, 40])
@@ -40,13 +49,7 @@ def test_fp8_v_widened_in_registers_equals_the_cast(batch):
     from inferd.layers.paged_decode import paged_decode_attention
 
     torch.manual_seed(1)
-    num_blocks = 21 * 40
-    k_cache = torch.randn(num_blocks, 16, 8, 128, device="cuda").mul(4).to(torch.float8_e4m3fn)
-    v_cache = torch.randn(num_blocks, 16, 8, 128, device="cuda").mul(4).to(torch.float8_e4m3fn)
-    q = torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16)
-    context_lens = torch.tensor([333, 1, 17, 64, 200] * 8, device="cuda", dtype=torch.int32)[:batch]
-    tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32)[: batch * 21].view(batch, 21)
-    args = (q, k_cache, v_cache, tables, context_lens, 128**-0.5)
+    args = _paged_decode_case(batch, 32, 8, 128, torch.bfloat16, torch.float8_e4m3fn, spread=4.0)
     fast = paged_decode_attention(*args, compute_dtype=torch.float16, widen_v_in_registers=True)
     cast = paged_decode_attention(*args, compute_dtype=torch.float16, widen_v_in_registers=False)
     # The same products, though not always summed in the same order (the two stage V through
