@@ -41,3 +41,19 @@ debian_mirror() {
   fi
   printf '%s' "${uri:-http://deb.debian.org/debian}"
 }
+
+# The test network, with name resolution between hosts. A network created before the dnsname
+# plugin was installed never gains DNS, so such a network (and the disposable hosts on it) is
+# replaced rather than kept.
+ensure_testhost_network() {
+  if podman network exists "$TESTHOST_NETWORK"; then
+    [ "$(podman network inspect -f '{{.DNSEnabled}}' "$TESTHOST_NETWORK")" = true ] && return 0
+    log "test network $TESTHOST_NETWORK has no DNS (created before the dnsname plugin): recreating it"
+    podman ps -aq --filter "network=$TESTHOST_NETWORK" | xargs -r podman rm -f >/dev/null
+    podman network rm "$TESTHOST_NETWORK" >/dev/null
+  fi
+  podman network create "$TESTHOST_NETWORK" >/dev/null
+  [ "$(podman network inspect -f '{{.DNSEnabled}}' "$TESTHOST_NETWORK")" = true ] ||
+    die "podman created $TESTHOST_NETWORK without DNS, so test hosts cannot reach each other by name." \
+        "run 'make setup' (it installs golang-github-containernetworking-plugin-dnsname), then again."
+}

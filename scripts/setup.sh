@@ -9,7 +9,10 @@ cd "$PROJECT_ROOT"
 
 VENV="${VENV:-$PROJECT_ROOT/.venv}"
 STAMPS="$VENV/.stamps"
+# golang-github-containernetworking-plugin-dnsname: podman 4.3 on bookworm uses CNI, where test
+# hosts resolve each other by name only through this plugin.
 APT_PACKAGES=(debootstrap podman runc zstd uidmap slirp4netns fuse-overlayfs iproute2 e2fsprogs
+  golang-github-containernetworking-plugin-dnsname
   nginx-light prometheus prometheus-node-exporter prometheus-alertmanager openssl)
 
 [ "$(id -u)" -eq 0 ] || die "setup needs root (apt-get, podman with systemd containers)." "run it as root."

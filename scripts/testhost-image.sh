@@ -15,7 +15,7 @@ if [ "${1:-}" = "--name" ]; then
   printf '%s\n' "$image"
   exit 0
 fi
-podman network exists "$TESTHOST_NETWORK" || podman network create "$TESTHOST_NETWORK" >/dev/null
+ensure_testhost_network
 if podman image exists "$image"; then
   log "test-host image $image is present"
   exit 0
