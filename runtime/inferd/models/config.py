@@ -16,43 +16,58 @@ class UnsupportedModelError(ValueError):
     pass
 
 
-# Fields that do not change what the model computes at inference time.
+# Fields that do not change what the model computes at inference time: the one list of them.
+# Ordinary exports carry these (LlamaForCausalLM / Qwen2ForCausalLM saved by transformers 4.4x
+# and 5.x, including models converted from GGUF, and the Hub's own config.json files); any other
+# field with a set value is refused by name.
 INERT_FIELDS = {
+    # names, versions and provenance
     "architectures",
     "model_type",
     "transformers_version",
+    "_name_or_path",
+    "_model_name_or_path",  # GGUF's general.name, kept by from_pretrained(..., gguf_file=...)
+    "_commit_hash",
+    "is_llama_config",  # nanotron's marker (SmolLM2)
+    "transformers.js_config",  # settings of transformers.js's ONNX runtime (SmolLM2)
+    "tokenizer_class",
+    # dtype hints: the engine's dtype is its own setting
     "torch_dtype",
     "dtype",
+    # transformers' cache, output and attention-implementation flags
     "use_cache",
-    "initializer_range",
-    "attention_dropout",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "pretraining_tp",
     "output_attentions",
     "output_hidden_states",
     "return_dict",
-    "_name_or_path",
-    "tokenizer_class",
     "torchscript",
+    "_attn_implementation_autoset",
+    "chunk_size_feed_forward",
+    # training only
+    "initializer_range",
+    "attention_dropout",
+    "embd_pdrop",
+    "resid_pdrop",
+    "pretraining_tp",
+    # special-token ids (eos_token_id is read; the engine stops on it and on the tokenizer's)
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "unk_token_id",  # GGUF's tokenizer.ggml.unknown_token_id
+    "sep_token_id",
+    "decoder_start_token_id",
+    # heads and tasks this runtime does not build
     "id2label",
     "label2id",
     "problem_type",
-    "chunk_size_feed_forward",
+    "finetuning_task",
+    "task_specific_params",
+    "prefix",
     "is_encoder_decoder",
     "add_cross_attention",
     "tie_encoder_decoder",
     "cross_attention_hidden_size",
-    "task_specific_params",
-    "finetuning_task",
-    "prefix",
-    "sep_token_id",
-    "decoder_start_token_id",
+    # Qwen2: the layers sliding-window attention would start at, refused when it is on
     "max_window_layers",
-    "_attn_implementation_autoset",
-    "embd_pdrop",
-    "resid_pdrop",
 }
 
 
