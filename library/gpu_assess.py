@@ -12,11 +12,14 @@ description:
   - Reads every NVIDIA GPU on the host through nvidia-ml-py (NVML), or by parsing
     C(nvidia-smi -q -x) when the Python bindings are missing, including name, memory, compute
     capability, driver and CUDA versions, ECC mode and error counts, persistence mode, PCIe
-    generation and width, MIG mode, and the GPU's NUMA node and local CPU list.
+    generation and width, MIG mode, and the GPU's NUMA node and local CPU list. Without the
+    Python bindings the compute capability comes from C(nvidia-smi --query-gpu=compute_cap).
   - Given a model (parameter count, or a C(config.json) on the host), a dtype, a context length
     and a concurrency, computes weights + KV cache + overhead against the memory of one GPU and
-    returns go/no-go, the headroom, and the lowest-loss quantization that fits
-    (bf16, then fp8, then int8, then int4).
+    returns go/no-go, the headroom, and the lowest-loss precision the inferd runtime serves that
+    fits, bf16 (no quantization) then fp8. fp8 is recommended only where every GPU has compute
+    capability 8.9 or newer (Ada, Hopper and later); where neither fits the result says no
+    quantization fits.
   - Changes nothing on the host; safe in check mode.
   - On a host without an NVIDIA GPU it returns C(gpus=[]), C(fits=false) and a message that says
     so; it does not fail. The play decides (see C(playbooks/assess.yml)).
@@ -33,9 +36,12 @@ options:
     description: KV-cache bytes per token at I(dtype), when there is no config.json (2 x layers x kv_heads x head_dim x bytes).
     type: int
   dtype:
-    description: Precision to check first. The recommendation walks down the ladder from here.
+    description:
+      - Precision to check first (the runtime serves bf16/fp16 unquantized, and fp8). The
+        recommendation walks down from here (bf16, then fp8).
+      - fp8 on a GPU older than compute capability 8.9 does not fit, whatever the memory.
     type: str
-    choices: [bf16, fp16, fp8, int8, int4]
+    choices: [bf16, fp16, fp8]
     default: bf16
   context_length:
     description: Tokens per sequence (prompt + output) to reserve KV cache for.
@@ -67,11 +73,11 @@ EXAMPLES = r"""
     concurrency: 16
   register: assessment
 
-- name: Assess a 70B model by size alone
+- name: Assess a 70B model by size alone, served in fp8
   gpu_assess:
     params_billion: 70.6
     kv_bytes_per_token: 327680
-    dtype: int8
+    dtype: fp8
 """
 
 RETURN = r"""
@@ -100,7 +106,7 @@ source:
   returned: always
   type: str
 fits:
-  description: Whether the model fits one GPU at I(dtype).
+  description: Whether the model fits one GPU at I(dtype) (and, for fp8, the GPUs support fp8).
   returned: always
   type: bool
 headroom_gib:
@@ -112,9 +118,15 @@ need_gib:
   returned: when a GPU was found
   type: dict
 recommended_quantization:
-  description: The lowest-loss precision (from I(dtype) down) that fits, or null if none does.
+  description: >-
+    The lowest-loss precision the runtime serves (from I(dtype) down: bf16, fp8) that fits, or
+    null if none does. fp8 only where every GPU has compute capability 8.9 or newer.
   returned: always
   type: str
+fp8_supported:
+  description: Whether every GPU has compute capability 8.9 or newer (null when a GPU's is unknown).
+  returned: when a GPU was found
+  type: bool
 msg:
   description: A readable summary.
   returned: always
@@ -130,10 +142,29 @@ import xml.etree.ElementTree as ET  # noqa: E402
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 GIB = 1 << 30
-LADDER = ["bf16", "fp16", "fp8", "int8", "int4"]
-BYTES_PER_PARAM = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
-# Loss order: bf16/fp16 exact, fp8 and int8 small, int4 noticeable.
-RECOMMEND_ORDER = ["bf16", "fp8", "int8", "int4"]
+# What the inferd runtime serves (runtime/inferd/config.py: the model's 16-bit dtype, or fp8):
+# a recommendation the runtime cannot serve (int8, int4) would only move the failure to its start.
+LADDER = ["bf16", "fp16", "fp8"]
+BYTES_PER_PARAM = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0}
+RECOMMEND_ORDER = ["bf16", "fp8"]  # loss order: 16-bit exact, then fp8
+# fp8 tensor cores (e4m3 matmuls) start with Ada (8.9) and Hopper (9.0).
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
+
+
+def _capability(text) -> tuple | None:
+    try:
+        major, minor = str(text).split(".")
+        return int(major), int(minor)
+    except (ValueError, AttributeError):
+        return None
+
+
+def fp8_supported(gpus: list) -> bool | None:
+    """True when every GPU has fp8 tensor cores, False when one lacks them, None when one's is unknown."""
+    caps = [_capability(g.get("compute_capability")) for g in gpus]
+    if any(c is not None and c < FP8_MIN_COMPUTE_CAPABILITY for c in caps):
+        return False
+    return None if any(c is None for c in caps) else True
 
 
 # ---- model sizing --------------------------------------------------------------------------
@@ -175,27 +206,41 @@ def assess(
             "msg": "no NVIDIA GPU found on this host (no NVML device and no working nvidia-smi)",
         }
     usable = min(g["memory_total_mib"] for g in gpus) / 1024 * utilization
+    fp8 = fp8_supported(gpus)
+    caps = ", ".join(sorted({str(g.get("compute_capability") or "unknown") for g in gpus}))
+    no_fp8 = f"{gpus[0]['name']} (compute capability {caps}) has no fp8 (it needs 8.9 or newer)"
+    if fp8 is None:
+        no_fp8 = f"the compute capability of {gpus[0]['name']} is unknown, so fp8 is not assumed"
+
+    def fits_at(q: str) -> bool:
+        in_memory = need(params, kv_bytes_per_token, q, context, concurrency, overhead_gib)["total"] <= usable
+        return in_memory and (q != "fp8" or fp8 is True)
+
     want = need(params, kv_bytes_per_token, dtype, context, concurrency, overhead_gib)
-    recommended = None
     start = RECOMMEND_ORDER.index("bf16" if dtype == "fp16" else dtype)
-    for q in RECOMMEND_ORDER[start:]:
-        if need(params, kv_bytes_per_token, q, context, concurrency, overhead_gib)["total"] <= usable:
-            recommended = q
-            break
-    fits = want["total"] <= usable
+    recommended = next((q for q in RECOMMEND_ORDER[start:] if fits_at(q)), None)
+    fits = fits_at(dtype)
     headroom = usable - want["total"]
+    if recommended:
+        verdict = f"; lowest-loss quantization that fits: {recommended}"
+    else:
+        verdict = "; no quantization fits one GPU"
+        fp8_would_fit = need(params, kv_bytes_per_token, "fp8", context, concurrency, overhead_gib)["total"] <= usable
+        if fp8 is not True and fp8_would_fit:
+            verdict += f" (fp8 would fit in memory, but {no_fp8})"
     msg = (
         f"{params / 1e9:.1f}B parameters at {dtype}: need {want['total']:.1f} GiB "
         f"(weights {want['weights']:.1f}, KV {want['kv_cache']:.1f} for {concurrency} x {context} tokens, "
         f"overhead {overhead_gib:.1f}) of {usable:.1f} GiB usable on {gpus[0]['name']}: "
-        + ("fits" if fits else "does NOT fit")
-        + (f"; lowest-loss quantization that fits: {recommended}" if recommended else "; no quantization fits one GPU")
+        + ("fits" if fits else ("does NOT fit" if dtype != "fp8" or fp8 is True else f"does NOT fit: {no_fp8}"))
+        + verdict
     )
     return {
         "fits": fits,
         "headroom_gib": round(headroom, 2),
         "need_gib": {k: round(v, 2) for k, v in want.items()},
         "usable_gib": round(usable, 2),
+        "fp8_supported": fp8,
         "recommended_quantization": recommended,
         "msg": msg,
     }
@@ -312,6 +357,16 @@ def query_nvml() -> list | None:
     return out
 
 
+def parse_compute_caps(text: str) -> dict:
+    """`nvidia-smi --query-gpu=pci.bus_id,compute_cap --format=csv,noheader`: bus id -> "9.0"."""
+    caps = {}
+    for line in text.splitlines():
+        bus, _, cap = (part.strip() for part in line.partition(","))
+        if _capability(cap):
+            caps[bus.lower()] = cap
+    return caps
+
+
 def discover() -> tuple:
     gpus = query_nvml()
     if gpus:
@@ -320,7 +375,15 @@ def discover() -> tuple:
     if smi:
         r = subprocess.run([smi, "-q", "-x"], capture_output=True, text=True, timeout=60)
         if r.returncode == 0:
-            return parse_nvidia_smi_xml(r.stdout), "nvidia-smi"
+            gpus = parse_nvidia_smi_xml(r.stdout)
+            # The XML has no compute capability; the query form has it since driver 510.
+            q = subprocess.run(
+                [smi, "--query-gpu=pci.bus_id,compute_cap", "--format=csv,noheader"], capture_output=True, text=True, timeout=60
+            )
+            caps = parse_compute_caps(q.stdout) if q.returncode == 0 else {}
+            for gpu in gpus:
+                gpu["compute_capability"] = caps.get(gpu["pci_bus_id"].lower())
+            return gpus, "nvidia-smi"
     return [], "none"
 
 
