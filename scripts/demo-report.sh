@@ -17,20 +17,26 @@ Demo host '$host' is up at $ip (a podman container with systemd as PID 1):
   prometheus      $(podman exec "$host" systemctl is-active prometheus)  Prometheus, Alertmanager, node exporter on the host's loopback: $targets_up scrape targets up
                           (podman exec $host curl -s localhost:9090/api/v1/alerts, or an SSH tunnel on a real host)
 
-One chat completion through the gateway, from this machine, with the demo user key:
+One question through the gateway, from this machine, with the demo user key (openai client, TLS):
 MSG
-curl -sS --cacert "$demo/ca.crt" "https://$ip/v1/chat/completions" \
-  -H "Authorization: Bearer $user_key" -H 'Content-Type: application/json' \
-  -d '{"model": "deepseek-demo", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}' | sed 's/^/  /'
+SSL_CERT_FILE="$demo/ca.crt" "$PROJECT_ROOT/.venv/bin/python" - "https://$ip/v1" "$user_key" <<'PY'
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2])
+question = "What is the capital of France?"
+r = client.chat.completions.create(model="smollm2-demo", messages=[{"role": "user", "content": question}],
+                                   max_tokens=48, temperature=0)
+print(f"  Q: {question}\n  A: {r.choices[0].message.content}\n  (finish_reason {r.choices[0].finish_reason}, "
+      f"{r.usage.completion_tokens} tokens, model {r.model})")
+PY
 cat <<MSG
 
 
-Try it yourself (demo keys: $demo/api-keys.json; the model is random weights, so the text is noise):
+Try it yourself (demo keys: $demo/api-keys.json; the model is SmolLM2-135M-Instruct: small, so keep questions simple):
   KEY=\$(python3 -c "import json; print(json.load(open('$demo/api-keys.json'))[0]['key'])")
   curl --cacert $demo/ca.crt https://$ip/v1/chat/completions -H "Authorization: Bearer \$KEY" \\
     -H 'Content-Type: application/json' \\
-    -d '{"model": "deepseek-demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}'
-  SSL_CERT_FILE=$demo/ca.crt .venv/bin/python -c "import openai; c = openai.OpenAI(base_url='https://$ip/v1', api_key='\$KEY'); print(c.chat.completions.create(model='deepseek-demo', messages=[{'role': 'user', 'content': 'Hi'}], max_tokens=16).choices[0].message.content)"
+    -d '{"model": "smollm2-demo", "messages": [{"role": "user", "content": "Name three primary colors."}], "max_tokens": 64}'
+  SSL_CERT_FILE=$demo/ca.crt .venv/bin/python -c "import openai; c = openai.OpenAI(base_url='https://$ip/v1', api_key='\$KEY'); print(c.chat.completions.create(model='smollm2-demo', messages=[{'role': 'user', 'content': 'Hi'}], max_tokens=16).choices[0].message.content)"
   re-run:     ansible-playbook site.yml -i inventory/demo      (idempotent: changed=0)
   tear down:  make demo-down
 MSG
