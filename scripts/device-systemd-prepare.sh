@@ -35,7 +35,7 @@ metrics_token=$(openssl rand -hex 32)
 (umask 077 && printf '%s' "$api_key" >"$out.partial/api-key" && printf '%s' "$metrics_token" >"$out.partial/metrics-token")
 (umask 077 && cat >"$out.partial/settings.yml" <<YML
 inference_runtime_device: cuda
-inference_runtime_nvidia_devices: [/dev/nvidiactl, /dev/nvidia0, /dev/nvidia-uvm, /dev/nvidia-uvm-tools]
+inference_runtime_nvidia_devices: [/dev/nvidia0]
 inference_runtime_served_model_name: deepseek-device
 # Served encrypted, the key as the systemd credential model-key (the bank's setting); the key itself
 # is made on the device, only its presence shapes the unit.

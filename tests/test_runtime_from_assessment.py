@@ -20,7 +20,12 @@ ROLE = ROOT / "roles/inference_runtime"
 ASSESSED = {"gpu_assess_numa_node": "1", "gpu_assess_local_cpus": "52-103,156-207", "gpu_assess_recommended_quantization": "fp8"}
 HOSTS = {
     # host: (host vars, expected quantization, expected CPUAffinity, expected NUMAMask)
-    "assessed": ({"inference_runtime_device": "cuda", **ASSESSED}, "fp8", "52-103,156-207", "1"),
+    "assessed": (
+        {"inference_runtime_device": "cuda", "inference_runtime_nvidia_devices": ["/dev/nvidia0"], **ASSESSED},
+        "fp8",
+        "52-103,156-207",
+        "1",
+    ),
     "node0_bf16": (
         {
             "inference_runtime_device": "cuda",
@@ -57,7 +62,8 @@ def rendered(tmp_path_factory):
     smi.write_text(f'#!/bin/sh\ncase "$1" in --query-gpu=*) echo "00000000:00:06.0, 9.0" ;; *) cat {xml} ;; esac\n')
     smi.chmod(0o755)
     local = {"ansible_connection": "local", "ansible_python_interpreter": "{{ ansible_playbook_python }}"}
-    defaults = yaml.safe_load((ROLE / "defaults/main.yml").read_text())
+    # The role's defaults and its vars, as the role itself would see them.
+    defaults = {**yaml.safe_load((ROLE / "defaults/main.yml").read_text()), **yaml.safe_load((ROLE / "vars/main.yml").read_text())}
     seventy_b = {
         "assess_params_billion": 70.55,
         "assess_kv_bytes_per_token": 327680,
@@ -138,3 +144,11 @@ def test_a_gpu_host_without_an_assessment_is_refused(rendered):
     recap = {line.split()[0]: line for line in r.stdout.split("PLAY RECAP")[1].splitlines() if ":" in line}
     assert "failed=1" in recap["no_assessment"]
     assert all("failed=0" in recap[host] for host in [*HOSTS, "h200"]), recap
+
+
+def test_a_cuda_unit_allows_the_control_devices_cuda_opens(rendered):
+    tmp, _ = rendered
+    allowed = [line for line in (tmp / "assessed-inferd.service").read_text().splitlines() if line.startswith("DeviceAllow=")]
+    assert allowed == [f"DeviceAllow={d} rw" for d in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")]
+    cpu_unit = (tmp / "cpu_device-inferd.service").read_text()
+    assert "DevicePolicy=closed" in cpu_unit and "DeviceAllow=" not in cpu_unit
