@@ -195,9 +195,22 @@ def _serve(args) -> int:
         print("inferd: error: no model: pass --model DIR or set model: in the config", file=sys.stderr)
         return 2
     setup_json_logging()
-    app = create_app(cfg)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=None, timeout_graceful_shutdown=int(cfg.shutdown_timeout_s))
-    return 0
+    server: uvicorn.Server | None = None
+
+    def stop(reason: str) -> None:
+        # The start-up load failed or the engine died: shut down as on SIGTERM (listeners close,
+        # in-flight requests end, the audit is flushed), then exit 1 for systemd to restart us.
+        server.should_exit = True
+
+    app = create_app(cfg, on_fatal=stop)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, timeout_graceful_shutdown=int(cfg.shutdown_timeout_s))
+    )
+    server.run()
+    if not server.started:
+        return 3  # uvicorn's own code for a start-up failure (the port taken, ...)
+    state = getattr(app.state, "inferd", None)
+    return 1 if state is not None and state.fatal else 0
 
 
 def main(argv: list[str] | None = None) -> int:

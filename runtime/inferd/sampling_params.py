@@ -1,9 +1,25 @@
-"""Per-request sampling settings, validated once when the request is made."""
+"""Per-request sampling settings, validated once when the request is made.
+
+Every value is checked here, whoever builds the params (the server, `LLM`, a test): the engine
+thread runs one batch for every tenant, so a value it cannot use must fail the request that
+carries it, before it is queued, and never a step."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+# torch.Generator.manual_seed takes [-2**63, 2**64 - 1] and raises beyond it; negative seeds wrap
+# to the same state as seed + 2**64, so only the non-negative half is accepted.
+SEED_MAX = 2**64 - 1
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -26,14 +42,22 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an integer >= 1"),
-            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be a finite number >= 0"),
-            (math.isfinite(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1), "top_k must be -1 (off) or >= 1"),
-            (math.isfinite(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (math.isfinite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-            (math.isfinite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens must be an integer >= 1"),
+            (_is_real(self.temperature) and self.temperature >= 0, "temperature must be a finite number >= 0"),
+            (_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (_is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "top_k must be -1 (off) or >= 1"),
+            (_is_real(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (_is_real(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (_is_real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (_is_real(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.seed is None or (_is_int(self.seed) and 0 <= self.seed <= SEED_MAX), f"seed must be in [0, {SEED_MAX}]"),
+            (
+                isinstance(self.stop_token_ids, list) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+                "stop_token_ids must be a list of integers >= 0",
+            ),
+            (isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+            (isinstance(self.ignore_eos, bool), "ignore_eos must be true or false"),
+            (isinstance(self.logprobs, bool), "logprobs must be true or false"),
         ]
         for ok, message in checks:
             if not ok:

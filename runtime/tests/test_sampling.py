@@ -26,6 +26,13 @@ def test_same_seed_same_output_even_in_another_batch(llm):
     assert c != a
 
 
+def test_the_ends_of_the_seed_range_sample(llm):
+    from inferd.sampling_params import SEED_MAX
+
+    params = [SamplingParams(max_tokens=3, temperature=1.0, seed=seed, ignore_eos=True) for seed in (0, SEED_MAX)]
+    assert [len(o.token_ids) for o in llm.generate([PROMPT, PROMPT], params)] == [3, 3]
+
+
 def test_top_k_1_is_greedy(llm):
     greedy = llm.generate([PROMPT], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))[0].token_ids
     topk = llm.generate([PROMPT], SamplingParams(max_tokens=16, temperature=5.0, top_k=1, seed=3, ignore_eos=True))[0].token_ids
@@ -104,6 +111,13 @@ def test_logprobs_are_those_of_the_chosen_tokens(llm):
         dict(top_k=0),
         dict(min_p=2),
         dict(repetition_penalty=0),
+        dict(seed=-1),
+        dict(seed=2**64),  # torch.Generator.manual_seed raises past 2**64 - 1: in the engine thread, for everyone
+        dict(seed=2**70),
+        dict(seed=1.5),
+        dict(max_tokens=True),
+        dict(stop_token_ids=[-1]),
+        dict(stop=[""]),
     ],
 )
 def test_bad_sampling_params_are_refused(bad):

@@ -28,7 +28,17 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: Path, data_dir: Path, extra_config: dict | None = None):
+    """`inferd serve` as a process; `python_code` runs instead of `-m inferd.cli` (with the same
+    arguments in sys.argv[1:]) to patch the runtime before it starts."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        data_dir: Path,
+        extra_config: dict | None = None,
+        python_code: str | None = None,
+        wait_ready: bool = True,
+    ):
         self.port = free_port()
         self.data_dir = data_dir
         self.config = data_dir / "config.yaml"
@@ -51,10 +61,13 @@ class Server:
             self.keys[name] = r.stdout.strip()
         assert inferd("keys", "revoke", "--config", str(self.config), "--name", "rex").returncode == 0
         self.log = open(data_dir / "server.log", "w")
+        launcher = ["-c", python_code] if python_code else ["-m", "inferd.cli"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "inferd.cli", "serve", "--config", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT
+            [sys.executable, *launcher, "serve", "--config", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT
         )
         self.url = f"http://127.0.0.1:{self.port}"
+        if not wait_ready:
+            return
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
@@ -181,6 +194,14 @@ MSG = [{"role": "user", "content": "hello"}]
             "",
         ),
         ("negative temperature", {"model": "tiny", "messages": MSG, "temperature": -1}, None, 400, "temperature"),
+        ("seed 2**64", {"model": "tiny", "messages": MSG, "seed": 2**64, "temperature": 1}, None, 400, "seed"),
+        ("seed 2**70", {"model": "tiny", "messages": MSG, "seed": 2**70, "temperature": 1}, None, 400, "seed"),
+        ("negative seed", {"model": "tiny", "messages": MSG, "seed": -1, "temperature": 1}, None, 400, "seed"),
+        ("huge n", {"model": "tiny", "messages": MSG, "n": 2**70}, None, 400, "n"),
+        ("huge top_p", {"model": "tiny", "messages": MSG, "top_p": 2**70}, None, 400, "top_p"),
+        ("huge penalty", {"model": "tiny", "messages": MSG, "presence_penalty": 2**70}, None, 400, "presence_penalty"),
+        ("five stop strings", {"model": "tiny", "messages": MSG, "stop": list("abcde")}, None, 400, "stop"),
+        ("long stop string", {"model": "tiny", "messages": MSG, "stop": "x" * 300}, None, 400, "stop"),
         (
             "prompt longer than context",
             {"model": "tiny", "messages": [{"role": "user", "content": "word " * 400}]},
@@ -205,6 +226,20 @@ def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(server, name, bod
     assert r.status_code == status, (name, r.text[:300])
     err = r.json()["error"]
     assert needle in err["message"] and err["type"], err
+    assert post(server, {"model": "tiny", "messages": MSG, "max_tokens": 2}).status_code == 200
+
+
+def test_seed_bounds_name_the_field_and_range(server):
+    r = post(server, {"model": "tiny", "messages": MSG, "seed": 2**64, "temperature": 1})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "seed" and str(2**63 - 1) in err["message"], err
+
+
+def test_largest_seed_with_n_is_served(server):
+    """Choice i samples with seed + i: at the top of the range that must still be a seed the engine takes."""
+    c = server.client()
+    out = c.completions.create(model="tiny", prompt="The quick", max_tokens=3, temperature=1.0, seed=2**63 - 1, n=3)
+    assert len(out.choices) == 3
     assert post(server, {"model": "tiny", "messages": MSG, "max_tokens": 2}).status_code == 200
 
 
@@ -527,3 +562,84 @@ def test_server_serves_an_encrypted_packed_model(llama_dir, tmp_path):
         assert out.usage.completion_tokens == 4
     finally:
         s.stop()
+
+
+# ---- a server that cannot serve exits 1 (systemd: Restart=on-failure) ------------------------
+FAIL_ONE_ENGINE_STEP = """
+import sys
+from inferd.cli import main
+from inferd.engine import async_engine
+
+serving_init = async_engine.AsyncLLMEngine.__init__
+
+def init(self, engine, *args, **kw):
+    real_step = engine.step
+
+    def step():
+        engine.step = real_step
+        raise RuntimeError("injected engine fault")
+
+    engine.step = step
+    serving_init(self, engine, *args, **kw)
+
+async_engine.AsyncLLMEngine.__init__ = init
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def wait_exit(s: Server, timeout: float = 90) -> int:
+    try:
+        return s.proc.wait(timeout)
+    finally:
+        s.stop(signal.SIGKILL)
+
+
+def test_engine_failure_fails_the_request_and_exits_1(llama_dir, tmp_path):
+    """The issue-24 outage: an engine that died kept the process up, /ready 200, model_ready 1."""
+    s = Server(llama_dir, tmp_path, python_code=FAIL_ONE_ENGINE_STEP)
+    try:
+        r = post(s, {"model": "tiny", "messages": MSG, "max_tokens": 4})
+        assert r.status_code == 503 and "injected engine fault" in r.json()["error"]["message"], r.text
+        try:
+            assert httpx.get(s.url + "/ready", timeout=5).status_code == 503
+        except httpx.TransportError:
+            pass  # already gone: as good
+    finally:
+        code = wait_exit(s)
+    log = (tmp_path / "server.log").read_text()
+    assert code == 1, log
+    assert "injected engine fault" in log and "Traceback" in log
+
+
+def test_engine_failure_mid_stream_ends_the_stream_with_an_error(llama_dir, tmp_path):
+    s = Server(llama_dir, tmp_path, python_code=FAIL_ONE_ENGINE_STEP)
+    try:
+        body = {"model": "tiny", "messages": MSG, "max_tokens": 4, "stream": True}
+        with httpx.stream(
+            "POST", s.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {s.keys['alice']}"}
+        ) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert "injected engine fault" in lines[-1] and "[DONE]" not in lines[-1], lines
+    finally:
+        assert wait_exit(s) == 1
+
+
+@pytest.mark.parametrize("what", ["no config.json", "encrypted, key file unreadable"])
+def test_model_that_fails_to_load_at_start_up_exits_1(llama_dir, tmp_path, what):
+    model, extra = tmp_path / "model", {}
+    if what == "no config.json":
+        model.mkdir()
+        for f in llama_dir.iterdir():
+            if f.name != "config.json":
+                (model / f.name).write_bytes(f.read_bytes())
+    else:
+        assert inferd("keygen", "--out", str(tmp_path / "keys")).returncode == 0
+        r = inferd("pack", str(llama_dir), str(model), "--encrypt", "--key-file", str(tmp_path / "keys" / "model.key"))
+        assert r.returncode == 0, r.stderr
+        extra["model_key_file"] = str(tmp_path / "keys" / "missing.key")
+    (tmp_path / "srv").mkdir()
+    s = Server(model, tmp_path / "srv", extra, wait_ready=False)
+    code = wait_exit(s)
+    log = (tmp_path / "srv" / "server.log").read_text()
+    assert code == 1, log
+    assert "failed to load at start-up" in log, log

@@ -54,3 +54,49 @@ def test_results_expire_after_the_retention_period(tmp_path):
     time.sleep(0.4)
     assert store.purge() == 1
     store.close()
+
+
+# ---- a dead engine -----------------------------------------------------------------------------
+def test_a_dead_serving_engine_turns_ready_off_and_asks_to_exit(llama_dir, tmp_path):
+    import asyncio
+
+    from inferd.engine.async_engine import EngineDeadError
+    from inferd.sampling_params import SamplingParams
+    from inferd.server.app import ServerState
+    from inferd.server.config import ServerConfig
+
+    fatal = []
+    state = ServerState(ServerConfig(model=str(llama_dir), data_dir=str(tmp_path), max_model_len=64), on_fatal=fatal.append)
+    state.load_model(at_start=True)
+    assert state.ready and state.metrics.ready._value.get() == 1
+
+    def fail():
+        raise RuntimeError("injected engine fault")
+
+    state.engine.engine.step = fail
+
+    async def one_request():
+        async for _ in state.engine.generate([1, 2, 3], SamplingParams(max_tokens=2)):
+            pass
+
+    with pytest.raises(EngineDeadError, match="injected engine fault"):
+        asyncio.run(asyncio.wait_for(one_request(), 30))
+    state.engine._thread.join(10)
+    assert not state.ready and state.metrics.ready._value.get() == 0
+    assert fatal == [state.fatal] and "injected engine fault" in state.fatal
+    with pytest.raises(EngineDeadError):  # later requests are refused at once
+        asyncio.run(asyncio.wait_for(one_request(), 30))
+    state.close()
+
+
+def test_a_failed_hot_load_is_not_fatal_but_a_failed_start_up_load_is(tmp_path):
+    from inferd.server.app import ServerState
+    from inferd.server.config import ServerConfig
+
+    fatal = []
+    state = ServerState(ServerConfig(model=str(tmp_path / "none"), data_dir=str(tmp_path)), on_fatal=fatal.append)
+    state.load_model(str(tmp_path / "other"))
+    assert state.load_error and not fatal
+    state.load_model(at_start=True)
+    assert len(fatal) == 1 and "start-up" in fatal[0] and not state.ready
+    state.close()

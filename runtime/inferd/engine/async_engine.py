@@ -4,6 +4,10 @@ The engine itself is single-threaded; one background thread owns it and runs ste
 is work. Callers on an asyncio loop talk to it through a queue per request. Leaving the async
 iterator early (a client disconnect, a cancelled task) aborts the request in the engine, so its
 KV blocks are freed at the next step.
+
+An exception anywhere in the engine thread leaves the engine in an unknown state: every request
+in it fails, later ones are refused (EngineDeadError), and `on_error` tells the owner, which
+decides what a dead engine means for the process (the server exits so that it is restarted).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import asyncio
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from inferd.engine.llm_engine import LLMEngine
 from inferd.outputs import RequestOutput
@@ -26,8 +30,9 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_error: Callable[[AsyncLLMEngine, BaseException], None] | None = None):
         self.engine = engine
+        self.on_error = on_error
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -41,11 +46,11 @@ class AsyncLLMEngine:
 
     # ---- caller side (any asyncio loop) ---------------------------------------------------
     async def generate(self, prompt, params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        if self.error is not None:
-            raise EngineDeadError(f"the engine stopped after an error: {self.error}")
         request_id = request_id or f"req-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
+        with self._lock:  # under the lock: a request is either refused here or failed by _run
+            if self.error is not None:
+                raise EngineDeadError(f"the engine stopped after an error: {self.error}")
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
             self._pending.append((request_id, prompt, params))
         self._wake.set()
@@ -89,6 +94,19 @@ class AsyncLLMEngine:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # the engine is in an unknown state: fail everything, stop
+            log.exception("the engine thread failed: every request in it fails and the engine stops")
+            with self._lock:
+                self.error = e
+                ids = list(self._streams)
+            for request_id in ids:
+                self._deliver(request_id, EngineDeadError(f"the engine failed: {type(e).__name__}: {e}"))
+            if self.on_error is not None:
+                self.on_error(self, e)
+
+    def _loop(self) -> None:
         engine = self.engine
         while not self._stopping:
             with self._lock:
@@ -105,15 +123,5 @@ class AsyncLLMEngine:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
-            try:
-                outputs = engine.step()
-            except Exception as e:  # the engine is in an unknown state: fail everything, stop
-                log.exception("engine step failed")
-                self.error = e
-                with self._lock:
-                    ids = list(self._streams)
-                for request_id in ids:
-                    self._deliver(request_id, EngineDeadError(f"the engine failed: {e}"))
-                return
-            for out in outputs:
+            for out in engine.step():
                 self._deliver(out.request_id, out)

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from inferd.config import EngineConfig
 from inferd.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from inferd.engine.llm_engine import LLMEngine
-from inferd.sampling_params import SamplingParams
+from inferd.sampling_params import SEED_MAX, SamplingParams
 from inferd.server.audit import AuditFullError, AuditLog
 from inferd.server.auth import ANONYMOUS, ROLE_TABLE, ApiKey, KeyStore, digest
 from inferd.server.config import ServerConfig
@@ -34,6 +35,7 @@ from inferd.server.results import ResultStore
 
 log = logging.getLogger("inferd.server")
 NOT_AUDITED = {"/health", "/ready", "/metrics"}
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # each stop string is searched for after every token
 
 
 class OpenAIError(Exception):
@@ -133,8 +135,15 @@ class BodyLimit:
 
 
 class ServerState:
-    def __init__(self, cfg: ServerConfig, engine: AsyncLLMEngine | None = None):
+    """What the routes share. `on_fatal(reason)` is called once when the server can no longer
+    serve and must not look alive: the start-up model load failed, or the serving engine died.
+    `inferd serve` stops uvicorn from it and exits 1, so that systemd (Restart=on-failure)
+    restarts the service and its start limit, not a 503 that never ends, reports a bad model."""
+
+    def __init__(self, cfg: ServerConfig, engine: AsyncLLMEngine | None = None, on_fatal: Callable[[str], None] | None = None):
         self.cfg = cfg
+        self.on_fatal = on_fatal
+        self.fatal: str | None = None
         self.metrics = Metrics()
         self.keys = KeyStore(cfg.keys_path)
         self.audit = AuditLog(cfg.audit_path, cfg.audit_ring_size, cfg.audit_full_timeout_s)
@@ -148,10 +157,11 @@ class ServerState:
         self.model_id, self.model_path = cfg.model_id, cfg.model
         self.started = int(time.time())
 
-    def load_model(self, path: str | None = None, name: str | None = None) -> None:
+    def load_model(self, path: str | None = None, name: str | None = None, at_start: bool = False) -> None:
         """Load a model and start serving it. With a model already serving this is a swap: the new
         one loads beside it, takes new requests once warm, and the old one finishes its in-flight
-        requests before it is shut down. A failed load leaves the old model serving."""
+        requests before it is shut down. A failed load leaves the old model serving; a failed load
+        at start-up (`at_start`) is fatal: the process has nothing to serve."""
         cfg = self.cfg
         path = path or cfg.model
         name = name or (cfg.model_id if path == cfg.model else Path(path).name)
@@ -173,7 +183,7 @@ class ServerState:
             if engine.tokenizer is None:
                 raise ValueError(f"{path} has no tokenizer.json: the server needs one")
             engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))  # warm-up
-            old, self.engine = self.engine, AsyncLLMEngine(engine)
+            old, self.engine = self.engine, AsyncLLMEngine(engine, on_error=self.engine_failed)
             self.model_id, self.model_path = name, path
             self.ready = True
             self.load_error = None
@@ -185,8 +195,29 @@ class ServerState:
             self.metrics.load_failures.inc()
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("model load failed: %s", self.load_error)
+            if at_start:
+                self.die(f"the model failed to load at start-up: {self.load_error}")
         finally:
             self.loading = False
+
+    def engine_failed(self, engine: AsyncLLMEngine, error: BaseException) -> None:
+        """Called from a dying engine's thread. Only the serving engine's death is fatal: one being
+        retired after a swap has no new requests to fail."""
+        if engine is not self.engine:
+            log.error("a retired engine failed: %s: %s", type(error).__name__, error)
+            return
+        self.die(f"the engine failed: {type(error).__name__}: {error}")
+
+    def die(self, reason: str) -> None:
+        """Stop looking alive (/ready 503, model_ready 0) and ask the process to exit."""
+        if self.fatal is not None:
+            return
+        self.fatal = reason
+        self.ready = False
+        self.metrics.ready.set(0)
+        log.critical("%s: the server stops and exits 1 so that it is restarted", reason)
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
 
     def retire(self, engine: AsyncLLMEngine) -> None:
         """Shut an engine down once its in-flight requests are done (or the shutdown timeout passed)."""
@@ -215,15 +246,16 @@ class ServerState:
         self.results.close()
 
 
-def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
+def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """`on_fatal`: see ServerState; without it a fatal error leaves the app answering 503."""
     state_holder: dict = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = ServerState(cfg)
+        state = ServerState(cfg, on_fatal=on_fatal)
         state_holder["s"] = app.state.inferd = state
         if load_model:
-            threading.Thread(target=state.load_model, name="inferd-load", daemon=True).start()
+            threading.Thread(target=state.load_model, kwargs={"at_start": True}, name="inferd-load", daemon=True).start()
         yield
         state.close()
 
@@ -327,6 +359,8 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
         s = st(request)
         if s.ready:
             return {"status": "ready", "model": s.model_id}
+        if s.fatal is not None:
+            return JSONResponse({"status": "failed", "error": s.fatal}, status_code=503)
         body = {"status": "loading" if s.load_error is None else "failed", "error": s.load_error}
         return JSONResponse(body, status_code=503)
 
@@ -448,6 +482,8 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
         s = st(request)
         if model != s.model_id:
             raise OpenAIError(404, f"model {model!r} does not exist: this server serves {s.model_id!r}", code="model_not_found")
+        if s.fatal is not None:
+            raise OpenAIError(503, f"{s.fatal}: the server is restarting", "server_error", code="engine_failed")
         if not s.ready or s.engine is None:
             raise OpenAIError(503, "the model is not loaded yet: retry when GET /ready answers 200", "server_error")
         return s
@@ -488,21 +524,26 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
                 param="max_tokens",
             )
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > 4 or any(not x for x in stop):
-            raise OpenAIError(400, "stop takes at most 4 non-empty strings", param="stop")
-        params = [
-            SamplingParams(
-                max_tokens=min(max_tokens or room, room, cfg.max_tokens_limit),
-                temperature=body.temperature,
-                top_p=body.top_p,
-                seed=None if body.seed is None else body.seed + i,
-                stop=stop,
-                presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty,
-                logprobs=logprobs,
+        if len(stop) > MAX_STOP_STRINGS or any(not 0 < len(x) <= MAX_STOP_CHARS for x in stop):
+            raise OpenAIError(
+                400, f"stop takes at most {MAX_STOP_STRINGS} strings of 1 to {MAX_STOP_CHARS} characters", param="stop"
             )
-            for i in range(body.n)
-        ]
+        try:
+            params = [
+                SamplingParams(
+                    max_tokens=min(max_tokens or room, room, cfg.max_tokens_limit),
+                    temperature=body.temperature,
+                    top_p=body.top_p,
+                    seed=None if body.seed is None else (body.seed + i) % (SEED_MAX + 1),
+                    stop=stop,
+                    presence_penalty=body.presence_penalty,
+                    frequency_penalty=body.frequency_penalty,
+                    logprobs=logprobs,
+                )
+                for i in range(body.n)
+            ]
+        except ValueError as e:  # the protocol's bounds should have caught it: still the caller's input
+            raise OpenAIError(400, str(e)) from None
         refused = s.limiter.acquire(p.key_id)
         if refused:
             s.metrics.rate_limited.labels(refused).inc()
@@ -655,15 +696,19 @@ def create_app(cfg: ServerConfig, load_model: bool = True) -> FastAPI:
             if chat:
                 for i in range(len(params)):
                     yield chunk(i, "", None, role=True)
-            async for i, out in merged(s, prompt_ids, params):
-                first = first or time.perf_counter()
-                texts[i] += out.new_text
-                if out.finished:
-                    finals[i] = out
-                    tail = out.text[len(texts[i]) :] if out.text.startswith(texts[i]) else ""
-                    yield chunk(i, out.new_text + tail, out.finish_reason)
-                elif out.new_text:
-                    yield chunk(i, out.new_text, None)
+            try:
+                async for i, out in merged(s, prompt_ids, params):
+                    first = first or time.perf_counter()
+                    texts[i] += out.new_text
+                    if out.finished:
+                        finals[i] = out
+                        tail = out.text[len(texts[i]) :] if out.text.startswith(texts[i]) else ""
+                        yield chunk(i, out.new_text + tail, out.finish_reason)
+                    elif out.new_text:
+                        yield chunk(i, out.new_text, None)
+            except OpenAIError as e:  # the engine failed mid-stream: say so, and no [DONE]
+                yield "data: " + json.dumps(error_body(e.message, e.type, code=e.code)) + "\n\n"
+                return
             completion_tokens = sum(len(o.token_ids) for o in finals.values())
             usage = usage_body(len(prompt_ids), len(params), completion_tokens)
             record.update(completion_tokens=completion_tokens, latency_ms=round((time.perf_counter() - t0) * 1000, 1))

@@ -6,6 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# OpenAI's seed is a signed 64-bit integer; the non-negative half is accepted (see
+# sampling_params.SEED_MAX: choice i of n samples with seed + i, which stays below it).
+API_SEED_MAX = 2**63 - 1
+
 
 class _Base(BaseModel):
     # Unknown fields are ignored, as OpenAI's API does; NaN/inf are refused.
@@ -35,7 +39,7 @@ class _SamplingFields(_Base):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=API_SEED_MAX)
     stream: bool = False
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
