@@ -63,7 +63,10 @@ def rendered(tmp_path_factory):
     smi.chmod(0o755)
     local = {"ansible_connection": "local", "ansible_python_interpreter": "{{ ansible_playbook_python }}"}
     # The role's defaults and its vars, as the role itself would see them.
-    defaults = {**yaml.safe_load((ROLE / "defaults/main.yml").read_text()), **yaml.safe_load((ROLE / "vars/main.yml").read_text())}
+    defaults = {
+        **yaml.safe_load((ROLE / "defaults/main.yml").read_text()),
+        **yaml.safe_load((ROLE / "vars/main.yml").read_text()),
+    }
     seventy_b = {
         "assess_params_billion": 70.55,
         "assess_kv_bytes_per_token": 327680,
@@ -149,6 +152,7 @@ def test_a_gpu_host_without_an_assessment_is_refused(rendered):
 def test_a_cuda_unit_allows_the_control_devices_cuda_opens(rendered):
     tmp, _ = rendered
     allowed = [line for line in (tmp / "assessed-inferd.service").read_text().splitlines() if line.startswith("DeviceAllow=")]
-    assert allowed == [f"DeviceAllow={d} rw" for d in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")]
+    expected = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+    assert allowed == [f"DeviceAllow={d} rw" for d in expected]
     cpu_unit = (tmp / "cpu_device-inferd.service").read_text()
     assert "DevicePolicy=closed" in cpu_unit and "DeviceAllow=" not in cpu_unit

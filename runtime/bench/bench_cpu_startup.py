@@ -35,9 +35,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out")
     args = ap.parse_args()
-    model = args.model or subprocess.run(
-        [str(ROOT / "scripts/demo-model.sh")], check=True, capture_output=True, text=True
-    ).stdout.split()[-1]
+    model = (
+        args.model
+        or subprocess.run([str(ROOT / "scripts/demo-model.sh")], check=True, capture_output=True, text=True).stdout.split()[-1]
+    )
     runs = []
     for _ in range(args.repeats):
         r = subprocess.run([sys.executable, "-c", CHILD, model], check=True, capture_output=True, text=True)
