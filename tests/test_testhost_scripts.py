@@ -106,3 +106,22 @@ def test_two_hosts_on_one_network_reach_each_other_by_name():
         assert ping.returncode == 0, ping.stdout + ping.stderr
     finally:
         run("testhost-down.sh", *names)
+
+
+def test_a_test_network_without_dns_is_recreated_with_it():
+    """A network made before podman's DNS plugin was installed never resolves host names; setup
+    (through testhost-image.sh) replaces it, and the hosts on it, with one that does."""
+    if not shutil.which("podman"):
+        pytest.skip("podman is not installed")
+    net = "inferd-test-nodns"
+    subprocess.run(["podman", "network", "rm", "-f", net], capture_output=True)
+    subprocess.run(["podman", "network", "create", "--disable-dns", net], check=True, capture_output=True)
+    dns = ["podman", "network", "inspect", "-f", "{{.DNSEnabled}}", net]
+    try:
+        assert subprocess.run(dns, capture_output=True, text=True, check=True).stdout.strip() == "false"
+        r = run("testhost-image.sh", env=dict(os.environ, TESTHOST_NETWORK=net))
+        assert r.returncode == 0, r.stderr
+        assert "has no DNS" in r.stderr
+        assert subprocess.run(dns, capture_output=True, text=True, check=True).stdout.strip() == "true"
+    finally:
+        subprocess.run(["podman", "network", "rm", "-f", net], capture_output=True)
