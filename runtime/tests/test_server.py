@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from inferd.server.audit import read_records
 from inferd.server.auth import ROLE_TABLE
 
 
@@ -643,3 +644,95 @@ def test_model_that_fails_to_load_at_start_up_exits_1(llama_dir, tmp_path, what)
     log = (tmp_path / "srv" / "server.log").read_text()
     assert code == 1, log
     assert "failed to load at start-up" in log, log
+
+
+# ---- issue 24: the bank's security review ----------------------------------------------------
+def metrics_text(server) -> str:
+    return httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {server.keys['olivia']}"}).text
+
+
+def test_metrics_label_routes_not_raw_paths(server):
+    """Raw paths as labels leak other users' result ids (and any byte, NUL included) into /metrics
+    and grow it without bound; the route template and one `unmatched` label do neither."""
+    alice = {"Authorization": f"Bearer {server.keys['alice']}"}
+
+    def probe(i: int):
+        assert httpx.get(f"{server.url}/no/such/path-{i}%00", headers=alice).status_code == 404
+        assert httpx.get(f"{server.url}/v1/results/cmpl-secret{i:06d}", headers=alice).status_code == 404
+
+    probe(0)  # every label value the probes can make exists from here on
+    before = metrics_text(server)
+    for i in range(1, 201):
+        probe(i)
+    after = metrics_text(server)
+    assert len(after) - len(before) < 200, f"/metrics grew from {len(before)} to {len(after)} bytes"
+    assert "cmpl-secret" not in after and "path-" not in after and "\x00" not in after
+    assert 'route="/v1/results/{result_id}",status="404"' in after
+    assert 'route="unmatched",status="404"' in after
+
+
+def test_every_429_says_when_to_retry(server):
+    ops = {"Authorization": f"Bearer {server.keys['olivia']}"}
+    bob = {"Authorization": f"Bearer {server.keys['bob']}"}
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 1}
+    try:
+        httpx.put(server.url + "/admin/limits", json={"requests_per_minute_per_key": 2}, headers=ops).raise_for_status()
+        refused = [r for r in (post(server, body, key="bob") for _ in range(4)) if r.status_code == 429]
+        assert refused, "the rate limit refused nothing"
+        for r in refused:
+            assert 1 <= int(r.headers["retry-after"]) <= 60, r.headers
+        limits = {"requests_per_minute_per_key": 600, "max_concurrent_per_key": 1}
+        httpx.put(server.url + "/admin/limits", json=limits, headers=ops).raise_for_status()
+        stream = body | {"max_tokens": 200, "stream": True, "prompt": "The", "temperature": 0}
+        with httpx.stream("POST", server.url + "/v1/completions", json=stream, headers=bob) as held:
+            next(held.iter_lines())  # the one slot is taken until this stream ends
+            r = post(server, body, key="bob")
+        assert r.status_code == 429 and "concurrent" in r.json()["error"]["message"]
+        assert int(r.headers["retry-after"]) >= 1, r.headers
+    finally:
+        limits = {"requests_per_minute_per_key": 600, "max_concurrent_per_key": 16}
+        httpx.put(server.url + "/admin/limits", json=limits, headers=ops)
+
+
+def test_access_log_never_holds_a_key_from_the_url(server):
+    secrets_sent = ["sk-inferd-inquery0000", "plainsecret1111", "sk-inferd-inpath2222"]
+    assert httpx.get(server.url + "/v1/models", params={"api_key": secrets_sent[0]}).status_code == 400
+    assert httpx.get(server.url + "/v1/models", params={"key": secrets_sent[1]}).status_code == 400
+    assert httpx.get(f"{server.url}/v1/{secrets_sent[2]}").status_code == 404
+    ops = {"Authorization": f"Bearer {server.keys['olivia']}"}
+    assert httpx.get(server.url + "/admin/logs?limit=1", headers=ops).status_code == 200
+    time.sleep(0.5)
+    log = (server.data_dir / "server.log").read_text()
+    assert "/admin/logs?limit=1" in log, "the access log is on, and harmless parameters stay readable"
+    assert "/v1/models?api_key=" in log
+    for secret in secrets_sent:
+        assert secret not in log, secret
+
+
+def test_lone_surrogate_in_the_body_is_an_audited_400(server):
+    raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}'
+    audit = server.data_dir / "audit" / "audit.log"
+    records_before = len(read_records(audit))
+    r = post(server, None, raw=raw)
+    assert r.status_code == 400, r.text[:300]
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and "surrogate" in err["message"], err
+    time.sleep(0.3)
+    new = read_records(audit)[records_before:]
+    assert any(x.get("status") == 400 and x.get("route") == "/v1/chat/completions" for x in new), new
+    assert post(server, {"model": "tiny", "messages": MSG, "max_tokens": 2}).status_code == 200
+
+
+def test_oversized_chunked_body_is_413(server):
+    def chunks():
+        yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+        for _ in range(32):
+            yield b"a" * (64 << 10)  # 2 MiB in all, over the 1 MiB limit, with no Content-Length
+        yield b'"}]}'
+
+    h = {"Authorization": f"Bearer {server.keys['alice']}", "content-type": "application/json"}
+    r = httpx.post(server.url + "/v1/chat/completions", content=chunks(), headers=h)
+    assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+    assert r.status_code == 413, r.text[:300]
+    assert "larger" in r.json()["error"]["message"]
+    assert post(server, {"model": "tiny", "messages": MSG, "max_tokens": 2}).status_code == 200

@@ -35,7 +35,16 @@ from inferd.server.results import ResultStore
 
 log = logging.getLogger("inferd.server")
 NOT_AUDITED = {"/health", "/ready", "/metrics"}
+# The route label of every path no route matches. Labels are route templates, never raw paths: a
+# raw path put other keys' result ids (and any byte a client sent) into /metrics, and 2,000 random
+# paths grew it from 13 KB to 1.1 MB (issue 24).
+UNMATCHED_ROUTE = "unmatched"
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # each stop string is searched for after every token
+
+
+def route_template(request: Request) -> str:
+    """The matched route's path template (`/v1/results/{result_id}`), or UNMATCHED_ROUTE."""
+    return getattr(request.scope.get("route"), "path", UNMATCHED_ROUTE)
 
 
 class OpenAIError(Exception):
@@ -306,7 +315,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
         return request.app.state.inferd
 
     async def audit_failure(request: Request, status: int, message: str) -> None:
-        path = getattr(request.scope.get("route"), "path", request.url.path)
+        path = route_template(request)
         if path in NOT_AUDITED:
             return
         p = getattr(request.state, "principal", None)
@@ -325,7 +334,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
 
     @app.exception_handler(OpenAIError)
     async def on_openai_error(request: Request, exc: OpenAIError):
-        st(request).metrics.requests.labels(request.url.path, str(exc.status)).inc()
+        st(request).metrics.requests.labels(route_template(request), str(exc.status)).inc()
         await audit_failure(request, exc.status, exc.message)
         return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
 
@@ -337,6 +346,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
             msg = "the request body is not valid JSON (or not UTF-8)"
         else:
             msg = f"{loc or 'body'}: {first.get('msg', 'invalid value')}"
+        st(request).metrics.requests.labels(route_template(request), "400").inc()
         await audit_failure(request, 400, msg)
         return JSONResponse(error_body(msg, "invalid_request_error", loc), status_code=400)
 
@@ -345,6 +355,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
         message = str(exc.detail)
         if exc.status_code == 400 and "parsing the body" in message:
             message = "the request body is not valid JSON (or not UTF-8)"
+        st(request).metrics.requests.labels(route_template(request), str(exc.status_code)).inc()
         if exc.status_code < 500:
             await audit_failure(request, exc.status_code, message)
         return JSONResponse(error_body(message, "invalid_request_error"), status_code=exc.status_code)
