@@ -8,6 +8,7 @@ import collections
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -48,8 +49,9 @@ def route_template(request: Request) -> str:
 
 
 class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None, headers=None):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
 def error_body(message: str, type_: str, param=None, code=None) -> dict:
@@ -63,23 +65,36 @@ class Principal:
     role: str
 
 
+@dataclass
+class Refusal:
+    reason: str  # "rate" or "concurrency": the rate_limited metric's label
+    retry_after_s: int  # the 429's Retry-After
+
+
 class Limiter:
     """Per-key concurrency and requests-per-minute limits (429 beyond them)."""
+
+    WINDOW_S = 60
+    # A concurrency slot frees when one of the key's requests ends: there is no window to wait out.
+    CONCURRENCY_RETRY_S = 1
 
     def __init__(self, max_concurrent: int, per_minute: int):
         self.max_concurrent, self.per_minute = max_concurrent, per_minute
         self.active: dict[str, int] = collections.Counter()
         self.recent: dict[str, collections.deque] = collections.defaultdict(collections.deque)
 
-    def acquire(self, key_id: str) -> str | None:
+    def acquire(self, key_id: str) -> Refusal | None:
         now = time.monotonic()
         window = self.recent[key_id]
-        while window and now - window[0] > 60:
+        while window and now - window[0] > self.WINDOW_S:
             window.popleft()
         if len(window) >= self.per_minute:
-            return "rate"
+            # The oldest requests leave the window first; the next slot opens when the one
+            # `per_minute` places back does (per_minute may have been lowered below len(window)).
+            opens = window[len(window) - self.per_minute] + self.WINDOW_S
+            return Refusal("rate", max(1, math.ceil(opens - now)))
         if self.active[key_id] >= self.max_concurrent:
-            return "concurrency"
+            return Refusal("concurrency", self.CONCURRENCY_RETRY_S)
         window.append(now)
         self.active[key_id] += 1
         return None
@@ -336,7 +351,8 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
     async def on_openai_error(request: Request, exc: OpenAIError):
         st(request).metrics.requests.labels(route_template(request), str(exc.status)).inc()
         await audit_failure(request, exc.status, exc.message)
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+        body = error_body(exc.message, exc.type, exc.param, exc.code)
+        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -557,9 +573,14 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
             raise OpenAIError(400, str(e)) from None
         refused = s.limiter.acquire(p.key_id)
         if refused:
-            s.metrics.rate_limited.labels(refused).inc()
-            what = "requests per minute" if refused == "rate" else "concurrent requests"
-            raise OpenAIError(429, f"too many {what} for this key: slow down and retry", "rate_limit_error")
+            s.metrics.rate_limited.labels(refused.reason).inc()
+            what = "requests per minute" if refused.reason == "rate" else "concurrent requests"
+            raise OpenAIError(
+                429,
+                f"too many {what} for this key: retry in {refused.retry_after_s} s",
+                "rate_limit_error",
+                headers={"Retry-After": str(refused.retry_after_s)},
+            )
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         record = audit_fields(request, 200) | {
