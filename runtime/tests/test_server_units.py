@@ -8,6 +8,7 @@ import time
 import pytest
 
 from inferd.server.audit import AuditFullError, AuditLog, scan
+from inferd.server.logging import redact_target
 from inferd.server.results import ResultStore
 
 
@@ -100,3 +101,18 @@ def test_a_failed_hot_load_is_not_fatal_but_a_failed_start_up_load_is(tmp_path):
     state.load_model(at_start=True)
     assert len(fatal) == 1 and "start-up" in fatal[0] and not state.ready
     state.close()
+
+
+@pytest.mark.parametrize(
+    "target,logged",
+    [
+        ("/v1/models", "/v1/models"),
+        ("/admin/logs?limit=5", "/admin/logs?limit=5"),
+        ("/v1/models?api_key=sk-inferd-abc", "/v1/models?api_key=[redacted]"),
+        ("/v1/models?key=plain&limit=2", "/v1/models?key=[redacted]&limit=2"),
+        ("/v1/models?sk-inferd-abc", "/v1/models?[redacted]"),
+        ("/v1/sk-inferd-abc/x", "/v1/[redacted]/x"),
+    ],
+)
+def test_access_log_target_is_redacted(target, logged):
+    assert redact_target(target) == logged
