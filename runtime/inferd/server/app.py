@@ -104,10 +104,11 @@ class Limiter:
 
 
 class BodyLimit:
-    """Refuse request bodies over the limit with 413, whether or not Content-Length is sent."""
+    """Refuse request bodies over the limit with 413, whether or not Content-Length is sent.
 
-    class TooLarge(Exception):
-        pass
+    A body without Content-Length (Transfer-Encoding: chunked) is read here, up to the limit,
+    before the app sees it: refusing it from inside the app's receive() instead ended as FastAPI's
+    400 "error parsing the body" (issue 24)."""
 
     DRAIN_LIMIT = 64 << 20
 
@@ -118,37 +119,45 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
+        if length is not None and length.isdigit():
+            if int(length) <= self.limit:  # the HTTP server holds the body to its declared length
+                return await self.app(scope, receive, send)
             # Read (and drop) a moderately oversized body so that the client, still sending,
             # gets to see the 413; past DRAIN_LIMIT the connection is simply closed.
             if int(length) <= self.DRAIN_LIMIT:
-                more = True
-                while more:
-                    msg = await receive()
-                    more = msg["type"] == "http.request" and msg.get("more_body", False)
+                await self._drain(receive, 0)
             return await self._refuse(send)
-        seen = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal seen
+        chunks, seen = [], 0
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise BodyLimit.TooLarge
-            return msg
+            if msg["type"] != "http.request":
+                return  # the client went away before its body was complete
+            chunks.append(msg.get("body", b""))
+            seen += len(chunks[-1])
+            more = msg.get("more_body", False)
+            if seen > self.limit:
+                if more:
+                    await self._drain(receive, seen)
+                return await self._refuse(send)
+            if not more:
+                break
+        replayed = False
 
-        async def tracking_send(msg):
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
+        async def buffered_receive():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # http.disconnect, for the routes that watch for it
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyLimit.TooLarge:
-            if not started:
-                await self._refuse(send)
+        await self.app(scope, buffered_receive, send)
+
+    async def _drain(self, receive, seen: int) -> None:
+        while seen <= self.DRAIN_LIMIT:
+            msg = await receive()
+            if msg["type"] != "http.request" or not msg.get("more_body", False):
+                return
+            seen += len(msg.get("body", b""))
 
     async def _refuse(self, send):
         body = json.dumps(

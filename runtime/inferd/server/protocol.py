@@ -4,16 +4,32 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # OpenAI's seed is a signed 64-bit integer; the non-negative half is accepted (see
 # sampling_params.SEED_MAX: choice i of n samples with seed + i, which stays below it).
 API_SEED_MAX = 2**63 - 1
 
 
+def _no_lone_surrogates(value):
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("strings must be valid Unicode: a lone surrogate (such as \\ud800) is not") from None
+    elif isinstance(value, list):
+        for item in value:
+            _no_lone_surrogates(item)
+    return value
+
+
 class _Base(BaseModel):
     # Unknown fields are ignored, as OpenAI's API does; NaN/inf are refused.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    # JSON's "\ud800" escape decodes to a str that cannot be encoded as UTF-8: refused here, it is
+    # a 400 like any bad field, instead of a 500 from the tokenizer (issue 24).
+    _unicode = field_validator("*")(_no_lone_surrogates)
 
 
 class ContentPart(_Base):
