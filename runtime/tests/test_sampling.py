@@ -118,6 +118,8 @@ def test_logprobs_are_those_of_the_chosen_tokens(llm):
         dict(max_tokens=True),
         dict(stop_token_ids=[-1]),
         dict(stop=[""]),
+        dict(stop=["a", "b", "c", "d", "e"]),  # searched after every token, in the one engine thread
+        dict(stop=["x" * 257]),
     ],
 )
 def test_bad_sampling_params_are_refused(bad):

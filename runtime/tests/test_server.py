@@ -624,6 +624,9 @@ def test_engine_failure_mid_stream_ends_the_stream_with_an_error(llama_dir, tmp_
         assert "injected engine fault" in lines[-1] and "[DONE]" not in lines[-1], lines
     finally:
         assert wait_exit(s) == 1
+    # The stream had started (output reached the client): its failure is in the audit log.
+    failed = [rec for rec in read_records(tmp_path / "audit" / "audit.log") if rec.get("route") == "/v1/chat/completions"]
+    assert [rec["status"] for rec in failed] == [503], failed
 
 
 @pytest.mark.parametrize("what", ["no config.json", "encrypted, key file unreadable"])

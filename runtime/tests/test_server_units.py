@@ -112,6 +112,8 @@ def test_a_failed_hot_load_is_not_fatal_but_a_failed_start_up_load_is(tmp_path):
         ("/v1/models?key=plain&limit=2", "/v1/models?key=[redacted]&limit=2"),
         ("/v1/models?sk-inferd-abc", "/v1/models?[redacted]"),
         ("/v1/sk-inferd-abc/x", "/v1/[redacted]/x"),
+        ("/admin/logs?limit=sk-inferd-abc", "/admin/logs?limit=[redacted]"),
+        ("/admin/logs?limit=0123abcd", "/admin/logs?limit=[redacted]"),
     ],
 )
 def test_access_log_target_is_redacted(target, logged):

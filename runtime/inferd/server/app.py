@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hmac
 import json
 import logging
@@ -26,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from inferd.config import EngineConfig
 from inferd.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from inferd.engine.llm_engine import LLMEngine
-from inferd.sampling_params import SEED_MAX, SamplingParams
+from inferd.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, SEED_MAX, SamplingParams
 from inferd.server.audit import AuditFullError, AuditLog
 from inferd.server.auth import ANONYMOUS, ROLE_TABLE, ApiKey, KeyStore, digest
 from inferd.server.config import ServerConfig
@@ -40,7 +41,6 @@ NOT_AUDITED = {"/health", "/ready", "/metrics"}
 # raw path put other keys' result ids (and any byte a client sent) into /metrics, and 2,000 random
 # paths grew it from 13 KB to 1.1 MB (issue 24).
 UNMATCHED_ROUTE = "unmatched"
-MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # each stop string is searched for after every token
 
 
 def route_template(request: Request) -> str:
@@ -719,7 +719,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
         texts = collections.defaultdict(str)
         finals: dict[int, object] = {}
         first = None
-        completed = False
+        status = "499"  # until the stream completes or fails: the client went away
 
         def chunk(i, delta_text, finish, role=False):
             if chat:
@@ -747,7 +747,11 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
                         yield chunk(i, out.new_text + tail, out.finish_reason)
                     elif out.new_text:
                         yield chunk(i, out.new_text, None)
-            except OpenAIError as e:  # the engine failed mid-stream: say so, and no [DONE]
+            except OpenAIError as e:  # the engine failed mid-stream: audit it, say so, and no [DONE]
+                status = str(e.status)
+                record.update(status=e.status, error=e.message[:200])
+                with contextlib.suppress(OpenAIError):  # the error event goes out anyway; the drop is counted
+                    await s.audit_record(**record)
                 yield "data: " + json.dumps(error_body(e.message, e.type, code=e.code)) + "\n\n"
                 return
             completion_tokens = sum(len(o.token_ids) for o in finals.values())
@@ -764,12 +768,12 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
                 + "\n\n"
             )
             yield "data: [DONE]\n\n"
-            completed = True
+            status = "200"
             choices = [choice_body(chat, i, finals[i], False, s.engine.engine) for i in range(len(params))]
             s.results.put(rid, p.key_id, completion_body(rid, chat, created, choices, usage, model_id))
         finally:
             s.limiter.release(p.key_id)
             observe(s, t0, first, finals.values())
-            s.metrics.requests.labels(record["route"], "200" if completed else "499").inc()
+            s.metrics.requests.labels(record["route"], status).inc()
 
     return app

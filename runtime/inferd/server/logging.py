@@ -13,8 +13,9 @@ from inferd.server.auth import KEY_PREFIX
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
-# Query parameters whose values the access log keeps; every other value is redacted, since a client
-# may put a key in any of them (issue 24: `?api_key=sk-...` was logged in clear).
+# Query parameters whose values the access log keeps when they are plain numbers; every other value
+# is redacted, since a client may put a key in any of them (issue 24: `?api_key=sk-...` was logged in
+# clear).
 LOGGED_QUERY_PARAMS = frozenset({"limit"})
 REDACTED = "[redacted]"
 _KEY = re.compile(re.escape(KEY_PREFIX) + r"[^/?&=;]*")
@@ -30,7 +31,7 @@ def redact_target(target: str) -> str:
     for param in query.split("&"):
         name, eq, value = param.partition("=")
         name = _KEY.sub(REDACTED, name)
-        if name in LOGGED_QUERY_PARAMS:
+        if name in LOGGED_QUERY_PARAMS and value.isdigit():
             params.append(param)
         else:  # a bare `?sk-...` has only a name
             params.append(f"{name}={REDACTED}" if eq else REDACTED)
