@@ -120,16 +120,25 @@ def served(image, data_dir, tmp_path_factory):
     podman("rm", "-f", NAME, check=False)
 
 
-def test_the_image_names_model_files_its_user_cannot_read(image, data_dir):
-    # save_pretrained writes model.safetensors 0600 root: uid 10001 cannot read it.
-    assert (DEMO / "demo-model/model.safetensors").stat().st_mode & 0o777 == 0o600
+def test_the_image_names_model_files_its_user_cannot_read(image, data_dir, tmp_path):
+    """A weights file the service user cannot read (save_pretrained writes 0600 as root) is named in
+    the error, and the server exits 1 for its supervisor rather than staying up unready."""
+    model = tmp_path / "demo"
+    shutil.copytree(DEMO / "demo-model", model)
+    (model / "model.safetensors").chmod(0o600)
     name = NAME + "-unreadable"
     try:
-        status = wait_ready(start(image, name, data_dir, DEMO / "demo-model"), name)
+        start(image, name, data_dir, model)
+        deadline = time.monotonic() + 300
+        while podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip() == "running":
+            assert time.monotonic() < deadline, "the server stayed up with a model it cannot read"
+            time.sleep(2)
+        code = podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+        logs = podman("logs", name, check=False)
     finally:
         podman("rm", "-f", name, check=False)
-    assert status["status"] == "failed"
-    assert "cannot be read by uid 10001" in status["error"] and "model.safetensors" in status["error"]
+    assert code == "1", logs.stdout[-2000:] + logs.stderr[-2000:]
+    assert "cannot be read by uid 10001" in logs.stdout + logs.stderr and "model.safetensors" in logs.stdout + logs.stderr
 
 
 def test_the_image_serves_chat_through_the_openai_client(served):
