@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("dir", metavar="DIR")
     verify.add_argument("--key-file", help="master key: also decrypt and check every plaintext digest")
     verify.add_argument("--public-key", help="signer's Ed25519 public key (PEM): the manifest must be signed by it")
+    verify.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="without --public-key, check only chunks and digests and still exit 0 (no signature is checked)",
+    )
 
     unpack = sub.add_parser("unpack", help="write a packed model back to plain files (each renamed into place when verified)")
     unpack.add_argument("dir", metavar="DIR")
@@ -162,7 +167,15 @@ def _store(args) -> int:
         deep = master is not None or not encrypted
         n = pm.verify(deep=deep, progress=progress)
         what = "every plaintext digest checked" if deep else "chunks match the manifest (no key: plaintext not checked)"
-        sig = "signature verified" if pm.signed else "signature not checked (no --public-key)"
+        if public is None and not args.allow_unsigned:
+            # Without the signer's key anyone's package, or a re-signed one, passes every other check.
+            print(
+                f"inferd: error: {args.dir}: {n} files, {what}, but NO signature checked: pass --public-key "
+                "(the signer's signing.pub), or --allow-unsigned if an unchecked origin is acceptable",
+                file=sys.stderr,
+            )
+            return 3
+        sig = "signature verified" if pm.signed else "signature not checked (--allow-unsigned)"
         print(f"{args.dir}: OK: {n} files, {what}, {sig} ({time.perf_counter() - t:.1f}s)")
         return 0
     pm.unpack(args.out, progress=progress)

@@ -311,3 +311,14 @@ def test_help_explains_the_commands():
     for cmd in ("pack", "verify", "unpack", "keygen"):
         r = inferd(cmd, "--help")
         assert r.returncode == 0 and "usage" in r.stdout
+
+
+def test_verify_without_a_public_key_fails_unless_unsigned_is_allowed(packed, keys):
+    """Without the signer's key, an unsigned or re-signed package passes every other check: verify
+    says no signature was checked and fails, unless told that is acceptable."""
+    r = verify(packed, keys, pub=None)
+    assert r.returncode == 3
+    assert "NO signature checked" in r.stderr and "--public-key" in r.stderr and "--allow-unsigned" in r.stderr
+    r = inferd("verify", str(packed), "--key-file", str(keys["key"]), "--allow-unsigned")
+    assert r.returncode == 0, r.stderr
+    assert "signature not checked (--allow-unsigned)" in r.stdout
