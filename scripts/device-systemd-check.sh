@@ -158,7 +158,7 @@ if [ -n "$ready" ]; then pass "inferd.service ready, model decrypted in memory w
 else
   fail "inferd.service not ready with the encrypted model (credential: $(grep -o 'model load failed.*' "$out/inferd-journal.txt" | head -1 | cut -c1-200))"
   step "again with the model decrypted on disk (the demo's setting), to check CUDA under the same sandbox"
-  "$inferd" unpack "$work/packed" /var/lib/inferd/models/v1-plain --key-file "$work/keys/model.key" --public-key "$work/keys/signing.pub" >/dev/null
+  rm -rf /var/lib/inferd/models/v1-plain && "$inferd" unpack "$work/packed" /var/lib/inferd/models/v1-plain --key-file "$work/keys/model.key" --public-key "$work/keys/signing.pub" >/dev/null
   chown -R inferd:inferd /var/lib/inferd/models/v1-plain && ln -sfn v1-plain /var/lib/inferd/models/current
   systemctl restart inferd.service
   wait_ready && ready=1

@@ -113,6 +113,8 @@ def _keys(args) -> int:
 
 
 def _store(args) -> int:
+    import os
+    import shutil
     from pathlib import Path
 
     from inferd.store import crypto
@@ -178,8 +180,23 @@ def _store(args) -> int:
         sig = "signature verified" if pm.signed else "signature not checked (--allow-unsigned)"
         print(f"{args.dir}: OK: {n} files, {what}, {sig} ({time.perf_counter() - t:.1f}s)")
         return 0
-    pm.unpack(args.out, progress=progress)
-    print(f"unpacked {len(pm.files)} files into {args.out} ({time.perf_counter() - t:.1f}s)")
+    # The whole directory is staged beside OUT and renamed into place at the end: a file refused
+    # half-way leaves no earlier file in plaintext under OUT.
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"inferd: error: {out} exists and is not an empty directory: unpack into a new one", file=sys.stderr)
+        return 2
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        pm.unpack(staging, progress=progress)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"unpacked {len(pm.files)} files into {out} ({time.perf_counter() - t:.1f}s)")
     return 0
 
 

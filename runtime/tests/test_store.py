@@ -252,6 +252,7 @@ def test_disk_full_during_unpack(packed, keys, tiny_disk):
     r = inferd("unpack", str(packed), str(tiny_disk / "out"), "--key-file", str(keys["key"]))
     assert r.returncode != 0 and "disk full" in r.stderr, r.stderr
     assert not (tiny_disk / "out" / "big.bin").exists()
+    assert not list(tiny_disk.glob(".*partial*")), "the partial directory was left behind"
     assert not list((tiny_disk / "out").glob(".*partial*")), "the partial file was left behind"
 
 
@@ -269,13 +270,14 @@ def test_kill_9_during_unpack_leaves_no_final_file(tmp_path, keys):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    # The CLI stages the whole directory beside OUT (.out.partial-PID) and renames it at the end.
     deadline = time.time() + 60
-    while time.time() < deadline and not list(out.glob(".huge.bin.partial*")):
+    while time.time() < deadline and not list(tmp_path.glob(".out.partial-*/.huge.bin.partial*")):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert list(out.glob(".huge.bin.partial*")), "the kill did not land during the write of huge.bin"
-    assert not (out / "huge.bin").exists()
+    assert list(tmp_path.glob(".out.partial-*/.huge.bin.partial*")), "the kill did not land during the write of huge.bin"
+    assert not out.exists(), "a killed unpack left files under the final name"
 
 
 def test_unpack_of_a_2_gib_file_keeps_memory_bounded(tmp_path, keys):
@@ -322,3 +324,28 @@ def test_verify_without_a_public_key_fails_unless_unsigned_is_allowed(packed, ke
     r = inferd("verify", str(packed), "--key-file", str(keys["key"]), "--allow-unsigned")
     assert r.returncode == 0, r.stderr
     assert "signature not checked (--allow-unsigned)" in r.stdout
+
+
+def test_a_refused_unpack_leaves_no_plaintext(packed, keys, tmp_path):
+    """A corrupt chunk in the last file (sorted) used to leave the files before it decrypted under
+    OUT; now nothing is under OUT and the staging directory is gone."""
+    p = fresh_copy(packed, tmp_path)
+    last = sorted(f["name"] for f in json.loads((p / "manifest.json").read_text())["files"])[-1]
+    data = bytearray((p / f"data/{last}.ipk").read_bytes())
+    a, _ = chunk_span(p, last, 0)
+    data[a + 10] ^= 0x40
+    (p / f"data/{last}.ipk").write_bytes(bytes(data))
+    out = tmp_path / "out"
+    r = inferd("unpack", str(p), str(out), "--key-file", str(keys["key"]), "--public-key", str(keys["pub"]))
+    assert r.returncode != 0 and last in r.stderr, r.stderr
+    assert not out.exists(), sorted(x.name for x in out.iterdir())
+    assert not list(tmp_path.glob(".out.partial*"))
+
+
+def test_unpack_refuses_a_directory_that_is_not_empty(packed, keys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = inferd("unpack", str(packed), str(out), "--key-file", str(keys["key"]), "--public-key", str(keys["pub"]))
+    assert r.returncode == 2 and "not an empty directory" in r.stderr
+    assert sorted(x.name for x in out.iterdir()) == ["keep.txt"]
