@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from inferd.config import EngineConfig
 from inferd.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from inferd.engine.llm_engine import LLMEngine
-from inferd.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, SEED_MAX, SamplingParams
+from inferd.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 from inferd.server.audit import AuditFullError, AuditLog
 from inferd.server.auth import ANONYMOUS, ROLE_TABLE, ApiKey, KeyStore, digest
 from inferd.server.config import ServerConfig
@@ -570,7 +570,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
                     max_tokens=min(max_tokens or room, room, cfg.max_tokens_limit),
                     temperature=body.temperature,
                     top_p=body.top_p,
-                    seed=None if body.seed is None else (body.seed + i) % (SEED_MAX + 1),
+                    seed=None if body.seed is None else body.seed + i,  # below SEED_MAX: the API caps seed at 2^63-1
                     stop=stop,
                     presence_penalty=body.presence_penalty,
                     frequency_penalty=body.frequency_penalty,
