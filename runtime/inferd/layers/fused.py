@@ -9,6 +9,7 @@ reference the fast path is tested against."""
 from __future__ import annotations
 
 import functools
+
 import torch
 import torch.nn.functional as F
 
