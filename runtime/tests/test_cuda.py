@@ -212,11 +212,17 @@ def test_fp8_scaled_mm_matches_the_cpu_emulation(rows):
 def test_fp8_engine_runs_through_cuda_graphs_close_to_bf16(llama_dir):
     from inferd.layers.linear import Linear
     from inferd.layers.quant import FP8
+    from inferd.layers.quantize import Fp8Linear
 
     sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     fp8 = LLM(str(llama_dir), device="cuda", dtype="bfloat16", quantization="fp8", kv_cache_fraction=0.3)
     assert fp8.engine.runner.graphs, "CUDA graphs were not captured"
-    assert all(m.weight.dtype == FP8 for m in fp8.engine.runner.model.modules() if isinstance(m, Linear))
+    modules = list(fp8.engine.runner.model.modules())
+    assert not any(isinstance(m, Linear) for m in modules), "a projection kept bf16 weights"
+    fp8_linears = [m for m in modules if isinstance(m, Fp8Linear)]
+    assert fp8_linears and all(m.weight.dtype == FP8 and m.hands_product for m in fp8_linears)
+    # The handoffs traced on the meta twin of a CUDA model, as on the CPU (test_quant.py).
+    assert all(layer.input_layernorm.hands_rows and layer.mlp.act_fn.hands_rows for layer in fp8.engine.runner.model.model.layers)
     prompts = [list(range(3, 3 + n)) for n in (5, 40, 17, 90)]
     outs = fp8.generate(prompts, sp)
     assert all(len(o.token_ids) == 16 for o in outs)
