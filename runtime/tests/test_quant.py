@@ -4,7 +4,9 @@ reference the CUDA path is tested against (tests/test_cuda.py)."""
 from __future__ import annotations
 
 import ast
+import gc
 import logging
+import weakref
 from pathlib import Path
 
 import pytest
@@ -267,3 +269,18 @@ def test_a_model_the_trace_cannot_run_gets_fp8_weights_without_handoffs(caplog):
     assert all(isinstance(getattr(model, n), Fp8Linear) for n in plan.fp8)
     with torch.inference_mode():
         assert torch.isfinite(model(torch.arange(3, 20), torch.arange(17))).all()
+
+
+def test_the_pass_frees_each_full_precision_weight_as_it_goes():
+    # The KV cache is sized from the free memory after the pass: a weight kept until the next
+    # garbage collection (a parameter and its layer hold each other) would shrink it.
+    model = MadeUpModel()
+    old = {n: weakref.ref(getattr(model, n).weight) for n in ("a", "b", "up", "down")}
+    old_bias = weakref.ref(model.b.bias)
+    gc.disable()
+    try:
+        quantize_fp8(model)
+        assert [n for n, ref in old.items() if ref() is not None] == []
+    finally:
+        gc.enable()
+    assert model.b.bias is not old_bias() and torch.equal(model.b.bias, old_bias())  # the values, not the loader

@@ -57,7 +57,9 @@ class Fp8Linear(nn.Module):
         self.out_dtype = linear.weight.dtype
         self.weight = nn.Parameter(q, requires_grad=False)
         self.register_buffer("weight_scale", scale)
-        self.register_parameter("bias", linear.bias)
+        # A parameter of its own: the loaded one's `weight_loader` would keep the old layer alive.
+        bias = linear.bias
+        self.bias = None if bias is None else nn.Parameter(bias.data, requires_grad=False)
         self.hands_product = hands_product
 
     def forward(self, x):
@@ -240,8 +242,12 @@ def quantize_fp8(model: nn.Module, handoffs: bool = True) -> Fp8Plan:
     plan = plan_fp8(model, handoffs)
     dtype = next((p.dtype for p in model.parameters()), None)
     hands_product = set(plan.hands_product)
-    for name in plan.fp8:  # one at a time: each layer's full-precision weight is freed as it goes
-        _replace(model, name, Fp8Linear(model.get_submodule(name), name in hands_product))
+    for name in plan.fp8:
+        linear = model.get_submodule(name)
+        _replace(model, name, Fp8Linear(linear, name in hands_product))
+        # Freed now, layer by layer, not at the next garbage collection (the parameter's
+        # `weight_loader` and the layer hold each other): the KV cache is sized after this.
+        linear.weight = None
     for name in {*plan.finishes_product, *plan.hands_rows}:
         module = model.get_submodule(name)
         module.__class__ = FP8_VARIANTS[type(module)]
