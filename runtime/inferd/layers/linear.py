@@ -1,6 +1,7 @@
 """Linear layers whose parameters load themselves from checkpoint tensors (`weight_loader`),
 including fused projections (q/k/v into qkv_proj, gate/up into gate_up_proj). Tensor-parallel
-sharding slots in here: a sharded layer narrows the loaded tensor before the copy."""
+sharding slots in here: a sharded layer narrows the loaded tensor before the copy. With fp8, the
+quantization pass (quantize.py) swaps them for `Fp8Linear`s once they are loaded."""
 
 from __future__ import annotations
 
