@@ -51,7 +51,7 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         check_supported(config.quantization, self.device)
 
-        self.model = self._build_model(weights, weight_bytes)
+        self._load_model(weights, weight_bytes)
         self.attn_layers = self.model.attention_layers()
         # The Triton kernel needs a power-of-two head_dim of at least 16 (tl.dot); real checkpoints
         # have 64 or 128. Tiny test models below that take the reference path.
@@ -81,7 +81,7 @@ class ModelRunner:
         if self.is_cuda and not config.enforce_eager:
             self._capture_cuda_graphs()
 
-    def _build_model(self, weights, weight_bytes) -> torch.nn.Module:
+    def _load_model(self, weights, weight_bytes) -> None:
         """The model in the configured dtype on the device, its weights loaded, then (with
         quantization) rewritten by the quantization pass: model files know nothing of it."""
         start = time.perf_counter()
@@ -89,29 +89,24 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = model_class(self.model_cfg)(self.model_cfg, self.max_model_len)
+                self.model = model_class(self.model_cfg)(self.model_cfg, self.max_model_len)
         finally:
             torch.set_default_dtype(default_dtype)
-        load_weights(model, weights, total_bytes=weight_bytes)
+        load_weights(self.model, weights, total_bytes=weight_bytes)
         if self.config.quantization == "fp8":
-            quantize_fp8(model)
-        model.eval()
+            quantize_fp8(self.model)
+        self.model.eval()
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        gb = self._weight_bytes(model) / 1e9
+        gb = self.weight_bytes() / 1e9
         log.info(
             "model %s loaded: %.2f GB of weights in %.1fs (%.2f GB/s)", self.config.model, gb, seconds, gb / max(seconds, 1e-9)
         )
-        return model
 
     def weight_bytes(self) -> int:
-        return self._weight_bytes(self.model)
-
-    @staticmethod
-    def _weight_bytes(model: torch.nn.Module) -> int:
-        scales = [b for name, b in model.named_buffers() if name.endswith("weight_scale")]
-        return sum(t.numel() * t.element_size() for t in [*model.parameters(), *scales])
+        scales = [b for name, b in self.model.named_buffers() if name.endswith("weight_scale")]
+        return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *scales])
 
     # ---- KV cache -------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
