@@ -1,5 +1,6 @@
 """FP8 weights (per output channel) and activations (per token): the CPU emulation is the
-reference the CUDA path is tested against (tests/test_cuda.py)."""
+reference the CUDA path is tested against (tests/test_cuda.py). The quantization pass
+(layers/quantize.py) applies them to a built model whose files know nothing of fp8."""
 
 from __future__ import annotations
 
