@@ -20,10 +20,6 @@ from inferd.tokenizer import IncrementalDetokenizer, Tokenizer
 log = logging.getLogger("inferd.engine")
 
 
-class PromptTooLongError(InvalidRequestError):
-    pass
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, weights=None):
         self.config = config
@@ -72,7 +68,7 @@ class LLMEngine:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
         room = self.max_model_len - len(token_ids)
         if room < 1:
-            raise PromptTooLongError(
+            raise InvalidRequestError(
                 f"the prompt has {len(token_ids)} tokens; this model's context is {self.max_model_len} "
                 "(prompt and output together): shorten the prompt",
                 "prompt",
