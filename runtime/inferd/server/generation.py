@@ -117,9 +117,20 @@ async def generate(request: Request, engine: AsyncLLMEngine, body, prompt_ids, m
     record = audit_fields(request, 200) | {"request_id": rid, "model": state.model_id, "prompt_tokens": len(prompt_ids) * body.n}
     if state.cfg.audit_log_prompts:
         record["prompt"] = prompt_text
-    started = int(time.time()), time.perf_counter()
     g = Generation(
-        state, engine, request, principal, chat, logprobs, prompt_ids, params, record, rid, started[0], state.model_id, started[1]
+        state=state,
+        engine=engine,
+        request=request,
+        principal=principal,
+        chat=chat,
+        logprobs=logprobs,
+        prompt_ids=prompt_ids,
+        params=params,
+        record=record,
+        rid=rid,
+        created=int(time.time()),
+        model=state.model_id,
+        t0=time.perf_counter(),
     )
     state.metrics.prompt_tokens.inc(len(prompt_ids) * body.n)
     if body.stream:
