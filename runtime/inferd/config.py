@@ -1,11 +1,13 @@
-"""Engine settings: one dataclass the offline API, the server and the benchmarks share."""
+"""Engine settings: one dataclass the offline API, the server (embedded in its ServerConfig) and the
+benchmarks share: one set of defaults, checked once when it is built."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-# Weight/activation formats beyond the compute dtype (the server's config validates against it too).
+# Weight/activation formats beyond the compute dtype (tests/modules/test_gpu_assess.py holds
+# gpu_assess to this list).
 Quantization = Literal["fp8"]
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 # The KV cache's element type: "auto" is the model's dtype; "fp8" (e4m3, unit scale, values

@@ -114,7 +114,7 @@ def test_unknown_quantization_is_refused_by_name(llama_dir):
         EngineConfig(model=str(llama_dir), quantization="int4")
     with pytest.raises(ValueError, match="set dtype bfloat16"):
         EngineConfig(model=str(llama_dir), device="cuda", dtype="float16", quantization="fp8")
-    assert ServerConfig(model="m", quantization="fp8").quantization == "fp8"
+    assert ServerConfig(model="m", quantization="fp8").engine.quantization == "fp8"
     with pytest.raises(ValueError, match="quantization"):
         ServerConfig(model="m", quantization="int4")
 

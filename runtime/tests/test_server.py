@@ -170,11 +170,16 @@ def test_error_shapes(server):
         openai.OpenAI(base_url=server.url + "/v1", api_key="sk-inferd-wrong", max_retries=0).models.list()
 
 
+# A generation of max_tokens=200 on a loaded CI machine can take longer than httpx's 5 s default.
+POST_TIMEOUT_S = 120
+
+
 def post(server, body, key="alice", raw=None, headers=None):
     h = {"Authorization": f"Bearer {server.keys[key]}"} | (headers or {})
+    url = server.url + "/v1/chat/completions"
     if raw is not None:
-        return httpx.post(server.url + "/v1/chat/completions", content=raw, headers=h | {"content-type": "application/json"})
-    return httpx.post(server.url + "/v1/chat/completions", json=body, headers=h)
+        return httpx.post(url, content=raw, headers=h | {"content-type": "application/json"}, timeout=POST_TIMEOUT_S)
+    return httpx.post(url, json=body, headers=h, timeout=POST_TIMEOUT_S)
 
 
 MSG = [{"role": "user", "content": "hello"}]

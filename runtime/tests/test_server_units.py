@@ -1,12 +1,15 @@
-"""Audit ring back-pressure and result expiry, without a server process."""
+"""Audit ring back-pressure, result expiry, metrics, and the server's shape, without a server process."""
 
 from __future__ import annotations
 
+import ast
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+import inferd
 from inferd.server.audit import AuditFullError, AuditLog, scan
 from inferd.server.logging import redact_target
 from inferd.server.results import ResultStore
@@ -63,8 +66,8 @@ def test_a_dead_serving_engine_turns_ready_off_and_asks_to_exit(llama_dir, tmp_p
 
     from inferd.engine.async_engine import EngineDeadError
     from inferd.sampling_params import SamplingParams
-    from inferd.server.app import ServerState
     from inferd.server.config import ServerConfig
+    from inferd.server.state import ServerState
 
     fatal = []
     state = ServerState(ServerConfig(model=str(llama_dir), data_dir=str(tmp_path), max_model_len=64), on_fatal=fatal.append)
@@ -91,8 +94,8 @@ def test_a_dead_serving_engine_turns_ready_off_and_asks_to_exit(llama_dir, tmp_p
 
 
 def test_a_failed_hot_load_is_not_fatal_but_a_failed_start_up_load_is(tmp_path):
-    from inferd.server.app import ServerState
     from inferd.server.config import ServerConfig
+    from inferd.server.state import ServerState
 
     fatal = []
     state = ServerState(ServerConfig(model=str(tmp_path / "none"), data_dir=str(tmp_path)), on_fatal=fatal.append)
@@ -118,3 +121,89 @@ def test_a_failed_hot_load_is_not_fatal_but_a_failed_start_up_load_is(tmp_path):
 )
 def test_access_log_target_is_redacted(target, logged):
     assert redact_target(target) == logged
+
+
+# ---- the server talks to the engine's face only; code stays readable ---------------------------
+RUNTIME = Path(inferd.__file__).parent
+ENGINE_INTERNALS = {"scheduler", "block_manager", "runner", "sequences", "model_config"}
+
+
+def _modules(*dirs: str):
+    for d in dirs:
+        for path in sorted((RUNTIME / d).glob("*.py")):
+            yield path, ast.parse(path.read_text())
+
+
+def test_the_server_reaches_nothing_behind_the_engines_face():
+    for path, tree in _modules("server"):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                assert node.attr not in ENGINE_INTERNALS, f"{path.name}:{node.lineno} reads the engine's .{node.attr}"
+                inner = node.value
+                assert not (node.attr == "engine" and isinstance(inner, ast.Attribute) and inner.attr == "engine"), (
+                    f"{path.name}:{node.lineno} reaches past the face (.engine.engine)"
+                )
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("inferd.engine."):
+                assert node.module == "inferd.engine.async_engine", f"{path.name} imports {node.module}"
+
+
+def test_no_function_in_server_or_engine_is_longer_than_80_lines():
+    for path, tree in _modules("server", "engine"):
+        if path.name == "model_runner.py":
+            continue  # another refactoring's
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 80, f"{path.name}: {node.name} is {length} lines"
+
+
+def test_each_piece_of_sequence_state_has_one_writer():
+    writers: dict[str, set[str]] = {}
+    for path in sorted(RUNTIME.rglob("*.py")):
+        if path.name == "sequence.py":
+            continue  # the initial values
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AugAssign) else []
+            for t in targets:
+                if isinstance(t, ast.Attribute) and t.attr in ("pending_row", "num_computed_tokens", "finish_reason"):
+                    writers.setdefault(t.attr, set()).add(path.name)
+    assert writers == {
+        "pending_row": {"scheduler.py"},
+        "num_computed_tokens": {"block_manager.py"},
+        "finish_reason": {"scheduler.py"},
+    }
+
+
+def test_engine_metrics_come_from_the_engines_stats_at_scrape_time():
+    from prometheus_client import generate_latest
+
+    from inferd.outputs import EngineStats
+    from inferd.server.metrics import Metrics
+
+    current = [None]
+    metrics = Metrics(engine_stats=lambda: current[0])
+    text = generate_latest(metrics.registry).decode()
+    assert "inferd_requests_running 0.0" in text and "inferd_kv_cache_usage_ratio 0.0" in text  # no model: zeros
+    current[0] = EngineStats(running=3, waiting=2, kv_cache_usage=0.25, prefix_cache_queries=40, prefix_cache_hits=16)
+    text = generate_latest(metrics.registry).decode()
+    for line in (
+        "inferd_requests_running 3.0",
+        "inferd_requests_waiting 2.0",
+        "inferd_kv_cache_usage_ratio 0.25",
+        "inferd_prefix_cache_queries_tokens_total 40.0",
+        "inferd_prefix_cache_hits_tokens_total 16.0",
+    ):
+        assert line in text, line
+
+
+def test_audit_metrics_are_read_from_the_audit_log_at_scrape_time(tmp_path):
+    from prometheus_client import generate_latest
+
+    from inferd.server.metrics import Metrics
+
+    log = AuditLog(tmp_path / "audit.log")
+    metrics = Metrics(audit=log)
+    log.submit({"event": "x"}).result(10)
+    text = generate_latest(metrics.registry).decode()
+    assert "inferd_audit_records_total 1.0" in text and "inferd_audit_records_dropped_total 0.0" in text
+    log.close()

@@ -131,13 +131,22 @@ class Scheduler:
         for i, seq in enumerate(batch):
             if seq.status == SequenceStatus.FINISHED:
                 continue  # stopped (or aborted) since it was scheduled: its token is dropped
-            seq.num_computed_tokens += seq.num_scheduled_tokens
+            self.block_manager.mark_computed(seq, seq.num_scheduled_tokens)
             seq.num_scheduled_tokens = 0
-            self.block_manager.commit_full_blocks(seq)
             j = rows.get(i)
             if j is not None:
                 seq.append_token(PENDING_TOKEN)
                 seq.pending_row = j
+
+    def receive(self, seq: Sequence, row: int, token: int) -> bool:
+        """The token sampled at `row` of the step in flight has reached the host: it replaces the
+        sequence's pending token. False when the sequence no longer waits for that row (it
+        stopped, or was aborted, after the step was scheduled): the token is dropped."""
+        if seq.is_finished or seq.pending_row != row:
+            return False
+        seq.token_ids[-1] = token
+        seq.pending_row = None
+        return True
 
     def finish(self, seq: Sequence, reason: str) -> None:
         # Stop rules run one step late: the sequence may have been preempted back to the queue

@@ -19,6 +19,11 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
+    """Each field has one writer: the engine writes `output_logprobs`; the block manager owns
+    `block_table`, `num_computed_tokens`, `num_cached_tokens` and `num_hashed_blocks`; the
+    scheduler owns the rest of the mutable state (`status`, `finish_reason`, `token_ids` after
+    the prompt, `pending_row`, `num_scheduled_tokens`, `num_preemptions`)."""
+
     _ids = count()
 
     def __init__(self, token_ids: list[int], params: SamplingParams, block_size: int, request_id: str | None = None):
