@@ -26,9 +26,21 @@ class Sequence:
 
     _ids = count()
 
-    def __init__(self, token_ids: list[int], params: SamplingParams, block_size: int, request_id: str | None = None):
+    def __init__(
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        block_size: int,
+        request_id: str | None = None,
+        tenant: str = "",
+        priority: int = 0,
+    ):
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
+        # Who asked (the API key's id) and its priority class (higher goes first): the scheduler
+        # shares the batch between tenants by them.
+        self.tenant = tenant
+        self.priority = priority
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)
         self.params = params
