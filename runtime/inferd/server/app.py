@@ -22,13 +22,14 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inferd.config import EngineConfig
 from inferd.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from inferd.engine.llm_engine import LLMEngine
 from inferd.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
-from inferd.server.audit import AuditFullError, AuditLog
+from inferd.server.audit import AuditFullError, AuditLog, outcome_of
 from inferd.server.auth import ANONYMOUS, ROLE_TABLE, ApiKey, KeyStore, digest
 from inferd.server.config import ServerConfig
 from inferd.server.metrics import Metrics
@@ -179,7 +180,15 @@ class ServerState:
         self.fatal: str | None = None
         self.metrics = Metrics()
         self.keys = KeyStore(cfg.keys_path)
-        self.audit = AuditLog(cfg.audit_path, cfg.audit_ring_size, cfg.audit_full_timeout_s)
+        self.audit = AuditLog(
+            cfg.audit_path,
+            cfg.audit_key_path,
+            cfg.audit_anchor_path,
+            cfg.audit_ring_size,
+            cfg.audit_full_timeout_s,
+            cfg.audit_segment_bytes,
+            cfg.audit_retention_days,
+        )
         cfg.results_path.mkdir(parents=True, exist_ok=True)
         self.results = ResultStore(str(cfg.results_path), cfg.results_retention_hours * 3600)
         self.limiter = Limiter(cfg.limits.max_concurrent_per_key, cfg.limits.requests_per_minute_per_key)
@@ -261,10 +270,12 @@ class ServerState:
 
     async def audit_record(self, **record) -> None:
         """Queue a record and wait until it is durable; raises OpenAIError(503) otherwise."""
-        record.setdefault("ts", time.time())
+        await self.audit_wait(lambda: self.audit.submit(dict(record, kind="request")))
+
+    async def audit_wait(self, submit: Callable) -> None:
+        """Wait until the record `submit()` queued is durable; raises OpenAIError(503) otherwise."""
         try:
-            fut = self.audit.submit(record)
-            await asyncio.wrap_future(fut)
+            await asyncio.wrap_future(submit())
         except AuditFullError as e:
             raise OpenAIError(503, f"request not served: {e}", "server_error", code="audit_unavailable") from None
         finally:
@@ -351,6 +362,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
                 key_id=getattr(p, "key_id", None),
                 key_name=getattr(p, "name", None),
                 role=getattr(p, "role", None),
+                client=request.client and f"{request.client.host}:{request.client.port}",
                 error=message[:200],
             )
         except OpenAIError:
@@ -478,11 +490,12 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
         return {"max_concurrent_per_key": lim.max_concurrent, "requests_per_minute_per_key": lim.per_minute}
 
     @app.get("/admin/logs")
-    async def get_logs(request: Request, limit: int = 100):
-        from inferd.server.audit import read_records
-
+    async def get_logs(request: Request, limit: int = 100, before: str | None = None):
         await st(request).audit_record(**audit_fields(request, 200))
-        return {"records": read_records(cfg.audit_path)[-max(1, min(limit, 1000)) :]}
+        try:  # file I/O, off the event loop; a page reads only its own records
+            return await run_in_threadpool(st(request).audit.read_page, max(1, min(limit, 1000)), before)
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param="before") from None
 
     @app.get("/admin/models")
     async def get_models(request: Request):
@@ -533,6 +546,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
             "key_id": p.key_id,
             "key_name": p.name,
             "role": p.role,
+            "client": request.client and f"{request.client.host}:{request.client.port}",
         }
 
     async def generate(request, body, prompt_ids, max_tokens, chat: bool, logprobs: bool, prompt_text):
@@ -599,6 +613,11 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
         }
         if cfg.audit_log_prompts:
             record["prompt"] = prompt_text
+        try:  # the request's evidence is durable before generation starts
+            await s.audit_wait(lambda: s.audit.begin(rid, {k: v for k, v in record.items() if k != "status"}))
+        except OpenAIError:
+            s.limiter.release(p.key_id)
+            raise
         t0 = time.perf_counter()
         s.metrics.prompt_tokens.inc(len(prompt_ids) * body.n)
         if body.stream:
@@ -608,14 +627,18 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
             )
         try:
             outs = await collect_choices(s, request, prompt_ids, params)
+        except BaseException as e:
+            s.audit.end(rid, **outcome_of(e))
+            raise
         finally:
             s.limiter.release(p.key_id)
         completion_tokens = sum(len(o.token_ids) for o in outs)
         usage = usage_body(len(prompt_ids), body.n, completion_tokens)
         choices = [choice_body(chat, i, o, logprobs, eng) for i, o in enumerate(outs)]
         resp = completion_body(rid, chat, created, choices, usage, s.model_id)
-        record.update(completion_tokens=completion_tokens, latency_ms=round((time.perf_counter() - t0) * 1000, 1))
-        await s.audit_record(**record)  # durable before the response goes out
+        latency_ms = round((time.perf_counter() - t0) * 1000, 1)
+        end = dict(status=200, completion_tokens=completion_tokens, latency_ms=latency_ms)
+        await s.audit_wait(lambda: s.audit.end(rid, **end))  # durable before the response goes out
         s.results.put(rid, p.key_id, resp)
         s.metrics.requests.labels(record["route"], "200").inc()
         return resp
@@ -720,6 +743,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
         finals: dict[int, object] = {}
         first = None
         status = "499"  # until the stream completes or fails: the client went away
+        tokens = collections.Counter()  # per choice, generated so far (for a stream cut short)
 
         def chunk(i, delta_text, finish, role=False):
             if chat:
@@ -741,6 +765,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
                 async for i, out in merged(s, prompt_ids, params):
                     first = first or time.perf_counter()
                     texts[i] += out.new_text
+                    tokens[i] = out.num_output_tokens
                     if out.finished:
                         finals[i] = out
                         tail = out.text[len(texts[i]) :] if out.text.startswith(texts[i]) else ""
@@ -749,16 +774,16 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
                         yield chunk(i, out.new_text, None)
             except OpenAIError as e:  # the engine failed mid-stream: audit it, say so, and no [DONE]
                 status = str(e.status)
-                record.update(status=e.status, error=e.message[:200])
+                outcome = outcome_of(e) | {"completion_tokens": sum(tokens.values())}
                 with contextlib.suppress(OpenAIError):  # the error event goes out anyway; the drop is counted
-                    await s.audit_record(**record)
+                    await s.audit_wait(lambda: s.audit.end(rid, **outcome))
                 yield "data: " + json.dumps(error_body(e.message, e.type, code=e.code)) + "\n\n"
                 return
             completion_tokens = sum(len(o.token_ids) for o in finals.values())
             usage = usage_body(len(prompt_ids), len(params), completion_tokens)
-            record.update(completion_tokens=completion_tokens, latency_ms=round((time.perf_counter() - t0) * 1000, 1))
+            end = dict(status=200, completion_tokens=completion_tokens, latency_ms=round((time.perf_counter() - t0) * 1000, 1))
             try:
-                await s.audit_record(**record)
+                await s.audit_wait(lambda: s.audit.end(rid, **end))
             except OpenAIError as e:
                 yield "data: " + json.dumps(error_body(e.message, e.type, code=e.code)) + "\n\n"
                 return  # no [DONE]: the client sees the stream did not complete
@@ -771,7 +796,8 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
             status = "200"
             choices = [choice_body(chat, i, finals[i], False, s.engine.engine) for i in range(len(params))]
             s.results.put(rid, p.key_id, completion_body(rid, chat, created, choices, usage, model_id))
-        finally:
+        finally:  # a stream cut short (client gone, server stopping) still ends in the log
+            s.audit.end(rid, **outcome_of(GeneratorExit()), completion_tokens=sum(tokens.values()))
             s.limiter.release(p.key_id)
             observe(s, t0, first, finals.values())
             s.metrics.requests.labels(record["route"], status).inc()

@@ -214,8 +214,7 @@ class AuditLog:
                 return "clean" if anchor.get("clean") else "unclean"
             if number != self._segment:
                 raise AuditVerifyError(
-                    f"{self.path} is segment {number} but its anchor names segment {anchor['segment']}: "
-                    "run `inferd audit verify`"
+                    f"{self.path} is segment {number} but its anchor names segment {anchor['segment']}: run `inferd audit verify`"
                 )
             end = self._follow(self.path, {"offset": len(MAGIC)}, True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
@@ -372,7 +371,9 @@ class AuditLog:
 
     def _failed_write(self, batch: list, error: OSError) -> None:
         now = time.time()
-        kept = [(r, f) for r, f in batch if r.get("kind") == "end"]
+        # An end is kept (its begin is on disk) but its waiter is told now: the response is not
+        # completed (503, or a stream without [DONE]), and the record says its write was delayed.
+        kept = [(dict(r, delayed=str(error)[:200]), concurrent.futures.Future()) for r, _ in batch if r.get("kind") == "end"]
         refused = [(r, f) for r, f in batch if r.get("kind") != "end"]
         o = self._outage or {"from_ts": now, "refused": 0, "refused_begins": []}
         o.update(to_ts=now, error=str(error)[:200], refused=o["refused"] + len(refused))
@@ -385,7 +386,7 @@ class AuditLog:
                 if r.get("kind") == "begin":
                     self._open.discard(r["request_id"])
             self._retry = kept + self._retry
-        self._fail(refused, f"the audit log could not be written: {error}")
+        self._fail(batch, f"the audit log could not be written: {error}")
 
     @staticmethod
     def _fail(items: list, message: str) -> None:

@@ -65,9 +65,7 @@ def verify(active: str | Path, key: bytes, anchor_file: str | Path | None) -> Re
     elif anchor_file:
         raise AuditVerifyError(f"the anchor {anchor_file} is missing: whether records were cut off the end cannot be told")
     for rid, seq in rep.open.items():
-        rep.interrupted.append(
-            f"request {rid} (begun at record {seq}) has no end: in flight, or the server was killed after it"
-        )
+        rep.interrupted.append(f"request {rid} (begun at record {seq}) has no end: in flight, or the server was killed after it")
     return rep
 
 
