@@ -175,6 +175,7 @@ class AuditLog:
         if stop.done() and stop.exception() is None:
             with contextlib.suppress(OSError):
                 self._write_anchor(clean=True)
+            log.info("audit head: record %d, mac %s (clean shutdown)", self._seq, self._prev)
         else:
             log.error("the audit log could not record the shutdown: the next start reports it as unclean")
         if self._fd is not None:
@@ -347,7 +348,8 @@ class AuditLog:
                 self._broken = f"a failed write could not be cut back ({e}): restart the server"
                 log.critical("audit: %s", self._broken)
             raise
-        self._seq, self._prev, self._size = seq, prev, self._size + len(data)
+        with self._cond:  # read_page takes (segment, size) together
+            self._seq, self._prev, self._size = seq, prev, self._size + len(data)
         self._seg_header = None
 
     def _open_segment(self) -> None:
@@ -367,7 +369,8 @@ class AuditLog:
         except OSError:
             os.close(fd)
             raise
-        self._fd, self._size = fd, len(MAGIC)
+        with self._cond:
+            self._fd, self._size = fd, len(MAGIC)
 
     def _failed_write(self, batch: list, error: OSError) -> None:
         now = time.time()
@@ -404,16 +407,18 @@ class AuditLog:
         """The active segment becomes audit.log.NNNNNN; the next write starts a new one whose
         first record chains to this one's last."""
         try:
-            os.close(self._fd)
-            self._fd = None
-            os.rename(self.path, rotated_path(self.path, self._segment))
+            with self._cond:
+                os.close(self._fd)
+                self._fd = None
+                os.rename(self.path, rotated_path(self.path, self._segment))
+                self._segment += 1
             fsync_dir(self.path.parent)
         except OSError as e:
             log.error("audit: rotation failed: %s", e)
             self._broken = f"rotation failed ({e}): restart the server"
             return
-        log.info("audit: segment %d closed at record %d, mac %s", self._segment, self._seq, self._prev)
-        self._segment += 1
+        # The head, outside the log too (the journal): a later truncation contradicts it.
+        log.info("audit head: segment %d ends at record %d, mac %s", self._segment - 1, self._seq, self._prev)
         self._seg_header = {"kind": "segment", "segment": self._segment, "key_id": key_id(self.key)}
         self._apply_retention()
 
