@@ -636,8 +636,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
         usage = usage_body(len(prompt_ids), body.n, completion_tokens)
         choices = [choice_body(chat, i, o, logprobs, eng) for i, o in enumerate(outs)]
         resp = completion_body(rid, chat, created, choices, usage, s.model_id)
-        latency_ms = round((time.perf_counter() - t0) * 1000, 1)
-        end = dict(status=200, completion_tokens=completion_tokens, latency_ms=latency_ms)
+        end = dict(status=200, completion_tokens=completion_tokens, latency_ms=round((time.perf_counter() - t0) * 1000, 1))
         await s.audit_wait(lambda: s.audit.end(rid, **end))  # durable before the response goes out
         s.results.put(rid, p.key_id, resp)
         s.metrics.requests.labels(record["route"], "200").inc()

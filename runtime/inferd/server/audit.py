@@ -67,7 +67,8 @@ def outcome_of(exc: BaseException) -> dict:
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return {"status": 499, "cut_short": "client disconnected or server stopped"}
     if status is not None:
-        return {"status": status, "cut_short": "failed", "error": str(getattr(exc, "message", exc))[:200]}
+        cut_short = "client disconnected" if status == 499 else "failed"
+        return {"status": status, "cut_short": cut_short, "error": str(getattr(exc, "message", exc))[:200]}
     return {"status": 500, "cut_short": "failed", "error": f"{type(exc).__name__}: {exc}"[:200]}
 
 
