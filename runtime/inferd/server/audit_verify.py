@@ -40,7 +40,8 @@ class Report:
     first_segment: int | None = None
     last_seq: int = -1
     last_mac: str = GENESIS
-    macs: dict[int, str] = field(default_factory=dict)  # seq -> mac, only for the anchored seq
+    anchored_seq: int | None = None
+    anchored_mac: str | None = None  # the mac the log holds at the anchored sequence number
     open: dict[str, int] = field(default_factory=dict)  # request id -> seq of its begin
     interrupted: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -55,7 +56,7 @@ def verify(active: str | Path, key: bytes, anchor_file: str | Path | None) -> Re
     paths = [p for _, p in rotated_segments(active)] + ([active] if active.exists() else [])
     if not paths:
         raise AuditVerifyError(f"no audit log at {active} (nor any rotated segment beside it)")
-    rep = Report()
+    rep = Report(anchored_seq=anchor and anchor["seq"])
     expected_segment = None
     for i, path in enumerate(paths):
         expected_segment = _verify_segment(path, key, rep, expected_segment, last=i == len(paths) - 1)
@@ -91,7 +92,8 @@ def _verify_segment(path: Path, key: bytes, rep: Report, expected: int | None, l
             _check_chain(rec, rep, where)
             _account(rec, rep)
             rep.last_seq, rep.last_mac = rec["seq"], frame.mac
-            rep.macs[rec["seq"]] = frame.mac
+            if rec["seq"] == rep.anchored_seq:
+                rep.anchored_mac = frame.mac
             rep.records += 1
             pos = frame.end
     finally:
@@ -179,7 +181,7 @@ def _check_anchor(rep: Report, anchor: dict, anchor_file) -> None:
             f"the log ends at record {rep.last_seq} but its anchor {anchor_file} says record {seq}: "
             f"records {rep.last_seq + 1}..{seq} were removed (the log was truncated)"
         )
-    if rep.macs.get(seq) != anchor["mac"]:
+    if rep.anchored_mac != anchor["mac"]:
         raise AuditVerifyError(f"record {seq} is not the one its anchor {anchor_file} holds: the log was rewritten")
     if rep.last_seq > seq:
         rep.notes.append(f"records {seq + 1}..{rep.last_seq} came after the last anchor update (a crash before it)")
