@@ -303,7 +303,11 @@ class AuditLog:
                 self._retry = []
                 self._ring.clear()
                 self._cond.notify_all()
-            self._commit(batch)
+            try:
+                self._commit(batch)
+            except Exception as e:  # a bug must not leave every waiting request hanging
+                log.exception("audit: the writer failed")
+                self._fail(batch, f"the audit writer failed: {type(e).__name__}: {e}")
 
     def _commit(self, batch: list) -> None:
         records = [r for r, _ in batch]
