@@ -69,4 +69,10 @@ def audit_fields(request: Request, status: int) -> dict:
         "key_id": p.key_id,
         "key_name": p.name,
         "role": p.role,
+        "client": client_address(request),
     }
+
+
+def client_address(request: Request) -> str | None:
+    """host:port of the peer (the gateway's, behind it; its access log has the user's)."""
+    return request.client and f"{request.client.host}:{request.client.port}"

@@ -7,9 +7,9 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from inferd.server.access import audit_fields
-from inferd.server.audit import read_records
 from inferd.server.errors import OpenAIError
 from inferd.server.protocol import LimitsUpdate, ModelLoad
 from inferd.server.state import state_of
@@ -55,10 +55,14 @@ async def put_limits(body: LimitsUpdate, request: Request):
     return _limits(request)
 
 
-async def get_logs(request: Request, limit: int = 100):
+async def get_logs(request: Request, limit: int = 100, before: str | None = None):
+    """A page of the audit log, newest first, and the cursor (`next_before`) of the next one."""
     s = state_of(request)
     await s.audit_record(**audit_fields(request, 200))
-    return {"records": read_records(s.cfg.audit_path)[-max(1, min(limit, 1000)) :]}
+    try:  # file I/O, off the event loop; a page reads only its own records
+        return await run_in_threadpool(s.audit.read_page, max(1, min(limit, 1000)), before)
+    except ValueError as e:
+        raise OpenAIError(400, str(e), param="before") from None
 
 
 # ---- admin: the model -----------------------------------------------------------------------

@@ -38,6 +38,10 @@ class ServerConfig(BaseModel):
     audit_ring_size: int = Field(4096, ge=1)
     audit_full_timeout_s: float = Field(0.5, gt=0)
     audit_log_prompts: bool = False
+    audit_key_file: str | None = None  # default: <data_dir>/audit.key (made 0600 on first start)
+    audit_anchor_file: str | None = None  # default: <data_dir>/audit.anchor
+    audit_segment_bytes: int = Field(64 << 20, ge=4096)
+    audit_retention_days: float | None = Field(None, gt=0)  # None: keep every segment
     results_dir: str | None = None  # default: <data_dir>/results
     results_retention_hours: float = Field(24.0, gt=0)
     max_body_bytes: int = Field(1 << 20, ge=1024)
@@ -74,6 +78,14 @@ class ServerConfig(BaseModel):
     @property
     def audit_path(self) -> Path:
         return self.path(self.audit_file, "audit/audit.log")
+
+    @property
+    def audit_key_path(self) -> Path:
+        return self.path(self.audit_key_file, "audit.key")
+
+    @property
+    def audit_anchor_path(self) -> Path:
+        return self.path(self.audit_anchor_file, "audit.anchor")
 
     @property
     def results_path(self) -> Path:

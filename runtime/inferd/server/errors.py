@@ -48,6 +48,7 @@ async def _count_and_audit(request: Request, status: int, message: str) -> None:
             key_id=getattr(p, "key_id", None),
             key_name=getattr(p, "name", None),
             role=getattr(p, "role", None),
+            client=request.client and f"{request.client.host}:{request.client.port}",
             error=message[:200],
         )
     except OpenAIError:

@@ -1,12 +1,16 @@
 """One generation request from admission to its end. `generate` checks it (this server's limits,
-then the engine's), admits it (rate and concurrency limits), runs it (n choices merged from n
-engine streams), audits it (durable before the response or the stream's [DONE] goes out),
-stores its result and counts it. The routes in openai_routes only turn OpenAI bodies into a
+then the engine's), admits it (rate and concurrency limits), makes its `begin` audit record
+durable before any output exists, runs it (n choices merged from n engine streams), stores its
+result, makes its `end` record (the outcome: status, tokens, cut short or not) durable before the
+response or the stream's [DONE] goes out, and counts it. A stream cut short (client gone, engine
+failed, server stopping) still gets its `end`; a process killed outright leaves a `begin` without
+one, which `inferd audit verify` reports as interrupted. The routes in openai_routes only turn OpenAI bodies into a
 prompt for it."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 import uuid
@@ -19,6 +23,7 @@ from inferd.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from inferd.outputs import RequestOutput
 from inferd.sampling_params import InvalidRequestError, SamplingParams
 from inferd.server.access import Principal, audit_fields
+from inferd.server.audit import outcome_of
 from inferd.server.errors import OpenAIError, error_body
 from inferd.server.limits import admit
 from inferd.server.openai_format import (
@@ -64,9 +69,14 @@ class Generation:
             lp = logprobs_body(self.chat, self.engine.token_texts(out.token_ids), out.logprobs)
         return choice_body(self.chat, i, out, lp)
 
-    def finish_record(self, finals) -> None:
+    def outcome(self, finals, **extra) -> dict:
+        """The `end` record of a request that ran to its end."""
         latency_ms = round((time.perf_counter() - self.t0) * 1000, 1)
-        self.record.update(completion_tokens=sum(len(o.token_ids) for o in finals), latency_ms=latency_ms)
+        return dict(status=200, completion_tokens=sum(len(o.token_ids) for o in finals), latency_ms=latency_ms, **extra)
+
+    async def end(self, **outcome) -> None:
+        """Make the request's outcome durable (OpenAIError 503 when the audit log cannot)."""
+        await self.state.audit_wait(lambda: self.state.audit.end(self.rid, **outcome))
 
     def observe(self, finals) -> None:
         end = time.perf_counter()
@@ -132,12 +142,20 @@ async def generate(request: Request, engine: AsyncLLMEngine, body, prompt_ids, m
         model=state.model_id,
         t0=time.perf_counter(),
     )
+    try:  # the request's evidence is durable before generation starts
+        await state.audit_wait(lambda: state.audit.begin(rid, {k: v for k, v in record.items() if k != "status"}))
+    except OpenAIError:
+        state.limiter.release(principal.key_id)
+        raise
     state.metrics.prompt_tokens.inc(len(prompt_ids) * body.n)
     if body.stream:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(g), media_type="text/event-stream", headers=headers)
     try:
         finals = await collect(g)
+    except BaseException as e:
+        state.audit.end(rid, **outcome_of(e))
+        raise
     finally:
         state.limiter.release(principal.key_id)
     return await respond(g, finals)
@@ -197,9 +215,8 @@ async def respond(g: Generation, finals: list[RequestOutput]) -> dict:
     usage = g.usage(finals)
     choices = [g.choice(i, o, g.logprobs) for i, o in enumerate(finals)]
     resp = completion_body(g.rid, g.chat, g.created, choices, usage, g.model)
-    g.finish_record(finals)
-    await g.state.audit_record(**g.record)  # durable before the response goes out
-    g.state.results.put(g.rid, g.principal.key_id, resp)
+    stored = g.state.results.put(g.rid, g.principal.key_id, resp)
+    await g.end(**g.outcome(finals, result_stored=stored))  # durable before the response goes out
     g.state.metrics.requests.labels(g.record["route"], "200").inc()
     return resp
 
@@ -210,6 +227,7 @@ async def stream(g: Generation):
     fmt = ChunkFormatter(g.rid, g.chat, g.created, g.model)
     finals: dict[int, RequestOutput] = {}
     status = "499"  # until the stream completes or fails: the client went away
+    tokens = collections.Counter()  # per choice, generated so far (the `end` of a stream cut short)
     try:
         if g.chat:
             for i in range(len(g.params)):
@@ -217,6 +235,7 @@ async def stream(g: Generation):
         try:
             async for i, event in merged(g.engine, g.prompt_ids, g.params):
                 g.first = g.first or time.perf_counter()
+                tokens[i] = event.num_output_tokens
                 if event.finished:
                     finals[i] = event
                     yield fmt.delta(i, event.new_text, event.finish_reason)
@@ -224,25 +243,25 @@ async def stream(g: Generation):
                     yield fmt.delta(i, event.new_text)
         except OpenAIError as e:  # the engine failed mid-stream: audit it, say so, and no [DONE]
             status = str(e.status)
-            g.record.update(status=e.status, error=e.message[:200])
+            outcome = outcome_of(e) | {"completion_tokens": sum(tokens.values())}
             with contextlib.suppress(OpenAIError):  # the error event goes out anyway; the drop is counted
-                await g.state.audit_record(**g.record)
+                await g.end(**outcome)
             yield sse(error_body(e.message, e.type, code=e.code))
             return
         outs = [finals[i] for i in range(len(g.params))]
         usage = g.usage(outs)
-        g.finish_record(outs)
+        choices = [g.choice(i, o, False) for i, o in enumerate(outs)]
+        stored = g.state.results.put(g.rid, g.principal.key_id, completion_body(g.rid, g.chat, g.created, choices, usage, g.model))
         try:
-            await g.state.audit_record(**g.record)
+            await g.end(**g.outcome(outs, result_stored=stored))
         except OpenAIError as e:
             yield sse(error_body(e.message, e.type, code=e.code))
             return  # no [DONE]: the client sees the stream did not complete
         yield fmt.usage(usage)
         yield DONE_EVENT
         status = "200"
-        choices = [g.choice(i, o, False) for i, o in enumerate(outs)]
-        g.state.results.put(g.rid, g.principal.key_id, completion_body(g.rid, g.chat, g.created, choices, usage, g.model))
-    finally:
+    finally:  # a stream cut short (client gone, server stopping) still ends in the log; a second end is ignored
+        g.state.audit.end(g.rid, **outcome_of(GeneratorExit()), completion_tokens=sum(tokens.values()))
         g.state.limiter.release(g.principal.key_id)
         g.observe(finals.values())
         g.state.metrics.requests.labels(g.record["route"], status).inc()

@@ -35,7 +35,15 @@ class ServerState:
         self.on_fatal = on_fatal
         self.fatal: str | None = None
         self.keys = KeyStore(cfg.keys_path)
-        self.audit = AuditLog(cfg.audit_path, cfg.audit_ring_size, cfg.audit_full_timeout_s)
+        self.audit = AuditLog(
+            cfg.audit_path,
+            cfg.audit_key_path,
+            cfg.audit_anchor_path,
+            cfg.audit_ring_size,
+            cfg.audit_full_timeout_s,
+            cfg.audit_segment_bytes,
+            cfg.audit_retention_days,
+        )
         cfg.results_path.mkdir(parents=True, exist_ok=True)
         self.results = ResultStore(str(cfg.results_path), cfg.results_retention_hours * 3600)
         self.limiter = Limiter(cfg.limits.max_concurrent_per_key, cfg.limits.requests_per_minute_per_key)
@@ -127,10 +135,14 @@ class ServerState:
 
     # ---- the audit log ----------------------------------------------------------------------
     async def audit_record(self, **record) -> None:
-        """Queue a record and wait until it is durable; raises OpenAIError(503) otherwise."""
-        record.setdefault("ts", time.time())
+        """Queue a one-record event (a request that generates nothing, an admin change) and wait
+        until it is durable; raises OpenAIError(503) otherwise."""
+        await self.audit_wait(lambda: self.audit.submit(dict(record, kind="request")))
+
+    async def audit_wait(self, submit: Callable) -> None:
+        """Wait until the record `submit()` queued is durable; raises OpenAIError(503) otherwise."""
         try:
-            await asyncio.wrap_future(self.audit.submit(record))
+            await asyncio.wrap_future(submit())
         except AuditFullError as e:
             raise OpenAIError(503, f"request not served: {e}", "server_error", code="audit_unavailable") from None
 
