@@ -251,7 +251,8 @@ async def stream(g: Generation):
         outs = [finals[i] for i in range(len(g.params))]
         usage = g.usage(outs)
         choices = [g.choice(i, o, False) for i, o in enumerate(outs)]
-        stored = g.state.results.put(g.rid, g.principal.key_id, completion_body(g.rid, g.chat, g.created, choices, usage, g.model))
+        body = completion_body(g.rid, g.chat, g.created, choices, usage, g.model)
+        stored = g.state.results.put(g.rid, g.principal.key_id, body)
         try:
             await g.end(**g.outcome(outs, result_stored=stored))
         except OpenAIError as e:
