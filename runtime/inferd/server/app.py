@@ -29,11 +29,13 @@ from inferd.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from inferd.engine.llm_engine import LLMEngine
 from inferd.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 from inferd.server.audit import AuditFullError, AuditLog
-from inferd.server.auth import ANONYMOUS, ROLE_TABLE, ApiKey, KeyStore, digest
+from inferd.server.auth import ANONYMOUS, ROLE_TABLE, ApiKey, KeysFileError, KeyStore, digest
 from inferd.server.config import ServerConfig
 from inferd.server.metrics import Metrics
 from inferd.server.protocol import ChatCompletionRequest, CompletionRequest, LimitsUpdate, ModelLoad
 from inferd.server.results import ResultStore
+from inferd.store.packed import is_packed
+from inferd.store.trust import ModelTrustError, check_model
 
 log = logging.getLogger("inferd.server")
 NOT_AUDITED = {"/health", "/ready", "/metrics"}
@@ -180,8 +182,7 @@ class ServerState:
         self.metrics = Metrics()
         self.keys = KeyStore(cfg.keys_path)
         self.audit = AuditLog(cfg.audit_path, cfg.audit_ring_size, cfg.audit_full_timeout_s)
-        cfg.results_path.mkdir(parents=True, exist_ok=True)
-        self.results = ResultStore(str(cfg.results_path), cfg.results_retention_hours * 3600)
+        self.results = ResultStore.from_config(cfg, self.metrics.registry)
         self.limiter = Limiter(cfg.limits.max_concurrent_per_key, cfg.limits.requests_per_minute_per_key)
         self.engine = engine
         self.ready = False
@@ -201,6 +202,7 @@ class ServerState:
         self.metrics.load_attempts.inc()
         self.loading = True
         try:
+            check_model(path, cfg.model_public_key_file, cfg.model_allow_unsigned, cfg.model_key_file)
             engine_cfg = EngineConfig(
                 model=path,
                 device=cfg.device,
@@ -314,7 +316,10 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
             if hmac.compare_digest(digest(token), cfg.metrics_bearer_token_sha256):
                 return Principal("prometheus", "prometheus", "ops")
         state.keys.reload()
-        key: ApiKey | None = state.keys.lookup(token)
+        try:
+            key: ApiKey | None = state.keys.lookup(token)
+        except KeysFileError as e:  # never "no keys": every keyed request is refused, saying why
+            raise OpenAIError(503, str(e), "server_error", code="keys_file_invalid") from None
         if key is None:
             raise OpenAIError(401, "invalid or revoked API key", "authentication_error")
         if key.role not in allowed:
@@ -495,8 +500,12 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
         s = st(request)
         if s.loading:
             raise OpenAIError(409, "a model load is already in progress: wait for GET /admin/models", code="load_in_progress")
-        if not (Path(body.model) / "config.json").exists():
+        if not (Path(body.model) / "config.json").exists() and not is_packed(body.model):
             raise OpenAIError(400, f"{body.model} is not a model directory (no config.json)", param="model")
+        try:
+            await asyncio.to_thread(check_model, body.model, cfg.model_public_key_file, cfg.model_allow_unsigned, cfg.model_key_file)
+        except ModelTrustError as e:
+            raise OpenAIError(400, str(e), param="model") from None
         await s.audit_record(**audit_fields(request, 202), change={"load": body.model})
         s.loading = True
         threading.Thread(target=s.load_model, args=(body.model, body.served_model_name), daemon=True).start()
@@ -615,8 +624,8 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
         choices = [choice_body(chat, i, o, logprobs, eng) for i, o in enumerate(outs)]
         resp = completion_body(rid, chat, created, choices, usage, s.model_id)
         record.update(completion_tokens=completion_tokens, latency_ms=round((time.perf_counter() - t0) * 1000, 1))
+        record["result_stored"] = s.results.put(rid, p.key_id, resp)  # False: not stored, the answer still goes out
         await s.audit_record(**record)  # durable before the response goes out
-        s.results.put(rid, p.key_id, resp)
         s.metrics.requests.labels(record["route"], "200").inc()
         return resp
 
@@ -757,6 +766,8 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
             completion_tokens = sum(len(o.token_ids) for o in finals.values())
             usage = usage_body(len(prompt_ids), len(params), completion_tokens)
             record.update(completion_tokens=completion_tokens, latency_ms=round((time.perf_counter() - t0) * 1000, 1))
+            choices = [choice_body(chat, i, finals[i], False, s.engine.engine) for i in range(len(params))]
+            record["result_stored"] = s.results.put(rid, p.key_id, completion_body(rid, chat, created, choices, usage, model_id))
             try:
                 await s.audit_record(**record)
             except OpenAIError as e:
@@ -769,8 +780,6 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
             )
             yield "data: [DONE]\n\n"
             status = "200"
-            choices = [choice_body(chat, i, finals[i], False, s.engine.engine) for i in range(len(params))]
-            s.results.put(rid, p.key_id, completion_body(rid, chat, created, choices, usage, model_id))
         finally:
             s.limiter.release(p.key_id)
             observe(s, t0, first, finals.values())
