@@ -35,7 +35,7 @@ from inferd.server.metrics import Metrics
 from inferd.server.protocol import ChatCompletionRequest, CompletionRequest, LimitsUpdate, ModelLoad
 from inferd.server.results import ResultStore
 from inferd.store.packed import is_packed
-from inferd.store.trust import ModelTrustError, check_model
+from inferd.store.trust import ModelTrustError, check_configured
 
 log = logging.getLogger("inferd.server")
 NOT_AUDITED = {"/health", "/ready", "/metrics"}
@@ -202,7 +202,7 @@ class ServerState:
         self.metrics.load_attempts.inc()
         self.loading = True
         try:
-            check_model(path, cfg.model_public_key_file, cfg.model_allow_unsigned, cfg.model_key_file)
+            check_configured(cfg, path)
             engine_cfg = EngineConfig(
                 model=path,
                 device=cfg.device,
@@ -503,7 +503,7 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
         if not (Path(body.model) / "config.json").exists() and not is_packed(body.model):
             raise OpenAIError(400, f"{body.model} is not a model directory (no config.json)", param="model")
         try:
-            await asyncio.to_thread(check_model, body.model, cfg.model_public_key_file, cfg.model_allow_unsigned, cfg.model_key_file)
+            await asyncio.to_thread(check_configured, cfg, body.model)
         except ModelTrustError as e:
             raise OpenAIError(400, str(e), param="model") from None
         await s.audit_record(**audit_fields(request, 202), change={"load": body.model})

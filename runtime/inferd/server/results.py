@@ -14,6 +14,7 @@ The store never takes the service down and never costs a caller the answer (issu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from rocksdict import Rdict, WriteBatch
+from rocksdict import BottommostLevelCompaction, CompactOptions, Rdict, WriteBatch
 
 from inferd.server import metric_names as n
 
@@ -31,10 +32,24 @@ log = logging.getLogger("inferd.results")
 # Index keys, ordered by creation time, so expiry and the size cap read the oldest results first
 # without scanning every one. "\0" sorts before every result id ("chatcmpl-", "cmpl-").
 INDEX = "\0t/"
+# After a failed write RocksDB refuses every later one (a background error) until it is reopened:
+# a failing store is reopened on a write at most this often, so it recovers once space is freed.
+REOPEN_S = 30.0
 
 
 def _index_key(created: float, result_id: str) -> str:
     return f"{INDEX}{int(created * 1e6):020d}/{result_id}"
+
+
+def _full_compaction() -> CompactOptions:
+    # The bottommost level too: by default RocksDB leaves its files alone, and an answer already
+    # there (every result of a store reopened after a restart) stayed on disk next to its tombstone.
+    opts = CompactOptions()
+    opts.set_bottommost_level_compaction(BottommostLevelCompaction.force())
+    return opts
+
+
+_FULL_COMPACTION = _full_compaction()
 
 
 class ResultStore:
@@ -53,9 +68,8 @@ class ResultStore:
         self.failing = False  # the last write failed (or there is no store): the degraded gauge
         self.quarantined: Path | None = None
         self.bytes = 0
+        self.reopened = clock()
         self.db: Rdict | None = self._open()
-        if self.db is not None:
-            self._rebuild_index()
         self._stop = threading.Event()
         self._thread = None
         if interval_s:
@@ -76,15 +90,14 @@ class ResultStore:
         return store
 
     # ---- opening ------------------------------------------------------------------------------
-    def _open(self) -> Rdict | None:
+    def _open(self, quarantine: bool = True) -> Rdict | None:
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            return Rdict(str(self.path))
+            return self._open_and_index()
         except Exception as e:
             first = e
         self._failed("open", first)
         message = str(first).lower()
-        if "lock" in message or "permission" in message or "read-only" in message or "no space" in message:
+        if not quarantine or "lock" in message or "permission" in message or "read-only" in message or "no space" in message:
             return None  # not the store's fault: moving it aside would lose good results
         aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self.clock())}")
         try:
@@ -96,33 +109,51 @@ class ResultStore:
                 first,
                 aside,
             )
-            self.path.mkdir(parents=True, exist_ok=True)
-            return Rdict(str(self.path))
+            return self._open_and_index()
         except Exception as e:
             self._failed("open after quarantine", e)
             return None
 
-    def _rebuild_index(self) -> None:
-        """Count the stored bytes, and index results written before the index existed."""
-        indexed = set()
-        for key, _ in self.db.items(from_key=INDEX):
-            if not key.startswith(INDEX):
-                break
-            indexed.add(key.rsplit("/", 1)[1])
-        for key, raw in self.db.items():
-            if key.startswith(INDEX):
-                continue
-            self.bytes += len(raw)
-            if key not in indexed:
-                self.db[_index_key(json.loads(raw)["created"], key)] = ""
+    def _reopen(self) -> None:
+        with self.lock:
+            self.reopened = self.clock()
+            if self.db is not None:
+                with contextlib.suppress(Exception):  # it reports the very write error being recovered from
+                    self.db.close()
+            self.db = self._open(quarantine=False)  # a full disk is no corruption
+
+    def _open_and_index(self) -> Rdict:
+        """Open the database, count its bytes and index results written before the index existed:
+        every record is read once, so a store that cannot be read fails here, at start-up."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        db = Rdict(str(self.path))
+        try:
+            indexed, size = set(), 0
+            for key, _ in db.items(from_key=INDEX):
+                if not key.startswith(INDEX):
+                    break
+                indexed.add(key.rsplit("/", 1)[1])
+            for key, raw in db.items():
+                if key.startswith(INDEX):
+                    continue
+                size += len(raw)
+                if key not in indexed:
+                    db[_index_key(json.loads(raw)["created"], key)] = ""
+        except BaseException:
+            db.close()
+            raise
+        self.bytes = size
+        return db
 
     # ---- the request path -------------------------------------------------------------------
     def put(self, result_id: str, owner: str, response: dict) -> bool:
         """Store a result; False (logged, counted) when it could not be: the caller keeps the answer."""
+        created = self.clock()
+        if self.failing and created - self.reopened >= REOPEN_S:
+            self._reopen()
         if self.db is None:
             self._failed("write", RuntimeError(f"no results store is open at {self.path}"))
             return False
-        created = self.clock()
         raw = json.dumps({"owner": owner, "created": created, "response": response})
         batch = WriteBatch()
         batch.put(result_id, raw)
@@ -166,7 +197,7 @@ class ResultStore:
                 deleted = self._delete_oldest()
                 if deleted:
                     self.db.flush()
-                    self.db.compact_range(None, None)
+                    self.db.compact_range(None, None, _FULL_COMPACTION)
                 return deleted
             except Exception as e:
                 self._failed("maintenance", e)
@@ -235,7 +266,6 @@ class ResultStoreCollector:
         yield GaugeMetricFamily(
             n.RESULTS_STORE_DEGRADED, "1 while results are not being stored (answers still returned)", value=int(s.degraded)
         )
-        yield GaugeMetricFamily(
-            n.RESULTS_STORE_QUARANTINED, "1 when a corrupt results store was moved aside at start-up", value=int(bool(s.quarantined))
-        )
+        quarantined = int(s.quarantined is not None)
+        yield GaugeMetricFamily(n.RESULTS_STORE_QUARANTINED, "1: a corrupt store was moved aside", value=quarantined)
         yield GaugeMetricFamily(n.RESULTS_STORE_BYTES, "Bytes of stored results (the size cap applies to it)", value=s.bytes)

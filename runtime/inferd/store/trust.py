@@ -52,8 +52,7 @@ def read_public_key(path: str | None) -> bytes | None:
     p = Path(path)
     if not p.is_file():
         raise ModelTrustError(
-            f"model_public_key_file {p} does not exist: deploy the signer's public key (signing.pub) there, "
-            "or remove the setting"
+            f"model_public_key_file {p} does not exist: deploy the signer's public key (signing.pub) there, or remove the setting"
         )
     return p.read_bytes()
 
@@ -134,3 +133,8 @@ def check_plain_against_package(path: Path, public: bytes) -> None:
                 digest.update(block)
         if digest.hexdigest() != f["sha256"]:
             raise ModelTrustError(f"{path}: {name} differs from the signed manifest (sha256): refusing the model")
+
+
+def check_configured(cfg, path: str | Path) -> Verdict:
+    """check_model with the server config's model_public_key_file, model_allow_unsigned, model_key_file."""
+    return check_model(path, cfg.model_public_key_file, cfg.model_allow_unsigned, cfg.model_key_file)
