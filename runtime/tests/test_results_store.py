@@ -7,10 +7,10 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from types import SimpleNamespace
 
 from inferd.server import metric_names as n
 from inferd.server.results import ResultStore, ResultStoreCollector
