@@ -248,7 +248,10 @@ class ResultStore:
             self._thread.join()
         if self.db is not None:
             with self.lock:
-                self.db.close()
+                try:
+                    self.db.close()  # flushes: on a full disk that fails, and shutdown must go on
+                except Exception as e:
+                    self._failed("close", e)
                 self.db = None
 
 
