@@ -12,7 +12,7 @@ import pytest
 
 from inferd.store import crypto
 from inferd.store.packed import MANIFEST, SIGNATURE, PackedModel, pack
-from inferd.store.trust import PACKAGE_DIR, ModelTrustError, check_model
+from inferd.store.trust import PACKAGE_MANIFEST, PACKAGE_SIGNATURE, ModelTrustError, check_model
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,8 @@ def packed(src: Path, out: Path, signing_key: bytes | None, master: bytes | None
 def plain_copy(package: Path, out: Path) -> Path:
     """What the role's plaintext mode leaves: the files, and the package's signed manifest."""
     PackedModel(package).unpack(out)
-    (out / PACKAGE_DIR).mkdir()
-    for name in (MANIFEST, SIGNATURE):
-        shutil.copy(package / name, out / PACKAGE_DIR / name)
+    shutil.copy(package / MANIFEST, out / PACKAGE_MANIFEST)
+    shutil.copy(package / SIGNATURE, out / PACKAGE_SIGNATURE)
     return out
 
 

@@ -9,7 +9,7 @@ The rule, applied at start-up and to every admin load:
   plaintext substitute for the package the key was meant for.
 
 A plain directory that `model_decrypt` wrote from a signed package (the role's plaintext mode)
-carries that package's manifest and signature in PACKAGE_DIR: it passes when the signature
+carries that package's manifest and signature (PACKAGE_MANIFEST, PACKAGE_SIGNATURE): it passes when the signature
 verifies and every file's size and sha256 equal the signed manifest's, with no file more or less.
 """
 
@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inferd.store import crypto
-from inferd.store.packed import MANIFEST, SIGNATURE, PackedModel, PackError, is_packed
+from inferd.store.packed import MANIFEST, PackedModel, PackError, is_packed
 
-# Where a plaintext copy keeps the manifest and signature of the package it was decrypted from.
-PACKAGE_DIR = ".inferd-package"
+# The manifest and signature of the package a plaintext copy was decrypted from, kept in it, and
+# the stamp model_decrypt leaves there (library/model_decrypt.py writes all three).
+PACKAGE_MANIFEST = ".inferd-package-manifest.json"
+PACKAGE_SIGNATURE = ".inferd-package-manifest.sig"
+UNPACKED_STAMP = ".inferd-unpacked.json"
 
 
 class ModelTrustError(ValueError):
@@ -95,7 +98,7 @@ def _check_plain(path: Path, public: bytes | None, allow_unsigned: bool, key_fil
             f"{path} is a plain (unencrypted) model directory, but a model key is configured: refusing an "
             "unencrypted substitute (deliver the encrypted package, or remove the model key)"
         )
-    if (path / PACKAGE_DIR / SIGNATURE).exists() and public is not None:
+    if (path / PACKAGE_SIGNATURE).exists() and public is not None:
         check_plain_against_package(path, public)
         return Verdict(True, "plain copy of a package, signature and every file's sha256 verified")
     if public is not None:
@@ -112,16 +115,16 @@ def _check_plain(path: Path, public: bytes | None, allow_unsigned: bool, key_fil
 
 
 def check_plain_against_package(path: Path, public: bytes) -> None:
-    """The plain files are exactly those of the signed manifest in PACKAGE_DIR, byte for byte."""
-    pkg = path / PACKAGE_DIR
-    body = (pkg / MANIFEST).read_bytes() if (pkg / MANIFEST).exists() else b""
-    if not crypto.verify_signature(public, body, (pkg / SIGNATURE).read_bytes()):
+    """The plain files are exactly those of the signed manifest kept beside them, byte for byte."""
+    body = (path / PACKAGE_MANIFEST).read_bytes() if (path / PACKAGE_MANIFEST).exists() else b""
+    if not crypto.verify_signature(public, body, (path / PACKAGE_SIGNATURE).read_bytes()):
         raise ModelTrustError(
-            f"{path}: the signature in {PACKAGE_DIR} does not verify with model_public_key_file "
+            f"{path}: the signature in {PACKAGE_SIGNATURE} does not verify with model_public_key_file "
             "(another signer, or the manifest was changed)"
         )
     files = {f["name"]: f for f in json.loads(body)["files"]}
-    on_disk = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and pkg not in p.parents}
+    kept = {PACKAGE_MANIFEST, PACKAGE_SIGNATURE, UNPACKED_STAMP}
+    on_disk = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - kept
     extra, missing = sorted(on_disk - set(files)), sorted(set(files) - on_disk)
     if extra or missing:
         what = f"{extra[0]} is not in the signed manifest" if extra else f"{missing[0]} is missing"
