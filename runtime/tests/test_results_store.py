@@ -174,5 +174,5 @@ def test_the_server_config_reaches_the_store(tmp_path):
     reg = CollectorRegistry()
     store = ResultStore.from_config(cfg, reg)
     assert store.max_bytes == 1 << 20 and store.retention_s == 3600
-    assert f"{n.RESULTS_STORE_BYTES} 0.0" in generate_latest(reg).decode()
+    assert f"{n.RESULTS_STORE_DEGRADED} 0.0" in generate_latest(reg).decode()
     store.close()

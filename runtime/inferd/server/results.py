@@ -271,4 +271,3 @@ class ResultStoreCollector:
         )
         quarantined = int(s.quarantined is not None)
         yield GaugeMetricFamily(n.RESULTS_STORE_QUARANTINED, "1: a corrupt store was moved aside", value=quarantined)
-        yield GaugeMetricFamily(n.RESULTS_STORE_BYTES, "Bytes of stored results (the size cap applies to it)", value=s.bytes)
