@@ -176,3 +176,14 @@ def test_the_server_config_reaches_the_store(tmp_path):
     assert store.max_bytes == 1 << 20 and store.retention_s == 3600
     assert f"{n.RESULTS_STORE_DEGRADED} 0.0" in generate_latest(reg).decode()
     store.close()
+
+
+def test_the_size_cap_is_enforced_by_the_maintenance_thread(tmp_path):
+    store = ResultStore(tmp_path / "r", retention_s=3600, max_bytes=4000, interval_s=3600)
+    for i in range(20):
+        assert store.put(f"cmpl-{i:02d}", "k", {"text": "x" * 400})  # over the cap: the thread is woken
+    deadline = time.monotonic() + 60
+    while store.bytes > 4000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.bytes <= 4000 and store.get("cmpl-19", "k") is not None
+    store.close()

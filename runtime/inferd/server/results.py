@@ -63,14 +63,14 @@ class ResultStore:
     ):
         """`interval_s`: run `maintain` in a thread of its own that often (None: only when called)."""
         self.path, self.retention_s, self.max_bytes, self.clock = Path(path), retention_s, max_bytes, clock
-        self.lock = threading.RLock()  # _failed takes it inside maintain
+        self.lock = threading.RLock()  # guards bytes and failing; _failed runs inside held sections
         self.errors = 0  # failed opens, writes, reads and maintenance passes
         self.failing = False  # the last write failed (or there is no store): the degraded gauge
         self.quarantined: Path | None = None
         self.bytes = 0
         self.reopened = clock()
         self.db: Rdict | None = self._open()
-        self._stop = threading.Event()
+        self._stop, self._wake = threading.Event(), threading.Event()
         self._thread = None
         if interval_s:
             self._thread = threading.Thread(target=self._run, args=(interval_s,), name="inferd-results", daemon=True)
@@ -167,7 +167,9 @@ class ResultStore:
             self.bytes += len(raw)
             self.failing = False
             over = self.bytes > self.max_bytes
-        if over:
+        if over and self._thread is not None:
+            self._wake.set()  # the maintenance thread deletes and compacts: never the request's thread
+        elif over:
             self.maintain()
         return True
 
@@ -190,18 +192,19 @@ class ResultStore:
     def maintain(self) -> int:
         """Delete expired results and, beyond the size cap, the oldest ones; then flush and compact
         so that what was deleted is gone from disk. Returns how many results were deleted."""
-        if self.db is None:
+        db = self.db
+        if db is None:
             return 0
-        with self.lock:
-            try:
+        try:
+            with self.lock:  # only the bookkeeping: writes go on during the compaction
                 deleted = self._delete_oldest()
-                if deleted:
-                    self.db.flush()
-                    self.db.compact_range(None, None, _FULL_COMPACTION)
-                return deleted
-            except Exception as e:
-                self._failed("maintenance", e)
-                return 0
+            if deleted:
+                db.flush()
+                db.compact_range(None, None, _FULL_COMPACTION)
+            return deleted
+        except Exception as e:
+            self._failed("maintenance", e)
+            return 0
 
     def _delete_oldest(self) -> int:
         expired_before = int((self.clock() - self.retention_s) * 1e6)
@@ -228,7 +231,9 @@ class ResultStore:
     def _run(self, interval_s: float) -> None:
         while True:
             self.maintain()
-            if self._stop.wait(interval_s):
+            self._wake.wait(interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
                 return
 
     def _failed(self, what: str, error: Exception) -> None:
@@ -244,6 +249,7 @@ class ResultStore:
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
         if self.db is not None:
