@@ -102,6 +102,7 @@ def _keys(args) -> int:
 
     path = args.keys_file or load_config(args.config).keys_path
     store = KeyStore(path)
+    store.require_valid()  # a corrupt file is named and never written over (main prints it, exit 2)
     if args.action == "list":
         for k in store.keys:
             print(f"{k.name}\t{k.role}\t{'revoked' if k.revoked else 'active'}\t{k.key_id}")

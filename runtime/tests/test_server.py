@@ -53,6 +53,7 @@ class Server:
             "max_model_len": 256,
             "max_tokens_limit": 200,
             "max_body_bytes": 1 << 20,
+            "model_allow_unsigned": True,  # test models are unsigned (test_trust.py covers signed ones)
         }
         cfg.update(extra_config or {})
         self.config.write_text(json.dumps(cfg))  # JSON is YAML

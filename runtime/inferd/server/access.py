@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from inferd.server.auth import ANONYMOUS, ROLE_TABLE, ApiKey, digest
+from inferd.server.auth import ANONYMOUS, ROLE_TABLE, ApiKey, KeysFileError, digest
 from inferd.server.errors import OpenAIError
 
 # Query parameters that would carry a key in the URL, where logs and proxies keep it.
@@ -49,7 +49,10 @@ async def authorize(request: Request) -> Principal | None:
     if path == "/metrics" and metrics_token and hmac.compare_digest(digest(token), metrics_token):
         return Principal("prometheus", "prometheus", "ops")
     state.keys.reload()
-    key: ApiKey | None = state.keys.lookup(token)
+    try:
+        key: ApiKey | None = state.keys.lookup(token)
+    except KeysFileError as e:  # never "no keys": every keyed request is refused, saying why
+        raise OpenAIError(503, str(e), "server_error", code="keys_file_invalid") from None
     if key is None:
         raise OpenAIError(401, "invalid or revoked API key", "authentication_error")
     if key.role not in allowed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -10,6 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from inferd.server.access import audit_fields
+from inferd.store.packed import is_packed
+from inferd.store.trust import ModelTrustError, check_configured
 from inferd.server.errors import OpenAIError
 from inferd.server.protocol import LimitsUpdate, ModelLoad
 from inferd.server.state import state_of
@@ -76,8 +79,16 @@ async def load(body: ModelLoad, request: Request):
     s = state_of(request)
     if s.loading:
         raise OpenAIError(409, "a model load is already in progress: wait for GET /admin/models", code="load_in_progress")
-    if not (Path(body.model) / "config.json").exists():
-        raise OpenAIError(400, f"{body.model} is not a model directory (no config.json)", param="model")
+    try:
+        is_model = (Path(body.model) / "config.json").exists() or is_packed(body.model)
+    except OSError as e:  # a name too long for the filesystem, a path through a file...
+        raise OpenAIError(400, f"model path {body.model[:100]!r} cannot be opened: {e.strerror}", param="model") from None
+    if not is_model:
+        raise OpenAIError(400, f"{body.model} is not a model directory (no config.json) or packed model", param="model")
+    try:  # the signature check reads the whole manifest: off the event loop
+        await asyncio.to_thread(check_configured, s.cfg, body.model)
+    except ModelTrustError as e:
+        raise OpenAIError(400, str(e), param="model") from None
     await s.audit_record(**audit_fields(request, 202), change={"load": body.model})
     s.start_load(body.model, body.served_model_name)
     return {"status": "loading", "model": body.served_model_name or Path(body.model).name}

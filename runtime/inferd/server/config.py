@@ -28,6 +28,8 @@ class LimitsConfig(BaseModel):
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str = ""
+    model_public_key_file: str | None = None  # the package signer's Ed25519 public key: store/trust.py's rule
+    model_allow_unsigned: bool = False  # serve unsigned models when no public key is set (never by default)
     served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -44,6 +46,8 @@ class ServerConfig(BaseModel):
     audit_retention_days: float | None = Field(None, gt=0)  # None: keep every segment
     results_dir: str | None = None  # default: <data_dir>/results
     results_retention_hours: float = Field(24.0, gt=0)
+    results_max_mb: float = Field(1024.0, gt=0)  # the oldest results go first beyond it
+    results_maintenance_interval_s: float = Field(300.0, gt=0)  # expiry, size cap and compaction
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_tokens_limit: int = Field(4096, ge=1)
     max_n: int = Field(8, ge=1)

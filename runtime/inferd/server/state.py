@@ -20,6 +20,7 @@ from inferd.server.errors import OpenAIError
 from inferd.server.limits import Limiter
 from inferd.server.metrics import Metrics
 from inferd.server.results import ResultStore
+from inferd.store.trust import check_configured
 
 log = logging.getLogger("inferd.server")
 
@@ -44,11 +45,10 @@ class ServerState:
             cfg.audit_segment_bytes,
             cfg.audit_retention_days,
         )
-        cfg.results_path.mkdir(parents=True, exist_ok=True)
-        self.results = ResultStore(str(cfg.results_path), cfg.results_retention_hours * 3600)
-        self.limiter = Limiter(cfg.limits.max_concurrent_per_key, cfg.limits.requests_per_minute_per_key)
         self.engine = engine
         self.metrics = Metrics(engine_stats=lambda: None if self.engine is None else self.engine.stats(), audit=self.audit)
+        self.results = ResultStore.from_config(cfg, self.metrics.registry)
+        self.limiter = Limiter(cfg.limits.max_concurrent_per_key, cfg.limits.requests_per_minute_per_key)
         self.ready = False
         self.load_error: str | None = None
         self.loading = False
@@ -67,6 +67,7 @@ class ServerState:
         self.metrics.load_attempts.inc()
         self.loading = True
         try:
+            check_configured(cfg, path)  # the signature rule, at start-up and on every admin load
             new = AsyncLLMEngine.start(cfg.engine_config(path), on_error=self.engine_failed)
             old, self.engine = self.engine, new
             self.model_id, self.model_path = name, path
