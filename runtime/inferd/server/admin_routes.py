@@ -11,11 +11,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from inferd.server.access import audit_fields
-from inferd.store.packed import is_packed
-from inferd.store.trust import ModelTrustError, check_configured
 from inferd.server.errors import OpenAIError
 from inferd.server.protocol import LimitsUpdate, ModelLoad
 from inferd.server.state import state_of
+from inferd.store.packed import is_packed
+from inferd.store.trust import ModelTrustError, check_configured
 
 
 # ---- anonymous ------------------------------------------------------------------------------
