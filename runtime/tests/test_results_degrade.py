@@ -58,5 +58,7 @@ def test_a_full_results_disk_still_returns_the_answer(llama_dir, tmp_path):
         errors = next(line for line in metrics.splitlines() if line.startswith(n.RESULTS_STORE_ERRORS))
         assert float(errors.split()[-1]) >= 2
         assert client.get(f"/v1/results/{stored.json()['id']}", headers=user).status_code == 200  # earlier ones still served
-    served = [r for r in read_records(cfg.audit_path) if r.get("route") == "/v1/completions" and r["status"] == 200]
+    records = read_records(cfg.audit_path)
+    completions = {r["request_id"] for r in records if r.get("kind") == "begin" and r.get("route") == "/v1/completions"}
+    served = [r for r in records if r.get("kind") == "end" and r["request_id"] in completions and r["status"] == 200]
     assert [r["result_stored"] for r in served] == [True, False, False]

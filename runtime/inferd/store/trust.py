@@ -140,4 +140,4 @@ def check_plain_against_package(path: Path, public: bytes) -> None:
 
 def check_configured(cfg, path: str | Path) -> Verdict:
     """check_model with the server config's model_public_key_file, model_allow_unsigned, model_key_file."""
-    return check_model(path, cfg.model_public_key_file, cfg.model_allow_unsigned, cfg.model_key_file)
+    return check_model(path, cfg.model_public_key_file, cfg.model_allow_unsigned, cfg.engine.model_key_file)
