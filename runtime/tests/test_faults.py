@@ -228,6 +228,7 @@ def killed(llama_dir, tmp_path_factory):
         cut = load.midway()
         s.stop(signal.SIGKILL)
     after_kill = verify(data)
+    print(f"kill -9: {len(load.outcomes)} requests, {len(load.acknowledged)} acknowledged, {len(cut)} streams part-way")
     s.start()
     yield s, load, cut, after_kill
     s.stop()
@@ -262,6 +263,7 @@ def test_sigterm_mid_stream_finishes_what_began_and_serves_again(llama_dir, tmp_
         cut = load.midway()
         s.proc.send_signal(signal.SIGTERM)
         code = s.proc.wait(60)
+    print(f"SIGTERM: {len(load.outcomes)} requests, {len(load.acknowledged)} acknowledged, {len(cut)} streams part-way")
     assert code in (0, -signal.SIGTERM), s.log.read_text()[-2000:]
     unfinished = [o for o in cut if not o.acknowledged]
     assert cut and not unfinished, f"SIGTERM cut {len(unfinished)} of {len(cut)} streams: {[o.error for o in unfinished]}"
@@ -309,6 +311,7 @@ def test_engine_crash_under_load_fails_cleanly_and_a_restart_serves(llama_dir, t
         load.wait_for(acknowledged=4, in_flight=2)
         flag.touch()  # the engine thread raises 20 steps from now, streams part-way
         code = s.proc.wait(60)
+    print(f"engine crash: {len(load.outcomes)} requests, {len(load.acknowledged)} acknowledged, {len(load.begun)} cut")
     assert code == 1, s.log.read_text()[-2000:]
     assert "injected engine fault" in s.log.read_text()
     # A stream the crash cut ends with an error event: the client never takes it for a whole answer.
