@@ -177,7 +177,7 @@ class Load:
                 o.error = f"{type(e).__name__}: {e}"
                 time.sleep(0.05)
 
-    def wait_for(self, acknowledged: int, in_flight: int, timeout: float = 60) -> None:
+    def wait_for(self, acknowledged: int, in_flight: int, timeout: float = 120) -> None:
         """Until `acknowledged` requests completed and `in_flight` streams are part-way."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -224,7 +224,7 @@ def killed(llama_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("kill9")
     s = Serve(llama_dir, data).start()
     with Load(s) as load:
-        load.wait_for(acknowledged=8, in_flight=2)
+        load.wait_for(acknowledged=6, in_flight=2)
         cut = load.midway()
         s.stop(signal.SIGKILL)
     after_kill = verify(data)
