@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--device")
     serve.add_argument("--data-dir", help="where keys, the audit log and results live")
+    serve.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        default=None,
+        help="serve a model whose signature is not checked (only when no model_public_key_file is set)",
+    )
 
     keys = sub.add_parser("keys", help="manage API keys (stored only as sha256 digests)")
     keys.add_argument("action", choices=["add", "revoke", "list"])
@@ -281,7 +287,15 @@ def _serve(args) -> int:
     from inferd.server.config import load_config
     from inferd.server.logging import setup_json_logging
 
-    cfg = load_config(args.config, model=args.model, host=args.host, port=args.port, device=args.device, data_dir=args.data_dir)
+    cfg = load_config(
+        args.config,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        data_dir=args.data_dir,
+        model_allow_unsigned=args.allow_unsigned,
+    )
     if not cfg.model:
         print("inferd: error: no model: pass --model DIR or set model: in the config", file=sys.stderr)
         return 2

@@ -59,6 +59,7 @@ class LiveServer:
         cfg = {
             "model": str(model_dir),
             "served_model_name": "tiny",
+            "model_allow_unsigned": True,  # the tiny test model is a plain directory
             "data_dir": str(data_dir),
             "max_model_len": 256,
             "max_tokens_limit": 200,

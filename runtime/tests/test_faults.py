@@ -26,7 +26,8 @@ import httpx
 import openai
 import pytest
 
-from inferd.server.audit import HEADER, read_records
+from inferd.server.audit import read_records
+from inferd.server.audit_format import iter_segment
 from inferd.server.auth import KeyStore
 
 MSG = [{"role": "user", "content": "The quick brown fox"}]
@@ -38,7 +39,9 @@ def inferd(*args) -> subprocess.CompletedProcess:
 
 
 def verify(data_dir: Path) -> subprocess.CompletedProcess:
-    return inferd("audit", "verify", str(data_dir / "audit" / "audit.log"))
+    """The chain checked with the service's own key and against its anchor."""
+    key, anchor = data_dir / "audit.key", data_dir / "audit.anchor"
+    return inferd("audit", "verify", str(data_dir / "audit" / "audit.log"), "--key-file", str(key), "--anchor-file", str(anchor))
 
 
 class Serve:
@@ -53,6 +56,7 @@ class Serve:
         cfg = {
             "model": str(model_dir),
             "served_model_name": "tiny",
+            "model_allow_unsigned": True,  # the tiny test model is a plain directory
             "host": "127.0.0.1",
             "port": self.port,
             "data_dir": str(data_dir),
@@ -332,14 +336,9 @@ def test_engine_crash_under_load_fails_cleanly_and_a_restart_serves(llama_dir, t
 
 
 # ---- corrupt files ---------------------------------------------------------------------------
-def frames(data: bytes) -> list[tuple[int, int]]:
-    """(offset, length incl. header) of every complete frame."""
-    out, pos = [], 0
-    while pos + HEADER.size <= len(data):
-        length, _ = HEADER.unpack_from(data, pos)
-        out.append((pos, HEADER.size + length))
-        pos += HEADER.size + length
-    return out
+def frames(log: Path) -> list[tuple[int, int]]:
+    """(offset, length incl. header and trailer) of every complete frame."""
+    return [(f.start, f.end - f.start) for f in iter_segment(log)]
 
 
 @pytest.fixture(scope="module")
@@ -351,18 +350,18 @@ def corrupt_tail(llama_dir, tmp_path_factory):
         assert s.complete().status_code == 200
     s.stop()
     log = data / "audit" / "audit.log"
+    where = frames(log)
     original = bytearray(log.read_bytes())
-    where = frames(bytes(original))
     offset, length = where[-1]
-    original[offset + length - 5] ^= 0x01  # inside the last record's JSON: the CRC no longer matches
+    original[offset + length - 5] ^= 0x01  # the last byte of the last record's JSON: the CRC no longer matches
     log.write_bytes(bytes(original))
-    return s, bytes(original), len(where) - 1
+    return s, bytes(original), offset
 
 
 def test_corrupt_audit_tail_is_named_by_verify(corrupt_tail):
-    s, _, last = corrupt_tail
+    s, _, offset = corrupt_tail
     r = verify(s.data_dir)
-    assert r.returncode == 1 and f"record {last} " in r.stderr and "checksum" in r.stderr, r.stderr
+    assert r.returncode == 1 and f"byte offset {offset}" in r.stderr and "checksum" in r.stderr, r.stderr
 
 
 @pytest.mark.xfail(strict=True, reason="issue 24: inferd serve refuses to start on an audit log with a damaged record (exits 3)")

@@ -69,7 +69,7 @@ def start(image: str, name: str, data: Path, model: Path) -> str:
         "run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp", "--cap-drop", "all",
         "--security-opt", "no-new-privileges", "-p", f"127.0.0.1:{port}:8000",
         "-v", f"{data}:/var/lib/inferd", "-v", f"{model}:/models/demo:ro",
-        image, "serve", "--model", "/models/demo", "--host", "0.0.0.0", "--device", "cpu",
+        image, "serve", "--model", "/models/demo", "--host", "0.0.0.0", "--device", "cpu", "--allow-unsigned",
     )  # fmt: skip
     return f"http://127.0.0.1:{port}"
 
