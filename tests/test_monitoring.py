@@ -90,7 +90,7 @@ def all_panel_exprs() -> dict[str, str]:
 def test_promtool_accepts_the_rules(rules):
     r = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 14 rules found" in r.stdout
+    assert "SUCCESS: 15 rules found" in r.stdout
 
 
 def test_every_alert_has_a_runbook_and_a_severity(rules):
@@ -188,6 +188,12 @@ CASES = {
         [(sel("inferd_results_store_errors_total"), "0 0 1 1"), (sel("inferd_results_store_degraded"), "0 1 0 0")],
         [(sel("inferd_results_store_errors_total"), "0x4"), (sel("inferd_results_store_degraded"), "0x4")],
         "3m",
+        {"instance": "h:8000", "job": "inferd"},
+    ),
+    "InferdKeysFileInvalid": (
+        [(sel("inferd_keys_file_invalid"), "1x3")],
+        [(sel("inferd_keys_file_invalid"), "0x3")],
+        "2m",
         {"instance": "h:8000", "job": "inferd"},
     ),
     "InferdResultsStoreQuarantined": (

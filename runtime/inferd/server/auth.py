@@ -79,15 +79,19 @@ class KeyStore:
     """A JSON file of key records (no secrets in it), rewritten atomically on change.
 
     A file that cannot be read as one (corrupt, hand-edited, two keys with one id) never becomes
-    "no keys": `error` names the problem, every lookup raises KeysFileError (the server answers
-    503 naming it, the CLI refuses to write over it), and a fixed file is picked up by the next
-    reload without a restart."""
+    "no keys": `error` names the problem and the CLI refuses to write over it. The server goes on
+    with the last keys it read from a good file (as nginx keeps its last good configuration when a
+    reload fails), logs the error and raises the keys-file gauge for an alert: a half-written file
+    must not lock every user out. A change the bad file meant to make, a revocation too, takes
+    effect only once the file is fixed, which the next reload picks up without a restart. With no
+    good file read since start-up, every lookup raises KeysFileError (503 naming it)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.keys: list[ApiKey] = []
         self.mtime = 0.0
         self.error: str | None = None
+        self.read_good = False  # keys came from a good file at least once
         self.reload()
 
     def reload(self) -> None:
@@ -99,10 +103,12 @@ class KeyStore:
             return
         self.mtime = mtime
         try:
-            self.keys, self.error = parse_keys(self.path), None
+            self.keys, self.error, self.read_good = parse_keys(self.path), None, True
         except KeysFileError as e:
-            self.keys, self.error = [], str(e)
-            log.error("%s", e)
+            self.error = str(e)
+            if not self.read_good:
+                self.keys = []
+            log.error("%s%s", e, "; serving with the last good keys until it is fixed" if self.read_good else "")
 
     def require_valid(self) -> None:
         if self.error is not None:
@@ -140,7 +146,8 @@ class KeyStore:
 
     def lookup(self, presented: str) -> ApiKey | None:
         """The active key matching `presented`, comparing every stored digest in constant time."""
-        self.require_valid()
+        if not self.read_good:
+            self.require_valid()
         d = digest(presented)
         found = None
         for k in self.keys:

@@ -34,7 +34,7 @@ log = logging.getLogger("inferd.results")
 INDEX = "\0t/"
 # After a failed write RocksDB refuses every later one (a background error) until it is reopened:
 # a failing store is reopened on a write at most this often, so it recovers once space is freed.
-REOPEN_S = 30.0
+REOPEN_S = 2.0
 
 
 def _index_key(created: float, result_id: str) -> str:
@@ -115,12 +115,21 @@ class ResultStore:
             return None
 
     def _reopen(self) -> None:
+        """After a failed write RocksDB refuses every later one until it is reopened. A store that
+        was open is reopened as it is (its index is written with each result: nothing to rebuild,
+        so this costs little while the disk stays full); one that never opened is opened in full."""
         with self.lock:
             self.reopened = self.clock()
-            if self.db is not None:
-                with contextlib.suppress(Exception):  # it reports the very write error being recovered from
-                    self.db.close()
-            self.db = self._open(quarantine=False)  # a full disk is no corruption
+            if self.db is None:
+                self.db = self._open(quarantine=False)  # a full disk is no corruption
+                return
+            with contextlib.suppress(Exception):  # it reports the very write error being recovered from
+                self.db.close()
+            try:
+                self.db = Rdict(str(self.path))
+            except Exception as e:
+                self.db = None
+                self._failed("reopen", e)
 
     def _open_and_index(self) -> Rdict:
         """Open the database, count its bytes and index results written before the index existed:

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import Request
+from prometheus_client import Gauge
 
 from inferd.engine.async_engine import AsyncLLMEngine
+from inferd.server import metric_names as n
 from inferd.server.audit import AuditFullError, AuditLog
 from inferd.server.auth import KeyStore
 from inferd.server.config import ServerConfig
@@ -48,6 +50,10 @@ class ServerState:
         self.engine = engine
         self.metrics = Metrics(engine_stats=lambda: None if self.engine is None else self.engine.stats(), audit=self.audit)
         self.results = ResultStore.from_config(cfg, self.metrics.registry)
+        keys_invalid = Gauge(
+            n.KEYS_FILE_INVALID, "1 while the keys file does not parse (the last good keys serve)", registry=self.metrics.registry
+        )
+        keys_invalid.set_function(lambda: int(self.keys.error is not None))
         self.limiter = Limiter(cfg.limits.max_concurrent_per_key, cfg.limits.requests_per_minute_per_key)
         self.ready = False
         self.load_error: str | None = None
