@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--keys-file", help="the keys file, instead of --config")
     keys.add_argument("--name", help="a name for the key's holder (add, revoke)")
     keys.add_argument("--role", choices=["admin", "ops", "user"], help="the key's role (add)")
+    keys.add_argument(
+        "--priority",
+        choices=["low", "normal", "high"],
+        default="normal",
+        help="the key's class under load: higher classes are scheduled first (add; default normal)",
+    )
 
     pack = sub.add_parser(
         "pack",
@@ -111,7 +117,7 @@ def _keys(args) -> int:
     store.require_valid()  # a corrupt file is named and never written over (main prints it, exit 2)
     if args.action == "list":
         for k in store.keys:
-            print(f"{k.name}\t{k.role}\t{'revoked' if k.revoked else 'active'}\t{k.key_id}")
+            print(f"{k.name}\t{k.role}\t{k.priority}\t{'revoked' if k.revoked else 'active'}\t{k.key_id}")
         return 0
     if not args.name:
         print("inferd: error: --name is required", file=sys.stderr)
@@ -120,7 +126,7 @@ def _keys(args) -> int:
         if not args.role:
             print("inferd: error: --role is required (admin, ops or user)", file=sys.stderr)
             return 2
-        key = store.add(args.name, args.role)
+        key = store.add(args.name, args.role, args.priority)
         print(key)
         print(f"# stored only as a sha256 digest in {path}: this is the only time the key is shown", file=sys.stderr)
         return 0

@@ -60,6 +60,7 @@ class LiveServer:
             "model": str(model_dir),
             "served_model_name": "tiny",
             "model_allow_unsigned": True,  # the tiny test model is a plain directory
+            "anonymous_refusals_per_minute": 100000,  # these tests send many bad keys on purpose (test_anonymous.py)
             "data_dir": str(data_dir),
             "max_model_len": 256,
             "max_tokens_limit": 200,

@@ -1,4 +1,6 @@
-"""Anonymous refusals are limited per address: beyond the limit, 429 and no audit write."""
+"""Anonymous refusals are limited per address: beyond the limit, 429 and no audit write (issue 24:
+every anonymous 401/404 wrote and fsynced an audit record, so anyone who reached the port turned
+requests into disk writes)."""
 
 from __future__ import annotations
 
@@ -48,3 +50,29 @@ def test_memory_is_bounded_by_the_number_of_addresses_kept():
 def test_a_limit_below_one_is_refused():
     with pytest.raises(ValueError, match="anonymous_per_minute"):
         AnonymousLimiter(per_minute=0)
+
+
+def test_the_server_answers_a_keyless_flood_with_429_and_audits_it_once(llama_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from inferd.server.app import create_app
+    from inferd.server.audit import read_records
+    from inferd.server.auth import KeyStore
+    from inferd.server.config import ServerConfig
+
+    cfg = ServerConfig(model=str(llama_dir), data_dir=str(tmp_path), anonymous_refusals_per_minute=5)
+    key = KeyStore(cfg.keys_path).add("ursula", "user")
+    bad = {"Authorization": "Bearer sk-wrong"}
+    with TestClient(create_app(cfg, load_model=False)) as client:
+        statuses = [client.get("/v1/models", headers=bad).status_code for _ in range(8)]
+        statuses += [client.get("/no/such/route").status_code for _ in range(4)]
+        flood = client.get("/v1/models", headers=bad)
+        keyed = client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+        metrics = client.get("/metrics").status_code  # a probe route is never limited
+    assert statuses == [401] * 5 + [429] * 7
+    assert flood.status_code == 429 and 1 <= int(flood.headers["Retry-After"]) <= 60
+    assert "without a valid key" in flood.json()["error"]["message"]
+    assert keyed.status_code != 429  # a client with a valid key is not held back by the flood
+    assert metrics != 429
+    refusals = [r for r in read_records(cfg.audit_path) if r.get("status") in (401, 404, 429)]
+    assert [r["status"] for r in refusals] == [401] * 5 + [429]  # the flood: one record, not 8

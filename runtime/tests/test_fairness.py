@@ -93,3 +93,64 @@ def test_the_waiting_queue_is_bounded_and_refuses_a_request_whole():
 def test_max_num_waiting_must_be_positive():
     with pytest.raises(ValueError, match="max_num_waiting"):
         EngineConfig(model="unused", max_num_waiting=0)
+
+
+# ---- the server's side: limits in sequences, the queue bound, the key's class ------------------
+def test_a_keys_limits_count_sequences_not_requests():
+    from inferd.server.limits import Limiter
+
+    lim = Limiter(max_concurrent=4, per_minute=100)
+    assert lim.acquire("k", 3) is None
+    assert lim.acquire("k", 2).reason == "concurrency"  # 3 + 2 sequences > 4, though only 2 requests
+    assert lim.acquire("other", 4) is None
+    lim.release("k", 3)
+    assert lim.acquire("k", 4) is None
+    per_minute = Limiter(max_concurrent=100, per_minute=10)
+    assert per_minute.acquire("k", 8) is None
+    refused = per_minute.acquire("k", 3)
+    assert refused.reason == "rate" and 1 <= refused.retry_after_s <= 60
+
+
+def test_n_beyond_a_keys_limit_is_a_400_and_a_full_queue_a_429():
+    from inferd.server.errors import OpenAIError
+    from inferd.server.limits import Limiter, admit
+    from inferd.server.metrics import Metrics
+
+    class FullEngine:
+        def has_room(self, n):
+            return False
+
+    with pytest.raises(OpenAIError) as e:
+        admit(Limiter(4, 100), Metrics(), "k", 8)
+    assert e.value.status == 400 and e.value.param == "n" and "at most 4" in e.value.message
+    lim = Limiter(4, 100)
+    with pytest.raises(OpenAIError) as e:
+        admit(lim, Metrics(), "k", 2, FullEngine())
+    assert e.value.status == 429 and e.value.code == "queue_full" and int(e.value.headers["Retry-After"]) >= 1
+    assert lim.active["k"] == 0  # nothing taken for a refused request
+
+
+def test_the_engine_bounds_its_queue_and_queues_under_tenant_and_priority(llama_dir):
+    from inferd.engine.async_engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine.start(EngineConfig(model=str(llama_dir), max_num_seqs=2, max_num_waiting=1, max_model_len=64))
+    try:
+        assert engine.has_room(3) and not engine.has_room(4)
+        seq = engine.engine.add_request([1, 2, 3], SamplingParams(max_tokens=2), "r1", tenant="key-a", priority=1)
+        assert (seq.tenant, seq.priority) == ("key-a", 1)
+    finally:
+        engine.shutdown()
+
+
+def test_a_keys_priority_class_is_stored_checked_and_named(tmp_path):
+    from inferd.server.auth import KeysFileError, KeyStore, parse_keys
+
+    store = KeyStore(tmp_path / "keys.json")
+    store.add("batch", "user", priority="low")
+    store.add("desk", "user", priority="high")
+    assert {k.name: k.priority for k in parse_keys(store.path)} == {"batch": "low", "desk": "high"}
+    with pytest.raises(ValueError, match="unknown priority 'urgent'"):
+        store.add("x", "user", priority="urgent")
+    store.path.write_text(store.path.read_text().replace('"low"', '"urgent"'))
+    with pytest.raises(KeysFileError, match="priority 'urgent'"):
+        parse_keys(store.path)

@@ -57,6 +57,7 @@ class Serve:
             "model": str(model_dir),
             "served_model_name": "tiny",
             "model_allow_unsigned": True,  # the tiny test model is a plain directory
+            "anonymous_refusals_per_minute": 100000,  # these tests send many bad keys on purpose (test_anonymous.py)
             "host": "127.0.0.1",
             "port": self.port,
             "data_dir": str(data_dir),

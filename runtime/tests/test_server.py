@@ -54,6 +54,7 @@ class Server:
             "max_tokens_limit": 200,
             "max_body_bytes": 1 << 20,
             "model_allow_unsigned": True,  # test models are unsigned (test_trust.py covers signed ones)
+            "anonymous_refusals_per_minute": 100000,  # these tests send many bad keys on purpose (test_anonymous.py)
         }
         cfg.update(extra_config or {})
         self.config.write_text(json.dumps(cfg))  # JSON is YAML

@@ -24,10 +24,11 @@ from collections.abc import AsyncIterator, Callable
 
 from inferd.config import EngineConfig
 from inferd.engine.llm_engine import InvalidRequestError, LLMEngine
+from inferd.engine.scheduler import QueueFull
 from inferd.outputs import EngineStats, StepOutput
 from inferd.sampling_params import SamplingParams
 
-__all__ = ["AsyncLLMEngine", "EngineDeadError", "InvalidRequestError"]
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "InvalidRequestError", "QueueFull"]
 
 log = logging.getLogger("inferd.async")
 
@@ -43,7 +44,7 @@ class AsyncLLMEngine:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._pending: list[tuple[str, object, SamplingParams]] = []
+        self._pending: list[tuple[str, object, SamplingParams, str, int]] = []
         self._aborts: list[str] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
@@ -94,15 +95,26 @@ class AsyncLLMEngine:
             time.sleep(0.05)
         self.shutdown()
 
-    async def generate(self, prompt, params: SamplingParams, request_id: str | None = None) -> AsyncIterator[StepOutput]:
-        """The request's events: a TokenEvent per step while it runs, then its RequestOutput."""
+    def has_room(self, n: int) -> bool:
+        """Whether `n` more sequences fit in the batch and the bounded waiting queue now (the
+        server refuses a request with 429 at once otherwise; the scheduler's QueueFull is the hard
+        bound behind this check)."""
+        cfg = self.engine.config
+        with self._lock:
+            return len(self._streams) + n <= cfg.max_num_seqs + cfg.max_num_waiting
+
+    async def generate(
+        self, prompt, params: SamplingParams, request_id: str | None = None, tenant: str = "", priority: int = 0
+    ) -> AsyncIterator[StepOutput]:
+        """The request's events: a TokenEvent per step while it runs, then its RequestOutput.
+        `tenant` (the API key's id) and `priority` (its class) are how the batch is shared."""
         request_id = request_id or f"req-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:  # under the lock: a request is either refused here or failed by _run
             if self.error is not None:
                 raise EngineDeadError(f"the engine stopped after an error: {self.error}")
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
-            self._pending.append((request_id, prompt, params))
+            self._pending.append((request_id, prompt, params, tenant, priority))
         self._wake.set()
         finished = False
         try:
@@ -164,9 +176,9 @@ class AsyncLLMEngine:
                 aborts, self._aborts = self._aborts, []
             for request_id in aborts:
                 engine.abort_request(request_id)
-            for request_id, prompt, params in pending:
+            for request_id, prompt, params, tenant, priority in pending:
                 try:
-                    engine.add_request(prompt, params, request_id)
+                    engine.add_request(prompt, params, request_id, tenant, priority)
                 except Exception as e:  # bad input: this request fails, the engine goes on
                     self._deliver(request_id, e)
             if not engine.has_unfinished_requests():

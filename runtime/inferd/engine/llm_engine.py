@@ -81,10 +81,14 @@ class LLMEngine:
             )
         return room
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None, tenant: str = "", priority: int = 0
+    ) -> Sequence:
+        """Queue a request; `tenant` and `priority` are how the scheduler shares the batch
+        (QueueFull when the waiting queue has no room)."""
         token_ids = self.tokenize(prompt)
         self.check_prompt(token_ids)
-        seq = Sequence(token_ids, params, self.config.block_size, request_id)
+        seq = Sequence(token_ids, params, self.config.block_size, request_id, tenant=tenant, priority=priority)
         if seq.request_id in self.sequences:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
         self.sequences[seq.request_id] = seq

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from inferd.server.auth import ANONYMOUS, ROLE_TABLE, ApiKey, KeysFileError, digest
+from inferd.server.auth import ANONYMOUS, PRIORITIES, ROLE_TABLE, ApiKey, KeysFileError, digest
 from inferd.server.errors import OpenAIError
 
 # Query parameters that would carry a key in the URL, where logs and proxies keep it.
@@ -20,6 +20,7 @@ class Principal:
     key_id: str
     name: str
     role: str
+    priority: int = 0  # the key's class (auth.PRIORITIES): how the engine shares the batch
 
 
 def _bearer_token(request: Request) -> str:
@@ -57,7 +58,7 @@ async def authorize(request: Request) -> Principal | None:
         raise OpenAIError(401, "invalid or revoked API key", "authentication_error")
     if key.role not in allowed:
         raise OpenAIError(403, f"role '{key.role}' may not call {request.method} {path}", "permission_error")
-    principal = Principal(key.key_id, key.name, key.role)
+    principal = Principal(key.key_id, key.name, key.role, PRIORITIES[key.priority])
     request.state.principal = principal
     return principal
 

@@ -65,6 +65,11 @@ class KeysFileError(ValueError):
     """The keys file cannot be used; the message names the file, the problem and the fix."""
 
 
+# A key's priority class: under load the scheduler admits (and keeps from preemption) the higher
+# class first, and shares places within a class by sequences held (engine/scheduler.py).
+PRIORITIES = {"low": -1, "normal": 0, "high": 1}
+
+
 @dataclass
 class ApiKey:
     key_id: str
@@ -73,6 +78,7 @@ class ApiKey:
     sha256: str
     created: float
     revoked: bool = False
+    priority: str = "normal"
 
 
 class KeyStore:
@@ -124,14 +130,18 @@ class KeyStore:
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.path)
 
-    def add(self, name: str, role: str) -> str:
+    def add(self, name: str, role: str, priority: str = "normal") -> str:
         self.require_valid()
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
+        if priority not in PRIORITIES:
+            raise ValueError(f"unknown priority {priority!r}: use one of {', '.join(PRIORITIES)}")
         if any(k.name == name and not k.revoked for k in self.keys):
             raise ValueError(f"a key named {name!r} exists: revoke it first or pick another name")
         key = KEY_PREFIX + secrets.token_hex(32)  # 256 random bits
-        self.keys.append(ApiKey(key_id=secrets.token_hex(8), name=name, role=role, sha256=digest(key), created=time.time()))
+        self.keys.append(
+            ApiKey(key_id=secrets.token_hex(8), name=name, role=role, sha256=digest(key), created=time.time(), priority=priority)
+        )
         self._save()
         return key
 
@@ -174,6 +184,10 @@ def parse_keys(path: Path) -> list[ApiKey]:
         fields = (k.key_id, k.name, k.sha256)
         if not all(isinstance(f, str) and f for f in fields) or k.role not in ROLES or not _HEX64.fullmatch(k.sha256):
             raise KeysFileError(f"keys file {path}: key {k.name!r} has a bad role, digest or id: no key is accepted; {fix}")
+        if k.priority not in PRIORITIES:
+            raise KeysFileError(
+                f"keys file {path}: key {k.name!r} has priority {k.priority!r}, not one of {', '.join(PRIORITIES)}; {fix}"
+            )
         if k.key_id == name_derived_id(k.name):
             k.key_id, migrated = key_id_for(k.sha256), migrated + 1
         if k.key_id in seen:

@@ -33,12 +33,39 @@ def error_body(message: str, type_: str, param=None, code=None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-async def _count_and_audit(request: Request, status: int, message: str) -> None:
+def _anonymous_flood(request: Request, path: str) -> tuple[JSONResponse | None, bool]:
+    """A 429 in place of the refusal when a client without a valid key is over its limit (see
+    anonymous.py): answered and counted, and audited only the first time in a window; and
+    whether this is that first time."""
+    state = request.app.state.inferd
+    if getattr(request.state, "principal", None) is not None or path in NOT_AUDITED:
+        return None, False
+    verdict = state.anonymous.check(request.client.host if request.client else "unknown")
+    if verdict.allowed:
+        return None, False
+    state.metrics.requests.labels(path, "429").inc()
+    state.metrics.rate_limited.labels("anonymous").inc()
+    message = f"too many requests without a valid key from this address: retry in {verdict.retry_after_s} s"
+    headers = {"Retry-After": str(verdict.retry_after_s)}
+    return JSONResponse(error_body(message, "rate_limit_error"), status_code=429, headers=headers), verdict.first_over
+
+
+async def _count_and_audit(request: Request, status: int, message: str) -> JSONResponse | None:
+    """Count and audit a refusal; or, for a client without a key that is over its limit, the 429
+    to send instead (only its first one in a window is audited: the evidence of the flood)."""
     state = request.app.state.inferd
     path = route_template(request)
-    state.metrics.requests.labels(path, str(status)).inc()
+    flood, first_over = _anonymous_flood(request, path)
+    if flood is not None:
+        if not first_over:
+            return flood
+        status = 429
+        message = f"over {state.anonymous.per_minute} refusals a minute without a valid key from this address: "
+        message += "further ones are answered 429 and not recorded until it slows down"
+    else:
+        state.metrics.requests.labels(path, str(status)).inc()
     if path in NOT_AUDITED:
-        return
+        return flood
     p = getattr(request.state, "principal", None)
     try:
         await state.audit_record(
@@ -53,12 +80,14 @@ async def _count_and_audit(request: Request, status: int, message: str) -> None:
         )
     except OpenAIError:
         pass  # the error response goes out anyway; the drop is counted
+    return flood
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def on_openai_error(request: Request, exc: OpenAIError):
-        await _count_and_audit(request, exc.status, exc.message)
+        if flood := await _count_and_audit(request, exc.status, exc.message):
+            return flood
         body = error_body(exc.message, exc.type, exc.param, exc.code)
         return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
@@ -67,7 +96,8 @@ def install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         loc = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
         msg = BAD_BODY if first.get("type") == "json_invalid" else f"{loc or 'body'}: {first.get('msg', 'invalid value')}"
-        await _count_and_audit(request, 400, msg)
+        if flood := await _count_and_audit(request, 400, msg):
+            return flood
         return JSONResponse(error_body(msg, "invalid_request_error", loc), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -76,7 +106,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and "parsing the body" in message:
             message = BAD_BODY
         if exc.status_code < 500:
-            await _count_and_audit(request, exc.status_code, message)
+            if flood := await _count_and_audit(request, exc.status_code, message):
+                return flood
         else:
             request.app.state.inferd.metrics.requests.labels(route_template(request), str(exc.status_code)).inc()
         return JSONResponse(error_body(message, "invalid_request_error"), status_code=exc.status_code)

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from inferd.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from inferd.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFull
 from inferd.outputs import RequestOutput
 from inferd.sampling_params import InvalidRequestError, SamplingParams
 from inferd.server.access import Principal, audit_fields
 from inferd.server.audit import outcome_of
 from inferd.server.errors import OpenAIError, error_body
-from inferd.server.limits import admit
+from inferd.server.limits import QUEUE_RETRY_S, admit
 from inferd.server.openai_format import (
     DONE_EVENT,
     ChunkFormatter,
@@ -122,7 +122,7 @@ async def generate(request: Request, engine: AsyncLLMEngine, body, prompt_ids, m
     state = state_of(request)
     params = sampling_params(state, engine, body, prompt_ids, max_tokens, logprobs)
     principal: Principal = request.state.principal
-    admit(state.limiter, state.metrics, principal.key_id)
+    admit(state.limiter, state.metrics, principal.key_id, len(params), engine)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     record = audit_fields(request, 200) | {"request_id": rid, "model": state.model_id, "prompt_tokens": len(prompt_ids) * body.n}
     if state.cfg.audit_log_prompts:
@@ -145,7 +145,7 @@ async def generate(request: Request, engine: AsyncLLMEngine, body, prompt_ids, m
     try:  # the request's evidence is durable before generation starts
         await state.audit_wait(lambda: state.audit.begin(rid, {k: v for k, v in record.items() if k != "status"}))
     except OpenAIError:
-        state.limiter.release(principal.key_id)
+        state.limiter.release(principal.key_id, len(params))
         raise
     state.metrics.prompt_tokens.inc(len(prompt_ids) * body.n)
     if body.stream:
@@ -157,17 +157,19 @@ async def generate(request: Request, engine: AsyncLLMEngine, body, prompt_ids, m
         state.audit.end(rid, **outcome_of(e))
         raise
     finally:
-        state.limiter.release(principal.key_id)
+        state.limiter.release(principal.key_id, len(params))
     return await respond(g, finals)
 
 
-async def merged(engine: AsyncLLMEngine, prompt_ids, params):
+async def merged(g: Generation):
     """(choice index, event) from n engine streams as they come; aborts all on exit."""
+    engine, prompt_ids, params = g.engine, g.prompt_ids, g.params
+    tenant, priority = g.principal.key_id, g.principal.priority
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, sp):
         try:
-            async for event in engine.generate(prompt_ids, sp):
+            async for event in engine.generate(prompt_ids, sp, tenant=tenant, priority=priority):
                 await queue.put((i, event))
         except Exception as e:
             await queue.put((i, e))
@@ -179,6 +181,14 @@ async def merged(engine: AsyncLLMEngine, prompt_ids, params):
             i, item = await queue.get()
             if isinstance(item, EngineDeadError):
                 raise OpenAIError(503, str(item), "server_error")
+            if isinstance(item, QueueFull):  # the hard bound behind admit()'s check
+                raise OpenAIError(
+                    429,
+                    f"the server's queue is full: {item}",
+                    "rate_limit_error",
+                    code="queue_full",
+                    headers={"Retry-After": str(QUEUE_RETRY_S)},
+                )
             if isinstance(item, Exception):
                 raise OpenAIError(400, str(item), param=getattr(item, "param", None))
             done += item.finished
@@ -198,7 +208,7 @@ async def collect(g: Generation) -> list[RequestOutput]:
     finals: dict[int, RequestOutput] = {}
     watcher = asyncio.create_task(_watch_disconnect(g.request))
     try:
-        async for i, event in merged(g.engine, g.prompt_ids, g.params):
+        async for i, event in merged(g):
             g.first = g.first or time.perf_counter()
             if event.finished:
                 finals[i] = event
@@ -233,7 +243,7 @@ async def stream(g: Generation):
             for i in range(len(g.params)):
                 yield fmt.role(i)
         try:
-            async for i, event in merged(g.engine, g.prompt_ids, g.params):
+            async for i, event in merged(g):
                 g.first = g.first or time.perf_counter()
                 tokens[i] = event.num_output_tokens
                 if event.finished:
@@ -263,6 +273,6 @@ async def stream(g: Generation):
         status = "200"
     finally:  # a stream cut short (client gone, server stopping) still ends in the log; a second end is ignored
         g.state.audit.end(g.rid, **outcome_of(GeneratorExit()), completion_tokens=sum(tokens.values()))
-        g.state.limiter.release(g.principal.key_id)
+        g.state.limiter.release(g.principal.key_id, len(g.params))
         g.observe(finals.values())
         g.state.metrics.requests.labels(g.record["route"], status).inc()

@@ -1,4 +1,5 @@
-"""Request limits: per-key concurrency and rate (429) and the request body size (413)."""
+"""Request limits: per-key concurrency and rate counted in sequences (a request with n=8 weighs
+eight), the engine's bounded queue (429 with Retry-After) and the request body size (413)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ class Refusal:
 
 
 class Limiter:
-    """Per-key concurrency and requests-per-minute limits (429 beyond them)."""
+    """Per-key limits on concurrent sequences and sequences per minute (429 beyond them). A request
+    asks for its n sequences at once, all or none."""
 
     WINDOW_S = 60
     # A concurrency slot frees when one of the key's requests ends: there is no window to wait out.
@@ -29,24 +31,25 @@ class Limiter:
         self.active: dict[str, int] = collections.Counter()
         self.recent: dict[str, collections.deque] = collections.defaultdict(collections.deque)
 
-    def acquire(self, key_id: str) -> Refusal | None:
+    def acquire(self, key_id: str, n: int = 1) -> Refusal | None:
         now = time.monotonic()
         window = self.recent[key_id]
         while window and now - window[0] > self.WINDOW_S:
             window.popleft()
-        if len(window) >= self.per_minute:
-            # The oldest requests leave the window first; the next slot opens when the one
-            # `per_minute` places back does (per_minute may have been lowered below len(window)).
-            opens = window[len(window) - self.per_minute] + self.WINDOW_S
+        over = len(window) + n - self.per_minute
+        if over > 0:
+            # The oldest sequences leave the window first: room for n opens when the `over`-th
+            # oldest does (per_minute may have been lowered below len(window)).
+            opens = (window[over - 1] if over <= len(window) else now) + self.WINDOW_S
             return Refusal("rate", max(1, math.ceil(opens - now)))
-        if self.active[key_id] >= self.max_concurrent:
+        if self.active[key_id] + n > self.max_concurrent:
             return Refusal("concurrency", self.CONCURRENCY_RETRY_S)
-        window.append(now)
-        self.active[key_id] += 1
+        window.extend([now] * n)
+        self.active[key_id] += n
         return None
 
-    def release(self, key_id: str) -> None:
-        self.active[key_id] -= 1
+    def release(self, key_id: str, n: int = 1) -> None:
+        self.active[key_id] -= n
 
 
 class BodyLimit:
@@ -113,13 +116,32 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def admit(limiter: Limiter, metrics, key_id: str) -> None:
-    """Take one of the key's slots or refuse with 429 and Retry-After; the caller releases it."""
-    refused = limiter.acquire(key_id)
+# How soon a request refused for a full engine queue may retry: a place frees when any running
+# sequence ends, which takes seconds.
+QUEUE_RETRY_S = 2
+
+
+def admit(limiter: Limiter, metrics, key_id: str, n: int = 1, engine=None) -> None:
+    """Take n of the key's sequence slots, and check that the engine's queue has room for n, or
+    refuse with 429 and Retry-After (400 when n alone exceeds the key's limits); the caller
+    releases the slots."""
+    if n > limiter.max_concurrent or n > limiter.per_minute:
+        limit = min(limiter.max_concurrent, limiter.per_minute)
+        raise OpenAIError(400, f"n is {n}; a key may hold at most {limit} sequences at a time here: lower n", param="n")
+    if engine is not None and not engine.has_room(n):
+        metrics.rate_limited.labels("queue").inc()
+        raise OpenAIError(
+            429,
+            f"the server's queue is full: retry in {QUEUE_RETRY_S} s",
+            "rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(QUEUE_RETRY_S)},
+        )
+    refused = limiter.acquire(key_id, n)
     if refused is None:
         return
     metrics.rate_limited.labels(refused.reason).inc()
-    what = "requests per minute" if refused.reason == "rate" else "concurrent requests"
+    what = "sequences per minute" if refused.reason == "rate" else "concurrent sequences"
     raise OpenAIError(
         429,
         f"too many {what} for this key: retry in {refused.retry_after_s} s",

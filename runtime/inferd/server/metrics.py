@@ -32,7 +32,7 @@ class Metrics:
         self.load_failures = Counter(n.MODEL_LOAD_FAILURES, "Model load failures", registry=r)
         self.ready = Gauge(n.MODEL_READY, "1 once the model is loaded and a warm-up generation ran", registry=r)
         self.rate_limited = Counter(n.RATE_LIMITED, "Requests refused with 429", ["reason"], registry=r)
-        for reason in ("rate", "concurrency"):  # exported at 0 from the start, so rate() has a series
+        for reason in ("rate", "concurrency", "queue", "anonymous"):  # exported at 0 from the start, so rate() has a series
             self.rate_limited.labels(reason)
         r.register(EngineCollector(engine_stats))
         if audit is not None:

@@ -15,6 +15,7 @@ from prometheus_client import Gauge
 
 from inferd.engine.async_engine import AsyncLLMEngine
 from inferd.server import metric_names as n
+from inferd.server.anonymous import AnonymousLimiter
 from inferd.server.audit import AuditFullError, AuditLog
 from inferd.server.auth import KeyStore
 from inferd.server.config import ServerConfig
@@ -55,6 +56,7 @@ class ServerState:
         )
         keys_invalid.set_function(lambda: int(self.keys.error is not None))
         self.limiter = Limiter(cfg.limits.max_concurrent_per_key, cfg.limits.requests_per_minute_per_key)
+        self.anonymous = AnonymousLimiter(cfg.anonymous_refusals_per_minute)
         self.ready = False
         self.load_error: str | None = None
         self.loading = False
