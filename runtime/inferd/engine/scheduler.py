@@ -102,7 +102,7 @@ class Scheduler:
             seq.num_scheduled_tokens = chunk
             budget -= chunk
             batch.append(seq)
-        held = self._running_per_tenant()
+        held = self._running_per_tenant() if self.waiting else Counter()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self._next_waiting(held)
             if seq.has_pending_token:
