@@ -17,6 +17,6 @@ for tree in new old; do
   peers=(--skip-peers)
   if [ "$tree" = new ]; then dir=$new peers=(); fi
   echo "== $tree: $dir $(date -u +%H:%M:%S)"
-  (cd "$dir" && PYTHONPATH=$PWD python3 bench/bench_engine.py "${peers[@]}" "$@" --out "$out/compare-$tree.json") || echo "FAIL: $tree exited $?"
+  (cd "$dir" && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} python3 bench/bench_engine.py "${peers[@]}" "$@" --out "$out/compare-$tree.json") || echo "FAIL: $tree exited $?"
 done
 echo "== done $(date -u +%H:%M:%S)"
