@@ -78,18 +78,13 @@ def gateway(tmp_path):
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     pki = tmp_path / "pki"
     pki.mkdir()
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=localhost",
-         "-keyout", str(pki / "server.key"), "-out", str(pki / "server.crt"), "-days", "1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    make_cert(pki, "server")
     procs = []
 
     def start(**settings):
         port = free_port()
-        settings = dict(
-            gateway_port=port, gateway_pki_dir=str(pki), gateway_upstreams={"blue": f"127.0.0.1:{upstream.server_port}"}, **settings
-        )
+        upstreams = {"blue": f"127.0.0.1:{upstream.server_port}"}
+        settings = dict(gateway_port=port, gateway_pki_dir=str(pki), gateway_upstreams=upstreams, **settings)
         r = render(tmp_path, **settings)
         assert r.returncode == 0, r.stdout
         temp = "".join(f"{d}_temp_path {tmp_path}/{d};\n" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
