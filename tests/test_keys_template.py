@@ -18,7 +18,7 @@ ANSIBLE = Path(sys.executable).parent / "ansible"
 
 def render_keys(tmp_path: Path, keys: list[dict]) -> Path:
     dest = tmp_path / "keys.json"
-    extra = json.dumps({"inference_runtime_api_keys": keys})
+    extra = json.dumps({"inference_runtime_api_keys": keys, "_inference_runtime_host_keys": []})
     args = [str(ANSIBLE), "localhost", "-c", "local", "-m", "ansible.builtin.template"]
     args += ["-a", f"src={ROOT}/roles/inference_runtime/templates/keys.json.j2 dest={dest}", "-e", extra]
     r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
