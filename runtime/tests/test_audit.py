@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from inferd.server.audit import AuditFullError, AuditLog
-from inferd.server.audit_format import MAGIC, encode_frame, iter_segment, read_records, rotated_segments
+from inferd.server.audit_format import (
+    MAGIC,
+    encode_frame,
+    iter_segment,
+    load_key,
+    read_records,
+    rotated_segments,
+    write_anchor,
+)
 from inferd.server.audit_verify import verify
 
 
@@ -375,3 +383,70 @@ def test_an_edited_anchor_is_detected(files):
     files.anchor.write_text(json.dumps(doc))
     r = files.verify()
     assert r.returncode == 1 and "anchor" in r.stderr and "MAC mismatch" in r.stderr, r.stderr
+
+
+# ---- a damaged tail (issue 24: a failing disk or a crash damages the last records) -------------
+def flip_last_record(path: Path) -> tuple[int, bytes]:
+    """Flip a byte of the last record's JSON (its CRC no longer matches); (its offset, the bytes)."""
+    last = list(iter_segment(path))[-1]
+    data = bytearray(path.read_bytes())
+    data[last.end - 5] ^= 0x01
+    path.write_bytes(bytes(data))
+    return last.start, bytes(data)
+
+
+def test_a_damaged_last_record_is_moved_aside_and_the_log_explains_it(files):
+    log = files.open()
+    fill(log, 3)
+    log.close()
+    before = read_records(files.log)
+    offset, damaged = flip_last_record(files.log)
+    r = files.verify()
+    assert r.returncode == 1 and f"byte offset {offset}" in r.stderr and "checksum" in r.stderr, r.stderr
+    log = files.open()  # v2 refused to start here: the service stayed down until someone edited the log
+    fill(log, 2, "after")
+    log.close()
+    moved = list(files.log.parent.glob("audit.log.damaged-*"))
+    assert len(moved) == 1 and moved[0].read_bytes() == damaged  # the evidence, byte for byte
+    r = files.verify()
+    assert r.returncode == 0, r.stderr
+    lost = before[-1]["seq"]  # the stop record: anchored, then damaged
+    assert f"damaged at byte offset {offset}" in r.stdout and moved[0].name in r.stdout, r.stdout
+    assert f"records {lost}..{lost}, which the anchor had acknowledged, survive only there" in r.stdout, r.stdout
+    kept = read_records(files.log)
+    assert [x["seq"] for x in kept[: len(before) - 1]] == [x["seq"] for x in before[:-1]]  # every good record stays
+    assert kept[len(before) - 1]["damage"]["file"] == moved[0].name and kept[len(before) - 1]["seq"] == lost + 1
+
+
+def test_a_damage_record_whose_file_was_deleted_or_altered_fails_verify(files):
+    log = files.open()
+    fill(log, 2)
+    log.close()
+    flip_last_record(files.log)
+    files.open().close()
+    moved = next(files.log.parent.glob("audit.log.damaged-*"))
+    assert files.verify().returncode == 0
+    original = moved.read_bytes()
+    moved.write_bytes(original[:-1])
+    r = files.verify()
+    assert r.returncode == 1 and "altered" in r.stderr and moved.name in r.stderr, r.stderr
+    moved.unlink()
+    r = files.verify()
+    assert r.returncode == 1 and "missing" in r.stderr and moved.name in r.stderr, r.stderr
+
+
+def test_a_damaged_rotated_segment_is_refused_at_start_up_not_explained_away(files):
+    """Only the active segment's tail is recovered; here a crash during rotation left the anchor on
+    the last rotated segment, and that segment's last record is damaged."""
+    log = files.open(segment_bytes=4096)
+    fill(log, 40)
+    log.close()
+    number, rotated = rotated_segments(files.log)[-1]
+    last = list(iter_segment(rotated))[-1]
+    files.log.unlink()
+    head = {"segment": number, "seq": last.record["seq"], "mac": last.mac, "offset": last.end, "clean": True, "ts": 0}
+    write_anchor(files.anchor, load_key(files.key), head)
+    _, damaged = flip_last_record(rotated)
+    with pytest.raises(ValueError, match=r"checksum.*rotated segment.*inferd audit verify"):
+        files.open()
+    assert rotated.read_bytes() == damaged and not list(files.log.parent.glob("audit.log.damaged-*"))
