@@ -412,7 +412,7 @@ def test_a_damaged_last_record_is_moved_aside_and_the_log_explains_it(files):
     assert r.returncode == 0, r.stderr
     lost = before[-1]["seq"]  # the stop record: anchored, then damaged
     assert f"damaged at byte offset {offset}" in r.stdout and moved[0].name in r.stdout, r.stdout
-    assert f"records {lost}..{lost}, which the anchor had acknowledged, survive only there" in r.stdout, r.stdout
+    assert f"record {lost}, which the anchor had acknowledged, survive only there" in r.stdout, r.stdout
     kept = read_records(files.log)
     assert [x["seq"] for x in kept[: len(before) - 1]] == [x["seq"] for x in before[:-1]]  # every good record stays
     assert kept[len(before) - 1]["damage"]["file"] == moved[0].name and kept[len(before) - 1]["seq"] == lost + 1
@@ -450,3 +450,24 @@ def test_a_damaged_rotated_segment_is_refused_at_start_up_not_explained_away(fil
     with pytest.raises(ValueError, match=r"checksum.*rotated segment.*inferd audit verify"):
         files.open()
     assert rotated.read_bytes() == damaged and not list(files.log.parent.glob("audit.log.damaged-*"))
+
+
+def test_damage_after_the_anchor_continues_the_chain_from_the_last_good_record(files):
+    """Records written after the last anchor update (a crash before it) were never acknowledged:
+    a damaged one among them leaves no gap, and the good ones before it stay in the chain."""
+    log = files.open()
+    fill(log, 3)
+    log.close()
+    frames = list(iter_segment(files.log))
+    at = frames[-4]  # the anchor lags three records behind the end
+    head = {"segment": 1, "seq": at.record["seq"], "mac": at.mac, "offset": at.end, "clean": False, "ts": 0}
+    write_anchor(files.anchor, load_key(files.key), head)
+    offset, damaged = flip_last_record(files.log)
+    files.open().close()
+    assert next(files.log.parent.glob("audit.log.damaged-*")).read_bytes() == damaged
+    r = files.verify()
+    assert r.returncode == 0 and f"damaged at byte offset {offset}" in r.stdout, r.stdout + r.stderr
+    assert "acknowledged" not in r.stdout, r.stdout
+    kept = read_records(files.log)
+    assert [x["seq"] for x in kept] == list(range(len(kept)))  # no gap: nothing acknowledged was lost
+    assert [x["seq"] for x in kept[: len(frames) - 1]] == [f.record["seq"] for f in frames[:-1]]

@@ -169,10 +169,14 @@ def _check_damage(rec: dict, rep: Report, path: Path, where: str) -> None:
         kept = f"; its records through {good['seq']} verified and are kept as segment {d['prefix_segment']}"
     lost = ""
     if anchor["seq"] > good["seq"]:
-        lost = (
-            f"; records {good['seq'] + 1}..{anchor['seq']}, which the anchor had acknowledged, survive only there, "
-            "damaged (the chain continues from the anchored record)"
+        span = f"record {anchor['seq']}" if anchor["seq"] == good["seq"] + 1 else f"records {good['seq'] + 1}..{anchor['seq']}"
+        lost = f"; {span}, which the anchor had acknowledged, survive only there, damaged (the chain continues from the anchor)"
+    for rid, begun in rep.open.items():
+        rep.interrupted.append(
+            f"request {rid} (begun at record {begun}) has no end in the chain: its end, if written, is among the "
+            f"damaged records kept in {d['file']}"
         )
+    rep.open.clear()
     rep.damage.append(
         f"record {rec['seq']}: segment {d['segment']} was damaged at byte offset {d['at_offset']} ({d['error']}); start-up "
         f"moved it aside, byte for byte, to {d['file']} ({d['bytes']} bytes, sha256 {d['sha256'][:16]}..., present and "
