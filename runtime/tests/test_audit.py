@@ -471,3 +471,57 @@ def test_damage_after_the_anchor_continues_the_chain_from_the_last_good_record(f
     kept = read_records(files.log)
     assert [x["seq"] for x in kept] == list(range(len(kept)))  # no gap: nothing acknowledged was lost
     assert [x["seq"] for x in kept[: len(frames) - 1]] == [f.record["seq"] for f in frames[:-1]]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_after_fresh_segment(monkeypatch):
+    real = AuditLog._write_copy
+
+    def write_then_crash(self, path, data):
+        real(self, path, data)
+        if path.name.endswith(".next"):
+            raise Crash("killed after the fresh segment was written, before the damaged one moved")
+
+    monkeypatch.setattr(AuditLog, "_write_copy", write_then_crash)
+
+
+def crash_after_move(monkeypatch):
+    real, calls = AuditLog._finish_move, []
+
+    def crash_on_second(self):
+        calls.append(1)
+        if len(calls) == 2:  # the first is the start-up check, the second puts the fresh segment in place
+            raise Crash("killed after the damaged segment moved, before the fresh one was put in place")
+        real(self)
+
+    monkeypatch.setattr(AuditLog, "_finish_move", crash_on_second)
+
+
+def crash_before_anchor(monkeypatch):
+    def crash(self, clean):
+        raise Crash("killed before the anchor moved to the fresh segment")
+
+    monkeypatch.setattr(AuditLog, "_write_anchor", crash)
+
+
+@pytest.mark.parametrize("crash", [crash_after_fresh_segment, crash_after_move, crash_before_anchor])
+def test_a_crash_while_moving_a_damaged_tail_aside_is_finished_by_the_next_start(files, monkeypatch, crash):
+    log = files.open(segment_bytes=4096)
+    fill(log, 12)
+    log.close()
+    _, damaged = flip_last_record(files.log)
+    with monkeypatch.context() as m:
+        crash(m)
+        with pytest.raises(Crash):
+            files.open(segment_bytes=4096)
+    log = files.open(segment_bytes=4096)
+    fill(log, 2, "after")
+    log.close()
+    moved = list(files.log.parent.glob("audit.log.damaged-*"))
+    assert [p.read_bytes() for p in moved] == [damaged]
+    assert not files.log.with_name("audit.log.next").exists()
+    r = files.verify()
+    assert r.returncode == 0 and "damaged at byte offset" in r.stdout, r.stdout + r.stderr

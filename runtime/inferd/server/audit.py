@@ -24,7 +24,9 @@ segment (a byte-for-byte copy), and starts a fresh segment whose `segment` recor
 `damage` field: the file moved aside (name, size, sha256), where the damage starts and why, the
 last good record and the anchor's head. The chain continues from the anchor (or from the last good
 record when it is later), so verify names exactly which acknowledged records survive only in the
-damaged file. Damage in a rotated segment is not recovered at start-up: start-up refuses.
+damaged file. The fresh segment is written beside the damaged one (`audit.log.next`) before the
+move, so a crash at any step is redone or finished by the next start. Damage in a rotated segment
+is not recovered at start-up: start-up refuses.
 """
 
 from __future__ import annotations
@@ -211,11 +213,14 @@ class AuditLog:
                 )
             self._seg_header = {"kind": "segment", "segment": 1, "key_id": key_id(self.key), **migrated}
             return "none"
+        previous = "clean" if anchor.get("clean") else "unclean"
+        self._finish_move()
+        if self._resume_after_move(anchor):
+            return previous
         self._segment, self._seq, self._prev = anchor["segment"], anchor["seq"], anchor["mac"]
         tail = self.path if self._active_number() == anchor["segment"] else rotated_path(self.path, anchor["segment"])
         if not tail.exists():
             raise AuditVerifyError(f"the audit segment {tail} named by the anchor {self.anchor_file} is missing")
-        previous = "clean" if anchor.get("clean") else "unclean"
         try:
             end = self._follow(tail, anchor, tail == self.path)
         except SegmentDamage as e:
@@ -296,7 +301,8 @@ class AuditLog:
 
     def _move_damaged(self, anchor: dict, error: SegmentDamage) -> None:
         """Move the damaged active segment aside untouched, keep its verified frames as a rotated
-        segment (copied byte for byte), and begin a fresh segment whose first record explains it."""
+        segment (copied byte for byte), and put in place a fresh segment whose first record
+        explains it. Every step can be redone, or is finished, by the next start after a crash."""
         good_end, last = self._good_prefix()
         number = self._segment
         data = self.path.read_bytes()  # one segment (segment_bytes), read only on this rare path
@@ -311,8 +317,6 @@ class AuditLog:
             if not moved.exists():
                 break
             moved = self.path.with_name(f"{self.path.name}.damaged-{stamp}-{n}")
-        os.rename(self.path, moved)
-        fsync_dir(self.path.parent)
         head = {k: anchor[k] for k in ("segment", "seq", "mac", "offset")}
         damage = {
             "file": moved.name,
@@ -326,6 +330,12 @@ class AuditLog:
             "prefix_segment": self._segment if number != self._segment else None,
         }
         cont = head if head["seq"] > last["seq"] else last
+        header = {"kind": "segment", "segment": number, "key_id": key_id(self.key), "damage": damage, "ts": time.time()}
+        frame, mac = encode_frame(self.key, dict(header, seq=cont["seq"] + 1, prev=cont["mac"]))
+        self._write_copy(self._next_path(), MAGIC + frame)
+        os.rename(self.path, moved)
+        fsync_dir(self.path.parent)
+        self._finish_move()
         log.error(
             "audit: segment %d is damaged at byte %d (%s): moved aside, untouched, to %s; the chain continues "
             "from record %d in segment %d",
@@ -336,10 +346,45 @@ class AuditLog:
             cont["seq"],
             number,
         )
-        self._seq, self._prev, self._segment, self._fd, self._size = cont["seq"], cont["mac"], number, None, 0
-        self._seg_header = {"kind": "segment", "segment": number, "key_id": key_id(self.key), "damage": damage}
-        self._append([])  # the explanation is durable (and anchored) before anything else is written
+        self._seq, self._prev, self._segment = cont["seq"] + 1, mac, number
+        self._fd, self._size = os.open(self.path, os.O_WRONLY | os.O_APPEND), len(MAGIC) + len(frame)
         self._write_anchor(clean=False)
+
+    def _next_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".next")
+
+    def _finish_move(self) -> None:
+        """A fresh segment written beside a damaged one becomes the active one once the damaged one
+        is moved aside; while it is still there (a crash before the move) it is dropped: redone."""
+        nxt = self._next_path()
+        if not nxt.exists():
+            return
+        if self.path.exists():
+            nxt.unlink()
+        else:
+            os.rename(nxt, self.path)
+        fsync_dir(self.path.parent)
+
+    def _resume_after_move(self, anchor: dict) -> bool:
+        """The active segment was put in place by _move_damaged, and the crash came before the
+        anchor moved to it: follow it from its first record (which names this very anchor)."""
+        if not self.path.exists() or self.path.stat().st_size <= len(MAGIC):
+            return False
+        fd, size = open_segment(self.path)
+        try:
+            first = read_frame(fd, len(MAGIC), size, f"{self.path}: ")
+            check_mac(self.key, first, f"{self.path}: its first record")
+        except (TornFrame, AuditVerifyError):
+            return False
+        finally:
+            os.close(fd)
+        named = first.record.get("damage", {}).get("anchor", {})
+        if {k: anchor.get(k) for k in ("segment", "seq", "mac", "offset")} != named:
+            return False
+        self._segment, self._seq, self._prev = first.record["segment"], first.record["seq"] - 1, first.record["prev"]
+        self._size = self._follow(self.path, {"offset": len(MAGIC)}, True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        return True
 
     def _good_prefix(self) -> tuple[int, dict | None]:
         """Where the frames of the active segment that verify (CRC, MAC, chain) end, and the last
