@@ -260,7 +260,7 @@ def _audit(args) -> int:
     except AuditVerifyError as e:
         print(f"inferd: audit log {log} FAILED: {e}", file=sys.stderr)
         return 1
-    for line in report.interrupted + report.notes:
+    for line in report.damage + report.interrupted + report.notes:
         print(f"  {line}")
     if not anchor:
         print("  no anchor checked (--anchor-file or --config): records cut off the end cannot be detected")
@@ -268,6 +268,7 @@ def _audit(args) -> int:
     print(
         f"audit log {log}: {report.records} records in {len(report.segments)} segments, chain intact{torn}; "
         f"{len(report.interrupted)} requests interrupted"
+        + (f"; {len(report.damage)} damaged segments moved aside (explained above)" if report.damage else "")
     )
     return 0
 

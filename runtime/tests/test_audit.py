@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from inferd.server.audit import AuditFullError, AuditLog
-from inferd.server.audit_format import MAGIC, encode_frame, iter_segment, read_records, rotated_segments
+from inferd.server.audit_format import (
+    MAGIC,
+    encode_frame,
+    iter_segment,
+    load_key,
+    read_records,
+    rotated_segments,
+    write_anchor,
+)
 from inferd.server.audit_verify import verify
 
 
@@ -375,3 +383,145 @@ def test_an_edited_anchor_is_detected(files):
     files.anchor.write_text(json.dumps(doc))
     r = files.verify()
     assert r.returncode == 1 and "anchor" in r.stderr and "MAC mismatch" in r.stderr, r.stderr
+
+
+# ---- a damaged tail (issue 24: a failing disk or a crash damages the last records) -------------
+def flip_last_record(path: Path) -> tuple[int, bytes]:
+    """Flip a byte of the last record's JSON (its CRC no longer matches); (its offset, the bytes)."""
+    last = list(iter_segment(path))[-1]
+    data = bytearray(path.read_bytes())
+    data[last.end - 5] ^= 0x01
+    path.write_bytes(bytes(data))
+    return last.start, bytes(data)
+
+
+def test_a_damaged_last_record_is_moved_aside_and_the_log_explains_it(files):
+    log = files.open()
+    fill(log, 3)
+    log.close()
+    before = read_records(files.log)
+    offset, damaged = flip_last_record(files.log)
+    r = files.verify()
+    assert r.returncode == 1 and f"byte offset {offset}" in r.stderr and "checksum" in r.stderr, r.stderr
+    log = files.open()  # v2 refused to start here: the service stayed down until someone edited the log
+    fill(log, 2, "after")
+    log.close()
+    moved = list(files.log.parent.glob("audit.log.damaged-*"))
+    assert len(moved) == 1 and moved[0].read_bytes() == damaged  # the evidence, byte for byte
+    r = files.verify()
+    assert r.returncode == 0, r.stderr
+    lost = before[-1]["seq"]  # the stop record: anchored, then damaged
+    assert f"damaged at byte offset {offset}" in r.stdout and moved[0].name in r.stdout, r.stdout
+    assert f"record {lost}, which the anchor had acknowledged, survive only there" in r.stdout, r.stdout
+    kept = read_records(files.log)
+    assert [x["seq"] for x in kept[: len(before) - 1]] == [x["seq"] for x in before[:-1]]  # every good record stays
+    assert kept[len(before) - 1]["damage"]["file"] == moved[0].name and kept[len(before) - 1]["seq"] == lost + 1
+
+
+def test_a_damage_record_whose_file_was_deleted_or_altered_fails_verify(files):
+    log = files.open()
+    fill(log, 2)
+    log.close()
+    flip_last_record(files.log)
+    files.open().close()
+    moved = next(files.log.parent.glob("audit.log.damaged-*"))
+    assert files.verify().returncode == 0
+    original = moved.read_bytes()
+    moved.write_bytes(original[:-1])
+    r = files.verify()
+    assert r.returncode == 1 and "altered" in r.stderr and moved.name in r.stderr, r.stderr
+    moved.unlink()
+    r = files.verify()
+    assert r.returncode == 1 and "missing" in r.stderr and moved.name in r.stderr, r.stderr
+
+
+def test_a_damaged_rotated_segment_is_refused_at_start_up_not_explained_away(files):
+    """Only the active segment's tail is recovered; here a crash during rotation left the anchor on
+    the last rotated segment, and that segment's last record is damaged."""
+    log = files.open(segment_bytes=4096)
+    fill(log, 40)
+    log.close()
+    number, rotated = rotated_segments(files.log)[-1]
+    last = list(iter_segment(rotated))[-1]
+    files.log.unlink()
+    head = {"segment": number, "seq": last.record["seq"], "mac": last.mac, "offset": last.end, "clean": True, "ts": 0}
+    write_anchor(files.anchor, load_key(files.key), head)
+    _, damaged = flip_last_record(rotated)
+    with pytest.raises(ValueError, match=r"checksum.*rotated segment.*inferd audit verify"):
+        files.open()
+    assert rotated.read_bytes() == damaged and not list(files.log.parent.glob("audit.log.damaged-*"))
+
+
+def test_damage_after_the_anchor_continues_the_chain_from_the_last_good_record(files):
+    """Records written after the last anchor update (a crash before it) were never acknowledged:
+    a damaged one among them leaves no gap, and the good ones before it stay in the chain."""
+    log = files.open()
+    fill(log, 3)
+    log.close()
+    frames = list(iter_segment(files.log))
+    at = frames[-4]  # the anchor lags three records behind the end
+    head = {"segment": 1, "seq": at.record["seq"], "mac": at.mac, "offset": at.end, "clean": False, "ts": 0}
+    write_anchor(files.anchor, load_key(files.key), head)
+    offset, damaged = flip_last_record(files.log)
+    files.open().close()
+    assert next(files.log.parent.glob("audit.log.damaged-*")).read_bytes() == damaged
+    r = files.verify()
+    assert r.returncode == 0 and f"damaged at byte offset {offset}" in r.stdout, r.stdout + r.stderr
+    assert "acknowledged" not in r.stdout, r.stdout
+    kept = read_records(files.log)
+    assert [x["seq"] for x in kept] == list(range(len(kept)))  # no gap: nothing acknowledged was lost
+    assert [x["seq"] for x in kept[: len(frames) - 1]] == [f.record["seq"] for f in frames[:-1]]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_after_fresh_segment(monkeypatch):
+    real = AuditLog._write_copy
+
+    def write_then_crash(self, path, data):
+        real(self, path, data)
+        if path.name.endswith(".next"):
+            raise Crash("killed after the fresh segment was written, before the damaged one moved")
+
+    monkeypatch.setattr(AuditLog, "_write_copy", write_then_crash)
+
+
+def crash_after_move(monkeypatch):
+    real, calls = AuditLog._finish_move, []
+
+    def crash_on_second(self):
+        calls.append(1)
+        if len(calls) == 2:  # the first is the start-up check, the second puts the fresh segment in place
+            raise Crash("killed after the damaged segment moved, before the fresh one was put in place")
+        real(self)
+
+    monkeypatch.setattr(AuditLog, "_finish_move", crash_on_second)
+
+
+def crash_before_anchor(monkeypatch):
+    def crash(self, clean):
+        raise Crash("killed before the anchor moved to the fresh segment")
+
+    monkeypatch.setattr(AuditLog, "_write_anchor", crash)
+
+
+@pytest.mark.parametrize("crash", [crash_after_fresh_segment, crash_after_move, crash_before_anchor])
+def test_a_crash_while_moving_a_damaged_tail_aside_is_finished_by_the_next_start(files, monkeypatch, crash):
+    log = files.open(segment_bytes=4096)
+    fill(log, 12)
+    log.close()
+    _, damaged = flip_last_record(files.log)
+    with monkeypatch.context() as m:
+        crash(m)
+        with pytest.raises(Crash):
+            files.open(segment_bytes=4096)
+    log = files.open(segment_bytes=4096)
+    fill(log, 2, "after")
+    log.close()
+    moved = list(files.log.parent.glob("audit.log.damaged-*"))
+    assert [p.read_bytes() for p in moved] == [damaged]
+    assert not files.log.with_name("audit.log.next").exists()
+    r = files.verify()
+    assert r.returncode == 0 and "damaged at byte offset" in r.stdout, r.stdout + r.stderr

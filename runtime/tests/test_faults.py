@@ -362,7 +362,6 @@ def test_corrupt_audit_tail_is_named_by_verify(corrupt_tail):
     assert r.returncode == 1 and f"byte offset {offset}" in r.stderr and "checksum" in r.stderr, r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: inferd serve refuses to start on an audit log with a damaged record (exits 3)")
 def test_after_a_corrupt_audit_tail_the_server_serves_and_keeps_the_evidence(corrupt_tail):
     s, damaged, _ = corrupt_tail
     s.start()

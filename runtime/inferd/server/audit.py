@@ -16,6 +16,17 @@ short write (disk full) is cut back to the last good frame and advances nothing:
 single records fail (the request is refused with 503, nothing is served unaudited), ends (whose
 response has gone out) are kept and retried, and the first write that succeeds again starts with
 an `outage` record saying what was refused, when and why.
+
+A record at or after the anchor that is damaged (checksum, MAC, or not following; a failing disk
+or a crash) is not cut off nor rewritten: start-up moves the whole active segment aside, byte for
+byte, to `audit.log.damaged-<utc>`, keeps the frames that verified before the damage as a rotated
+segment (a byte-for-byte copy), and starts a fresh segment whose `segment` record carries a
+`damage` field: the file moved aside (name, size, sha256), where the damage starts and why, the
+last good record and the anchor's head. The chain continues from the anchor (or from the last good
+record when it is later), so verify names exactly which acknowledged records survive only in the
+damaged file. The fresh segment is written beside the damaged one (`audit.log.next`) before the
+move, so a crash at any step is redone or finished by the next start. Damage in a rotated segment
+is not recovered at start-up: start-up refuses.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import threading
@@ -36,6 +48,7 @@ from inferd.server.audit_format import (
     MAGIC,
     AuditVerifyError,
     OldFormatError,
+    SegmentDamage,
     TornFrame,
     check_mac,
     encode_frame,
@@ -200,11 +213,25 @@ class AuditLog:
                 )
             self._seg_header = {"kind": "segment", "segment": 1, "key_id": key_id(self.key), **migrated}
             return "none"
+        previous = "clean" if anchor.get("clean") else "unclean"
+        self._finish_move()
+        if self._resume_after_move(anchor):
+            return previous
         self._segment, self._seq, self._prev = anchor["segment"], anchor["seq"], anchor["mac"]
         tail = self.path if self._active_number() == anchor["segment"] else rotated_path(self.path, anchor["segment"])
         if not tail.exists():
             raise AuditVerifyError(f"the audit segment {tail} named by the anchor {self.anchor_file} is missing")
-        end = self._follow(tail, anchor, tail == self.path)
+        try:
+            end = self._follow(tail, anchor, tail == self.path)
+        except SegmentDamage as e:
+            if tail != self.path:
+                raise AuditVerifyError(
+                    f"{e}. This is the rotated segment {tail.name}: start-up moves aside only a damaged active "
+                    "segment (a crash or a failing disk damages the tail). Run `inferd audit verify`, keep the audit "
+                    "directory as evidence (move it aside) and start again for a new log"
+                ) from None
+            self._move_damaged(anchor, e)
+            return previous
         if tail != self.path:  # a crash during rotation: the anchor still names the segment before
             self._segment += 1
             number = self._active_number()
@@ -213,15 +240,19 @@ class AuditLog:
                     self.path.unlink()
                 self._size = end
                 self._seg_header = {"kind": "segment", "segment": self._segment, "key_id": key_id(self.key)}
-                return "clean" if anchor.get("clean") else "unclean"
+                return previous
             if number != self._segment:
                 raise AuditVerifyError(
                     f"{self.path} is segment {number} but its anchor names segment {anchor['segment']}: run `inferd audit verify`"
                 )
-            end = self._follow(self.path, {"offset": len(MAGIC)}, True)
+            try:
+                end = self._follow(self.path, {"offset": len(MAGIC)}, True)
+            except SegmentDamage as e:
+                self._move_damaged(anchor, e)
+                return previous
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self._size = end
-        return "clean" if anchor.get("clean") else "unclean"
+        return previous
 
     def _active_number(self) -> int | None:
         if not self.path.exists() or self.path.stat().st_size <= len(MAGIC):
@@ -240,18 +271,23 @@ class AuditLog:
                     f"{anchor['seq']}): records were removed. Run `inferd audit verify` to see what is missing"
                 )
             if "seq" in anchor:
-                at = read_frame_before(fd, pos, f"{path}: ")
-                check_mac(self.key, at, f"{path}: record {anchor['seq']}")
+                try:
+                    at = read_frame_before(fd, pos, f"{path}: ")
+                    check_mac(self.key, at, f"{path}: record {anchor['seq']}")
+                except AuditVerifyError as e:
+                    raise SegmentDamage(f"the anchored record is damaged: {e}") from None
                 if at.record.get("seq") != anchor["seq"] or at.mac != anchor["mac"]:
                     raise AuditVerifyError(f"{path}: the record at the anchor is not the one anchored: the log was rewritten")
             while pos < size:
                 try:
                     frame = read_frame(fd, pos, size, f"{path}: ")
+                    check_mac(self.key, frame, f"{path}: record at byte offset {pos}")
                 except TornFrame:
                     break
-                check_mac(self.key, frame, f"{path}: record at byte offset {pos}")
+                except AuditVerifyError as e:
+                    raise SegmentDamage(str(e)) from None
                 if frame.record.get("seq") != self._seq + 1 or frame.record.get("prev") != self._prev:
-                    raise AuditVerifyError(f"{path}: the records after the anchor do not follow it (byte offset {pos})")
+                    raise SegmentDamage(f"{path}: the records after the anchor do not follow it (byte offset {pos})")
                 self._seq, self._prev, pos = self._seq + 1, frame.mac, frame.end
         finally:
             os.close(fd)
@@ -262,6 +298,148 @@ class AuditLog:
             with open(path, "r+b") as f:
                 f.truncate(pos)
         return pos
+
+    def _move_damaged(self, anchor: dict, error: SegmentDamage) -> None:
+        """Move the damaged active segment aside untouched, keep its verified frames as a rotated
+        segment (copied byte for byte), and put in place a fresh segment whose first record
+        explains it. Every step can be redone, or is finished, by the next start after a crash."""
+        good_end, last = self._good_prefix()
+        number = self._segment
+        data = self.path.read_bytes()  # one segment (segment_bytes), read only on this rare path
+        if last is None:
+            last = self._last_of_previous()
+        else:
+            self._write_copy(rotated_path(self.path, number), data[:good_end])
+            number += 1
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        moved = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        for n in range(2, 100):
+            if not moved.exists():
+                break
+            moved = self.path.with_name(f"{self.path.name}.damaged-{stamp}-{n}")
+        head = {k: anchor[k] for k in ("segment", "seq", "mac", "offset")}
+        damage = {
+            "file": moved.name,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "segment": self._segment,
+            "at_offset": good_end,
+            "error": str(error)[:300],
+            "last_good": last,
+            "anchor": head,
+            "prefix_segment": self._segment if number != self._segment else None,
+        }
+        cont = head if head["seq"] > last["seq"] else last
+        header = {"kind": "segment", "segment": number, "key_id": key_id(self.key), "damage": damage, "ts": time.time()}
+        frame, mac = encode_frame(self.key, dict(header, seq=cont["seq"] + 1, prev=cont["mac"]))
+        self._write_copy(self._next_path(), MAGIC + frame)
+        os.rename(self.path, moved)
+        fsync_dir(self.path.parent)
+        self._finish_move()
+        log.error(
+            "audit: segment %d is damaged at byte %d (%s): moved aside, untouched, to %s; the chain continues "
+            "from record %d in segment %d",
+            self._segment,
+            good_end,
+            error,
+            moved,
+            cont["seq"],
+            number,
+        )
+        self._seq, self._prev, self._segment = cont["seq"] + 1, mac, number
+        self._fd, self._size = os.open(self.path, os.O_WRONLY | os.O_APPEND), len(MAGIC) + len(frame)
+        self._write_anchor(clean=False)
+
+    def _next_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".next")
+
+    def _finish_move(self) -> None:
+        """A fresh segment written beside a damaged one becomes the active one once the damaged one
+        is moved aside; while it is still there (a crash before the move) it is dropped: redone."""
+        nxt = self._next_path()
+        if not nxt.exists():
+            return
+        if self.path.exists():
+            nxt.unlink()
+        else:
+            os.rename(nxt, self.path)
+        fsync_dir(self.path.parent)
+
+    def _resume_after_move(self, anchor: dict) -> bool:
+        """The active segment was put in place by _move_damaged, and the crash came before the
+        anchor moved to it: follow it from its first record (which names this very anchor)."""
+        if not self.path.exists() or self.path.stat().st_size <= len(MAGIC):
+            return False
+        fd, size = open_segment(self.path)
+        try:
+            first = read_frame(fd, len(MAGIC), size, f"{self.path}: ")
+            check_mac(self.key, first, f"{self.path}: its first record")
+        except (TornFrame, AuditVerifyError):
+            return False
+        finally:
+            os.close(fd)
+        named = first.record.get("damage", {}).get("anchor", {})
+        if {k: anchor.get(k) for k in ("segment", "seq", "mac", "offset")} != named:
+            return False
+        self._segment, self._seq, self._prev = first.record["segment"], first.record["seq"] - 1, first.record["prev"]
+        self._size = self._follow(self.path, {"offset": len(MAGIC)}, True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        return True
+
+    def _good_prefix(self) -> tuple[int, dict | None]:
+        """Where the frames of the active segment that verify (CRC, MAC, chain) end, and the last
+        of them (None when even its first record is damaged)."""
+        fd, size = open_segment(self.path)
+        pos, last = len(MAGIC), None
+        try:
+            while pos < size:
+                try:
+                    frame = read_frame(fd, pos, size)
+                    check_mac(self.key, frame, "")
+                except (TornFrame, AuditVerifyError):
+                    break
+                rec = frame.record
+                if last is None and (rec.get("kind") != "segment" or rec.get("segment") != self._segment):
+                    break
+                if last is not None and (rec.get("seq") != last["seq"] + 1 or rec.get("prev") != last["mac"]):
+                    break
+                last, pos = {"seq": rec["seq"], "mac": frame.mac, "offset": frame.end}, frame.end
+        finally:
+            os.close(fd)
+        return pos, last
+
+    def _last_of_previous(self) -> dict:
+        """The last record before the active segment (its first record is damaged)."""
+        if self._segment == 1:
+            return {"seq": -1, "mac": GENESIS, "offset": 0}
+        path = rotated_path(self.path, self._segment - 1)
+        try:
+            fd, size = open_segment(path)
+        except FileNotFoundError:
+            raise AuditVerifyError(
+                f"{self.path}: its first record is damaged and the segment before it ({path.name}) is gone: where "
+                "the chain stood cannot be told. Run `inferd audit verify`, keep the audit directory as evidence "
+                "(move it aside) and start again for a new log"
+            ) from None
+        try:
+            frame = read_frame_before(fd, size, f"{path}: ")
+            check_mac(self.key, frame, f"{path}: its last record")
+        finally:
+            os.close(fd)
+        return {"seq": frame.record["seq"], "mac": frame.mac, "offset": frame.end}
+
+    def _write_copy(self, path: Path, data: bytes) -> None:
+        """`data` under `path`, complete or not at all (a crash here redoes the same copy)."""
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, f"short write copying the good records to {path}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
 
     def _migrate_v1(self) -> dict:
         """A v1 log (unkeyed, one file) is moved aside, untouched, and the new chain's first record

@@ -48,6 +48,11 @@ class OldFormatError(AuditVerifyError):
     """A v1 log (unkeyed sha256 chain, one file, no anchor)."""
 
 
+class SegmentDamage(AuditVerifyError):
+    """A record at or after the anchor that a crash or a failing disk damaged (checksum, MAC, or a
+    record that does not follow): start-up moves the active segment aside and explains it."""
+
+
 class TornFrame(Exception):
     """The frame at this offset is incomplete: the end of a write cut short by a crash."""
 

@@ -4,7 +4,9 @@ It names exactly what is wrong: an edited record (checksum or MAC), a deleted on
 sequence), a re-chained or reordered one (MAC and chain), a missing segment, a log shorter than
 its anchor (truncation). What the log itself explains is reported, not failed: requests begun and
 never ended (the server was killed), records refused while the disk was full (`outage`), segments
-deleted by retention (`retention`), a torn last record after a crash.
+deleted by retention (`retention`), a torn last record after a crash, a damaged active segment
+that start-up moved aside (a `segment` record with `damage`: the file it names must still be there,
+unaltered; the acknowledged records that survive only in it are listed).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     retention: dict | None = None
     torn_tail: bool = False
+    damage: list[str] = field(default_factory=list)  # damaged segments moved aside, as the log explains them
 
 
 def verify(active: str | Path, key: bytes, anchor_file: str | Path | None) -> Report:
@@ -87,9 +90,13 @@ def _verify_segment(path: Path, key: bytes, rep: Report, expected: int | None, l
             rec = frame.record
             where = f"{path}: record {rec.get('seq')} (byte offset {pos})"
             check_mac(key, frame, where)
-            if number is None:
+            first = number is None
+            if first:
                 number = _check_segment_start(rec, expected, path, rep)
-            _check_chain(rec, rep, where)
+            if first and rec.get("damage"):
+                _check_damage(rec, rep, path, where)
+            else:
+                _check_chain(rec, rep, where)
             _account(rec, rep)
             rep.last_seq, rep.last_mac = rec["seq"], frame.mac
             if rec["seq"] == rep.anchored_seq:
@@ -112,6 +119,9 @@ def _check_segment_start(rec: dict, expected: int | None, path: Path, rep: Repor
         raise AuditVerifyError(f"{path} is segment {number}: {missing} missing")
     if rep.first_segment is None:
         rep.first_segment, rep.first_seq, rep.first_prev = number, rec["seq"], rec["prev"]
+        if rec.get("damage"):  # the chain kept starts where the damaged segment's good records ended
+            good = rec["damage"]["last_good"]
+            rep.first_seq, rep.first_prev = good["seq"] + 1, good["mac"]
         if rec.get("v1_log"):
             rep.notes.append(
                 f"the chain continues a v1 log, {rec['v1_log']} ({rec['v1_records']} records, last hash "
@@ -129,6 +139,49 @@ def _check_chain(rec: dict, rep: Report, where: str) -> None:
         )
     if rec.get("prev") != rep.last_mac:
         raise AuditVerifyError(f"{where}: chain broken: the record before it was replaced, or it was moved here")
+
+
+def _check_damage(rec: dict, rep: Report, path: Path, where: str) -> None:
+    """A segment begun after start-up moved a damaged one aside: it follows the last good record
+    (or the anchor, when that was later), and the damaged file it names is still there, unaltered."""
+    d = rec["damage"]
+    good, anchor = d["last_good"], d["anchor"]
+    if rep.records and (rep.last_seq, rep.last_mac) != (good["seq"], good["mac"]):
+        raise AuditVerifyError(
+            f"{where}: its damage record says the last good record was {good['seq']}, but the log before it ends at "
+            f"record {rep.last_seq}: records were removed or replaced"
+        )
+    cont = anchor if anchor["seq"] > good["seq"] else good
+    if rec.get("seq") != cont["seq"] + 1 or rec.get("prev") != cont["mac"]:
+        raise AuditVerifyError(f"{where}: chain broken: it does not follow record {cont['seq']}, which its damage record names")
+    moved = path.parent / d["file"]
+    try:
+        digest = hashlib.sha256(moved.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise AuditVerifyError(
+            f"{where}: names the damaged segment {moved}, moved aside at start-up, and it is missing: the evidence "
+            "of the damage was deleted (restore it from a backup)"
+        ) from None
+    if digest != d["sha256"]:
+        raise AuditVerifyError(f"{where}: the damaged segment {moved} it names was altered since (sha256 differs)")
+    kept = ""
+    if d["prefix_segment"]:
+        kept = f"; its records through {good['seq']} verified and are kept as segment {d['prefix_segment']}"
+    lost = ""
+    if anchor["seq"] > good["seq"]:
+        span = f"record {anchor['seq']}" if anchor["seq"] == good["seq"] + 1 else f"records {good['seq'] + 1}..{anchor['seq']}"
+        lost = f"; {span}, which the anchor had acknowledged, survive only there, damaged (the chain continues from the anchor)"
+    for rid, begun in rep.open.items():
+        rep.interrupted.append(
+            f"request {rid} (begun at record {begun}) has no end in the chain: its end, if written, is among the "
+            f"damaged records kept in {d['file']}"
+        )
+    rep.open.clear()
+    rep.damage.append(
+        f"record {rec['seq']}: segment {d['segment']} was damaged at byte offset {d['at_offset']} ({d['error']}); start-up "
+        f"moved it aside, byte for byte, to {d['file']} ({d['bytes']} bytes, sha256 {d['sha256'][:16]}..., present and "
+        f"unaltered){kept}{lost}"
+    )
 
 
 def _account(rec: dict, rep: Report) -> None:
