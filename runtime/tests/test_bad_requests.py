@@ -187,9 +187,15 @@ CASES: list[Case] = [
         needle="larger",
         chunked=True,
     ),
-    # A body with no Content-Type at all is read as JSON and served (test_server's
-    # test_body_without_a_content_type_is_read_as_json): the API has no other body type, and
-    # scripts that leave the header off mean JSON. Only a body that says it is something else is 415.
+    Case(
+        "no content type",
+        "POST",
+        CHAT,
+        json.dumps(chat()).encode(),
+        headers={"content-type": None},
+        status=415,
+        needle="content-type",
+    ),
     Case(
         "text/plain content type",
         "POST",

@@ -125,7 +125,7 @@ class BodyLimit:
 
     async def _refuse(self, send, status: int, message: str):
         body = json.dumps(error_body(message, "invalid_request_error")).encode()
-        headers = [(b"content-type", b"application/json")]
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if status == 408:
             # The rest of the body may still come: close the connection, or uvicorn would read it
             # as the next request.

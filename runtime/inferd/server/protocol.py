@@ -99,22 +99,24 @@ class ModelLoad(_Base):
 
 
 def require_json(request: Request) -> None:
-    """415 for a body of another content type (a form, text/plain), naming the fix: FastAPI would
-    try it as the model and answer a 400 that names no content type (issue 24). A body with no
-    Content-Type at all is read as JSON: the API has no other body type, and clients that leave
-    the header off (scripts, `urllib`) mean JSON."""
-    value = request.headers.get("content-type")
+    """415 for a body that is not said to be JSON, naming the fix: FastAPI would answer a 400 that
+    names only "body" (issue 24). A body with no Content-Type at all is refused too, as FastAPI's
+    strict_content_type and OpenAI's API do: every OpenAI client sends application/json, and the
+    ones that send nothing (or a form type, as `curl -d` does) are told what to send."""
     has_body = "transfer-encoding" in request.headers or request.headers.get("content-length", "0") != "0"
-    if not value or not has_body:
+    if not has_body:
         return
-    parsed = email.message.Message()
-    parsed["content-type"] = value
-    subtype = parsed.get_content_subtype()
-    if parsed.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json")):
-        return
+    value = request.headers.get("content-type")
+    if value:
+        parsed = email.message.Message()
+        parsed["content-type"] = value
+        subtype = parsed.get_content_subtype()
+        if parsed.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json")):
+            return
+    what = f"unsupported Content-Type {value[:100]!r}" if value else "no Content-Type"
     raise OpenAIError(
         415,
-        f"unsupported Content-Type {value[:100]!r}: the body must be JSON; send Content-Type: application/json",
+        f"{what}: the body must be JSON; send Content-Type: application/json",
         param="content-type",
         code="unsupported_media_type",
     )
