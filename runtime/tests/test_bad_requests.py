@@ -63,7 +63,6 @@ CASES: list[Case] = [
             CHAT,
             chat(max_completion_tokens=v),
             needle="max_completion_tokens",
-            xfail="issue 24: max_completion_tokens past the server's limit is refused as 'max_tokens is ...'",
         )
         for v in (201, 2**64, 10**400)
     ],
@@ -81,10 +80,10 @@ CASES: list[Case] = [
             CHAT,
             chat(logprobs=True, top_logprobs=v),
             needle="top_logprobs",
-            xfail="issue 24: top_logprobs is not a request field, so any value (2^70, -1) is silently ignored",
         )
-        for v in (2**70, -1, 21)
+        for v in (2**70, -1, 21, 5)  # 5: valid, but the server does not return top logprobs yet
     ],
+    Case("top_logprobs without logprobs", "POST", CHAT, chat(top_logprobs=0), needle="logprobs: true"),
     Case(
         "temperature NaN",
         "POST",
@@ -196,7 +195,6 @@ CASES: list[Case] = [
         headers={"content-type": None},
         status=415,
         needle="content-type",
-        xfail="issue 24: a body without a Content-Type is parsed as JSON and served",
     ),
     Case(
         "text/plain content type",
@@ -205,8 +203,7 @@ CASES: list[Case] = [
         json.dumps(chat()).encode(),
         headers={"content-type": "text/plain"},
         status=415,
-        needle="content-type",
-        xfail="issue 24: a JSON body sent as text/plain is a 400 that names no content type",
+        needle="application/json",
     ),
     Case(
         "form content type",
@@ -216,7 +213,6 @@ CASES: list[Case] = [
         headers={"content-type": "application/x-www-form-urlencoded"},
         status=415,
         needle="content-type",
-        xfail="issue 24: a form body is a 400 that names no content type",
     ),
     Case("no Authorization header", "POST", CHAT, chat(), key=None, status=401, needle="Authorization"),
     Case(
@@ -289,12 +285,12 @@ CASES: list[Case] = [
             (
                 {"requests_per_minute_per_key": 10**400},
                 "requests_per_minute_per_key",
-                "issue 24: the limits have no upper bound: 10^400 requests a minute is accepted and stored",
+                None,
             ),
             (
                 {"max_concurrent_per_key": 2**70},
                 "max_concurrent_per_key",
-                "issue 24: the limits have no upper bound: 2^70 concurrent requests is accepted and stored",
+                None,
             ),
             ({"rate": 5}, "rate", None),
             ([1, 2], "body", None),
@@ -313,7 +309,7 @@ CASES: list[Case] = [
             (
                 {"model": "/" + "x" * 5000},
                 "model",
-                "issue 24: a model path longer than NAME_MAX is a 500 (OSError ENAMETOOLONG from Path.exists in the load route)",
+                None,
             ),
             ({"model": "/tmp", "device": "cuda"}, "device", None),
             (b'{"model": "\\ud800"}', "model", None),

@@ -744,3 +744,96 @@ def test_oversized_chunked_body_is_413(server):
     assert r.status_code == 413, r.text[:300]
     assert "larger" in r.json()["error"]["message"]
     assert post(server, {"model": "tiny", "messages": MSG, "max_tokens": 2}).status_code == 200
+
+
+def _raw_exchange(port: int, head: bytes, body: bytes, gap_s: float) -> bytes:
+    """Send `head`, then `body` one byte every `gap_s`, until the server answers; then read the
+    answer to its end (the server closes the connection)."""
+    import select
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head)
+        for i in range(len(body)):
+            if select.select([s], [], [], gap_s)[0]:
+                break  # the server answered before the body was complete
+            try:
+                s.sendall(body[i : i + 1])
+            except OSError:
+                break
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_body_dribbled_slower_than_body_timeout_s_is_a_408(llama_dir, tmp_path):
+    s = Server(llama_dir, tmp_path, extra_config={"body_timeout_s": 0.5})
+    try:
+        body = json.dumps({"model": "tiny", "messages": MSG, "max_tokens": 2, "user": "x" * 400}).encode()
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + f"Authorization: Bearer {s.keys['alice']}\r\n".encode()
+            + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        # Each byte comes well within the timeout; the body as a whole does not (400+ bytes).
+        answer = _raw_exchange(s.port, head, body, gap_s=0.1)
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 408"), answer[:300]
+        headers, _, payload = rest.partition(b"\r\n\r\n")
+        assert b"connection: close" in headers.lower(), headers
+        err = json.loads(payload)["error"]
+        assert set(err) >= {"message", "type", "param", "code"} and "body" in err["message"], err
+        # The same request sent at once is served under the same setting.
+        assert post(s, {"model": "tiny", "messages": MSG, "max_tokens": 2}).status_code == 200
+        h = {"Authorization": f"Bearer {s.keys['alice']}", "content-type": "application/json"}
+        chunks = (b"x" for _ in range(1))
+        r = httpx.post(s.url + "/v1/chat/completions", content=chunks, headers=h, timeout=30)
+        assert r.status_code == 400, r.text  # a chunked body that arrives in time reaches validation
+    finally:
+        s.stop()
+
+
+def test_body_timeout_s_must_be_positive(tmp_path):
+    from inferd.server.config import load_config
+
+    with pytest.raises(ValueError, match="body_timeout_s"):
+        load_config(None, model="m", body_timeout_s=0)
+    assert load_config(None, model="m").body_timeout_s == 30
+
+
+def test_content_types(server):
+    body = json.dumps({"model": "tiny", "messages": MSG, "max_tokens": 2}).encode()
+    auth = {"Authorization": f"Bearer {server.keys['alice']}"}
+    url = server.url + "/v1/chat/completions"
+    audit = server.data_dir / "audit" / "audit.log"
+    before = len(read_records(audit))
+    # A form body (what `curl -d` sends) is a 415 that names the fix, and is audited.
+    r = httpx.post(url, content=body, headers=auth | {"content-type": "application/x-www-form-urlencoded"}, timeout=60)
+    assert r.status_code == 415, r.text
+    assert "Content-Type: application/json" in r.json()["error"]["message"]
+    time.sleep(0.3)
+    assert any(x.get("status") == 415 for x in read_records(audit)[before:])
+    # A body with no Content-Type is a 415 too (FastAPI would answer a 400 naming only "body").
+    r = httpx.post(url, content=body, headers=auth, timeout=60)
+    assert r.status_code == 415 and "no Content-Type" in r.json()["error"]["message"], r.text
+    # A +json type and a charset are JSON.
+    for ct in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        assert httpx.post(url, content=body, headers=auth | {"content-type": ct}, timeout=60).status_code == 200, ct
+    # A bodiless GET with a stray Content-Type is no body of another type.
+    r = httpx.get(server.url + "/v1/models", headers=auth | {"content-type": "text/plain"}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_max_completion_tokens_and_top_logprobs(server):
+    r = post(server, {"model": "tiny", "messages": MSG, "max_completion_tokens": 3, "max_tokens": 100, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3, r.text
+    r = post(server, {"model": "tiny", "messages": MSG, "max_completion_tokens": 201})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens", r.text
+    r = post(server, {"model": "tiny", "messages": MSG, "max_tokens": 201})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+    # top_logprobs 0 with logprobs is what the server does give: each token's own logprob.
+    r = post(server, {"model": "tiny", "messages": MSG, "max_tokens": 2, "logprobs": True, "top_logprobs": 0})
+    assert r.status_code == 200, r.text
+    assert all(t["top_logprobs"] == [] for t in r.json()["choices"][0]["logprobs"]["content"])
+    r = post(server, {"model": "tiny", "messages": MSG, "max_tokens": 2, "logprobs": True, "top_logprobs": 3})
+    assert r.status_code == 400 and "not return top logprobs" in r.json()["error"]["message"], r.text

@@ -22,6 +22,7 @@ from inferd.server.access import authorize
 from inferd.server.config import ServerConfig
 from inferd.server.errors import install_error_handlers
 from inferd.server.limits import BodyLimit
+from inferd.server.protocol import require_json
 from inferd.server.state import ServerState
 
 
@@ -43,9 +44,9 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        dependencies=[Depends(authorize)],
+        dependencies=[Depends(authorize), Depends(require_json)],
     )
-    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes, timeout_s=cfg.body_timeout_s)
     install_error_handlers(app)
     # Routes are added to the app itself, not included from an APIRouter: the app-wide `authorize`
     # dependency and the route templates the role table is keyed by then apply to every one.

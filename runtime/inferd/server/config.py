@@ -51,6 +51,7 @@ class ServerConfig(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     # Refusals (401/403/404/400) a client without a valid key gets a minute, audited; beyond: 429, not audited.
     anonymous_refusals_per_minute: int = Field(60, ge=1)
+    body_timeout_s: float = Field(30.0, gt=0)  # a body not all in within it is a 408
     max_tokens_limit: int = Field(4096, ge=1)
     max_n: int = Field(8, ge=1)
     metrics_bearer_token_sha256: str | None = None

@@ -3,6 +3,7 @@ eight), the engine's bounded queue (429 with Retry-After) and the request body s
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import math
@@ -53,43 +54,33 @@ class Limiter:
 
 
 class BodyLimit:
-    """Refuse request bodies over the limit with 413, whether or not Content-Length is sent.
+    """Refuse request bodies over the limit with 413, whether or not Content-Length is sent, and
+    bodies that are not all in within `timeout_s` with 408.
 
-    A body without Content-Length (Transfer-Encoding: chunked) is read here, up to the limit,
-    before the app sees it: refusing it from inside the app's receive() instead ended as FastAPI's
-    400 "error parsing the body" (issue 24)."""
+    The body is read here, up to the limit, before the app sees it: refusing a chunked one from
+    inside the app's receive() instead ended as FastAPI's 400 "error parsing the body" (issue 24).
+    Uvicorn has no body timeout: a client that sends its headers and then dribbles its body would
+    hold a connection and a task for as long as it liked (issue 24)."""
 
     DRAIN_LIMIT = 64 << 20
+    TOO_LARGE = object()  # _read's answer for a body over the limit
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout_s: float = 30.0):
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit():
-            if int(length) <= self.limit:  # the HTTP server holds the body to its declared length
-                return await self.app(scope, receive, send)
-            # Read (and drop) a moderately oversized body so that the client, still sending,
-            # gets to see the 413; past DRAIN_LIMIT the connection is simply closed.
-            if int(length) <= self.DRAIN_LIMIT:
-                await self._drain(receive, 0)
-            return await self._refuse(send)
-        chunks, seen = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return  # the client went away before its body was complete
-            chunks.append(msg.get("body", b""))
-            seen += len(chunks[-1])
-            more = msg.get("more_body", False)
-            if seen > self.limit:
-                if more:
-                    await self._drain(receive, seen)
-                return await self._refuse(send)
-            if not more:
-                break
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                body = await self._read(scope, receive)
+        except TimeoutError:
+            message = f"the request body did not arrive within {self.timeout_s:g} s: send the whole body at once"
+            return await self._refuse(send, 408, message)
+        if body is None:
+            return  # the client went away before its body was complete
+        if body is self.TOO_LARGE:
+            return await self._refuse(send, 413, f"request body larger than {self.limit} bytes: send a smaller request")
         replayed = False
 
         async def buffered_receive():
@@ -97,9 +88,33 @@ class BodyLimit:
             if replayed:
                 return await receive()  # http.disconnect, for the routes that watch for it
             replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, buffered_receive, send)
+
+    async def _read(self, scope, receive):
+        """The whole body; TOO_LARGE over the limit; None where the client went away."""
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            # Read (and drop) a moderately oversized body so that the client, still sending,
+            # gets to see the 413; past DRAIN_LIMIT the connection is simply closed.
+            if int(length) <= self.DRAIN_LIMIT:
+                await self._drain(receive, 0)
+            return self.TOO_LARGE
+        chunks, seen = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return None
+            chunks.append(msg.get("body", b""))
+            seen += len(chunks[-1])
+            more = msg.get("more_body", False)
+            if seen > self.limit:
+                if more:
+                    await self._drain(receive, seen)
+                return self.TOO_LARGE
+            if not more:
+                return b"".join(chunks)
 
     async def _drain(self, receive, seen: int) -> None:
         while seen <= self.DRAIN_LIMIT:
@@ -108,11 +123,14 @@ class BodyLimit:
                 return
             seen += len(msg.get("body", b""))
 
-    async def _refuse(self, send):
-        body = json.dumps(
-            error_body(f"request body larger than {self.limit} bytes: send a smaller request", "invalid_request_error")
-        ).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+    async def _refuse(self, send, status: int, message: str):
+        body = json.dumps(error_body(message, "invalid_request_error")).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if status == 408:
+            # The rest of the body may still come: close the connection, or uvicorn would read it
+            # as the next request.
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 

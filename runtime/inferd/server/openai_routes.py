@@ -11,6 +11,30 @@ from inferd.server.protocol import ChatCompletionRequest, CompletionRequest
 from inferd.server.state import state_of
 
 
+def _max_tokens(request: Request, body: ChatCompletionRequest) -> int | None:
+    """The completion length asked for, checked against this server's limit under the name the
+    client sent it by (max_completion_tokens, OpenAI's newer name, wins where both are)."""
+    name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    value = getattr(body, name)
+    limit = state_of(request).cfg.max_tokens_limit
+    if value is not None and value > limit:
+        raise OpenAIError(400, f"{name} is {value}; this server allows at most {limit}", param=name)
+    return value
+
+
+def _check_top_logprobs(body: ChatCompletionRequest) -> None:
+    if body.top_logprobs is None:
+        return
+    if not body.logprobs:
+        message = "top_logprobs is set but logprobs is not: send logprobs: true with top_logprobs"
+        raise OpenAIError(400, message, param="top_logprobs")
+    if body.top_logprobs > 0:
+        # The engine returns each sampled token's own logprob only; an empty list for each would
+        # pretend that no alternatives exist.
+        message = f"top_logprobs is {body.top_logprobs}: this server does not return top logprobs yet; send 0 or leave it out"
+        raise OpenAIError(400, message, param="top_logprobs", code="unsupported_parameter")
+
+
 async def models(request: Request):
     s = state_of(request)
     return {"object": "list", "data": [{"id": s.model_id, "object": "model", "created": s.started, "owned_by": "inferd"}]}
@@ -21,13 +45,14 @@ async def openapi(request: Request):
 
 
 async def chat_completions(body: ChatCompletionRequest, request: Request):
+    _check_top_logprobs(body)
+    max_tokens = _max_tokens(request, body)
     engine = state_of(request).serving(body.model)
     try:
         text = engine.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
     except Exception as e:
         raise OpenAIError(400, f"messages could not be rendered with the model's chat template: {e}") from None
     prompt_ids = engine.encode(text, add_special_tokens=False)
-    max_tokens = body.max_completion_tokens or body.max_tokens
     return await generate(request, engine, body, prompt_ids, max_tokens, chat=True, logprobs=body.logprobs, prompt_text=text)
 
 

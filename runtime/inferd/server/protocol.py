@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import email.message
 from typing import Literal
 
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from inferd.server.errors import OpenAIError
 
 # OpenAI's seed is a signed 64-bit integer; the non-negative half is accepted (see
 # sampling_params.SEED_MAX: choice i of n samples with seed + i, which stays below it).
 API_SEED_MAX = 2**63 - 1
+# OpenAI's own range for chat's top_logprobs.
+TOP_LOGPROBS_MAX = 20
+# Upper bounds of the runtime limits: far above any real setting, low enough that a typo (or 2^70)
+# is a 400 instead of a limit that is in effect no limit (issue 24).
+MAX_CONCURRENT_MAX = 100_000
+RPM_MAX = 10_000_000
 
 
 def _no_lone_surrogates(value):
@@ -64,8 +74,10 @@ class _SamplingFields(_Base):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    # OpenAI's newer name for max_tokens on chat; it wins where both are sent.
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_MAX)
 
 
 class CompletionRequest(_SamplingFields):
@@ -76,11 +88,35 @@ class CompletionRequest(_SamplingFields):
 
 class LimitsUpdate(_Base):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    max_concurrent_per_key: int | None = Field(None, ge=1)
-    requests_per_minute_per_key: int | None = Field(None, ge=1)
+    max_concurrent_per_key: int | None = Field(None, ge=1, le=MAX_CONCURRENT_MAX)
+    requests_per_minute_per_key: int | None = Field(None, ge=1, le=RPM_MAX)
 
 
 class ModelLoad(_Base):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
     model: str = Field(..., min_length=1)
     served_model_name: str | None = None
+
+
+def require_json(request: Request) -> None:
+    """415 for a body that is not said to be JSON, naming the fix: FastAPI would answer a 400 that
+    names only "body" (issue 24). A body with no Content-Type at all is refused too, as FastAPI's
+    strict_content_type and OpenAI's API do: every OpenAI client sends application/json, and the
+    ones that send nothing (or a form type, as `curl -d` does) are told what to send."""
+    has_body = "transfer-encoding" in request.headers or request.headers.get("content-length", "0") != "0"
+    if not has_body:
+        return
+    value = request.headers.get("content-type")
+    if value:
+        parsed = email.message.Message()
+        parsed["content-type"] = value
+        subtype = parsed.get_content_subtype()
+        if parsed.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json")):
+            return
+    what = f"unsupported Content-Type {value[:100]!r}" if value else "no Content-Type"
+    raise OpenAIError(
+        415,
+        f"{what}: the body must be JSON; send Content-Type: application/json",
+        param="content-type",
+        code="unsupported_media_type",
+    )
