@@ -3,9 +3,11 @@
 # network access (PyPI and a Debian mirror). The air-gapped deployment reads nothing else.
 #
 #   bundle.sh [options] OUT_DIR
-#     --torch cpu|cuda    torch build in the wheelhouse (default cpu, about 240 MB in all; cuda is
-#                         PyPI's CUDA 12 build with its nvidia-* wheels, about 3.5 GB in all, and
-#                         adds the compilers Triton needs to the .debs)
+#     --torch cpu|cuda    torch build in the wheelhouse. cpu (default): 237 MB in all. cuda: PyPI's
+#                         torch 2.13.0 for CUDA 13 (its wheel alone 527 MB) with the cuda-toolkit,
+#                         cuDNN, cuSPARSELt, NCCL, NVSHMEM and triton wheels it requires: several GB
+#                         (bundle.json records wheelhouse_bytes); also adds the compilers Triton needs
+#                         to the .debs. BUNDLE_PIP_INDEX names another index (a bank's mirror).
 #     --model DIR         a packed model (`inferd pack --encrypt --sign-key`); default: the demo's
 #     --deb FILE          a vendor .deb to serve from the bundle's repository with its Debian
 #                         dependencies (Grafana, NVIDIA driver, container toolkit); repeatable
@@ -86,9 +88,10 @@ if [ "$torch" = cpu ]; then
   cp -al "$PROJECT_ROOT/.cache/demo/wheelhouse/." "$work/wheelhouse/"
   rm -f "$work/wheelhouse/.stamp"
 else
-  log "wheelhouse: the runtime with PyPI's CUDA torch (about 3.5 GB)"
-  # PyPI's Linux torch wheel is the CUDA build; local wheel caches may hold the +cpu one.
-  PIP_FIND_LINKS="" PIP_EXTRA_INDEX_URL="" "$py" -m pip wheel -q -w "$work/wheelhouse" \
+  log "wheelhouse: the runtime with PyPI's CUDA torch (several GB)"
+  # PyPI's Linux torch wheel is the CUDA build; pip's configured extra indexes and find-links may
+  # hold the +cpu one, so this build reads no pip configuration (PIP_CONFIG_FILE=/dev/null).
+  env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null "$py" -m pip wheel -q -w "$work/wheelhouse" \
     --index-url "${BUNDLE_PIP_INDEX:-https://pypi.org/simple}" "$PROJECT_ROOT/runtime" torch==2.13.0 ||
     die "building the CUDA wheelhouse failed (see pip's message above)." "check that PyPI is reachable, then run again."
   if compgen -G "$work/wheelhouse/torch-*+cpu-*.whl" >/dev/null; then

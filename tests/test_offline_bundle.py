@@ -39,7 +39,10 @@ def test_there_are_apt_tasks_to_check():
     assert list(_apt_tasks()), "no apt tasks found under roles/*/tasks"
 
 
-@pytest.mark.parametrize("path,name,module,args", list(_apt_tasks()), ids=lambda v: str(v)[-60:])
+APT_TASKS = list(_apt_tasks())
+
+
+@pytest.mark.parametrize("path,name,module,args", APT_TASKS, ids=[f"{p.relative_to(ROOT)}:{n}" for p, n, _, _ in APT_TASKS])
 def test_no_apt_task_refreshes_from_a_network_when_offline(path, name, module, args):
     # cache_valid_time alone turns update_cache on; apt_repository updates by default.
     updates = "update_cache" in args or "cache_valid_time" in args or module.endswith("apt_repository")
