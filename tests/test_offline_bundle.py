@@ -161,3 +161,19 @@ def test_a_directory_without_a_manifest_is_refused(tmp_path):
     r = _verify(tmp_path, "0" * 64)
     assert r.returncode == 1
     assert "has no MANIFEST.sha256" in r.stderr and "make bundle" in r.stderr
+
+
+def test_the_site_scenario_is_air_gapped_with_the_bank_inventory():
+    scenario = ROOT / "molecule/site"
+    config = yaml.safe_load((scenario / "molecule.yml").read_text())
+    (platform,) = config["platforms"]
+    # molecule's podman driver would create a `network:` itself, with a route out.
+    assert "network" not in platform and "--network=inferd-airgap" in platform["extra_opts"]
+    runner = (ROOT / "scripts/molecule-all.sh").read_text()
+    assert re.search(r"podman network create --internal [^\n]*inferd-airgap", runner)
+    links = config["provisioner"]["inventory"]["links"]
+    assert (scenario / links["group_vars"]).resolve() == ROOT / "inventory/bank/group_vars"
+    host_vars = yaml.safe_load((scenario / links["host_vars"] / "molecule-site.yml").read_text())
+    assert host_vars["inferd_offline"] is True
+    assert host_vars["inference_runtime_wheelhouse"].startswith("{{ offline_bundle_dir }}")
+    assert host_vars["inference_runtime_model_src"].startswith("{{ offline_bundle_dir }}")
