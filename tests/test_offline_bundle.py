@@ -5,8 +5,10 @@ deployment's manifest check refuses a bundle that is not the one pinned."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,49 @@ def test_the_site_scenario_is_air_gapped_with_the_bank_inventory():
     assert host_vars["inferd_offline"] is True
     assert host_vars["inference_runtime_wheelhouse"].startswith("{{ offline_bundle_dir }}")
     assert host_vars["inference_runtime_model_src"].startswith("{{ offline_bundle_dir }}")
+
+
+def _play(tmp_path, role: str, **role_vars) -> subprocess.CompletedProcess:
+    """Run one role against this machine; every case here is refused before a task changes it."""
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(yaml.safe_dump([{"hosts": "all", "gather_facts": False, "roles": [{"role": role, "vars": role_vars}]}]))
+    cmd = [
+        str(Path(sys.executable).parent / "ansible-playbook"),
+        "-i",
+        "localhost,",
+        "-c",
+        "local",
+        "-e",
+        f"ansible_python_interpreter={sys.executable}",
+    ]
+    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(ROOT / "roles")}
+    return subprocess.run([*cmd, str(playbook)], capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+def test_the_deployment_refuses_a_tampered_bundle_before_using_it(tmp_path, bundle):
+    root, digest = bundle
+    (root / "debs/Packages").write_bytes(b"Package: evil\n")
+    r = _play(tmp_path, "offline_bundle", offline_bundle_dir=str(root), offline_bundle_manifest_sha256=digest)
+    assert r.returncode != 0
+    assert "files do not match the manifest: debs/Packages: FAILED" in r.stdout
+    assert "Read which bundle the host holds" not in r.stdout
+
+
+def test_offline_without_a_bundle_is_refused(tmp_path):
+    r = _play(tmp_path, "offline_bundle", inferd_offline=True)
+    assert r.returncode != 0
+    assert "inferd_offline is true, so everything must come from the offline bundle" in r.stdout
+
+
+def test_offline_refuses_a_network_repository(tmp_path):
+    r = _play(
+        tmp_path,
+        "package_source",
+        inferd_offline=True,
+        package_source_name="grafana",
+        package_source_apt_repo="deb [signed-by=/etc/apt/keyrings/grafana.asc] https://apt.grafana.com stable main",
+        package_source_packages=["grafana"],
+    )
+    assert r.returncode != 0
+    assert "inferd_offline is true, but grafana names a network repository" in r.stdout
+    assert "Add the repository" not in r.stdout
