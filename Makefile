@@ -9,7 +9,7 @@ DEMO_HOST ?= inferd-demo
 STAGE = scripts/stage.sh
 export STAGE_TIMES := $(CURDIR)/.cache/stage-times.txt
 
-.PHONY: setup demo demo-down test lint clean
+.PHONY: setup demo demo-down bundle test lint clean
 
 setup:
 	@scripts/setup.sh
@@ -19,6 +19,13 @@ demo: setup
 	@scripts/testhost-up.sh $(DEMO_HOST) >/dev/null
 	ansible-playbook site.yml -i inventory/demo
 	@scripts/demo-report.sh $(DEMO_HOST)
+
+# Everything an air-gapped GPU host needs, built where the network is (see inventory/bank/files/README.md):
+#   make bundle BUNDLE_OPTS='--torch cuda --model PACKED_DIR --deb grafana_12.0.0_amd64.deb'
+BUNDLE_DIR ?= inventory/bank/files/bundle
+BUNDLE_OPTS ?=
+bundle: setup
+	@scripts/bundle.sh $(BUNDLE_OPTS) $(BUNDLE_DIR)
 
 demo-down:
 	@scripts/testhost-down.sh $(DEMO_HOST)

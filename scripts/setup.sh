@@ -13,7 +13,8 @@ STAMPS="$VENV/.stamps"
 # hosts resolve each other by name only through this plugin.
 APT_PACKAGES=(debootstrap podman runc zstd uidmap slirp4netns fuse-overlayfs iproute2 e2fsprogs
   golang-github-containernetworking-plugin-dnsname
-  nginx-light prometheus prometheus-node-exporter prometheus-alertmanager openssl)
+  nginx-light prometheus prometheus-node-exporter prometheus-alertmanager openssl
+  dpkg-dev gnupg)  # the offline bundle's apt repository (scripts/bundle.sh)
 
 [ "$(id -u)" -eq 0 ] || die "setup needs root (apt-get, podman with systemd containers)." "run it as root."
 command -v apt-get >/dev/null || die "this setup supports Debian/Ubuntu machines only." "use a Debian bookworm machine."
