@@ -30,6 +30,7 @@ from inferd.engine.llm_engine import LLMEngine
 from inferd.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 from inferd.server.audit import AuditFullError, AuditLog
 from inferd.server.auth import ANONYMOUS, ROLE_TABLE, ApiKey, KeyStore, digest
+from inferd.server.build_info import build_info
 from inferd.server.config import ServerConfig
 from inferd.server.metrics import Metrics
 from inferd.server.protocol import ChatCompletionRequest, CompletionRequest, LimitsUpdate, ModelLoad
@@ -188,6 +189,7 @@ class ServerState:
         self.load_error: str | None = None
         self.loading = False
         self.model_id, self.model_path = cfg.model_id, cfg.model
+        self.build = build_info(cfg.model, cfg.model_version)
         self.started = int(time.time())
 
     def load_model(self, path: str | None = None, name: str | None = None, at_start: bool = False) -> None:
@@ -218,6 +220,8 @@ class ServerState:
             engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))  # warm-up
             old, self.engine = self.engine, AsyncLLMEngine(engine, on_error=self.engine_failed)
             self.model_id, self.model_path = name, path
+            self.build = build_info(path, cfg.model_version if path == cfg.model else None)
+            self.metrics.set_build_info(name, self.build)
             self.ready = True
             self.load_error = None
             self.metrics.ready.set(1)
@@ -387,8 +391,8 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
 
     # ---- anonymous --------------------------------------------------------------------------
     @app.get("/health")
-    async def health():
-        return {"status": "ok"}
+    async def health(request: Request):
+        return {"status": "ok", **st(request).build}
 
     @app.get("/ready")
     async def ready(request: Request):
@@ -405,7 +409,15 @@ def create_app(cfg: ServerConfig, load_model: bool = True, on_fatal: Callable[[s
     async def models(request: Request):
         return {
             "object": "list",
-            "data": [{"id": st(request).model_id, "object": "model", "created": st(request).started, "owned_by": "inferd"}],
+            "data": [
+                {
+                    "id": st(request).model_id,
+                    "object": "model",
+                    "created": st(request).started,
+                    "owned_by": "inferd",
+                    **st(request).build,
+                }
+            ],
         }
 
     @app.get("/openapi.json")

@@ -22,6 +22,7 @@ class ServerConfig(BaseModel):
     model: str = ""
     model_key_file: str | None = None  # packed, encrypted models: else $INFERD_MODEL_KEY_FILE or the credential
     served_model_name: str | None = None
+    model_version: str | None = None  # reported by /health; default: the packed model's manifest digest
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     device: str = "cpu"

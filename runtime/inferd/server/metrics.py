@@ -29,6 +29,12 @@ class Metrics:
         self.load_attempts = Counter(n.MODEL_LOAD_ATTEMPTS, "Model load attempts", registry=r)
         self.load_failures = Counter(n.MODEL_LOAD_FAILURES, "Model load failures", registry=r)
         self.ready = Gauge(n.MODEL_READY, "1 once the model is loaded and a warm-up generation ran", registry=r)
+        self.build_info = Gauge(
+            n.BUILD_INFO,
+            "1 for the model and runtime this server serves",
+            ["model", "model_version", "runtime_version"],
+            registry=r,
+        )
         self.audit_depth = Gauge(n.AUDIT_RING_DEPTH, "Audit records waiting to be written", registry=r)
         self.audit_records = Gauge(n.AUDIT_RECORDS, "Audit records written", registry=r)
         self.audit_dropped = Gauge(n.AUDIT_DROPPED, "Audit records that could not be written (must stay 0)", registry=r)
@@ -38,6 +44,11 @@ class Metrics:
         self.gpu = GpuCollector()
         if self.gpu.available:
             r.register(self.gpu)
+
+    def set_build_info(self, model: str, info: dict) -> None:
+        """One series, for what serves now (a swap replaces it)."""
+        self.build_info.clear()
+        self.build_info.labels(model, info["model_version"] or "", info["runtime_version"]).set(1)
 
 
 class GpuCollector:
