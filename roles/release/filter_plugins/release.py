@@ -19,7 +19,9 @@ GENERATING = ("/v1/chat/completions", "/v1/completions")
 def release_metrics_summary(text: str) -> dict:
     """{requests, errors, latency}: generating requests, those answered 5xx, mean latency (s)."""
     if text_string_to_metric_families is None:
-        raise AnsibleFilterError("release_metrics_summary needs prometheus_client on the controller: pip install prometheus-client")
+        raise AnsibleFilterError(
+            "release_metrics_summary needs prometheus_client on the controller: pip install prometheus-client"
+        )
     requests = errors = total = count = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
