@@ -34,13 +34,13 @@ def one_stream(url, ctx, key: str, model: str) -> float:
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read(300)!r}")
-    gap, last, done = 0.0, time.monotonic(), False
+    gap, last, done = 0.0, None, False  # the wait for the first token is not a gap between two
     for raw in resp:
         line = raw.decode().strip()
         if not line.startswith("data: "):
             continue
         now = time.monotonic()
-        gap, last = max(gap, now - last), now
+        gap, last = (gap if last is None else max(gap, now - last)), now
         if line == "data: [DONE]":
             done = True
             break
