@@ -144,6 +144,9 @@ from pathlib import Path
 from ansible.module_utils.basic import AnsibleModule
 
 STAMP = ".inferd-unpacked.json"
+# The package's signed manifest, kept beside the plaintext so that the runtime can check every file
+# against it before serving (inferd.store.trust; issue 24).
+KEPT = {"manifest.json": ".inferd-package-manifest.json", "manifest.sig": ".inferd-package-manifest.sig"}
 
 
 def _sha256(path: Path) -> str:
@@ -169,7 +172,7 @@ def _stale_files(dest: Path, files: dict, manifest_sha: str, checksum: bool) -> 
     extra = sorted(
         str(p.relative_to(dest))
         for p in dest.rglob("*")
-        if p.is_file() and p.name != STAMP and str(p.relative_to(dest)) not in files
+        if p.is_file() and str(p.relative_to(dest)) not in {STAMP, *KEPT.values(), *files}
     )
     return stale + extra
 
@@ -234,6 +237,8 @@ def run(module: AnsibleModule) -> dict:
 
     dest = Path(p["dest"])
     stale = _stale_files(dest, pm.files, manifest_sha, p["checksum"])
+    if pm.signed and not (dest / KEPT["manifest.sig"]).is_file():
+        stale = sorted(pm.files)  # a copy from before the runtime checked one: give it the manifest
     result.update(dest=str(dest), changed_files=stale, changed=bool(stale))
     if module._diff and stale:
         before = sorted(str(x.relative_to(dest)) for x in dest.rglob("*") if x.is_file()) if dest.is_dir() else []
@@ -248,6 +253,8 @@ def run(module: AnsibleModule) -> dict:
     try:
         pm.unpack(tmp)
         (tmp / STAMP).write_text(json.dumps({"model_id": pm.model_id, "manifest_sha256": manifest_sha}))
+        for name, kept in KEPT.items() if pm.signed else ():
+            shutil.copy(src / name, tmp / kept)
         _apply_ownership(tmp, p["owner"], p["group"], mode)
         if dest.exists():
             os.rename(dest, old)

@@ -61,6 +61,7 @@ rm -rf /var/lib/inferd/models/v1 && cp -r "$work/packed" /var/lib/inferd/models/
 ln -sfn v1 /var/lib/inferd/models/current
 chown -R inferd:inferd /var/lib/inferd/models
 install -o root -g root -m 0600 "$work/keys/model.key" /etc/inferd/model.key
+install -o root -g inferd -m 0640 "$work/keys/signing.pub" /etc/inferd/model-signing.pub
 install -o root -g inferd -m 0640 "$src/rendered/config.yaml" /etc/inferd/config.yaml
 install -o inferd -g inferd -m 0600 "$src/rendered/keys.json" /var/lib/inferd/keys.json
 

@@ -40,6 +40,8 @@ inference_runtime_served_model_name: deepseek-device
 # Served encrypted, the key as the systemd credential model-key (the bank's setting); the key itself
 # is made on the device, only its presence shapes the unit.
 inference_runtime_model_key: made-on-the-device
+# The signer's key is made there too; only its presence shapes the config (model_public_key_file).
+inference_runtime_model_public_key: made-on-the-device
 inference_runtime_max_model_len: 2048
 inference_runtime_api_keys: [{name: device-user, role: user, key: "$api_key"}]
 inference_runtime_metrics_token: "$metrics_token"

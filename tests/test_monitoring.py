@@ -30,7 +30,19 @@ NODE_METRICS = {
     "node_filesystem_size_bytes",
     "node_disk_written_bytes_total",
 }
-PROMQL_WORDS = {"sum", "by", "max", "min", "avg", "rate", "increase", "histogram_quantile", "clamp_min", "le", "without"}
+PROMQL_WORDS = {
+    "sum",
+    "by",
+    "max",
+    "min",
+    "avg",
+    "rate",
+    "increase",
+    "histogram_quantile",
+    "clamp_min",
+    "le",
+    "without",
+}
 ANSIBLE = Path(sys.executable).parent / "ansible"
 
 
@@ -78,7 +90,7 @@ def all_panel_exprs() -> dict[str, str]:
 def test_promtool_accepts_the_rules(rules):
     r = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 12 rules found" in r.stdout
+    assert "SUCCESS: 14 rules found" in r.stdout
 
 
 def test_every_alert_has_a_runbook_and_a_severity(rules):
@@ -170,6 +182,18 @@ CASES = {
         [(sel("inferd_audit_records_dropped_total"), "0 0 3 3")],
         [(sel("inferd_audit_records_dropped_total"), "0x4")],
         "3m",
+        {"instance": "h:8000", "job": "inferd"},
+    ),
+    "InferdResultsNotStored": (
+        [(sel("inferd_results_store_errors_total"), "0 0 1 1"), (sel("inferd_results_store_degraded"), "0 1 0 0")],
+        [(sel("inferd_results_store_errors_total"), "0x4"), (sel("inferd_results_store_degraded"), "0x4")],
+        "3m",
+        {"instance": "h:8000", "job": "inferd"},
+    ),
+    "InferdResultsStoreQuarantined": (
+        [(sel("inferd_results_store_quarantined"), "1x3")],
+        [(sel("inferd_results_store_quarantined"), "0x3")],
+        "2m",
         {"instance": "h:8000", "job": "inferd"},
     ),
     "GpuTemperatureHigh": (

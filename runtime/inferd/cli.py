@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -80,9 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser("keygen", help="make a 256-bit master key (mode 0600) and an Ed25519 signing key pair")
     keygen.add_argument("--out", default=".", help="directory for model.key, signing.pem, signing.pub (default: .)")
 
-    audit = sub.add_parser("audit", help="check an audit log")
+    audit = sub.add_parser(
+        "audit",
+        help="check an audit log: every kept segment, with its key and against its anchor",
+        description="Exit 0: intact (requests killed mid-way, disk-full outages and retention are listed, "
+        "as the log explains them); 1: a record is altered or missing, or the log is shorter than its anchor; "
+        "2: bad arguments or no key; 3: a v1 log (unkeyed: only checksums and the chain could be checked).",
+    )
     audit.add_argument("action", choices=["verify"])
-    audit.add_argument("file", help="the audit log file")
+    audit.add_argument("file", nargs="?", help="the active audit log (default: the config's audit_file)")
+    audit.add_argument("--config", help="the server's YAML config: the log, key and anchor it names")
+    audit.add_argument("--key-file", help="the audit key (default: the config's audit_key_file)")
+    audit.add_argument("--anchor-file", help="the anchor holding the log's head (default: the config's audit_anchor_file)")
     return parser
 
 
@@ -92,6 +102,7 @@ def _keys(args) -> int:
 
     path = args.keys_file or load_config(args.config).keys_path
     store = KeyStore(path)
+    store.require_valid()  # a corrupt file is named and never written over (main prints it, exit 2)
     if args.action == "list":
         for k in store.keys:
             print(f"{k.name}\t{k.role}\t{'revoked' if k.revoked else 'active'}\t{k.key_id}")
@@ -201,16 +212,66 @@ def _store(args) -> int:
 
 
 def _audit(args) -> int:
-    from inferd.server.audit import AuditVerifyError, scan
+    from pathlib import Path
+
+    from inferd.server.audit_format import AuditVerifyError, OldFormatError, load_key, open_segment
+    from inferd.server.audit_verify import verify
+
+    cfg = None
+    if args.config:
+        from inferd.server.config import load_config
+
+        cfg = load_config(args.config)
+    log = Path(args.file or (cfg and cfg.audit_path) or "")
+    key_file = args.key_file or (cfg and cfg.audit_key_path)
+    anchor = args.anchor_file or (cfg and cfg.audit_anchor_path)
+    if not str(log) or log == Path():
+        print("inferd: error: name the log: FILE, or --config SERVER.yaml", file=sys.stderr)
+        return 2
+    try:
+        os.close(open_segment(log)[0])
+    except OldFormatError:
+        return _audit_v1(log)
+    except (OSError, AuditVerifyError):
+        pass  # a missing active file (rotated segments only) or a damaged one: verify names it
+    try:
+        key = load_key(Path(key_file)) if key_file else None
+    except AuditVerifyError as e:
+        key, key_error = None, str(e)
+    else:
+        key_error = "name the log's key: --key-file KEY, or --config SERVER.yaml"
+    if key is None:
+        print(f"inferd: error: {key_error}", file=sys.stderr)
+        return 2
+    try:
+        report = verify(log, key, anchor and Path(anchor))
+    except AuditVerifyError as e:
+        print(f"inferd: audit log {log} FAILED: {e}", file=sys.stderr)
+        return 1
+    for line in report.interrupted + report.notes:
+        print(f"  {line}")
+    if not anchor:
+        print("  no anchor checked (--anchor-file or --config): records cut off the end cannot be detected")
+    torn = " (a torn last record from a crash was ignored)" if report.torn_tail else ""
+    print(
+        f"audit log {log}: {report.records} records in {len(report.segments)} segments, chain intact{torn}; "
+        f"{len(report.interrupted)} requests interrupted"
+    )
+    return 0
+
+
+def _audit_v1(log) -> int:
+    from inferd.server.audit_format import AuditVerifyError
+    from inferd.server.audit_verify import scan_v1
 
     try:
-        result = scan(args.file)
+        v1 = scan_v1(log)
     except AuditVerifyError as e:
-        print(f"inferd: audit log {args.file} FAILED: {e}", file=sys.stderr)
+        print(f"inferd: audit log {log} FAILED: {e}", file=sys.stderr)
         return 1
-    torn = " (a torn last record from a crash was ignored)" if result.torn_tail else ""
-    print(f"audit log {args.file}: {result.records} records, chain intact{torn}")
-    return 0
+    print(f"audit log {log}: v1 format, {v1.records} records, chain intact as far as v1 can tell", file=sys.stderr)
+    print("inferd: a v1 log has no key nor anchor: an edited last record or a cut-off end goes unseen", file=sys.stderr)
+    return 3
 
 
 def _serve(args) -> int:

@@ -1,11 +1,13 @@
-"""Engine settings: one dataclass the offline API, the server and the benchmarks share."""
+"""Engine settings: one dataclass the offline API, the server (embedded in its ServerConfig) and the
+benchmarks share: one set of defaults, checked once when it is built."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-# Weight/activation formats beyond the compute dtype (the server's config validates against it too).
+# Weight/activation formats beyond the compute dtype (tests/modules/test_gpu_assess.py holds
+# gpu_assess to this list).
 Quantization = Literal["fp8"]
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 # The KV cache's element type: "auto" is the model's dtype; "fp8" (e4m3, unit scale, values
@@ -21,6 +23,8 @@ class EngineConfig:
     dtype: str | None = None  # default: float32 on CPU, bfloat16 on CUDA
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    # Sequences that may wait for a place in the batch; a request beyond it is refused (429).
+    max_num_waiting: int = 1024
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 8192
     block_size: int = 16
     kv_cache_fraction: float = 0.9  # of the device memory free after the warm-up run
@@ -51,5 +55,7 @@ class EngineConfig:
             raise ValueError("kv_cache_fraction must be in (0, 1]")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a power of two")
+        if self.max_num_waiting < 1:
+            raise ValueError("max_num_waiting must be >= 1")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.block_size:
             raise ValueError("max_num_seqs must be >= 1 and max_num_batched_tokens >= block_size")

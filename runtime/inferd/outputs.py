@@ -1,20 +1,56 @@
+"""What the engine reports: a `TokenEvent` for each step of a request still running (streaming),
+then one `RequestOutput` when it finishes. They are different types so that no one reads an
+unfinished request's (empty) totals as its result."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
+
+
+@dataclass
+class TokenEvent:
+    """One step's new tokens and text of a request that is still running."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    num_output_tokens: int
+    finished: ClassVar[bool] = False
 
 
 @dataclass
 class RequestOutput:
+    """A finished request. `new_token_ids` and `new_text` are its last step's share, so that the
+    `new_text` of a request's events joined is its `text`."""
+
     request_id: str
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
-    finish_reason: str | None
+    finish_reason: str
     logprobs: list[float] | None = None
     num_cached_tokens: int = 0
-    finished: bool = True
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
-    num_output_tokens: int = 0
-    # Unfinished outputs (one per step, for streaming) carry only the new token and text delta;
-    # the finished one carries everything.
+    finished: ClassVar[bool] = True
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+StepOutput = TokenEvent | RequestOutput
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's load at one moment, for /metrics."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    free_blocks: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up, since the engine started
+    prefix_cache_hits: int = 0
+    preemptions: int = 0

@@ -24,6 +24,15 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+class InvalidRequestError(ValueError):
+    """A request the engine cannot run, for a reason its sender can fix; `param` names the
+    request field at fault (the server's 400 reports it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -68,7 +77,7 @@ class SamplingParams:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise InvalidRequestError(message, param=message.split()[0])  # each message starts with its field
 
     @property
     def greedy(self) -> bool:

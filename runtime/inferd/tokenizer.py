@@ -37,10 +37,6 @@ class Tokenizer:
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self._compiled = None
 
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
@@ -87,5 +83,31 @@ class IncrementalDetokenizer:
             return ""
         delta = full_text[len(prefix_text) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.text += delta
+        return delta
+
+    def add_until(self, token_id: int, stops: list[str]) -> tuple[str, bool]:
+        """`add`, then look for the stop strings in the text the new delta could have completed.
+        On a hit the text ends before the stop string (and stays so: the request is over).
+        Returns (delta, hit)."""
+        delta = self.add(token_id)
+        if not stops or not delta:
+            return delta, False
+        window = self.text[-(len(delta) + max(map(len, stops))) :]
+        hits = [h for h in (window.find(s) for s in stops) if h >= 0]
+        if not hits:
+            return delta, False
+        cut = len(self.text) - len(window) + min(hits)
+        delta = delta[: max(0, cut - (len(self.text) - len(delta)))]
+        self.text = self.text[:cut]
+        return delta, True
+
+    def flush(self) -> str:
+        """The text held back (an incomplete UTF-8 sequence at the end), as the full decode
+        renders it; for the end of a request."""
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        full_text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        delta = full_text[len(prefix_text) :] if len(full_text) > len(prefix_text) else ""
+        self.prefix_offset = self.read_offset = len(self.ids)
         self.text += delta
         return delta

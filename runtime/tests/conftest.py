@@ -35,3 +35,67 @@ def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama-default")
     make_model(path, **VARIANTS["llama-gqa2-untied"])
     return path
+
+
+class LiveServer:
+    """The app in this process under a real uvicorn on 127.0.0.1 (real HTTP parsing, in-process
+    state): the bad-request table and schemathesis run against it."""
+
+    def __init__(self, model_dir, data_dir, **settings):
+        import socket
+        import threading
+        import time
+
+        import httpx
+        import uvicorn
+
+        from inferd.server.app import create_app
+        from inferd.server.auth import KeyStore
+        from inferd.server.config import ServerConfig
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cfg = {
+            "model": str(model_dir),
+            "served_model_name": "tiny",
+            "data_dir": str(data_dir),
+            "max_model_len": 256,
+            "max_tokens_limit": 200,
+            "max_body_bytes": 1 << 20,
+            "limits": {"max_concurrent_per_key": 64, "requests_per_minute_per_key": 100000},
+        } | settings
+        self.cfg = ServerConfig(**cfg)
+        store = KeyStore(self.cfg.keys_path)
+        self.keys = {name: store.add(name, role) for name, role in (("alice", "user"), ("olivia", "ops"), ("adam", "admin"))}
+        self.keys["rex"] = store.add("rex", "user")
+        store.revoke("rex")
+        self.app = create_app(self.cfg)
+        self.url = f"http://127.0.0.1:{port}"
+        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.uvicorn.run, name="live-uvicorn", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert self.thread.is_alive(), "uvicorn stopped during start-up"
+            time.sleep(0.2)
+        raise AssertionError("the in-process server did not become ready within 120 s")
+
+    def auth(self, name: str = "alice") -> dict:
+        return {"Authorization": f"Bearer {self.keys[name]}"}
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(60)
+
+
+@pytest.fixture(scope="module")
+def live_server(llama_dir, tmp_path_factory):
+    server = LiveServer(llama_dir, tmp_path_factory.mktemp("live"))
+    yield server
+    server.stop()

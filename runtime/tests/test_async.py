@@ -74,3 +74,57 @@ def test_bad_request_fails_alone(engines):
     bad, good = asyncio.run(main())
     assert isinstance(bad, ValueError) and "token ids" in str(bad)
     assert [o.new_token_ids[0] for o in good] == expected["Paged attention"].token_ids
+
+
+# ---- the engine's face to the server -----------------------------------------------------------
+def test_events_while_running_and_the_final_output_are_different_types(engines):
+    from inferd.outputs import RequestOutput, TokenEvent
+
+    aengine, expected = engines
+    outs = asyncio.run(collect(aengine, "The quick brown fox"))
+    assert all(type(o) is TokenEvent for o in outs[:-1]) and type(outs[-1]) is RequestOutput
+    assert not hasattr(outs[0], "token_ids"), "an unfinished event has no (empty) totals to misread"
+    assert outs[-1].text == expected["The quick brown fox"].text
+
+
+def test_the_face_validates_a_prompt_and_names_the_field(engines):
+    from inferd.sampling_params import InvalidRequestError
+
+    aengine, _ = engines
+    ctx = aengine.max_model_len
+    assert aengine.check_prompt([1, 2, 3]) == ctx - 3
+    cases = [([], None, "prompt"), ([10**6], None, "prompt"), ([1] * ctx, None, "prompt"), ([1, 2], ctx, "max_tokens")]
+    for ids, max_tokens, param in cases:
+        with pytest.raises(InvalidRequestError) as e:
+            aengine.check_prompt(ids, max_tokens)
+        assert e.value.param == param, (ids[:3], max_tokens, str(e.value))
+
+
+def test_the_face_reports_stats_and_speaks_the_tokenizer(engines):
+    from inferd.outputs import EngineStats
+
+    aengine, _ = engines
+    stats = aengine.stats()
+    assert isinstance(stats, EngineStats) and stats.running == 0 and stats.waiting == 0 and 0 <= stats.kv_cache_usage < 1
+    ids = aengine.encode("The quick brown fox", add_special_tokens=False)
+    assert len(aengine.token_texts(ids)) == len(ids) and "".join(aengine.token_texts(ids)) == "The quick brown fox"
+    assert aengine.apply_chat_template([{"role": "user", "content": "hi"}]).endswith("<|assistant|>")
+
+
+def test_sampling_params_errors_name_the_field():
+    from inferd.sampling_params import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(stop=["x"] * 100)
+    assert e.value.param == "stop"
+
+
+def test_held_back_text_is_flushed_at_the_end_as_the_full_decode_renders_it(llama_dir):
+    from inferd.tokenizer import IncrementalDetokenizer, Tokenizer
+
+    tok = Tokenizer(llama_dir)
+    ids = tok.encode("é", add_special_tokens=False)
+    assert len(ids) == 2, "the test needs a character split over two byte tokens"
+    detok = IncrementalDetokenizer(tok)
+    assert detok.add(ids[0]) == "", "half a UTF-8 sequence is held back"
+    assert detok.flush() == tok.decode(ids[:1]) and detok.text == tok.decode(ids[:1])

@@ -17,6 +17,10 @@ def test_model_version_is_the_manifest_digest_or_the_configured_one(tmp_path):
     (tmp_path / "manifest.json").write_bytes(b'{"format": 1}')
     assert model_version(tmp_path) == "sha256:" + hashlib.sha256(b'{"format": 1}').hexdigest()
     assert model_version(tmp_path, "sha256:abc") == "sha256:abc"
+    decrypted = tmp_path / "decrypted"
+    decrypted.mkdir()
+    (decrypted / ".inferd-package-manifest.json").write_bytes(b'{"format": 2}')
+    assert model_version(decrypted) == "sha256:" + hashlib.sha256(b'{"format": 2}').hexdigest()
     assert build_info(tmp_path)["runtime_version"] == metadata.version("inferd")
 
 

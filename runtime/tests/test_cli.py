@@ -28,3 +28,17 @@ def test_errors_are_one_clear_line(tmp_path):
     assert "config.json not found" in r.stderr and "Traceback" not in r.stderr
     r = inferd("generate", "--model", str(tmp_path), "--prompt", "x", "--temperature", "-1")
     assert r.returncode == 2 and "temperature" in r.stderr
+
+
+def test_serve_with_a_bad_dtype_exits_at_start_naming_the_field(llama_dir, tmp_path):
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"model": str(llama_dir), "dtype": "float8", "data_dir": str(tmp_path), "port": port}))
+    r = inferd("serve", "--config", str(config))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "dtype" in r.stderr and "float32, bfloat16 or float16" in r.stderr and "Traceback" not in r.stderr

@@ -150,3 +150,34 @@ def test_old_style_rope_fields_are_read(llama_dir, tmp_path):
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         LLM(str(tmp_path / "nope"))
+
+
+# ---- the server's config embeds the engine's -----------------------------------------------------
+def test_the_server_config_embeds_the_engine_config_with_its_defaults():
+    from inferd.config import EngineConfig
+    from inferd.server.config import ServerConfig
+
+    assert ServerConfig(model="m").engine == EngineConfig(model="m")
+    cfg = ServerConfig(model="m", device="cuda", max_num_seqs=8, kv_cache_dtype="fp8")
+    assert cfg.engine_config("other") == EngineConfig(model="other", device="cuda", max_num_seqs=8, kv_cache_dtype="fp8")
+
+
+@pytest.mark.parametrize(
+    "key,value,allowed",
+    [
+        ("dtype", "float8", "float32, bfloat16 or float16"),
+        ("device", "tpu", "'cpu' or 'cuda[:N]'"),
+        ("kv_cache_dtype", "int4", "['auto', 'fp8']"),
+        ("quantization", "int4", "['fp8']"),
+        ("kv_cache_fraction", 1.5, "(0, 1]"),
+    ],
+)
+def test_a_bad_engine_setting_fails_the_config_naming_the_key_and_the_allowed_values(tmp_path, key, value, allowed):
+    from inferd.server.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps({"model": "m", key: value}))
+    with pytest.raises(ValueError) as e:
+        load_config(str(path))
+    message = str(e.value)
+    assert message.startswith(f"{path}: {key}") and allowed in message, message

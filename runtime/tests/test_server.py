@@ -53,6 +53,7 @@ class Server:
             "max_model_len": 256,
             "max_tokens_limit": 200,
             "max_body_bytes": 1 << 20,
+            "model_allow_unsigned": True,  # test models are unsigned (test_trust.py covers signed ones)
         }
         cfg.update(extra_config or {})
         self.config.write_text(json.dumps(cfg))  # JSON is YAML
@@ -170,11 +171,16 @@ def test_error_shapes(server):
         openai.OpenAI(base_url=server.url + "/v1", api_key="sk-inferd-wrong", max_retries=0).models.list()
 
 
+# A generation of max_tokens=200 on a loaded CI machine can take longer than httpx's 5 s default.
+POST_TIMEOUT_S = 120
+
+
 def post(server, body, key="alice", raw=None, headers=None):
     h = {"Authorization": f"Bearer {server.keys[key]}"} | (headers or {})
+    url = server.url + "/v1/chat/completions"
     if raw is not None:
-        return httpx.post(server.url + "/v1/chat/completions", content=raw, headers=h | {"content-type": "application/json"})
-    return httpx.post(server.url + "/v1/chat/completions", json=body, headers=h)
+        return httpx.post(url, content=raw, headers=h | {"content-type": "application/json"}, timeout=POST_TIMEOUT_S)
+    return httpx.post(url, json=body, headers=h, timeout=POST_TIMEOUT_S)
 
 
 MSG = [{"role": "user", "content": "hello"}]
@@ -360,15 +366,15 @@ def test_metrics_name_the_key_signals(server):
 
 def test_audit_log_verifies_and_detects_tampering(server, tmp_path):
     audit = server.data_dir / "audit" / "audit.log"
-    r = inferd("audit", "verify", str(audit))
+    r = inferd("audit", "verify", "--config", str(server.config))
     assert r.returncode == 0 and "chain intact" in r.stdout, r.stderr
     data = bytearray(audit.read_bytes())
     edited = tmp_path / "edited.log"
     i = data.index(b'"route"') + 12
     data[i] ^= 0x01
     edited.write_bytes(bytes(data))
-    r = inferd("audit", "verify", str(edited))
-    assert r.returncode == 1 and "record" in r.stderr and "checksum" in r.stderr
+    r = inferd("audit", "verify", str(edited), "--config", str(server.config))
+    assert r.returncode == 1 and "byte offset" in r.stderr and "checksum" in r.stderr
 
 
 def test_schemathesis_finds_no_5xx(server, tmp_path):
@@ -432,7 +438,7 @@ def test_kill_9_under_load_loses_no_completed_record(llama_dir, tmp_path):
     s.log.close()
     assert len(completed) >= 5, "the load produced too few completed requests to mean anything"
     audit = tmp_path / "audit" / "audit.log"
-    r = inferd("audit", "verify", str(audit))
+    r = inferd("audit", "verify", "--config", str(s.config))
     assert r.returncode == 0, r.stderr
     from inferd.server.audit import read_records
 
@@ -460,31 +466,28 @@ def test_sigterm_finishes_in_flight_requests_and_flushes_the_audit(llama_dir, tm
     # uvicorn re-raises the signal after its graceful shutdown; systemd counts that as a clean stop.
     assert s.proc.wait(60) in (0, -signal.SIGTERM)
     s.log.close()
-    r = inferd("audit", "verify", str(tmp_path / "audit" / "audit.log"))
+    r = inferd("audit", "verify", "--config", str(s.config))
     assert r.returncode == 0 and "records" in r.stdout
     with pytest.raises(httpx.HTTPError):
         httpx.get(s.url + "/health", timeout=2)
 
 
 def test_deleted_audit_record_shows_as_a_gap(server, tmp_path):
-    from inferd.server.audit import HEADER
+    from inferd.server.audit_format import MAGIC, iter_segment
 
     for _ in range(3):
         post(server, {"model": "tiny", "messages": MSG, "max_tokens": 1})
-    data = (server.data_dir / "audit" / "audit.log").read_bytes()
-    frames, pos = [], 0
-    while pos < len(data):
-        length, _ = HEADER.unpack_from(data, pos)
-        frames.append(data[pos : pos + HEADER.size + length])
-        pos += HEADER.size + length
+    log = server.data_dir / "audit" / "audit.log"
+    data = log.read_bytes()
+    frames = [data[f.start : f.end] for f in iter_segment(log)]
     assert len(frames) >= 3
     gapped = tmp_path / "gap.log"
-    gapped.write_bytes(b"".join(frames[:1] + frames[2:]))
-    r = inferd("audit", "verify", str(gapped))
+    gapped.write_bytes(MAGIC + b"".join(frames[:1] + frames[2:]))
+    r = inferd("audit", "verify", str(gapped), "--config", str(server.config))
     assert r.returncode == 1 and "gap" in r.stderr
     torn = tmp_path / "torn.log"
     torn.write_bytes(data + frames[1][:7])
-    assert inferd("audit", "verify", str(torn)).returncode == 0
+    assert inferd("audit", "verify", str(torn), "--config", str(server.config)).returncode == 0
 
 
 def test_admin_swaps_and_unloads_the_model(llama_dir, tmp_path_factory):
@@ -625,7 +628,7 @@ def test_engine_failure_mid_stream_ends_the_stream_with_an_error(llama_dir, tmp_
     finally:
         assert wait_exit(s) == 1
     # The stream had started (output reached the client): its failure is in the audit log.
-    failed = [rec for rec in read_records(tmp_path / "audit" / "audit.log") if rec.get("route") == "/v1/chat/completions"]
+    failed = [rec for rec in read_records(tmp_path / "audit" / "audit.log") if rec.get("kind") == "end"]
     assert [rec["status"] for rec in failed] == [503], failed
 
 

@@ -1,4 +1,7 @@
-"""The streaming interface the server uses: add a request, get its tokens as they come, abort.
+"""The engine's one face to the server: load (`start`), validate a request (`check_prompt`),
+submit it and stream its events (`generate`), abort, `stats`, unload (`drain`, `shutdown`), and
+the model's tokenizer (`encode`, `apply_chat_template`, `token_texts`). The server reaches
+nothing behind it: no scheduler, block manager or runner.
 
 The engine itself is single-threaded; one background thread owns it and runs steps while there
 is work. Callers on an asyncio loop talk to it through a queue per request. Leaving the async
@@ -16,11 +19,15 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 
-from inferd.engine.llm_engine import LLMEngine
-from inferd.outputs import RequestOutput
+from inferd.config import EngineConfig
+from inferd.engine.llm_engine import InvalidRequestError, LLMEngine
+from inferd.outputs import EngineStats, StepOutput
 from inferd.sampling_params import SamplingParams
+
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "InvalidRequestError"]
 
 log = logging.getLogger("inferd.async")
 
@@ -44,8 +51,51 @@ class AsyncLLMEngine:
         self._thread = threading.Thread(target=self._run, name="inferd-engine", daemon=True)
         self._thread.start()
 
-    # ---- caller side (any asyncio loop) ---------------------------------------------------
-    async def generate(self, prompt, params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    @classmethod
+    def start(
+        cls, config: EngineConfig, on_error: Callable[[AsyncLLMEngine, BaseException], None] | None = None
+    ) -> AsyncLLMEngine:
+        """Load the model, run one warm-up generation, and start serving it. Blocks (minutes for
+        a large model); raises what the load raised."""
+        engine = LLMEngine(config)
+        if engine.tokenizer is None:
+            raise ValueError(f"{config.model} has no tokenizer.json: the server needs one")
+        engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        return cls(engine, on_error=on_error)
+
+    # ---- caller side (any thread or asyncio loop) -----------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def check_prompt(self, token_ids: list[int], max_tokens: int | None = None) -> int:
+        """Raise InvalidRequestError for a prompt the engine cannot run; return the room it leaves
+        for output tokens."""
+        return self.engine.check_prompt(token_ids, max_tokens)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        return self.engine.tokenizer.apply_chat_template(messages)
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's own text (logprobs report them one by one)."""
+        return [self.engine.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+
+    def stats(self) -> EngineStats:
+        # Read from outside the engine thread: lengths and counters, a moment's snapshot.
+        return self.engine.stats()
+
+    def drain(self, timeout: float) -> None:
+        """Wait until the requests in flight are done (or `timeout` passed), then shut down."""
+        deadline = time.monotonic() + timeout
+        while self.num_unfinished and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.shutdown()
+
+    async def generate(self, prompt, params: SamplingParams, request_id: str | None = None) -> AsyncIterator[StepOutput]:
+        """The request's events: a TokenEvent per step while it runs, then its RequestOutput."""
         request_id = request_id or f"req-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:  # under the lock: a request is either refused here or failed by _run

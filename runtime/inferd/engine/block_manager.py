@@ -102,7 +102,13 @@ class BlockManager:
         for _ in range(self.blocks_needed(seq, num_tokens)):
             seq.block_table.append(self._allocate_fresh().block_id)
 
-    def commit_full_blocks(self, seq: Sequence) -> None:
+    def mark_computed(self, seq: Sequence, num_tokens: int) -> None:
+        """`num_tokens` more of the sequence's tokens have their K/V in the cache (a step that
+        computes them is launched): count them and register the blocks they complete."""
+        seq.num_computed_tokens += num_tokens
+        self._commit_full_blocks(seq)
+
+    def _commit_full_blocks(self, seq: Sequence) -> None:
         """Register the hashes of blocks that are now completely computed."""
         full = seq.num_computed_tokens // self.block_size
         start = seq.num_hashed_blocks

@@ -12,16 +12,12 @@ from inferd.engine.model_runner import ModelRunner, StepHandle
 from inferd.engine.scheduler import Scheduler
 from inferd.engine.sequence import Sequence
 from inferd.models.config import parse_model_config
-from inferd.outputs import RequestOutput
-from inferd.sampling_params import SamplingParams
+from inferd.outputs import EngineStats, RequestOutput, StepOutput, TokenEvent
+from inferd.sampling_params import InvalidRequestError, SamplingParams
 from inferd.store.source import open_model
 from inferd.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("inferd.engine")
-
-
-class PromptTooLongError(ValueError):
-    pass
 
 
 class LLMEngine:
@@ -62,18 +58,32 @@ class LLMEngine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
-        token_ids = self.tokenize(prompt)
+    def check_prompt(self, token_ids: list[int], max_tokens: int | None = None) -> int:
+        """Refuse a prompt this engine cannot run (InvalidRequestError); return how many tokens it
+        leaves room for in the context. `max_tokens`, when given, must fit in that room."""
         if not token_ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequestError("the prompt is empty", "prompt")
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if len(token_ids) >= self.max_model_len:
-            raise PromptTooLongError(
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        room = self.max_model_len - len(token_ids)
+        if room < 1:
+            raise InvalidRequestError(
                 f"the prompt has {len(token_ids)} tokens; this model's context is {self.max_model_len} "
-                "(prompt and output together): shorten the prompt"
+                "(prompt and output together): shorten the prompt",
+                "prompt",
             )
+        if max_tokens is not None and max_tokens > room:
+            raise InvalidRequestError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) exceeds the context of "
+                f"{self.max_model_len} tokens: lower max_tokens or shorten the prompt",
+                "max_tokens",
+            )
+        return room
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        token_ids = self.tokenize(prompt)
+        self.check_prompt(token_ids)
         seq = Sequence(token_ids, params, self.config.block_size, request_id)
         if seq.request_id in self.sequences:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
@@ -93,8 +103,20 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self._inflight is not None or self.scheduler.has_unfinished()
 
+    def stats(self) -> EngineStats:
+        bm, sched = self.block_manager, self.scheduler
+        return EngineStats(
+            running=len(sched.running),
+            waiting=len(sched.waiting),
+            kv_cache_usage=bm.usage(),
+            free_blocks=bm.num_free,
+            prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits,
+            preemptions=sched.num_preemptions,
+        )
+
     # ---- stepping -------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[StepOutput]:
         """One engine step: schedule and launch the next step, then read the step in flight's
         tokens and apply their stop rules and detokenizing while the device computes. Outputs are
         for the tokens read, so they lag the launch by one step.
@@ -104,7 +126,7 @@ class LLMEngine:
         sampled tokens), and a sequence that turns out to have stopped on it computes one token
         too many, which is dropped. Requests with repetition, presence or frequency penalties
         need every token on the host to sample, so while one runs the steps do not overlap."""
-        outputs: list[RequestOutput] = []
+        outputs: list[StepOutput] = []
         if self._inflight is not None and self._needs_host_tokens():
             outputs = self._resolve()
         batch, is_prefill = self.scheduler.schedule()
@@ -120,7 +142,7 @@ class LLMEngine:
     def _needs_host_tokens(self) -> bool:
         return any(s.params.needs_penalties for s in self.scheduler.running)
 
-    def _resolve(self) -> list[RequestOutput]:
+    def _resolve(self) -> list[StepOutput]:
         """Read the step in flight's tokens into their sequences and apply the stop rules."""
         batch, handle = self._inflight
         self._inflight = None
@@ -128,17 +150,16 @@ class LLMEngine:
         outputs = []
         for j, i in enumerate(handle.complete):
             seq = batch[i]
-            if seq.is_finished or seq.pending_row != j:
-                continue  # stopped or aborted after this step was scheduled
-            seq.token_ids[-1] = tokens[j]
-            seq.pending_row = None
+            if not self.scheduler.receive(seq, j, tokens[j]):
+                continue
             if logprobs is not None:
                 seq.output_logprobs.append(logprobs[j])
             if self.sequences.get(seq.request_id) is seq:
                 outputs.append(self._check_stop(seq))
         return outputs
 
-    def _check_stop(self, seq: Sequence) -> RequestOutput:
+    def _check_stop(self, seq: Sequence) -> StepOutput:
+        """Apply the stop rules to the sequence's newest token and turn it into text."""
         p = seq.params
         token = seq.last_token
         reason = None
@@ -148,52 +169,28 @@ class LLMEngine:
         elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
         detok = self._detoks.get(seq.request_id)
-        new_text = ""
+        new_text, hit_stop_string = "", False
         if detok is not None and not stopped_by_token:
-            new_text = detok.add(token)
-            if p.stop and new_text:
-                window = detok.text[-(len(new_text) + max(map(len, p.stop))) :]
-                hits = [window.find(s) for s in p.stop]
-                hits = [h for h in hits if h >= 0]
-                if hits:
-                    cut = len(detok.text) - len(window) + min(hits)
-                    new_text = new_text[: max(0, cut - (len(detok.text) - len(new_text)))]
-                    detok.text = detok.text[:cut]
-                    reason = "stop"
+            new_text, hit_stop_string = detok.add_until(token, p.stop)
+            reason = "stop" if hit_stop_string else reason
         if reason is None:
-            return RequestOutput(
-                request_id=seq.request_id,
-                prompt_token_ids=[],
-                token_ids=[],
-                text="",
-                finish_reason=None,
-                finished=False,
-                new_token_ids=[token],
-                new_text=new_text,
-                num_output_tokens=seq.num_output_tokens,
-            )
-        seq.finish_reason = reason
+            return TokenEvent(seq.request_id, [token], new_text, seq.num_output_tokens)
+        if detok is not None and not hit_stop_string:
+            new_text += detok.flush()
         self.scheduler.finish(seq, reason)
         self.runner.sampler.release(seq)
         self.sequences.pop(seq.request_id, None)
         self._detoks.pop(seq.request_id, None)
-        text = ""
-        if detok is not None:
-            # One full decode at the end: the reference text, cut where a stop string was found.
-            full = self.tokenizer.decode(seq.output_token_ids[:-1] if stopped_by_token else seq.output_token_ids)
-            text = detok.text if (p.stop and len(detok.text) < len(full)) else full
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
             token_ids=seq.output_token_ids,
-            text=text,
+            text=detok.text if detok is not None else "",
             finish_reason=reason,
             logprobs=list(seq.output_logprobs) if p.logprobs else None,
             num_cached_tokens=seq.num_cached_tokens,
-            finished=True,
             new_token_ids=[token],
             new_text=new_text,
-            num_output_tokens=seq.num_output_tokens,
         )
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams], use_tqdm: bool = False) -> list[RequestOutput]:

@@ -15,8 +15,8 @@ from inferd.config import EngineConfig
 from inferd.engine.sequence import Sequence
 from inferd.layers.context import AttentionContext, reset_context, set_context
 from inferd.layers.fused import FP8
-from inferd.layers.linear import Linear
 from inferd.layers.quant import check_supported
+from inferd.layers.quantize import quantize_fp8
 from inferd.layers.sampler import Sampler
 from inferd.loader import load_weights
 from inferd.models.config import ModelConfig
@@ -51,32 +51,7 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         check_supported(config.quantization, self.device)
 
-        start = time.perf_counter()
-        default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:
-            with torch.device(self.device):
-                self.model = model_class(model_cfg)(model_cfg, max_model_len)
-        finally:
-            torch.set_default_dtype(default_dtype)
-        load_weights(self.model, weights, total_bytes=weight_bytes)
-        if config.quantization == "fp8":
-            linears = [m for m in self.model.modules() if isinstance(m, Linear)]
-            kept = [m for m in linears if not m.quantize_fp8()]
-            log.info(
-                "fp8 weights: %d of %d linear layers (%d kept in %s: shape not divisible by 16)",
-                len(linears) - len(kept),
-                len(linears),
-                len(kept),
-                config.dtype,
-            )
-        self.model.eval()
-        if self.is_cuda:
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
-        gb = self.weight_bytes() / 1e9
-        log.info("model %s loaded: %.2f GB of weights in %.1fs (%.2f GB/s)", config.model, gb, seconds, gb / max(seconds, 1e-9))
-
+        self._load_model(weights, weight_bytes)
         self.attn_layers = self.model.attention_layers()
         # The Triton kernel needs a power-of-two head_dim of at least 16 (tl.dot); real checkpoints
         # have 64 or 128. Tiny test models below that take the reference path.
@@ -105,6 +80,29 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.is_cuda and not config.enforce_eager:
             self._capture_cuda_graphs()
+
+    def _load_model(self, weights, weight_bytes) -> None:
+        """The model in the configured dtype on the device, its weights loaded, then (with
+        quantization) rewritten by the quantization pass: model files know nothing of it."""
+        start = time.perf_counter()
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = model_class(self.model_cfg)(self.model_cfg, self.max_model_len)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_weights(self.model, weights, total_bytes=weight_bytes)
+        if self.config.quantization == "fp8":
+            quantize_fp8(self.model)
+        self.model.eval()
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        gb = self.weight_bytes() / 1e9
+        log.info(
+            "model %s loaded: %.2f GB of weights in %.1fs (%.2f GB/s)", self.config.model, gb, seconds, gb / max(seconds, 1e-9)
+        )
 
     def weight_bytes(self) -> int:
         scales = [b for name, b in self.model.named_buffers() if name.endswith("weight_scale")]
@@ -246,11 +244,6 @@ class ModelRunner:
             ids.index_copy_(0, pending[0], prev.device_tokens.index_select(0, pending[1]))
 
     # ---- running --------------------------------------------------------------------------
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float] | None]:
-        """Compute one step with every input on the host. Returns a token (and logprob) for each
-        sequence whose prompt this step completes, in batch order."""
-        return self.collect(self.launch(seqs, is_prefill))
-
     @torch.inference_mode()
     def launch(self, seqs: list[Sequence], is_prefill: bool, prev: StepHandle | None = None) -> StepHandle:
         """Queue one step on the device and return without waiting for it. Input tokens that are

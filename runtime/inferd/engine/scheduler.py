@@ -5,21 +5,32 @@ max_num_batched_tokens tokens; a long prompt is split over several steps) or a d
 token for every running sequence). When the KV cache runs out during decode, the most recently
 admitted sequence is preempted: its blocks are freed and it goes back to the front of the queue,
 to be recomputed later (its full blocks are usually still in the prefix cache).
+
+Sharing between tenants: a free place in the batch goes to the waiting sequence of the highest
+priority class and, within it, of the tenant with the fewest sequences running (counted in
+sequences, so one request with n=8 weighs eight); a victim of preemption is taken from the lowest
+class and the tenant holding the most. The waiting queue is bounded: a request that would overfill
+it is refused (QueueFull) before any of its sequences is queued.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 
 from inferd.config import EngineConfig
 from inferd.engine.block_manager import BlockManager
 from inferd.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 
 
+class QueueFull(Exception):
+    """The waiting queue cannot take a request's sequences; nothing of it was queued."""
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int):
         self.max_model_len = max_model_len
         self.max_num_seqs = config.max_num_seqs
+        self.max_num_waiting = config.max_num_waiting
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
@@ -27,7 +38,29 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self.add_all([seq])
+
+    def add_all(self, seqs: list[Sequence]) -> None:
+        """Queue a request's sequences together, or none of them when the queue has no room."""
+        if len(self.waiting) + len(seqs) > self.max_num_waiting:
+            raise QueueFull(f"{len(self.waiting)} sequences are waiting (max_num_waiting {self.max_num_waiting})")
+        self.waiting.extend(seqs)
+
+    def _running_per_tenant(self) -> Counter:
+        return Counter(s.tenant for s in self.running)
+
+    def _next_waiting(self, held: Counter) -> Sequence:
+        """The waiting sequence that gets the next place in the batch (see the module docstring);
+        `held` counts each tenant's running sequences. Ties go to the earliest in the queue, where
+        preempted sequences are put back."""
+        return min(self.waiting, key=lambda s: (-s.priority, held[s.tenant]))
+
+    def _victim(self) -> Sequence:
+        """The running sequence to preempt: lowest class, then the tenant holding the most
+        sequences, then the newest (whose recomputation costs least)."""
+        held = self._running_per_tenant()
+        order = {id(s): i for i, s in enumerate(self.running)}
+        return max(self.running, key=lambda s: (-s.priority, held[s.tenant], order[id(s)]))
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -51,8 +84,8 @@ class Scheduler:
                 return batch, False
             if all(self._at_max_tokens(s) for s in self.running):
                 return [], False  # nothing, or only sequences whose last token ends them
-            # Only partially prefilled sequences are left and none fits: free the newest.
-            self._preempt(self.running[-1])
+            # Only partially prefilled sequences are left and none fits: free one.
+            self._preempt(self._victim())
 
     def _schedule_prefill(self) -> list[Sequence]:
         budget = self.max_num_batched_tokens
@@ -69,8 +102,9 @@ class Scheduler:
             seq.num_scheduled_tokens = chunk
             budget -= chunk
             batch.append(seq)
+        held = self._running_per_tenant()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self._next_waiting(held)
             if seq.has_pending_token:
                 break  # preempted in this very schedule with its last token still on the device
             bm.allocate_prompt(seq)
@@ -82,8 +116,9 @@ class Scheduler:
             seq.num_scheduled_tokens = chunk
             seq.status = SequenceStatus.RUNNING
             budget -= chunk
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.running.append(seq)
+            held[seq.tenant] += 1
             batch.append(seq)
         return batch
 
@@ -103,12 +138,15 @@ class Scheduler:
                 continue
             if n > len(seq.block_table) * block_size:  # the new token starts a block (1 step in block_size)
                 while not bm.can_allocate(bm.blocks_needed(seq, n)):
-                    victim = self.running[-1]
+                    victim = self._victim()
                     self._preempt(victim)
+                    if victim in batch:  # already given this step's token: it no longer runs
+                        batch.remove(victim)
+                        victim.num_scheduled_tokens = 0
                     if victim is seq:
                         break
                 if seq.status != SequenceStatus.RUNNING:
-                    break
+                    continue  # preempted itself; the blocks it freed may let later ones run
                 bm.grow(seq, n)
             seq.num_scheduled_tokens = 1
             batch.append(seq)
@@ -131,13 +169,22 @@ class Scheduler:
         for i, seq in enumerate(batch):
             if seq.status == SequenceStatus.FINISHED:
                 continue  # stopped (or aborted) since it was scheduled: its token is dropped
-            seq.num_computed_tokens += seq.num_scheduled_tokens
+            self.block_manager.mark_computed(seq, seq.num_scheduled_tokens)
             seq.num_scheduled_tokens = 0
-            self.block_manager.commit_full_blocks(seq)
             j = rows.get(i)
             if j is not None:
                 seq.append_token(PENDING_TOKEN)
                 seq.pending_row = j
+
+    def receive(self, seq: Sequence, row: int, token: int) -> bool:
+        """The token sampled at `row` of the step in flight has reached the host: it replaces the
+        sequence's pending token. False when the sequence no longer waits for that row (it
+        stopped, or was aborted, after the step was scheduled): the token is dropped."""
+        if seq.is_finished or seq.pending_row != row:
+            return False
+        seq.token_ids[-1] = token
+        seq.pending_row = None
+        return True
 
     def finish(self, seq: Sequence, reason: str) -> None:
         # Stop rules run one step late: the sequence may have been preempted back to the queue

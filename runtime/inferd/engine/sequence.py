@@ -19,11 +19,28 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
+    """Each field has one writer: the engine writes `output_logprobs`; the block manager owns
+    `block_table`, `num_computed_tokens`, `num_cached_tokens` and `num_hashed_blocks`; the
+    scheduler owns the rest of the mutable state (`status`, `finish_reason`, `token_ids` after
+    the prompt, `pending_row`, `num_scheduled_tokens`, `num_preemptions`)."""
+
     _ids = count()
 
-    def __init__(self, token_ids: list[int], params: SamplingParams, block_size: int, request_id: str | None = None):
+    def __init__(
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        block_size: int,
+        request_id: str | None = None,
+        tenant: str = "",
+        priority: int = 0,
+    ):
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
+        # Who asked (the API key's id) and its priority class (higher goes first): the scheduler
+        # shares the batch between tenants by them.
+        self.tenant = tenant
+        self.priority = priority
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)
         self.params = params

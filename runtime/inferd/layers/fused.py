@@ -9,7 +9,6 @@ reference the fast path is tested against."""
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,32 +40,12 @@ def cuda_compiled(fn):
 # ---- fp8 handoffs between kernels ---------------------------------------------------------------
 # With fp8 weights a linear layer needs its input quantized per token, and its product still
 # needs the token and channel scales (and the bias). Both are elementwise passes over the
-# activations, so they are done inside the neighbouring fused kernels: a norm or SiLU-and-multiply
-# hands the next layer quantized rows, and the layer hands its consumer the unscaled product.
+# activations, so they can be done inside the neighbouring kernels below: each takes a product as
+# the flat (x, x_scale, weight_scale, bias) (x_scale None: x is a plain tensor) and, with `quant`,
+# hands the next layer quantized rows. Which kernel does which is decided in one place, the
+# quantization pass (quantize.py).
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-
-
-class QuantizedRows(NamedTuple):
-    """Activations quantized to fp8 per token: q (M, K) and float32 scales (M, 1)."""
-
-    q: torch.Tensor
-    scale: torch.Tensor
-
-
-class UnscaledProduct(NamedTuple):
-    """An fp8 product (M, N) still to be multiplied by x_scale (M, 1) and weight_scale (1, N),
-    plus the bias: the kernel that consumes it applies them (`finish`)."""
-
-    product: torch.Tensor
-    x_scale: torch.Tensor
-    weight_scale: torch.Tensor
-    bias: torch.Tensor | None
-
-
-def unpack(x) -> tuple:
-    """A layer output as the flat (value, x_scale, weight_scale, bias) the fused kernels take."""
-    return tuple(x) if isinstance(x, UnscaledProduct) else (x, None, None, None)
 
 
 def finish(x: torch.Tensor, x_scale, weight_scale, bias) -> torch.Tensor:
@@ -98,8 +77,8 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @cuda_compiled
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, quant: bool = False):
-    return _output(_rms(x, weight, eps), quant)
+def rms_norm(x, x_scale, weight_scale, bias, weight: torch.Tensor, eps: float, quant: bool = False):
+    return _output(_rms(finish(x, x_scale, weight_scale, bias), weight, eps), quant)
 
 
 @cuda_compiled

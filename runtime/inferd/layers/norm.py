@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from inferd.layers.fused import QuantizedRows, add_rms_norm, rms_norm, unpack
+from inferd.layers.fused import add_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -12,12 +12,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def forward(self, x, residual: torch.Tensor | None = None, quant: bool = False):
-        """With a residual: returns (norm(x + residual), x + residual), the pre-norm block's pair.
-        x may be an fp8 layer's unscaled product; with `quant` the normed rows come out as fp8
-        `QuantizedRows` for the next layer."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """With a residual: returns (norm(x + residual), x + residual), the pre-norm block's pair."""
         if residual is None:
-            out = rms_norm(x, self.weight, self.eps, quant)
-            return QuantizedRows(*out) if quant else out
-        out, residual = add_rms_norm(*unpack(x), residual, self.weight, self.eps, quant)
-        return (QuantizedRows(*out) if quant else out), residual
+            return rms_norm(x, None, None, None, self.weight, self.eps)
+        return add_rms_norm(x, None, None, None, residual, self.weight, self.eps)

@@ -16,12 +16,36 @@ the product): the readable reference the CUDA path is tested against."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from inferd.layers.fused import FP8, FP8_MAX, QuantizedRows, UnscaledProduct, cuda_compiled, finish, quantize
+from inferd.layers.fused import FP8, FP8_MAX, cuda_compiled, finish, quantize
 
 ROWWISE_MIN_ROWS = 512  # from this many tokens on, row-wise scales in the GEMM's epilogue
 _ONE: dict[torch.device, torch.Tensor] = {}
+
+
+class QuantizedRows(NamedTuple):
+    """Activations quantized to fp8 per token: q (M, K) and float32 scales (M, 1)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+
+class UnscaledProduct(NamedTuple):
+    """An fp8 product (M, N) still to be multiplied by x_scale (M, 1) and weight_scale (1, N),
+    plus the bias: the kernel that consumes it applies them (`fused.finish`)."""
+
+    product: torch.Tensor
+    x_scale: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def unpack(x) -> tuple:
+    """A layer output as the flat (value, x_scale, weight_scale, bias) the fused kernels take."""
+    return tuple(x) if isinstance(x, UnscaledProduct) else (x, None, None, None)
 
 
 def _one(device: torch.device) -> torch.Tensor:

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from inferd.layers.fused import qkv_rotary, unpack
+from inferd.layers.fused import qkv_rotary
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -38,9 +38,14 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_sin", torch.stack((emb.cos(), emb.sin())), persistent=False)
 
-    def forward(self, positions: torch.Tensor, qkv, q_size: int, kv_size: int):
-        """The fused q/k/v projection's output (or its unscaled fp8 product) -> rotated q, k and v."""
-        args = (positions, *unpack(qkv), self.cos_sin, self.head_dim, q_size, kv_size)
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, q_size: int, kv_size: int):
+        """The fused q/k/v projection's output -> rotated q, k and v."""
+        return self.rotate(positions, qkv, None, None, None, q_size, kv_size)
+
+    def rotate(self, positions, x, x_scale, weight_scale, bias, q_size: int, kv_size: int):
+        """`fused.qkv_rotary` (a Triton kernel on CUDA) on a projection given as (x, x_scale,
+        weight_scale, bias)."""
+        args = (positions, x, x_scale, weight_scale, bias, self.cos_sin, self.head_dim, q_size, kv_size)
         if self.cos_sin.is_cuda:
             from inferd.layers.triton_fused import qkv_rotary_triton
 

@@ -8,9 +8,22 @@ else is in the batch.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-from inferd.engine.sequence import Sequence
+from inferd.sampling_params import SamplingParams
+
+
+class Request(Protocol):
+    """What the sampler reads of a request (the engine's `Sequence` is one): its settings, its
+    tokens for the penalties, and an id that keys its seeded generator."""
+
+    seq_id: int
+    params: SamplingParams
+    token_ids: list[int]
+    output_token_ids: list[int]
+    num_output_tokens: int
 
 
 class Sampler:
@@ -18,7 +31,7 @@ class Sampler:
         self.device = device
         self.generators: dict[int, torch.Generator] = {}
 
-    def _generator(self, seq: Sequence) -> torch.Generator:
+    def _generator(self, seq: Request) -> torch.Generator:
         gen = self.generators.get(seq.seq_id)
         if gen is None:
             gen = torch.Generator(device=self.device)
@@ -26,11 +39,11 @@ class Sampler:
             self.generators[seq.seq_id] = gen
         return gen
 
-    def release(self, seq: Sequence) -> None:
+    def release(self, seq: Request) -> None:
         self.generators.pop(seq.seq_id, None)
 
     @staticmethod
-    def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def apply_penalties(logits: torch.Tensor, seqs: list[Request]) -> torch.Tensor:
         for i, seq in enumerate(seqs):
             p = seq.params
             if not p.needs_penalties:
@@ -46,7 +59,7 @@ class Sampler:
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
         return logits
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def sample(self, logits: torch.Tensor, seqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens (and, when any request asks, their logprobs) as tensors on the logits' device:
         nothing here waits for the GPU."""
         want_logprobs = any(s.params.logprobs for s in seqs)
@@ -65,11 +78,7 @@ class Sampler:
         logprobs = raw_logprobs.gather(1, tokens.view(-1, 1)).view(-1) if raw_logprobs is not None else None
         return tokens, logprobs
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
-        tokens, logprobs = self.sample(logits, seqs)
-        return tokens.tolist(), (logprobs.tolist() if logprobs is not None else None)
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, seqs: list[Request]) -> torch.Tensor:
         greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
         temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=logits.device)
         logits = logits / temps[:, None]

@@ -90,13 +90,6 @@ class ModelConfig:
     eos_token_ids: list[int]
     torch_dtype: str | None
 
-    @property
-    def num_params(self) -> int:
-        h, i, layers = self.hidden_size, self.intermediate_size, self.num_hidden_layers
-        attn = h * self.head_dim * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
-        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return layers * (attn + 3 * h * i + 2 * h) + embed + h
-
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 

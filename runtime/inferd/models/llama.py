@@ -20,14 +20,9 @@ class LlamaAttention(nn.Module):
         self.q_size = cfg.num_attention_heads * cfg.head_dim
         self.kv_size = cfg.num_key_value_heads * cfg.head_dim
         self.qkv_proj = QKVLinear(
-            cfg.hidden_size,
-            cfg.head_dim,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            bias=cfg.attention_bias,
-            fp8_handoff=True,
+            cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, bias=cfg.attention_bias
         )
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, fp8_handoff=True)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
         self.attn = Attention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim**-0.5)
 
@@ -39,13 +34,12 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        # Each projection's neighbours are fused kernels that take over its fp8 elementwise work.
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, fp8_handoff=True)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, fp8_handoff=True)
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_up_proj(x), self.down_proj.wants_fp8_rows))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -56,15 +50,14 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual):
-        # With fp8 weights the norms hand their projections quantized rows.
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
         if residual is None:
             residual = hidden
-            hidden = self.input_layernorm(hidden, None, self.self_attn.qkv_proj.wants_fp8_rows)
+            hidden = self.input_layernorm(hidden)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual, self.self_attn.qkv_proj.wants_fp8_rows)
+            hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual, self.mlp.gate_up_proj.wants_fp8_rows)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
 

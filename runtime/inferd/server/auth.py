@@ -1,18 +1,27 @@
 """Who may call what. ROLE_TABLE is the one role table everything reads: a route with no entry is
 refused (deny by default). API keys are stored only as sha256 digests and compared in constant
-time; they are accepted only in the `Authorization: Bearer` header."""
+time; they are accepted only in the `Authorization: Bearer` header.
+
+A key's `key_id` owns its stored results and its rate limits, so it is unique per key and never
+derived from the holder's name: a name handed to someone new must not hand over the old holder's
+results (issue 24). Keys made by `inferd keys add` get a random id; the role's template derives
+one from the key's digest (key_id_for), the same value on every run."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import logging
 import os
+import re
 import secrets
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+log = logging.getLogger("inferd.auth")
 
 ROLES = ("admin", "ops", "user")
 KEY_PREFIX = "sk-inferd-"
@@ -41,6 +50,21 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def key_id_for(sha256: str) -> str:
+    """The id of the key with this digest; roles/inference_runtime/templates/keys.json.j2 computes
+    the same: ('inferd-key-id:' ~ digest) | hash('sha256'), first 16 hex digits."""
+    return hashlib.sha256(b"inferd-key-id:" + sha256.encode()).hexdigest()[:16]
+
+
+def name_derived_id(name: str) -> str:
+    """The id the role's template used to give a key: from its name (issue 24)."""
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+class KeysFileError(ValueError):
+    """The keys file cannot be used; the message names the file, the problem and the fix."""
+
+
 @dataclass
 class ApiKey:
     key_id: str
@@ -52,23 +76,37 @@ class ApiKey:
 
 
 class KeyStore:
-    """A JSON file of key records (no secrets in it), rewritten atomically on change."""
+    """A JSON file of key records (no secrets in it), rewritten atomically on change.
+
+    A file that cannot be read as one (corrupt, hand-edited, two keys with one id) never becomes
+    "no keys": `error` names the problem, every lookup raises KeysFileError (the server answers
+    503 naming it, the CLI refuses to write over it), and a fixed file is picked up by the next
+    reload without a restart."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.keys: list[ApiKey] = []
         self.mtime = 0.0
+        self.error: str | None = None
         self.reload()
 
     def reload(self) -> None:
         if not self.path.exists():
-            self.keys = []
+            self.keys, self.error, self.mtime = [], None, 0.0
             return
         mtime = self.path.stat().st_mtime
         if mtime == self.mtime:
             return
-        self.keys = [ApiKey(**k) for k in json.loads(self.path.read_text())["keys"]]
         self.mtime = mtime
+        try:
+            self.keys, self.error = parse_keys(self.path), None
+        except KeysFileError as e:
+            self.keys, self.error = [], str(e)
+            log.error("%s", e)
+
+    def require_valid(self) -> None:
+        if self.error is not None:
+            raise KeysFileError(self.error)
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +119,7 @@ class KeyStore:
         os.replace(tmp, self.path)
 
     def add(self, name: str, role: str) -> str:
+        self.require_valid()
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
         if any(k.name == name and not k.revoked for k in self.keys):
@@ -91,6 +130,7 @@ class KeyStore:
         return key
 
     def revoke(self, name: str) -> None:
+        self.require_valid()
         hits = [k for k in self.keys if k.name == name and not k.revoked]
         if not hits:
             raise ValueError(f"no active key named {name!r}")
@@ -100,9 +140,46 @@ class KeyStore:
 
     def lookup(self, presented: str) -> ApiKey | None:
         """The active key matching `presented`, comparing every stored digest in constant time."""
+        self.require_valid()
         d = digest(presented)
         found = None
         for k in self.keys:
             if hmac.compare_digest(k.sha256, d) and not k.revoked:
                 found = k
         return found
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def parse_keys(path: Path) -> list[ApiKey]:
+    """The file's keys, or KeysFileError naming what is wrong. Ids derived from names (the role's
+    template before issue 24) are replaced by key_id_for(digest), as the template now writes them."""
+    fix = f"restore {path} from a backup, or re-create it (re-run the role, or 'inferd keys add')"
+    try:
+        records = json.loads(path.read_text())["keys"]
+        keys = [ApiKey(**r) for r in records]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KeysFileError(f"keys file {path} cannot be read ({type(e).__name__}: {e}): no key is accepted; {fix}") from None
+    seen: dict[str, str] = {}
+    migrated = 0
+    for k in keys:
+        fields = (k.key_id, k.name, k.sha256)
+        if not all(isinstance(f, str) and f for f in fields) or k.role not in ROLES or not _HEX64.fullmatch(k.sha256):
+            raise KeysFileError(f"keys file {path}: key {k.name!r} has a bad role, digest or id: no key is accepted; {fix}")
+        if k.key_id == name_derived_id(k.name):
+            k.key_id, migrated = key_id_for(k.sha256), migrated + 1
+        if k.key_id in seen:
+            raise KeysFileError(
+                f"keys file {path}: keys {seen[k.key_id]!r} and {k.name!r} share the id {k.key_id}, so they would share "
+                f"results and limits: no key is accepted; give each key its own id ({fix})"
+            )
+        seen[k.key_id] = k.name
+    if migrated:
+        log.warning(
+            "keys file %s: %d key ids were derived from names; each now has its own id, from its key "
+            "(results stored under the old ids are no longer readable by anyone)",
+            path,
+            migrated,
+        )
+    return keys

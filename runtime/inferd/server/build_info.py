@@ -10,6 +10,7 @@ from pathlib import Path
 
 from inferd import __version__
 from inferd.store.packed import MANIFEST
+from inferd.store.trust import PACKAGE_MANIFEST
 
 
 def runtime_version() -> str:
@@ -21,17 +22,18 @@ def runtime_version() -> str:
 
 
 def model_version(path: str | Path, configured: str | None = None) -> str | None:
-    """The model's version: `configured` where the deployment names it (a package decrypted onto
-    the model disk keeps no manifest, so the playbook records the package's digest in the config),
-    else the sha256 of the packed model's manifest (the signed bytes, so equal digests mean the same
-    package), else None for a plain model directory."""
+    """The model's version: `configured` where the deployment names it, else the sha256 of the
+    package's manifest (the signed bytes, so equal digests mean the same package): the packed
+    model's own, or the copy model_decrypt keeps beside a decrypted one; None for a plain model
+    directory that never was a package."""
     if configured:
         return configured
-    manifest = Path(path) / MANIFEST
-    try:
-        return "sha256:" + hashlib.sha256(manifest.read_bytes()).hexdigest()
-    except OSError:
-        return None
+    for name in (MANIFEST, PACKAGE_MANIFEST):
+        try:
+            return "sha256:" + hashlib.sha256((Path(path) / name).read_bytes()).hexdigest()
+        except OSError:
+            continue
+    return None
 
 
 def build_info(path: str | Path, configured_model_version: str | None = None) -> dict:

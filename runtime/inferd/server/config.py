@@ -1,14 +1,22 @@
 """Server settings: a YAML file, overridden by command-line flags. Every key is documented in
-runtime/README.md ("Server configuration reference")."""
+runtime/README.md ("Server configuration reference").
+
+The engine's settings are the engine's own `EngineConfig` (one set of defaults and checks),
+embedded as `ServerConfig.engine`; users write its keys at the top level of the file beside the
+server's, as they always have. A bad value fails `load_config`, before anything starts."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from inferd.config import KVCacheDType, Quantization
+from inferd.config import EngineConfig
+
+# The engine keys a config file may set (the model comes from `model`, for the server too).
+ENGINE_KEYS = frozenset(f.name for f in dataclasses.fields(EngineConfig)) - {"model"}
 
 
 class LimitsConfig(BaseModel):
@@ -20,32 +28,50 @@ class LimitsConfig(BaseModel):
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str = ""
-    model_key_file: str | None = None  # packed, encrypted models: else $INFERD_MODEL_KEY_FILE or the credential
+    model_public_key_file: str | None = None  # the package signer's Ed25519 public key: store/trust.py's rule
+    model_allow_unsigned: bool = False  # serve unsigned models when no public key is set (never by default)
     served_model_name: str | None = None
     model_version: str | None = None  # reported by /health; default: the packed model's manifest digest
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    device: str = "cpu"
-    dtype: str | None = None
-    quantization: Quantization | None = None
-    kv_cache_dtype: KVCacheDType = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int = Field(64, ge=1)
-    kv_cache_fraction: float = Field(0.9, gt=0, le=1)
+    engine: EngineConfig  # from the top-level engine keys (ENGINE_KEYS) and `model`
     data_dir: str = "/var/lib/inferd"
     keys_file: str | None = None  # default: <data_dir>/keys.json
     audit_file: str | None = None  # default: <data_dir>/audit/audit.log
     audit_ring_size: int = Field(4096, ge=1)
     audit_full_timeout_s: float = Field(0.5, gt=0)
     audit_log_prompts: bool = False
+    audit_key_file: str | None = None  # default: <data_dir>/audit.key (made 0600 on first start)
+    audit_anchor_file: str | None = None  # default: <data_dir>/audit.anchor
+    audit_segment_bytes: int = Field(64 << 20, ge=4096)
+    audit_retention_days: float | None = Field(None, gt=0)  # None: keep every segment
     results_dir: str | None = None  # default: <data_dir>/results
     results_retention_hours: float = Field(24.0, gt=0)
+    results_max_mb: float = Field(1024.0, gt=0)  # the oldest results go first beyond it
+    results_maintenance_interval_s: float = Field(300.0, gt=0)  # expiry, size cap and compaction
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_tokens_limit: int = Field(4096, ge=1)
     max_n: int = Field(8, ge=1)
     metrics_bearer_token_sha256: str | None = None
     shutdown_timeout_s: float = Field(30.0, gt=0)
     limits: LimitsConfig = LimitsConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_engine_keys(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        engine = data.pop("engine", None) or {}
+        engine = dataclasses.asdict(engine) if isinstance(engine, EngineConfig) else dict(engine)
+        engine.update({k: data.pop(k) for k in ENGINE_KEYS & data.keys()})
+        engine["model"] = data.get("model", "")
+        data["engine"] = engine
+        return data
+
+    def engine_config(self, model: str) -> EngineConfig:
+        """The engine's settings for serving `model` (the configured one, or one loaded later)."""
+        return dataclasses.replace(self.engine, model=model)
 
     def path(self, value: str | None, default: str) -> Path:
         return Path(value) if value else Path(self.data_dir) / default
@@ -57,6 +83,14 @@ class ServerConfig(BaseModel):
     @property
     def audit_path(self) -> Path:
         return self.path(self.audit_file, "audit/audit.log")
+
+    @property
+    def audit_key_path(self) -> Path:
+        return self.path(self.audit_key_file, "audit.key")
+
+    @property
+    def audit_anchor_path(self) -> Path:
+        return self.path(self.audit_anchor_file, "audit.anchor")
 
     @property
     def results_path(self) -> Path:
@@ -77,4 +111,19 @@ def load_config(path: str | None, **overrides) -> ServerConfig:
         if not isinstance(raw, dict):
             raise ValueError(f"{p}: the config must be a YAML mapping of settings")
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    return ServerConfig(**raw)
+    try:
+        return ServerConfig(**raw)
+    except ValidationError as e:
+        raise ValueError(f"{path or 'the command line'}: {describe(e)}") from None
+
+
+def describe(error: ValidationError) -> str:
+    """One line per bad setting, named as the user writes it (`dtype`, `limits.max_n`)."""
+    lines = []
+    for err in error.errors():
+        loc = [str(x) for x in err["loc"]]
+        if loc[:1] == ["engine"]:
+            loc = loc[1:]  # engine keys are written at the top level
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    return "; ".join(lines)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from inferd.outputs import EngineStats
 from inferd.server import metric_names as n
 
 # Buckets dense where serving SLOs sit, so P99 from histogram_quantile is useful.
@@ -13,19 +16,18 @@ TPOT_BUCKETS = (0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.07
 
 
 class Metrics:
-    def __init__(self):
+    """The server's own counters and histograms, plus collectors read at scrape time: the
+    engine's load (`engine_stats()`: EngineStats, or None while no model is serving), the audit
+    log's progress and the GPUs."""
+
+    def __init__(self, engine_stats: Callable[[], EngineStats | None] = lambda: None, audit=None):
         self.registry = r = CollectorRegistry()
         self.requests = Counter(n.REQUESTS_TOTAL, "Requests by route and status", ["route", "status"], registry=r)
-        self.running = Gauge(n.REQUESTS_RUNNING, "Requests being generated", registry=r)
-        self.waiting = Gauge(n.REQUESTS_WAITING, "Requests queued in the engine", registry=r)
         self.ttft = Histogram(n.TIME_TO_FIRST_TOKEN, "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram(n.TIME_PER_OUTPUT_TOKEN, "Time per output token after the first", buckets=TPOT_BUCKETS, registry=r)
         self.e2e = Histogram(n.E2E_LATENCY, "End-to-end request latency", buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter(n.PROMPT_TOKENS, "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter(n.GENERATION_TOKENS, "Tokens generated", registry=r)
-        self.kv_usage = Gauge(n.KV_CACHE_USAGE, "Fraction of KV-cache blocks in use", registry=r)
-        self.prefix_queries = Gauge(n.PREFIX_CACHE_QUERIES, "Prompt tokens looked up in the prefix cache", registry=r)
-        self.prefix_hits = Gauge(n.PREFIX_CACHE_HITS, "Prompt tokens found in the prefix cache", registry=r)
         self.load_attempts = Counter(n.MODEL_LOAD_ATTEMPTS, "Model load attempts", registry=r)
         self.load_failures = Counter(n.MODEL_LOAD_FAILURES, "Model load failures", registry=r)
         self.ready = Gauge(n.MODEL_READY, "1 once the model is loaded and a warm-up generation ran", registry=r)
@@ -35,20 +37,55 @@ class Metrics:
             ["model", "model_version", "runtime_version"],
             registry=r,
         )
-        self.audit_depth = Gauge(n.AUDIT_RING_DEPTH, "Audit records waiting to be written", registry=r)
-        self.audit_records = Gauge(n.AUDIT_RECORDS, "Audit records written", registry=r)
-        self.audit_dropped = Gauge(n.AUDIT_DROPPED, "Audit records that could not be written (must stay 0)", registry=r)
         self.rate_limited = Counter(n.RATE_LIMITED, "Requests refused with 429", ["reason"], registry=r)
         for reason in ("rate", "concurrency"):  # exported at 0 from the start, so rate() has a series
             self.rate_limited.labels(reason)
-        self.gpu = GpuCollector()
-        if self.gpu.available:
-            r.register(self.gpu)
+        r.register(EngineCollector(engine_stats))
+        if audit is not None:
+            r.register(AuditCollector(audit))
+        gpu = GpuCollector()
+        if gpu.available:
+            r.register(gpu)
 
     def set_build_info(self, model: str, info: dict) -> None:
         """One series, for what serves now (a swap replaces it)."""
         self.build_info.clear()
         self.build_info.labels(model, info["model_version"] or "", info["runtime_version"]).set(1)
+
+
+class EngineCollector:
+    """The serving engine's queues, KV cache and prefix cache, read from its `stats()` at scrape
+    time; zeros while no model is serving (every series exists from the start)."""
+
+    FIELDS = (
+        (n.REQUESTS_RUNNING, "Requests being generated", "running"),
+        (n.REQUESTS_WAITING, "Requests queued in the engine", "waiting"),
+        (n.KV_CACHE_USAGE, "Fraction of KV-cache blocks in use", "kv_cache_usage"),
+        (n.PREFIX_CACHE_QUERIES, "Prompt tokens looked up in the prefix cache", "prefix_cache_queries"),
+        (n.PREFIX_CACHE_HITS, "Prompt tokens found in the prefix cache", "prefix_cache_hits"),
+    )
+
+    def __init__(self, engine_stats: Callable[[], EngineStats | None]):
+        self.engine_stats = engine_stats
+
+    def collect(self):
+        stats = self.engine_stats() or EngineStats()
+        for name, doc, field in self.FIELDS:
+            yield GaugeMetricFamily(name, doc, value=getattr(stats, field))
+
+
+class AuditCollector:
+    """The audit log's ring depth, records written and records dropped, at scrape time."""
+
+    def __init__(self, audit):
+        self.audit = audit
+
+    def collect(self):
+        yield GaugeMetricFamily(n.AUDIT_RING_DEPTH, "Audit records waiting to be written", value=self.audit.depth)
+        yield GaugeMetricFamily(n.AUDIT_RECORDS, "Audit records written", value=self.audit.written)
+        yield GaugeMetricFamily(
+            n.AUDIT_DROPPED, "Audit records that could not be written (must stay 0)", value=self.audit.dropped
+        )
 
 
 class GpuCollector:

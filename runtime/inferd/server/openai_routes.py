@@ -1,0 +1,59 @@
+"""The OpenAI-compatible routes: models, chat completions, completions, stored results."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+
+from inferd.server.access import audit_fields
+from inferd.server.errors import OpenAIError
+from inferd.server.generation import generate
+from inferd.server.protocol import ChatCompletionRequest, CompletionRequest
+from inferd.server.state import state_of
+
+
+async def models(request: Request):
+    s = state_of(request)
+    entry = {"id": s.model_id, "object": "model", "created": s.started, "owned_by": "inferd", **s.build}
+    return {"object": "list", "data": [entry]}
+
+
+async def openapi(request: Request):
+    return request.app.openapi()
+
+
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    engine = state_of(request).serving(body.model)
+    try:
+        text = engine.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
+    except Exception as e:
+        raise OpenAIError(400, f"messages could not be rendered with the model's chat template: {e}") from None
+    prompt_ids = engine.encode(text, add_special_tokens=False)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    return await generate(request, engine, body, prompt_ids, max_tokens, chat=True, logprobs=body.logprobs, prompt_text=text)
+
+
+async def completions(body: CompletionRequest, request: Request):
+    engine = state_of(request).serving(body.model)
+    if isinstance(body.prompt, str):
+        prompt_ids, text = engine.encode(body.prompt), body.prompt
+    else:
+        prompt_ids, text = list(body.prompt), None
+    logprobs = bool(body.logprobs)
+    return await generate(request, engine, body, prompt_ids, body.max_tokens, chat=False, logprobs=logprobs, prompt_text=text)
+
+
+async def get_result(result_id: str, request: Request):
+    s = state_of(request)
+    found = s.results.get(result_id, request.state.principal.key_id)
+    if found is None:  # another key's result looks exactly like a missing one
+        raise OpenAIError(404, f"no result {result_id!r} for this key", code="result_not_found")
+    await s.audit_record(**audit_fields(request, 200))
+    return found
+
+
+def register(app: FastAPI) -> None:
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/openapi.json", openapi, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/results/{result_id}", get_result, methods=["GET"])
