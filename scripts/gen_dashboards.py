@@ -93,6 +93,12 @@ def dashboards() -> dict[str, dict]:
                 [q(f"rate({m.AUDIT_RECORDS}[5m])", "written/s"), q(m.AUDIT_RING_DEPTH, "queued"), q(m.AUDIT_DROPPED, "dropped")],
             ),
             ("Rate-limited requests", "reqps", [q(f"sum by (reason) (rate({m.RATE_LIMITED}[5m]))", "{{reason}}")]),
+            # Which release serves (playbooks/upgrade.yml): one line per model digest and runtime version.
+            (
+                "Serving release",
+                "short",
+                [q(f"max by (model_version, runtime_version) ({m.BUILD_INFO})", "{{runtime_version}} {{model_version}}")],
+            ),
         ],
     )
     gpu = dashboard(

@@ -19,8 +19,8 @@ from inferd.store.trust import ModelTrustError, check_configured
 
 
 # ---- anonymous ------------------------------------------------------------------------------
-async def health():
-    return {"status": "ok"}
+async def health(request: Request):
+    return {"status": "ok", **state_of(request).build}
 
 
 async def ready(request: Request):

@@ -31,6 +31,12 @@ class Metrics:
         self.load_attempts = Counter(n.MODEL_LOAD_ATTEMPTS, "Model load attempts", registry=r)
         self.load_failures = Counter(n.MODEL_LOAD_FAILURES, "Model load failures", registry=r)
         self.ready = Gauge(n.MODEL_READY, "1 once the model is loaded and a warm-up generation ran", registry=r)
+        self.build_info = Gauge(
+            n.BUILD_INFO,
+            "1 for the model and runtime this server serves",
+            ["model", "model_version", "runtime_version"],
+            registry=r,
+        )
         self.rate_limited = Counter(n.RATE_LIMITED, "Requests refused with 429", ["reason"], registry=r)
         for reason in ("rate", "concurrency", "queue", "anonymous"):  # exported at 0 from the start, so rate() has a series
             self.rate_limited.labels(reason)
@@ -40,6 +46,11 @@ class Metrics:
         gpu = GpuCollector()
         if gpu.available:
             r.register(gpu)
+
+    def set_build_info(self, model: str, info: dict) -> None:
+        """One series, for what serves now (a swap replaces it)."""
+        self.build_info.clear()
+        self.build_info.labels(model, info["model_version"] or "", info["runtime_version"]).set(1)
 
 
 class EngineCollector:

@@ -37,7 +37,8 @@ def _check_top_logprobs(body: ChatCompletionRequest) -> None:
 
 async def models(request: Request):
     s = state_of(request)
-    return {"object": "list", "data": [{"id": s.model_id, "object": "model", "created": s.started, "owned_by": "inferd"}]}
+    entry = {"id": s.model_id, "object": "model", "created": s.started, "owned_by": "inferd", **s.build}
+    return {"object": "list", "data": [entry]}
 
 
 async def openapi(request: Request):

@@ -18,6 +18,7 @@ from inferd.server import metric_names as n
 from inferd.server.anonymous import AnonymousLimiter
 from inferd.server.audit import AuditFullError, AuditLog
 from inferd.server.auth import KeyStore
+from inferd.server.build_info import build_info
 from inferd.server.config import ServerConfig
 from inferd.server.errors import OpenAIError
 from inferd.server.limits import Limiter
@@ -61,6 +62,7 @@ class ServerState:
         self.load_error: str | None = None
         self.loading = False
         self.model_id, self.model_path = cfg.model_id, cfg.model
+        self.build = build_info(cfg.model, cfg.model_version)
         self.started = int(time.time())
 
     # ---- the model ------------------------------------------------------------------------
@@ -79,6 +81,8 @@ class ServerState:
             new = AsyncLLMEngine.start(cfg.engine_config(path), on_error=self.engine_failed)
             old, self.engine = self.engine, new
             self.model_id, self.model_path = name, path
+            self.build = build_info(path, cfg.model_version if path == cfg.model else None)
+            self.metrics.set_build_info(name, self.build)
             self.ready = True
             self.load_error = None
             self.metrics.ready.set(1)
