@@ -4,12 +4,10 @@ aside with the service still serving."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from inferd.server import metric_names as n
@@ -92,16 +90,6 @@ def test_results_written_before_the_index_are_indexed_and_expire(tmp_path):
     assert store.maintain() == 1
     assert files_holding(tmp_path / "r", b"LEGACY-ANSWER") == []
     store.close()
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def fill(disk: Path) -> None:

@@ -238,16 +238,6 @@ def test_manifest_signed_by_another_key_or_unsigned(packed, keys, tmp_path):
     assert verify(p2, keys).returncode != 0
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
-
-
 def test_disk_full_during_unpack(packed, keys, tiny_disk):
     r = inferd("unpack", str(packed), str(tiny_disk / "out"), "--key-file", str(keys["key"]))
     assert r.returncode != 0 and "disk full" in r.stderr, r.stderr

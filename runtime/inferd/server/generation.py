@@ -25,7 +25,7 @@ from inferd.sampling_params import InvalidRequestError, SamplingParams
 from inferd.server.access import Principal, audit_fields
 from inferd.server.audit import outcome_of
 from inferd.server.errors import OpenAIError, error_body
-from inferd.server.limits import QUEUE_RETRY_S, admit
+from inferd.server.limits import admit, queue_full
 from inferd.server.openai_format import (
     DONE_EVENT,
     ChunkFormatter,
@@ -182,13 +182,7 @@ async def merged(g: Generation):
             if isinstance(item, EngineDeadError):
                 raise OpenAIError(503, str(item), "server_error")
             if isinstance(item, QueueFull):  # the hard bound behind admit()'s check
-                raise OpenAIError(
-                    429,
-                    f"the server's queue is full: {item}",
-                    "rate_limit_error",
-                    code="queue_full",
-                    headers={"Retry-After": str(QUEUE_RETRY_S)},
-                )
+                raise queue_full(str(item))
             if isinstance(item, Exception):
                 raise OpenAIError(400, str(item), param=getattr(item, "param", None))
             done += item.finished

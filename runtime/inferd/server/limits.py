@@ -139,6 +139,12 @@ class BodyLimit:
 QUEUE_RETRY_S = 2
 
 
+def queue_full(detail: str) -> OpenAIError:
+    """The 429 for a request the engine's bounded queue has no room for."""
+    retry = {"Retry-After": str(QUEUE_RETRY_S)}
+    return OpenAIError(429, f"the server's queue is full: {detail}", "rate_limit_error", code="queue_full", headers=retry)
+
+
 def admit(limiter: Limiter, metrics, key_id: str, n: int = 1, engine=None) -> None:
     """Take n of the key's sequence slots, and check that the engine's queue has room for n, or
     refuse with 429 and Retry-After (400 when n alone exceeds the key's limits); the caller
@@ -148,13 +154,7 @@ def admit(limiter: Limiter, metrics, key_id: str, n: int = 1, engine=None) -> No
         raise OpenAIError(400, f"n is {n}; a key may hold at most {limit} sequences at a time here: lower n", param="n")
     if engine is not None and not engine.has_room(n):
         metrics.rate_limited.labels("queue").inc()
-        raise OpenAIError(
-            429,
-            f"the server's queue is full: retry in {QUEUE_RETRY_S} s",
-            "rate_limit_error",
-            code="queue_full",
-            headers={"Retry-After": str(QUEUE_RETRY_S)},
-        )
+        raise queue_full(f"retry in {QUEUE_RETRY_S} s")
     refused = limiter.acquire(key_id, n)
     if refused is None:
         return
