@@ -53,7 +53,7 @@ done
 # The packages the roles install beyond a minimal OS (inference_runtime, gateway, monitoring,
 # model_storage); tests/test_bundle.py checks this list against the roles' apt tasks.
 BUNDLE_PACKAGES=(python3-venv python3-packaging nginx-light python3-cryptography
-  prometheus prometheus-node-exporter prometheus-alertmanager e2fsprogs nvme-cli xfsprogs)
+  prometheus prometheus-node-exporter prometheus-alertmanager e2fsprogs nvme-cli xfsprogs chrony)
 # inference_runtime on a CUDA host: Triton compiles its launcher with these.
 [ "$torch" = cuda ] && BUNDLE_PACKAGES+=(gcc libc6-dev python3-dev)
 

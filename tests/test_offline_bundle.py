@@ -73,6 +73,8 @@ def _role_packages() -> set[str]:
             continue
         text = str(args["name"])
         items = [i for group in re.findall(r"\[([^\[\]]*)\]", text) for i in group.split(",")]
+        if isinstance(args["name"], str) and "{" not in text and "[" not in text:
+            items.append(text)  # one package by name: `name: chrony`
         for var in re.findall(r"_[a-z_]+", text):
             value = variables.get(var)
             if isinstance(value, list):
@@ -91,7 +93,7 @@ def test_the_bundle_carries_every_package_the_roles_install():
     listed = re.search(r"BUNDLE_PACKAGES=\(([^)]*)\)", BUNDLE.read_text()).group(1).split()
     listed += re.search(r"BUNDLE_PACKAGES\+=\(([^)]*)\)", BUNDLE.read_text()).group(1).split()
     wanted = _role_packages()
-    assert {"prometheus", "nvme-cli", "python3-venv", "nginx-light"} <= wanted, wanted
+    assert {"prometheus", "nvme-cli", "python3-venv", "nginx-light", "chrony"} <= wanted, wanted
     assert wanted <= set(listed), f"roles install packages bundle.sh leaves out: {sorted(wanted - set(listed))}"
 
 
