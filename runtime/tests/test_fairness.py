@@ -154,3 +154,23 @@ def test_a_keys_priority_class_is_stored_checked_and_named(tmp_path):
     store.path.write_text(store.path.read_text().replace('"low"', '"urgent"'))
     with pytest.raises(KeysFileError, match="priority 'urgent'"):
         parse_keys(store.path)
+
+
+# ---- the prefix cache is shared within a tenant only (issue 24: a cross-tenant hit is a timing leak)
+def test_a_tenants_prompt_never_hits_another_tenants_cache(llama_dir):
+    from inferd.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=str(llama_dir), max_model_len=256, block_size=16))
+    prompt = list(range(3, 3 + 80))  # four full blocks before the last token's
+    sp = SamplingParams(max_tokens=2)
+
+    def run(rid: str, tenant: str) -> int:
+        seq = engine.add_request(prompt, sp, rid, tenant=tenant)
+        while engine.has_unfinished_requests():
+            engine.step()
+        return seq.num_cached_tokens
+
+    assert run("a1", "key-a") == 0
+    assert run("b1", "key-b") == 0  # the same prompt, another key: computed again, no timing signal
+    assert run("a2", "key-a") == 64  # the same key: its own four blocks are reused
+    assert run("b2", "key-b") == 64
