@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from inferd import LLM
-from inferd.models.config import UnsupportedModelError, load_model_config
+from inferd.models.config import UnsupportedModelError, parse_model_config
+
+
+def load_model_config(model_dir):
+    """The model directory's config.json as the engine reads it (store/source.py opens the file)."""
+    return parse_model_config(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
 def _with(llama_dir, tmp_path, **changes):

@@ -7,9 +7,7 @@ outputs is worse than a refusal.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 
 class UnsupportedModelError(ValueError):
@@ -96,14 +94,6 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 
 def _fail(field: str, value, why: str) -> None:
     raise UnsupportedModelError(f"config.json field {field!r} = {value!r} is not supported: {why}")
-
-
-def load_model_config(model_dir: str | Path) -> ModelConfig:
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: pass a Hugging Face model directory")
-    raw = json.loads(path.read_text())
-    return parse_model_config(raw)
 
 
 def parse_model_config(raw: dict) -> ModelConfig:
