@@ -174,3 +174,13 @@ def test_a_tenants_prompt_never_hits_another_tenants_cache(llama_dir):
     assert run("b1", "key-b") == 0  # the same prompt, another key: computed again, no timing signal
     assert run("a2", "key-a") == 64  # the same key: its own four blocks are reused
     assert run("b2", "key-b") == 64
+
+
+def test_a_request_the_full_queue_refuses_leaves_nothing_in_the_engine(llama_dir):
+    from inferd.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=str(llama_dir), max_model_len=64, max_num_waiting=1))
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=2), "r1")
+    with pytest.raises(QueueFull):
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=2), "r2")
+    assert "r2" not in engine.sequences and "r2" not in engine._detoks

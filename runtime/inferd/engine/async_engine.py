@@ -113,6 +113,8 @@ class AsyncLLMEngine:
         with self._lock:  # under the lock: a request is either refused here or failed by _run
             if self.error is not None:
                 raise EngineDeadError(f"the engine stopped after an error: {self.error}")
+            if self._stopping:  # drained for a swap or an unload: nothing would run this request
+                raise EngineDeadError("the engine is shutting down (a model swap or unload): retry")
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
             self._pending.append((request_id, prompt, params, tenant, priority))
         self._wake.set()

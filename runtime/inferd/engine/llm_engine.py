@@ -91,10 +91,10 @@ class LLMEngine:
         seq = Sequence(token_ids, params, self.config.block_size, request_id, tenant=tenant, priority=priority)
         if seq.request_id in self.sequences:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self.scheduler.add(seq)  # first: a request the full queue refuses leaves nothing behind
         self.sequences[seq.request_id] = seq
         if self.tokenizer is not None:
             self._detoks[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
-        self.scheduler.add(seq)
         return seq
 
     def abort_request(self, request_id: str) -> None:

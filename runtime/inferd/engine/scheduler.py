@@ -55,12 +55,12 @@ class Scheduler:
         preempted sequences are put back."""
         return min(self.waiting, key=lambda s: (-s.priority, held[s.tenant]))
 
-    def _victim(self) -> Sequence:
-        """The running sequence to preempt: lowest class, then the tenant holding the most
-        sequences, then the newest (whose recomputation costs least)."""
+    def _victim(self, candidates: list[Sequence] | None = None) -> Sequence:
+        """The running sequence (of `candidates`, default all) to preempt: lowest class, then the
+        tenant holding the most sequences, then the newest (whose recomputation costs least)."""
         held = self._running_per_tenant()
         order = {id(s): i for i, s in enumerate(self.running)}
-        return max(self.running, key=lambda s: (-s.priority, held[s.tenant], order[id(s)]))
+        return max(candidates or self.running, key=lambda s: (-s.priority, held[s.tenant], order[id(s)]))
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -84,8 +84,8 @@ class Scheduler:
                 return batch, False
             if all(self._at_max_tokens(s) for s in self.running):
                 return [], False  # nothing, or only sequences whose last token ends them
-            # Only partially prefilled sequences are left and none fits: free one.
-            self._preempt(self._victim())
+            # Only partially prefilled sequences are left and none fits: free one of them.
+            self._preempt(self._victim([s for s in self.running if not self._at_max_tokens(s)]))
 
     def _schedule_prefill(self) -> list[Sequence]:
         budget = self.max_num_batched_tokens
@@ -102,7 +102,8 @@ class Scheduler:
             seq.num_scheduled_tokens = chunk
             budget -= chunk
             batch.append(seq)
-        held = self._running_per_tenant() if self.waiting else Counter()
+        room = self.waiting and len(self.running) < self.max_num_seqs
+        held = self._running_per_tenant() if room else Counter()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self._next_waiting(held)
             if seq.has_pending_token:

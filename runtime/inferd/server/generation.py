@@ -144,7 +144,7 @@ async def generate(request: Request, engine: AsyncLLMEngine, body, prompt_ids, m
     )
     try:  # the request's evidence is durable before generation starts
         await state.audit_wait(lambda: state.audit.begin(rid, {k: v for k, v in record.items() if k != "status"}))
-    except OpenAIError:
+    except BaseException:  # refused (503) or cancelled: the slots go back either way
         state.limiter.release(principal.key_id, len(params))
         raise
     state.metrics.prompt_tokens.inc(len(prompt_ids) * body.n)
