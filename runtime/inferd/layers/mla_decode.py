@@ -1,0 +1,228 @@
+"""Absorbed MLA decode over the latent paged cache, as a Triton kernel (and its torch reference).
+
+DeepSeek-V2/V3 decode with W_UK folded into the query reads, per cached token, only the latent
+(kv_lora_rank values, 512) and the shared rope key (64): scores = (q_latent . c + q_rope . k_rope)
+* scale, out = softmax . c, and W_UV is applied to `out` afterwards. Every head of a sequence reads
+the same latent, so one program takes a block of heads and each latent tile is loaded once for
+both products (scores and p @ c), the way FlashMLA does (3,000 GB/s memory-bound on H800).
+
+Grid: (sequence, head block, split). A batch too small to fill the GPU has its context split
+across programs (flash-decoding) and a second kernel merges the partial softmaxes. The split count
+depends only on the batch and head count, never on the context lengths (read on the device), so
+the launch is fixed for a batch bucket and a CUDA graph captures it; nothing syncs with the host.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:  # CPU-only installs run the reference; the kernel needs triton (CUDA, or its interpreter)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+
+
+def mla_decode_reference(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The plain torch form, one sequence at a time, in float32: q_latent [B, H, L], q_rope [B, H, R],
+    latent_cache [num_blocks, block_size, L + R] -> [B, H, L] in q_latent's dtype."""
+    batch, _, kv_lora = q_latent.shape
+    block_size = latent_cache.shape[1]
+    out = torch.empty_like(q_latent)
+    for b in range(batch):
+        n = int(context_lens[b])
+        blocks = block_tables[b, : (n + block_size - 1) // block_size].long()
+        tokens = latent_cache[blocks].reshape(-1, latent_cache.shape[-1])[:n].float()
+        c, k_rope = tokens[:, :kv_lora], tokens[:, kv_lora:]
+        scores = (q_latent[b].float() @ c.T + q_rope[b].float() @ k_rope.T) * scale
+        out[b] = (scores.softmax(-1) @ c).to(out.dtype)
+    return out
+
+
+def num_splits(batch: int, head_blocks: int, sm_count: int) -> int:
+    """Programs enough to cover the GPU about twice, at most 32 splits of a context; one split once
+    the batch fills it alone. A function of the launch shape only, so a captured graph stays valid
+    for any context length."""
+    return max(1, min(32, (2 * sm_count) // max(1, batch * head_blocks)))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits, so tests cover the merge
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mla_decode_kernel(
+        q_lat_ptr,
+        q_rope_ptr,
+        cache_ptr,
+        block_tables_ptr,
+        context_lens_ptr,
+        out_ptr,
+        part_acc_ptr,
+        part_ml_ptr,
+        scale,
+        stride_bt,
+        stride_cache_block,
+        stride_cache_token,
+        NUM_HEADS: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        KV_LORA: tl.constexpr,
+        ROPE: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        TILE: tl.constexpr,
+        SPLITS: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        head_block = tl.program_id(1)
+        split = tl.program_id(2)
+        ctx_len = tl.load(context_lens_ptr + seq)
+        tiles = tl.cdiv(ctx_len, TILE)
+        per_split = tl.cdiv(tiles, SPLITS)
+        lo = split * per_split * TILE
+        hi = tl.minimum((split + 1) * per_split * TILE, ctx_len)
+
+        offs_h = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < NUM_HEADS
+        offs_l = tl.arange(0, KV_LORA)
+        offs_r = tl.arange(0, ROPE)
+        row = seq * NUM_HEADS + offs_h
+        q_lat = tl.load(q_lat_ptr + row[:, None] * KV_LORA + offs_l[None, :], mask=h_mask[:, None], other=0.0)
+        q_rope = tl.load(q_rope_ptr + row[:, None] * ROPE + offs_r[None, :], mask=h_mask[:, None], other=0.0)
+
+        m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        denom = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, KV_LORA], dtype=tl.float32)
+        for start in range(lo, hi, TILE):
+            offs_t = start + tl.arange(0, TILE)
+            t_mask = offs_t < hi
+            blocks = tl.load(block_tables_ptr + seq * stride_bt + offs_t // BLOCK_SIZE, mask=t_mask, other=0)
+            base = blocks.to(tl.int64) * stride_cache_block + (offs_t % BLOCK_SIZE) * stride_cache_token
+            c = tl.load(cache_ptr + base[:, None] + offs_l[None, :], mask=t_mask[:, None], other=0.0).to(q_lat.dtype)
+            k_rope = tl.load(cache_ptr + base[:, None] + KV_LORA + offs_r[None, :], mask=t_mask[:, None], other=0.0).to(q_lat.dtype)
+            s = tl.dot(q_lat, tl.trans(c), input_precision=PRECISION)
+            s += tl.dot(q_rope, tl.trans(k_rope), input_precision=PRECISION)
+            s = tl.where(t_mask[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            denom = denom * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
+            m = m_new
+
+        if SPLITS == 1:
+            out = acc / denom[:, None]
+            tl.store(out_ptr + row[:, None] * KV_LORA + offs_l[None, :], out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None])
+        else:
+            part = (row * SPLITS + split).to(tl.int64)
+            tl.store(part_acc_ptr + part[:, None] * KV_LORA + offs_l[None, :], acc, mask=h_mask[:, None])
+            tl.store(part_ml_ptr + part * 2, m, mask=h_mask)
+            tl.store(part_ml_ptr + part * 2 + 1, denom, mask=h_mask)
+
+    @triton.jit
+    def _mla_merge_kernel(
+        out_ptr,
+        part_acc_ptr,
+        part_ml_ptr,
+        KV_LORA: tl.constexpr,
+        SPLITS: tl.constexpr,
+        SPLITS_PAD: tl.constexpr,
+    ):
+        """One program per (sequence, head): the partial softmaxes of its splits, rescaled to their
+        common maximum. An empty split (m = -inf, denom = 0) weighs nothing."""
+        row = tl.program_id(0).to(tl.int64)
+        offs_s = tl.arange(0, SPLITS_PAD)
+        s_mask = offs_s < SPLITS
+        part = row * SPLITS + offs_s
+        m_s = tl.load(part_ml_ptr + part * 2, mask=s_mask, other=float("-inf"))
+        l_s = tl.load(part_ml_ptr + part * 2 + 1, mask=s_mask, other=0.0)
+        m = tl.max(m_s, 0)
+        w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m))
+        denom = tl.sum(l_s * w, 0)
+        offs_l = tl.arange(0, KV_LORA)
+        acc = tl.load(part_acc_ptr + part[:, None] * KV_LORA + offs_l[None, :], mask=s_mask[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / denom
+        tl.store(out_ptr + row * KV_LORA + offs_l, out.to(out_ptr.dtype.element_ty))
+
+
+def mla_decode(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    splits: int | None = None,
+    tile: int | None = None,
+    block_h: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """The kernel; shapes as `mla_decode_reference`. Every sequence needs context_lens >= 1.
+    The keyword arguments override the launch (bench/bench_deepseek.py sweeps them)."""
+    if triton is None:
+        raise RuntimeError("mla_decode needs triton (pip install triton); on CPU use mla_decode_reference")
+    batch, num_heads, kv_lora = q_latent.shape
+    rope = q_rope.shape[-1]
+    if latent_cache.shape[-1] != kv_lora + rope:
+        raise ValueError(f"latent_cache rows hold {latent_cache.shape[-1]} values, expected kv_lora + rope = {kv_lora + rope}")
+    for name, size in (("kv_lora_rank", kv_lora), ("qk_rope_head_dim", rope)):
+        if size & (size - 1) or size < 16:
+            raise ValueError(f"mla_decode needs {name} a power of two >= 16, got {size}")
+    if latent_cache.stride(-1) != 1:
+        raise ValueError("latent_cache must have contiguous rows (stride 1 on the last axis)")
+    q_latent, q_rope = q_latent.contiguous(), q_rope.contiguous()
+    block_h = block_h or min(64 if kv_lora <= 256 else 16, max(16, triton.next_power_of_2(num_heads)))
+    head_blocks = triton.cdiv(num_heads, block_h)
+    splits = splits or num_splits(batch, head_blocks, _sm_count(q_latent.device))
+    tile = tile or 32
+    out = torch.empty_like(q_latent)
+    if splits > 1:
+        part_acc = torch.empty(batch * num_heads * splits, kv_lora, device=out.device, dtype=torch.float32)
+        part_ml = torch.empty(batch * num_heads * splits, 2, device=out.device, dtype=torch.float32)
+    else:
+        part_acc = part_ml = out
+    _mla_decode_kernel[(batch, head_blocks, splits)](
+        q_latent,
+        q_rope,
+        latent_cache,
+        block_tables,
+        context_lens,
+        out,
+        part_acc,
+        part_ml,
+        scale,
+        block_tables.stride(0),
+        latent_cache.stride(0),
+        latent_cache.stride(1),
+        NUM_HEADS=num_heads,
+        BLOCK_H=block_h,
+        KV_LORA=kv_lora,
+        ROPE=rope,
+        BLOCK_SIZE=latent_cache.shape[1],
+        TILE=tile,
+        SPLITS=splits,
+        PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
+        num_warps=num_warps or (8 if kv_lora >= 512 else 4),
+        num_stages=num_stages,
+    )
+    if splits > 1:
+        _mla_merge_kernel[(batch * num_heads,)](
+            out, part_acc, part_ml, KV_LORA=kv_lora, SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4
+        )
+    return out
