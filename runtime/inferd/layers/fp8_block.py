@@ -118,14 +118,18 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < K
-                a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                a = tl.load(
+                    a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
+                )
                 b = tl.load(b_base + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
                 if UPCAST:  # Triton's CPU interpreter multiplies only float32 correctly
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
                 if BLOCK_SCALES:
                     a_s = tl.load(a_s_ptr + a_rows * stride_asm + k0 // BLOCK_K, mask=row_mask, other=0.0)
-                    b_s = tl.load(b_s_ptr + expert * stride_bse + (offs_n // 128) * stride_bsn + k0 // BLOCK_K, mask=n_mask, other=0.0)
+                    b_s = tl.load(
+                        b_s_ptr + expert * stride_bse + (offs_n // 128) * stride_bsn + k0 // BLOCK_K, mask=n_mask, other=0.0
+                    )
                     acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
                 else:
                     acc += tl.dot(a, b)

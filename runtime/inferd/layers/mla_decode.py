@@ -113,7 +113,9 @@ if triton is not None:
             blocks = tl.load(block_tables_ptr + seq * stride_bt + offs_t // BLOCK_SIZE, mask=t_mask, other=0)
             base = blocks.to(tl.int64) * stride_cache_block + (offs_t % BLOCK_SIZE) * stride_cache_token
             c = tl.load(cache_ptr + base[:, None] + offs_l[None, :], mask=t_mask[:, None], other=0.0).to(q_lat.dtype)
-            k_rope = tl.load(cache_ptr + base[:, None] + KV_LORA + offs_r[None, :], mask=t_mask[:, None], other=0.0).to(q_lat.dtype)
+            k_rope = tl.load(cache_ptr + base[:, None] + KV_LORA + offs_r[None, :], mask=t_mask[:, None], other=0.0).to(
+                q_lat.dtype
+            )
             s = tl.dot(q_lat, tl.trans(c), input_precision=PRECISION)
             s += tl.dot(q_rope, tl.trans(k_rope), input_precision=PRECISION)
             s = tl.where(t_mask[None, :], s * scale, float("-inf"))

@@ -1,0 +1,193 @@
+"""The DeepSeek GPU kernels (latent MLA decode, fused MoE, fp8 block GEMM) against their torch
+references on the CPU, through Triton's interpreter, at tiny sizes:
+
+    PYTHONPATH=$PWD/runtime:/work/triton-pkgs TRITON_INTERPRET=1 pytest -q runtime/tests/test_deepseek_kernels.py
+
+Skipped where triton is not importable or the interpreter is off (the kernels need one or a GPU;
+test_cuda_deepseek.py runs them on the GPU in bf16). The interpreter multiplies only float32
+correctly (bf16 and fp8 dots come out wrong), so these cases are float32, or fp8 widened to
+float32 in the kernel: they check the indexing, the split merge, the expert tiles and the block
+scales; the GPU tests check the arithmetic in the real types. The sort by expert is plain torch
+and is tested everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from inferd.layers.fp8_block import FP8, act_quant_reference, fp8_block_linear_reference
+from inferd.layers.fused_moe import align_by_expert, fused_moe, fused_moe_reference
+from inferd.layers.mla_decode import mla_decode_reference
+
+try:
+    import triton  # noqa: F401
+
+    _INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+except ImportError:
+    _INTERPRETER = False
+
+needs_interpreter = pytest.mark.skipif(not _INTERPRETER, reason="needs triton with TRITON_INTERPRET=1")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_scalars(monkeypatch):
+    """Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound with
+    int(array), which NumPy 2.4 refuses; take its one element instead."""
+    if not _INTERPRETER:
+        return
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+
+
+def _latent_case(batch=3, heads=5, kv_lora=64, rope=16, block_size=4, num_blocks=24, lens=(1, 13, 24)):
+    g = torch.Generator().manual_seed(0)
+    q_latent = torch.randn(batch, heads, kv_lora, generator=g)
+    q_rope = torch.randn(batch, heads, rope, generator=g)
+    cache = torch.randn(num_blocks, block_size, kv_lora + rope, generator=g)
+    width = -(-max(lens) // block_size)
+    tables = torch.randperm(num_blocks, generator=g, dtype=torch.int32)[: batch * width].view(batch, width)
+    return q_latent, q_rope, cache, tables, torch.tensor(lens[:batch], dtype=torch.int32), 0.125
+
+
+@needs_interpreter
+@pytest.mark.parametrize("splits", [1, 3, 8])  # one pass; split-K with a merge; more splits than tiles
+def test_mla_decode_kernel_matches_reference(splits):
+    from inferd.layers.mla_decode import mla_decode
+
+    args = _latent_case()
+    out = mla_decode(*args, splits=splits, tile=16)
+    torch.testing.assert_close(out, mla_decode_reference(*args), atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+def test_mla_decode_head_blocks_cover_every_head():
+    """More heads than one program's block: the head blocks must tile them, the last one masked."""
+    from inferd.layers.mla_decode import mla_decode
+
+    args = _latent_case(batch=2, heads=20, lens=(5, 17))
+    out = mla_decode(*args, block_h=16, tile=16)
+    torch.testing.assert_close(out, mla_decode_reference(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_mla_decode_reference_is_softmax_over_the_context_only():
+    """Tokens past context_lens (the rest of the last block) must not be attended to."""
+    q_latent, q_rope, cache, tables, lens, scale = _latent_case(batch=1, lens=(6,))
+    out = mla_decode_reference(q_latent, q_rope, cache, tables, lens, scale)
+    cache[tables[0, 1].long(), 2:] = 1e4  # block 1 holds tokens 4..7; 6 and 7 are past the context
+    torch.testing.assert_close(mla_decode_reference(q_latent, q_rope, cache, tables, lens, scale), out)
+
+
+def test_mla_decode_refuses_a_cache_of_the_wrong_width():
+    pytest.importorskip("triton")
+    from inferd.layers.mla_decode import mla_decode
+
+    q_latent, q_rope, cache, tables, lens, scale = _latent_case()
+    with pytest.raises(ValueError, match="kv_lora \\+ rope"):
+        mla_decode(q_latent, q_rope, cache[..., :-1], tables, lens, scale)
+
+
+def test_align_by_expert_tiles_hold_one_expert_each():
+    torch.manual_seed(0)
+    topk_ids = torch.tensor([[3, 0], [3, 1], [0, 3], [3, 2], [1, 3]])
+    sorted_ids, tile_expert = align_by_expert(topk_ids, num_experts=5, block_m=4)
+    pairs = topk_ids.numel()
+    flat = topk_ids.reshape(-1)
+    assert sorted_ids.numel() % 4 == 0 and tile_expert.numel() == sorted_ids.numel() // 4
+    seen = []
+    for tile, expert in enumerate(tile_expert.tolist()):
+        ids = sorted_ids[tile * 4 : (tile + 1) * 4]
+        real = ids[ids < pairs]
+        if expert < 0:
+            assert real.numel() == 0
+            continue
+        assert (flat[real.long()] == expert).all()
+        seen += real.tolist()
+    assert sorted(seen) == list(range(pairs))  # every pair exactly once
+    assert tile_expert.tolist().count(3) == 2  # expert 3 has five pairs: two tiles of four
+
+
+@needs_interpreter
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_fused_moe_triton_matches_reference(tokens):
+    g = torch.Generator().manual_seed(tokens)
+    dim, inter, experts, k = 64, 32, 6, 2
+    hidden = torch.randn(tokens, dim, generator=g)
+    w13 = torch.randn(experts, 2 * inter, dim, generator=g) * 0.1
+    w2 = torch.randn(experts, dim, inter, generator=g) * 0.1
+    topk_ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
+    topk_weights = torch.rand(tokens, k, generator=g)
+    out = fused_moe(hidden, w13, w2, topk_weights, topk_ids, impl="triton")
+    torch.testing.assert_close(out, fused_moe_reference(hidden, w13, w2, topk_weights, topk_ids), atol=1e-5, rtol=1e-5)
+
+
+def _fp8_experts(g, experts, dim, inter):
+    w13 = (torch.randn(experts, 2 * inter, dim, generator=g) * 64).to(FP8)
+    w2 = (torch.randn(experts, dim, inter, generator=g) * 64).to(FP8)
+    s13 = torch.rand(experts, -(-2 * inter // 128), -(-dim // 128), generator=g) * 1e-3 + 1e-4
+    s2 = torch.rand(experts, -(-dim // 128), -(-inter // 128), generator=g) * 1e-3 + 1e-4
+    return w13, w2, s13, s2
+
+
+@needs_interpreter
+def test_fused_moe_fp8_block_scaled_matches_reference():
+    """fp8 experts with a different scale per 128x128 block (two blocks along N and K): a scale
+    applied to the wrong block or group shows at once."""
+    g = torch.Generator().manual_seed(1)
+    tokens, dim, inter, experts, k = 5, 256, 256, 4, 2
+    w13, w2, s13, s2 = _fp8_experts(g, experts, dim, inter)
+    hidden = torch.randn(tokens, dim, generator=g)
+    topk_ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
+    topk_weights = torch.rand(tokens, k, generator=g)
+    out = fused_moe(hidden, w13, w2, topk_weights, topk_ids, s13, s2)
+    ref = fused_moe_reference(hidden, w13, w2, topk_weights, topk_ids, s13, s2)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_moe_fp8_without_scales_is_refused():
+    g = torch.Generator().manual_seed(2)
+    w13, w2, _, _ = _fp8_experts(g, 2, 128, 128)
+    with pytest.raises(ValueError, match="w13_scale and w2_scale"):
+        fused_moe(torch.randn(1, 128), w13, w2, torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("rows,n,k", [(3, 256, 384), (20, 200, 300)])  # tails along N and K
+def test_fp8_block_linear_matches_reference(rows, n, k):
+    from inferd.layers.fp8_block import fp8_block_linear
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=g)
+    weight = (torch.randn(n, k, generator=g) * 64).to(FP8)
+    scale = torch.rand(-(-n // 128), -(-k // 128), generator=g) * 1e-2 + 1e-3
+    torch.testing.assert_close(
+        fp8_block_linear(x, weight, scale), fp8_block_linear_reference(x, weight, scale), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_fp8_block_linear_refuses_scales_of_another_block_size():
+    pytest.importorskip("triton")
+    from inferd.layers.fp8_block import fp8_block_linear
+
+    with pytest.raises(ValueError, match="128x128 blocks"):
+        fp8_block_linear(torch.randn(2, 256), torch.zeros(256, 256, dtype=FP8), torch.ones(4, 4))
+
+
+def test_act_quant_reference_groups_are_independent():
+    """One large value scales its own 128-group only: the next group keeps its resolution."""
+    x = torch.full((1, 256), 0.5)
+    x[0, 0] = 1000.0
+    q, s = act_quant_reference(x)
+    assert s.shape == (1, 2)
+    torch.testing.assert_close(s[0], torch.tensor([1000.0 / 448, 0.5 / 448]))
+    torch.testing.assert_close(q[0, 128:].float() * s[0, 1], x[0, 128:])
