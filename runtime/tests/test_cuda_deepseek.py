@@ -1,0 +1,141 @@
+"""The DeepSeek kernels on the GPU (bf16, fp8, CUDA graphs) against their torch references; run on
+the GPU machine through the device tool, skipped where there is no GPU. Does not import the server.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inferd.layers.fp8_block import FP8, act_quant_reference, fp8_block_linear_reference
+from inferd.layers.fused_moe import fused_moe_reference
+from inferd.layers.mla_decode import mla_decode_reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _latent_case(batch, heads, block_size=16, kv_lora=512, rope=64, dtype=torch.bfloat16):
+    """Ragged contexts (one token to 21 blocks), block tables scattered over the cache."""
+    width, num_blocks = 21, 21 * max(batch, 4)
+    g = torch.Generator(device="cuda").manual_seed(batch * 1000 + heads)
+    q_latent = torch.randn(batch, heads, kv_lora, device="cuda", dtype=dtype, generator=g)
+    q_rope = torch.randn(batch, heads, rope, device="cuda", dtype=dtype, generator=g)
+    cache = torch.randn(num_blocks, block_size, kv_lora + rope, device="cuda", dtype=dtype, generator=g)
+    tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32, generator=g)[: batch * width].view(batch, width)
+    lens = torch.tensor([333, 1, 17, 64, 200, 336] * 11, device="cuda", dtype=torch.int32)[:batch]
+    return q_latent, q_rope, cache, tables, lens, (128 + 64) ** -0.5
+
+
+@pytest.mark.parametrize("heads", [16, 128])  # V2-Lite, V3
+@pytest.mark.parametrize("batch", [1, 7, 64])  # split-K for small batches, one pass for large ones
+def test_mla_decode_matches_reference(heads, batch):
+    from inferd.layers.mla_decode import mla_decode
+
+    args = _latent_case(batch, heads)
+    out = mla_decode(*args)
+    torch.testing.assert_close(out.float(), mla_decode_reference(*args).float(), atol=2e-2, rtol=2e-2)
+
+
+def test_mla_decode_captured_in_a_graph_follows_new_context_lengths():
+    """The launch depends on the shapes only: a graph captured at one set of context lengths
+    replays correctly after the lengths (and the block tables' contents) change in place."""
+    from inferd.layers.mla_decode import mla_decode
+
+    q_latent, q_rope, cache, tables, lens, scale = _latent_case(4, 16)
+    mla_decode(q_latent, q_rope, cache, tables, lens, scale)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mla_decode(q_latent, q_rope, cache, tables, lens, scale)
+    lens.copy_(torch.tensor([5, 300, 2, 129], dtype=torch.int32))
+    tables.copy_(tables.flip(1))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = mla_decode_reference(q_latent, q_rope, cache, tables, lens, scale)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def _moe_case(tokens, experts, k, dim, inter, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    hidden = torch.randn(tokens, dim, device="cuda", dtype=dtype, generator=g)
+    w13 = (torch.randn(experts, 2 * inter, dim, device="cuda", generator=g) * dim**-0.5).to(dtype)
+    w2 = (torch.randn(experts, dim, inter, device="cuda", generator=g) * inter**-0.5).to(dtype)
+    scores = torch.rand(tokens, experts, device="cuda", generator=g)
+    topk_weights, topk_ids = scores.topk(k, dim=-1)
+    return hidden, w13, w2, topk_weights, topk_ids
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "triton"])
+@pytest.mark.parametrize("tokens", [1, 13, 256])
+def test_fused_moe_bf16_matches_reference(impl, tokens):
+    from inferd.layers.fused_moe import fused_moe
+
+    if impl == "grouped_mm" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("torch._grouped_mm bf16 runs on Hopper")
+    args = _moe_case(tokens, experts=64, k=6, dim=512, inter=256)
+    out = fused_moe(*args, impl=impl)
+    torch.testing.assert_close(out.float(), fused_moe_reference(*args).float(), atol=3e-2, rtol=3e-2)
+
+
+def _fp8_block_weights(shape, g):
+    w = torch.randn(*shape, device="cuda", generator=g) * 64
+    blocks = [-(-n // 128) for n in shape[-2:]]
+    scale = torch.rand(*shape[:-2], *blocks, device="cuda", generator=g) * 1e-3 + 1e-4
+    return w.clamp(-448, 448).to(FP8), scale
+
+
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_fused_moe_fp8_blocks_matches_reference(tokens):
+    from inferd.layers.fused_moe import fused_moe
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    experts, k, dim, inter = 32, 8, 512, 256
+    hidden = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    w13, s13 = _fp8_block_weights((experts, 2 * inter, dim), g)
+    w2, s2 = _fp8_block_weights((experts, dim, inter), g)
+    topk_weights, topk_ids = torch.rand(tokens, experts, device="cuda", generator=g).topk(k, dim=-1)
+    out = fused_moe(hidden, w13, w2, topk_weights, topk_ids, s13, s2)
+    ref = fused_moe_reference(hidden, w13, w2, topk_weights, topk_ids, s13, s2)
+    torch.testing.assert_close(out.float(), ref.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_fused_moe_captured_in_a_graph_follows_new_routing():
+    """No host sync in the sort or the grouped GEMMs: a captured MoE replays right for new experts."""
+    from inferd.layers.fused_moe import fused_moe
+
+    hidden, w13, w2, topk_weights, topk_ids = _moe_case(8, experts=16, k=2, dim=256, inter=128)
+    for impl in ("grouped_mm", "triton"):
+        if impl == "grouped_mm" and torch.cuda.get_device_capability() != (9, 0):
+            continue
+        fused_moe(hidden, w13, w2, topk_weights, topk_ids, impl=impl)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fused_moe(hidden, w13, w2, topk_weights, topk_ids, impl=impl)
+        topk_ids.copy_(torch.randint(0, 16, topk_ids.shape, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = fused_moe_reference(hidden, w13, w2, topk_weights, topk_ids)
+        torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2, msg=impl)
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 7168, 1536), (64, 576, 7168), (33, 300, 200)])
+def test_fp8_block_linear_matches_reference(rows, n, k):
+    from inferd.layers.fp8_block import fp8_block_linear
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    weight, scale = _fp8_block_weights((n, k), g)
+    out = fp8_block_linear(x, weight, scale)
+    torch.testing.assert_close(out.float(), fp8_block_linear_reference(x, weight, scale).float(), atol=5e-2, rtol=2e-2)
+
+
+def test_act_quant_kernel_rounds_as_torch_does():
+    from inferd.layers.fp8_block import act_quant
+
+    x = torch.randn(9, 1000, device="cuda", dtype=torch.bfloat16) * 3
+    q, s = act_quant(x)
+    q_ref, s_ref = act_quant_reference(x)
+    torch.testing.assert_close(s, s_ref)
+    # Division on the GPU may differ from torch's in the last bit: at most one e4m3 step apart.
+    assert (q.float() - q_ref.float()).abs().le(q_ref.float().abs() / 8 + 1e-6).all()
