@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import sys
@@ -92,37 +93,44 @@ def expected_distinct(experts: int, k: int, tokens: int) -> float:
 
 
 # ---- kernel -------------------------------------------------------------------------------------
+def _latent_case(batch: int, heads: int, ctx: int, block_size: int) -> tuple:
+    """mla_decode's arguments: every sequence at `ctx` tokens, its blocks scattered over the cache."""
+    blocks = ctx // block_size
+    cache = torch.randn(batch * blocks + 1, block_size, LATENT, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(batch * blocks, device="cuda", dtype=torch.int32).view(batch, blocks)
+    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    q_latent = torch.randn(batch, heads, 512, device="cuda", dtype=torch.bfloat16)
+    q_rope = torch.randn(batch, heads, 64, device="cuda", dtype=torch.bfloat16)
+    return q_latent, q_rope, cache, tables, lens, 192**-0.5
+
+
 def bench_kernel(args) -> list[dict]:
     from inferd.layers.mla_decode import mla_decode
 
-    rows = []
+    rows: list[dict] = []
     block_size = 16
     configs = [{}, dict(tile=64), dict(block_h=32), dict(block_h=64, tile=16), dict(num_warps=4), dict(num_stages=3)]
     for heads in (16, 128):
         for batch, ctx in ((1, 4096), (16, 4096), (64, 768), (64, 4096), (128, 4096)):
-            blocks = ctx // block_size
-            cache = torch.randn(batch * blocks + 1, block_size, LATENT, device="cuda", dtype=torch.bfloat16)
-            tables = torch.randperm(batch * blocks, device="cuda", dtype=torch.int32).view(batch, blocks)
-            lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
-            q_latent = torch.randn(batch, heads, 512, device="cuda", dtype=torch.bfloat16)
-            q_rope = torch.randn(batch, heads, 64, device="cuda", dtype=torch.bfloat16)
+            case = _latent_case(batch, heads, ctx, block_size)
             nbytes = batch * ctx * LATENT * 2 + batch * heads * (LATENT + 512) * 2
             best = None
             for cfg in configs:
+                row = {"heads": heads, "batch": batch, "ctx": ctx, "config": cfg, "default": not cfg}
                 try:
-                    us = graph_us(lambda cfg=cfg: mla_decode(q_latent, q_rope, cache, tables, lens, 192**-0.5, **cfg))
+                    row["us"] = graph_us(functools.partial(mla_decode, *case, **cfg))
                 except Exception as e:  # a launch that does not fit (shared memory) is a result, not a stop
-                    rows.append({"heads": heads, "batch": batch, "ctx": ctx, "config": cfg, "error": f"{type(e).__name__}: {e}"[:200]})
+                    row["error"] = f"{type(e).__name__}: {e}"[:200]
+                    rows.append(row)
                     continue
-                row = {"heads": heads, "batch": batch, "ctx": ctx, "config": cfg, "us": us, "GB_s": nbytes / us / 1e3}
-                if not cfg:
-                    row["default"] = True
+                row["GB_s"] = nbytes / row["us"] / 1e3
                 rows.append(row)
-                if best is None or us < best["us"]:
+                if best is None or row["us"] < best["us"]:
                     best = row
-            best["best"] = True
+            if best is not None:
+                best["best"] = True
             print(json.dumps({"kernel_best": best}), flush=True)
-            del cache
+            del case
             torch.cuda.empty_cache()
     return rows
 
@@ -170,14 +178,38 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.rms_norm(x, (x.shape[-1],))
 
 
-def bench_v3(args, bandwidth: float) -> dict:
+def _v3_step(layers, cache, tables, lens, moe, x, record=None):
+    """One decode step through the slice's layers: absorbed MLA on the latent cache, then the
+    routed and shared experts. `record` collects the experts each layer's routing touched."""
     import torch.nn.functional as F
 
     from inferd.layers.fp8_block import fp8_block_linear
     from inferd.layers.fused_moe import fused_moe
     from inferd.layers.mla_decode import mla_decode
-    from inferd.models.config import MoEConfig
     from inferd.models.deepseek import route
+
+    batch = x.shape[0]
+    for layer, c in zip(layers, cache):
+        h = _rms(x)
+        q = fp8_block_linear(_rms(fp8_block_linear(h, *layer["q_a"])), *layer["q_b"]).view(batch, 128, 192)
+        fp8_block_linear(h, *layer["kv_a"])  # the new latent (its cache write left out)
+        q_latent = torch.einsum("bhn,hnc->bhc", q[..., :128], layer["w_uk"])
+        out = mla_decode(q_latent, q[..., 128:].contiguous(), c, tables, lens, 192**-0.5)
+        out = torch.einsum("bhc,hvc->bhv", out, layer["w_uv"]).reshape(batch, -1)
+        x = x + fp8_block_linear(out, *layer["o"])
+        h = _rms(x)
+        weights, ids = route(F.linear(h.float(), layer["gate"]), layer["bias"], moe)
+        if record is not None:
+            record.append(int(ids.unique().numel()))
+        routed = fused_moe(h, layer["w13"][0], layer["w2"][0], weights, ids, layer["w13"][1], layer["w2"][1])
+        shared = fp8_block_linear(h, *layer["shared13"])
+        shared = fp8_block_linear(F.silu(shared[:, :2048]) * shared[:, 2048:], *layer["shared2"])
+        x = x + routed + shared
+    return x
+
+
+def bench_v3(args, bandwidth: float) -> dict:
+    from inferd.models.config import MoEConfig
 
     moe = MoEConfig(
         n_routed_experts=256,
@@ -196,7 +228,8 @@ def bench_v3(args, bandwidth: float) -> dict:
     torch.manual_seed(0)
     layers = [_v3_layer() for _ in range(args.v3_layers)]
     res: dict = {"layers": args.v3_layers, "context": args.v3_context, "steps": {}}
-    per_layer_dense = sum(_nbytes(layers[0][k]) for k in ("q_a", "q_b", "kv_a", "o", "w_uk", "w_uv", "gate", "shared13", "shared2"))
+    dense = ("q_a", "q_b", "kv_a", "o", "w_uk", "w_uv", "gate", "shared13", "shared2")
+    per_layer_dense = sum(_nbytes(layers[0][k]) for k in dense)
     per_expert = (_nbytes(layers[0]["w13"]) + _nbytes(layers[0]["w2"])) // 256
     res["dense_bytes_per_layer"], res["bytes_per_expert"] = per_layer_dense, per_expert
     block_size, ctx = 16, args.v3_context
@@ -208,25 +241,7 @@ def bench_v3(args, bandwidth: float) -> dict:
         x0 = torch.randn(batch, 7168, device="cuda", dtype=torch.bfloat16)
         touched = []
 
-        def step(x, record=None):
-            for layer, c in zip(layers, cache):
-                h = _rms(x)
-                q = fp8_block_linear(_rms(fp8_block_linear(h, *layer["q_a"])), *layer["q_b"]).view(batch, 128, 192)
-                fp8_block_linear(h, *layer["kv_a"])  # the new latent (its cache write left out)
-                q_latent = torch.einsum("bhn,hnc->bhc", q[..., :128], layer["w_uk"])
-                out = mla_decode(q_latent, q[..., 128:].contiguous(), c, tables, lens, 192**-0.5)
-                out = torch.einsum("bhc,hvc->bhv", out, layer["w_uv"]).reshape(batch, -1)
-                x = x + fp8_block_linear(out, *layer["o"])
-                h = _rms(x)
-                weights, ids = route(F.linear(h.float(), layer["gate"]), layer["bias"], moe)
-                if record is not None:
-                    record.append(int(ids.unique().numel()))
-                routed = fused_moe(h, layer["w13"][0], layer["w2"][0], weights, ids, layer["w13"][1], layer["w2"][1])
-                shared = fp8_block_linear(h, *layer["shared13"])
-                shared = fp8_block_linear(F.silu(shared[:, :2048]) * shared[:, 2048:], *layer["shared2"])
-                x = x + routed + shared
-            return x
-
+        step = functools.partial(_v3_step, layers, cache, tables, lens, moe)
         with torch.inference_mode():
             step(x0, touched)  # compile, and count the experts this batch's routing touches
             sync("cuda")
@@ -267,7 +282,8 @@ def lite_config(layers: int) -> dict:
 def build_hf_lite(config: dict, device: str, dtype: torch.dtype):
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
-    kw = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "torch_dtype", "rope_scaling", "rope_theta")}
+    ours_only = ("architectures", "model_type", "torch_dtype", "rope_scaling", "rope_theta")
+    kw = {k: v for k, v in config.items() if k not in ours_only}
     kw["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_theta"]}
     torch.manual_seed(0)
     with torch.device(device):
@@ -398,7 +414,11 @@ def main() -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2))
 
-    runners = {"kernel": lambda: bench_kernel(args), "v3": lambda: bench_v3(args, bandwidth), "lite": lambda: bench_lite(args, bandwidth)}
+    runners = {
+        "kernel": lambda: bench_kernel(args),
+        "v3": lambda: bench_v3(args, bandwidth),
+        "lite": lambda: bench_lite(args, bandwidth),
+    }
     failed = False
     for part in args.parts:
         t = time.perf_counter()
