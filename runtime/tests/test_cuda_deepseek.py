@@ -139,3 +139,101 @@ def test_act_quant_kernel_rounds_as_torch_does():
     torch.testing.assert_close(s, s_ref)
     # Division on the GPU may differ from torch's in the last bit: at most one e4m3 step apart.
     assert (q.float() - q_ref.float()).abs().le(q_ref.float().abs() / 8 + 1e-6).all()
+
+
+# ---- the whole tiny V2/V3 models on CUDA against the CPU reference ---------------------------------
+# Widths the kernels take (kv_lora and rope powers of two >= 16), so decode runs mla_decode and the
+# MoE layers fused_moe, inside the engine's CUDA graphs.
+KERNEL_WIDTHS = dict(kv_lora_rank=32, qk_rope_head_dim=16)
+
+
+@pytest.fixture(scope="module", params=["v2-lite-greedy-yarn", "v3-noaux-yarn"])
+def tiny_deepseek(request, tmp_path_factory):
+    from test_deepseek import VARIANTS, make_deepseek
+
+    from inferd import LLM
+
+    family, overrides = VARIANTS[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    make_deepseek(path, family, **(overrides | KERNEL_WIDTHS))
+    cpu = LLM(str(path), device="cpu", dtype="float32", cpu_kv_cache_bytes=1 << 22)
+    return path, cpu
+
+
+def _greedy(llm, batch, n=12):
+    from inferd import SamplingParams
+
+    return [o.token_ids for o in llm.generate(batch, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))]
+
+
+def test_tiny_deepseek_on_cuda_decodes_as_the_cpu_reference(tiny_deepseek):
+    """float32 on both sides: the latent decode kernel and the Triton grouped MoE (captured in
+    the engine's CUDA graphs) against the CPU reference functions, token for token."""
+    from test_deepseek import engine_logits, prompts
+
+    from inferd import LLM
+
+    path, cpu = tiny_deepseek
+    gpu = LLM(str(path), device="cuda", dtype="float32", kv_cache_fraction=0.05)
+    assert gpu.engine.runner.graphs, "decode should run in captured CUDA graphs"
+    batch = prompts(5, seed=3)
+    assert _greedy(gpu, batch) == _greedy(cpu, batch)
+    ids = prompts(1, seed=5)[0]
+    torch.testing.assert_close(engine_logits(gpu, ids).cpu(), engine_logits(cpu, ids), atol=1e-3, rtol=1e-3)
+
+
+def test_tiny_deepseek_bf16_on_cuda_stays_close_to_the_cpu_reference(tiny_deepseek):
+    """bf16 takes torch._grouped_mm for the experts on Hopper: its first decoded tokens' logits
+    against float32 on the CPU, within bf16's rounding."""
+    from test_deepseek import prompts
+
+    from inferd import LLM, SamplingParams
+
+    path, cpu = tiny_deepseek
+    gpu = LLM(str(path), device="cuda", dtype="bfloat16", kv_cache_fraction=0.05)
+    batch = prompts(3, seed=4)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    gpu_tokens = [o.token_ids for o in gpu.generate(batch, params)]
+    cpu_tokens = [o.token_ids for o in cpu.generate(batch, params)]
+    agree = sum(a[0] == b[0] for a, b in zip(gpu_tokens, cpu_tokens))
+    assert agree >= 2, (gpu_tokens, cpu_tokens)
+
+
+def test_fp8_block_checkpoint_on_cuda_computes_as_fp8_blocks(tmp_path):
+    """A V3 fp8 block checkpoint on the GPU keeps e4m3 weights (linear layers and experts) and
+    its logits stay close to the CPU's dequantized model: activations are quantized per token
+    and 128-group on the GPU, as DeepSeek's inference kernels do."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from test_deepseek import VARIANTS, engine_logits, make_deepseek, prompts, quantize_blocks
+
+    from inferd import LLM
+
+    family, overrides = VARIANTS["v3-noaux-yarn"]
+    make_deepseek(tmp_path, family, hidden_size=256, moe_intermediate_size=128, **(overrides | KERNEL_WIDTHS))
+    tensors = load_file(tmp_path / "model.safetensors")
+    quantized = {}
+    for name, t in tensors.items():
+        if t.dim() == 2 and name.endswith("proj.weight") and "layernorm" not in name:
+            quantized[name], quantized[name + "_scale_inv"] = quantize_blocks(t)
+        else:
+            quantized[name] = t
+    save_file(quantized, tmp_path / "model.safetensors")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    gpu = LLM(str(tmp_path), device="cuda", dtype="bfloat16", kv_cache_fraction=0.05)
+    cpu = LLM(str(tmp_path), device="cpu", dtype="float32", cpu_kv_cache_bytes=1 << 22)
+    model = gpu.engine.runner.model
+    assert model.model.layers[1].mlp.experts.w13.dtype == FP8
+    assert model.model.layers[1].self_attn.o_proj.weight.dtype == FP8
+    ids = prompts(1, seed=6)[0]
+    ours, ref = engine_logits(gpu, ids).float().cpu(), engine_logits(cpu, ids)
+    cos = torch.nn.functional.cosine_similarity(ours, ref, dim=-1)
+    assert cos.min() > 0.99, cos

@@ -191,3 +191,41 @@ def test_act_quant_reference_groups_are_independent():
     assert s.shape == (1, 2)
     torch.testing.assert_close(s[0], torch.tensor([1000.0 / 448, 0.5 / 448]))
     torch.testing.assert_close(q[0, 128:].float() * s[0, 1], x[0, 128:])
+
+
+def test_quantize_weight_blocks_gives_back_a_dequantized_checkpoint():
+    """The GPU pass re-quantizes weights the loader dequantized: DeepSeek's blocks (each one's
+    largest value at 448) must come back to the same e4m3 values and scales."""
+    from inferd.layers.fp8_block import quantize_weight_blocks, weight_dequant_reference
+
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(200, 300, generator=g)
+    q, scale = quantize_weight_blocks(weight)
+    assert q.dtype == FP8 and scale.shape == (2, 3)
+    again, scale_again = quantize_weight_blocks(weight_dequant_reference(q, scale).to(torch.bfloat16))
+    assert torch.equal(again.float(), q.float())
+    torch.testing.assert_close(scale_again, scale, rtol=1e-2, atol=0)
+
+
+@needs_interpreter
+def test_quantize_fp8_blocks_swaps_linears_and_stacked_experts():
+    from torch import nn
+
+    from inferd.layers.linear import Linear
+    from inferd.layers.quantize import Fp8BlockLinear, quantize_fp8_blocks
+
+    g = torch.Generator().manual_seed(4)
+    model = nn.Module()
+    model.proj = Linear(256, 200)
+    model.proj.weight.data = torch.randn(200, 256, generator=g) * 0.05
+    model.experts = nn.Module()
+    model.experts.w13 = nn.Parameter(torch.randn(3, 256, 128, generator=g) * 0.05, requires_grad=False)
+    model.experts.w2 = nn.Parameter(torch.randn(3, 128, 128, generator=g) * 0.05, requires_grad=False)
+    x = torch.randn(4, 256, generator=g)
+    before = model.proj(x)
+    assert quantize_fp8_blocks(model) == 3
+    assert isinstance(model.proj, Fp8BlockLinear) and model.proj.weight.dtype == FP8
+    assert model.experts.w13.dtype == FP8 and model.experts.w13_scale.shape == (3, 2, 1)
+    assert model.experts.w2_scale.shape == (3, 1, 1)
+    # fp8 weights and activations: within a few percent of the float product
+    torch.testing.assert_close(model.proj(x), before, atol=0.05 * before.abs().max().item(), rtol=0)

@@ -16,7 +16,7 @@ from inferd.engine.sequence import Sequence
 from inferd.layers.context import AttentionContext, reset_context, set_context
 from inferd.layers.fused import FP8
 from inferd.layers.quant import check_supported
-from inferd.layers.quantize import quantize_fp8
+from inferd.layers.quantize import quantize_fp8, quantize_fp8_blocks
 from inferd.layers.sampler import Sampler
 from inferd.loader import load_weights
 from inferd.models.config import ModelConfig
@@ -95,6 +95,9 @@ class ModelRunner:
         load_weights(self.model, weights, total_bytes=weight_bytes)
         if self.config.quantization == "fp8":
             quantize_fp8(self.model)
+        elif getattr(self.model, "weight_block_size", None) and self.is_cuda:
+            if torch.cuda.get_device_capability(self.device) >= (8, 9):  # fp8 tensor cores: Ada, Hopper
+                quantize_fp8_blocks(self.model)  # an fp8 block checkpoint computes as fp8 blocks
         self.model.eval()
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
@@ -105,7 +108,7 @@ class ModelRunner:
         )
 
     def weight_bytes(self) -> int:
-        scales = [b for name, b in self.model.named_buffers() if name.endswith("weight_scale")]
+        scales = [b for name, b in self.model.named_buffers() if name.endswith(("weight_scale", "w13_scale", "w2_scale"))]
         return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *scales])
 
     # ---- KV cache -------------------------------------------------------------------------

@@ -45,6 +45,19 @@ def weight_dequant_reference(weight: torch.Tensor, scale_inv: torch.Tensor, grou
     return weight.float() * scale
 
 
+def quantize_weight_blocks(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float weight [N, K] -> e4m3 [N, K] and scales [ceil(N/group), ceil(K/group)] (amax / 448 per
+    block), the inverse of `weight_dequant_reference`: a weight dequantized from such blocks
+    comes back to the same fp8 values and scales."""
+    n, k = weight.shape
+    rows, cols = -(-n // group), -(-k // group)
+    padded = torch.nn.functional.pad(weight.float(), (0, cols * group - k, 0, rows * group - n))
+    blocks = padded.view(rows, group, cols, group)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(rows * group, cols * group)
+    return q[:n, :k].contiguous(), scale
+
+
 def fp8_block_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ weight.T with the kernel's arithmetic in float32 (activations quantized the same
     way, so the two differ only by the order of float32 sums): [M, N] in x's dtype."""
@@ -92,6 +105,7 @@ if triton is not None:
         GROUPED: tl.constexpr,
         BLOCK_SCALES: tl.constexpr,
         UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -130,9 +144,9 @@ if triton is not None:
                     b_s = tl.load(
                         b_s_ptr + expert * stride_bse + (offs_n // 128) * stride_bsn + k0 // BLOCK_K, mask=n_mask, other=0.0
                     )
-                    acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+                    acc += tl.dot(a, b, input_precision=PRECISION) * a_s[:, None] * b_s[None, :]
                 else:
-                    acc += tl.dot(a, b)
+                    acc += tl.dot(a, b, input_precision=PRECISION)
             c_rows = ids.to(tl.int64)
             tl.store(
                 c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :],
@@ -211,6 +225,7 @@ def grouped_gemm(
         GROUPED=grouped,
         BLOCK_SCALES=block_scales,
         UPCAST=a.device.type == "cpu",
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

@@ -55,6 +55,12 @@ def num_splits(batch: int, head_blocks: int, sm_count: int) -> int:
     return max(1, min(32, (2 * sm_count) // max(1, batch * head_blocks)))
 
 
+def mla_decode_fits(kv_lora: int, rope: int) -> bool:
+    """Whether the kernel takes these widths (tl.dot and tl.arange want powers of two >= 16); the
+    published models' 512 and 64 do, some tiny test models do not and take the reference."""
+    return triton is not None and all(n >= 16 and n & (n - 1) == 0 for n in (kv_lora, rope))
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":

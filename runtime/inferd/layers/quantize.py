@@ -40,6 +40,7 @@ from torch.overrides import TorchFunctionMode
 
 from inferd.layers.activation import SiluAndMul, silu_and_mul_kernel
 from inferd.layers.context import AttentionContext, get_context, set_context
+from inferd.layers.fp8_block import fp8_block_linear, quantize_weight_blocks
 from inferd.layers.fused import add_rms_norm, rms_norm
 from inferd.layers.linear import Linear
 from inferd.layers.norm import RMSNorm
@@ -271,3 +272,42 @@ def quantize_fp8(model: nn.Module, handoffs: bool = True) -> Fp8Plan:
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, new)
+
+
+# ---- fp8 128x128 blocks (DeepSeek-V3/R1 checkpoints) on the GPU ------------------------------------
+class Fp8BlockLinear(nn.Module):
+    """A linear layer computed as fp8 with 128x128 weight blocks (layers/fp8_block.py)."""
+
+    def __init__(self, linear: Linear):
+        super().__init__()
+        weight, scale = quantize_weight_blocks(linear.weight.data)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("weight_scale", scale)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = fp8_block_linear(x, self.weight, self.weight_scale)
+        return out if self.bias is None else out + self.bias
+
+
+def quantize_fp8_blocks(model: nn.Module) -> int:
+    """The CUDA form of an fp8 block checkpoint: the loader dequantized its blocks (the CPU path),
+    and every `Linear` and stacked expert weight (modules with `w13` and `w2`) goes back to e4m3
+    blocks with their scales, which give the checkpoint's own values again (each block's largest
+    value was quantized to 448). Returns the number of weights swapped."""
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Linear):
+            _replace(model, name, Fp8BlockLinear(module))
+            module.weight = None
+            swapped += 1
+        elif isinstance(getattr(module, "w13", None), nn.Parameter) and isinstance(getattr(module, "w2", None), nn.Parameter):
+            for attr in ("w13", "w2"):
+                stacked = getattr(module, attr).data
+                pairs = [quantize_weight_blocks(w) for w in stacked]
+                setattr(module, attr, nn.Parameter(torch.stack([q for q, _ in pairs]), requires_grad=False))
+                module.register_buffer(f"{attr}_scale", torch.stack([sc for _, sc in pairs]))
+                del stacked, pairs
+            swapped += 2
+    log.info("fp8 128x128 block weights on the GPU: %d weights", swapped)
+    return swapped

@@ -27,7 +27,9 @@ from inferd.layers.activation import SiluAndMul
 from inferd.layers.attention import gather_context
 from inferd.layers.context import get_context
 from inferd.layers.embed_head import LMHead, VocabEmbedding
+from inferd.layers.fused_moe import fused_moe
 from inferd.layers.linear import Linear, MergedLinear, default_weight_loader
+from inferd.layers.mla_decode import mla_decode, mla_decode_fits
 from inferd.layers.norm import RMSNorm
 from inferd.models.config import MLAConfig, ModelConfig, MoEConfig
 
@@ -236,9 +238,8 @@ class MLAttention(nn.Module):
     def _decode(self, q_nope, q_rope, ctx) -> torch.Tensor:
         w_uk, w_uv = self.kv_b_proj.absorbed()
         q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)
-        out_latent = mla_decode_ref(
-            q_latent, q_rope.contiguous(), self.latent_cache, ctx.block_tables, ctx.context_lens, self.scale
-        )
+        decode = mla_decode if q_latent.is_cuda and mla_decode_fits(self.kv_lora_rank, self.rope) else mla_decode_ref
+        out_latent = decode(q_latent, q_rope.contiguous(), self.latent_cache, ctx.block_tables, ctx.context_lens, self.scale)
         return torch.einsum("bhc,hvc->bhv", out_latent, w_uv)
 
 
@@ -349,7 +350,12 @@ class DeepseekMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.gate.weight)
         weights, ids = route(logits, getattr(self.gate, "e_score_correction_bias", None), self.moe_config)
-        out = fused_moe_ref(x, self.experts.w13, self.experts.w2, weights, ids)
+        experts = self.experts
+        if x.is_cuda:  # sorted by expert on the device, grouped GEMMs: no host sync, graph-captured
+            scales = getattr(experts, "w13_scale", None), getattr(experts, "w2_scale", None)
+            out = fused_moe(x, experts.w13, experts.w2, weights, ids, *scales)
+        else:
+            out = fused_moe_ref(x, experts.w13, experts.w2, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
