@@ -124,29 +124,32 @@ if triton is not None:
             ids = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         if expert >= 0:
             row_mask = ids < M
-            a_rows = (ids // A_ROW_DIV).to(tl.int64)
+            # 32-bit offsets inside one expert's matrix and the activations (a pointer tensor of
+            # 64-bit offsets takes the registers of a whole tile: 255 and spills, by ptxas -v)
+            a_rows = ids // A_ROW_DIV
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             n_mask = offs_n < N
-            b_base = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn
+            offs_k = tl.arange(0, BLOCK_K)
+            a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+            b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None]
+            a_s_ptrs = a_s_ptr + a_rows * stride_asm
+            b_s_ptrs = b_s_ptr + expert * stride_bse + (offs_n // 128) * stride_bsn
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < K
-                a = tl.load(
-                    a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
-                )
-                b = tl.load(b_base + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                k_mask = offs_k < K - k0
+                a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
                 if UPCAST:  # Triton's CPU interpreter multiplies only float32 correctly
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
                 if BLOCK_SCALES:
-                    a_s = tl.load(a_s_ptr + a_rows * stride_asm + k0 // BLOCK_K, mask=row_mask, other=0.0)
-                    b_s = tl.load(
-                        b_s_ptr + expert * stride_bse + (offs_n // 128) * stride_bsn + k0 // BLOCK_K, mask=n_mask, other=0.0
-                    )
+                    a_s = tl.load(a_s_ptrs + k0 // 128, mask=row_mask, other=0.0)
+                    b_s = tl.load(b_s_ptrs + k0 // 128, mask=n_mask, other=0.0)
                     acc += tl.dot(a, b, input_precision=PRECISION) * a_s[:, None] * b_s[None, :]
                 else:
                     acc += tl.dot(a, b, input_precision=PRECISION)
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
             c_rows = ids.to(tl.int64)
             tl.store(
                 c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :],
@@ -197,7 +200,10 @@ def grouped_gemm(
         raise ValueError("block-scaled grouped_gemm needs fp8 a and b and both scales")
     grouped = sorted_ids is not None
     c = torch.empty(out_rows, n, device=a.device, dtype=out_dtype)
-    block_n = 64 if n <= 4096 or not grouped else 128
+    # 16x64 tiles, 128 deep in fp8 with 8 warps, 64 deep in bf16 with 4: the largest that ptxas
+    # fits in registers without spilling on sm_90 (wider tiles spill 100-1,600 bytes a thread);
+    # a decode step's few rows per expert would leave bigger tiles empty anyway.
+    block_n = 64
     block_k = GROUP if block_scales else 64
     tiles_m = (sorted_ids.numel() // block_m) if grouped else triton.cdiv(out_rows, block_m)
     if out_rows == 0 or tiles_m == 0:
@@ -229,7 +235,7 @@ def grouped_gemm(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        num_warps=4,
+        num_warps=8 if block_scales else 4,
         num_stages=3 if a.device.type == "cuda" else 1,
     )
     return c
