@@ -212,21 +212,26 @@ def test_quantize_fp8_blocks_swaps_linears_and_stacked_experts():
     from torch import nn
 
     from inferd.layers.linear import Linear
-    from inferd.layers.quantize import Fp8BlockLinear, quantize_fp8_blocks
+    from inferd.layers.quantize import Fp8BlockExperts, Fp8BlockLinear, quantize_fp8_blocks
 
     g = torch.Generator().manual_seed(4)
     model = nn.Module()
     model.proj = Linear(256, 200)
     model.proj.weight.data = torch.randn(200, 256, generator=g) * 0.05
     model.experts = nn.Module()
-    model.experts.w13 = nn.Parameter(torch.randn(3, 256, 128, generator=g) * 0.05, requires_grad=False)
-    model.experts.w2 = nn.Parameter(torch.randn(3, 128, 128, generator=g) * 0.05, requires_grad=False)
+    model.experts.w13 = nn.Parameter(torch.randn(3, 256, 256, generator=g) * 0.05, requires_grad=False)
+    model.experts.w2 = nn.Parameter(torch.randn(3, 256, 128, generator=g) * 0.05, requires_grad=False)
     x = torch.randn(4, 256, generator=g)
     before = model.proj(x)
     assert quantize_fp8_blocks(model) == 3
     assert isinstance(model.proj, Fp8BlockLinear) and model.proj.weight.dtype == FP8
-    assert model.experts.w13.dtype == FP8 and model.experts.w13_scale.shape == (3, 2, 1)
-    assert model.experts.w2_scale.shape == (3, 1, 1)
+    experts = model.experts
+    assert isinstance(experts, Fp8BlockExperts) and experts.w13.dtype == FP8 and experts.w13_scale.shape == (3, 2, 2)
+    assert experts.w2_scale.shape == (3, 2, 1)
+    ids, weights = torch.tensor([[0, 2], [1, 0]]), torch.tensor([[0.7, 0.3], [0.5, 0.5]])
+    h = torch.randn(2, 256, generator=g)
+    ref = fused_moe_reference(h, experts.w13, experts.w2, weights, ids, experts.w13_scale, experts.w2_scale)
+    torch.testing.assert_close(experts(h, weights, ids), ref, atol=1e-4, rtol=1e-4)
     # fp8 weights and activations: within a few percent of the float product
     torch.testing.assert_close(model.proj(x), before, atol=0.05 * before.abs().max().item(), rtol=0)
 

@@ -316,6 +316,11 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
         self.w13.weight_loader = self.w2.weight_loader = self.weight_loader
 
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        # On CUDA sorted by expert on the device and grouped GEMMs: no host sync, graph-captured.
+        moe = fused_moe if x.is_cuda else fused_moe_ref
+        return moe(x, self.w13, self.w2, topk_weights, topk_ids)
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if shard_id is None:
             default_weight_loader(param, loaded)
@@ -350,12 +355,7 @@ class DeepseekMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.gate.weight)
         weights, ids = route(logits, getattr(self.gate, "e_score_correction_bias", None), self.moe_config)
-        experts = self.experts
-        if x.is_cuda:  # sorted by expert on the device, grouped GEMMs: no host sync, graph-captured
-            scales = getattr(experts, "w13_scale", None), getattr(experts, "w2_scale", None)
-            out = fused_moe(x, experts.w13, experts.w2, weights, ids, *scales)
-        else:
-            out = fused_moe_ref(x, experts.w13, experts.w2, weights, ids)
+        out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
