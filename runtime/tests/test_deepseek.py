@@ -195,7 +195,7 @@ def test_the_cache_holds_the_latent_not_expanded_kv(deepseek):
 
 def test_fp8_kv_cache_is_refused_for_mla(tmp_path):
     make_deepseek(tmp_path, "v2", **VARIANTS["v2-lite-greedy-yarn"][1])
-    with pytest.raises(ValueError, match="kv_cache_dtype fp8 is not supported for the latent cache"):
+    with pytest.raises(ValueError, match=r"one-byte KV cache \(kv_cache_dtype\) is not supported for the latent cache"):
         LLM(str(tmp_path), device="cpu", dtype="float32", cpu_kv_cache_bytes=1 << 22, kv_cache_dtype="fp8")
 
 
