@@ -414,6 +414,9 @@ class DeepseekV2ForCausalLM(nn.Module):
         # The multi-token-prediction layers (V3: model.layers.61.*) are not run: skipped at load.
         mtp = range(cfg.num_hidden_layers, cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
         self.ignored_checkpoint_prefixes = tuple(f"model.layers.{i}." for i in mtp)
+        # Checkpoint weights in scaled blocks (V3/R1's config.json says [128, 128]): the loader and
+        # the runner read it here.
+        self.weight_block_size = cfg.weight_block_size
 
     def checkpoint_target(self, name: str):
         """A routed expert's tensor -> (stacked parameter, (expert, part)); None for the rest."""
