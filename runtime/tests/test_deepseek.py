@@ -298,6 +298,28 @@ def test_group_limited_greedy_scores_groups_by_their_best_expert():
     torch.testing.assert_close(weights[0].sort(descending=True).values, torch.tensor([0.30, 0.2]) * 1.5)
 
 
+def test_softmax_weights_are_normalised_when_norm_topk_prob():
+    """DeepSeek-V2's gate normalises the chosen softmax scores when norm_topk_prob is set
+    (transformers' V2 router ignores the field; V2-Lite leaves it off)."""
+    probs = torch.tensor([[0.4, 0.1, 0.3, 0.2]])
+    cfg = moe_config(n_routed_experts=4, n_group=1, topk_group=1, topk_method="greedy", scoring_func="softmax")
+    weights, ids = route(probs.log(), None, cfg)
+    assert sorted(ids[0].tolist()) == [0, 2]
+    torch.testing.assert_close(weights[0].sort(descending=True).values, torch.tensor([0.4, 0.3]) / 0.7 * 2.5)
+
+
+def test_moe_layer_freq_and_dense_first_layers_place_the_experts():
+    """The reference's rule: layer i has experts when i >= first_k_dense_replace and
+    i % moe_layer_freq == 0 (transformers ignores moe_layer_freq, so this is checked here)."""
+    from inferd.models.deepseek import DeepseekMoE, DeepseekV2ForCausalLM
+
+    raw = {"architectures": ["DeepseekV2ForCausalLM"], **SMALL, "num_hidden_layers": 6, "moe_layer_freq": 2}
+    cfg = parse_model_config(raw | {"q_lora_rank": None, "n_shared_experts": 1})
+    with torch.device("meta"):
+        model = DeepseekV2ForCausalLM(cfg, 64)
+    assert [isinstance(layer.mlp, DeepseekMoE) for layer in model.model.layers] == [False, False, True, False, True, False]
+
+
 @pytest.mark.parametrize("ties", [False, True])
 def test_routing_equals_transformers_routers(ties):
     """Many random tokens (and, with `ties`, scores rounded to a coarse grid so groups and experts
