@@ -102,6 +102,7 @@ def load_weights(
     skipped_prefixes = getattr(model, "ignored_checkpoint_prefixes", ())
     # A model-specific name -> (parameter, shard id) rule, e.g. routed experts into stacked tensors.
     custom_target = getattr(model, "checkpoint_target", lambda name: None)
+    # fp8 checkpoints with block scales (DeepSeek-V3/R1): dequantized here, the CPU's form.
     if getattr(model, "weight_block_size", None):
         tensors = dequantize_fp8_blocks(tensors, model.weight_block_size)
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -195,7 +195,7 @@ def test_the_cache_holds_the_latent_not_expanded_kv(deepseek):
 
 def test_fp8_kv_cache_is_refused_for_mla(tmp_path):
     make_deepseek(tmp_path, "v2", **VARIANTS["v2-lite-greedy-yarn"][1])
-    with pytest.raises(ValueError, match="kv_cache_dtype fp8 is not supported for the latent cache"):
+    with pytest.raises(ValueError, match=r"one-byte KV cache \(kv_cache_dtype\) is not supported for the latent cache"):
         LLM(str(tmp_path), device="cpu", dtype="float32", cpu_kv_cache_bytes=1 << 22, kv_cache_dtype="fp8")
 
 
@@ -296,6 +296,28 @@ def test_group_limited_greedy_scores_groups_by_their_best_expert():
     weights, ids = route(probs.log(), None, cfg)
     assert sorted(ids[0].tolist()) == [0, 6]
     torch.testing.assert_close(weights[0].sort(descending=True).values, torch.tensor([0.30, 0.2]) * 1.5)
+
+
+def test_softmax_weights_are_normalised_when_norm_topk_prob():
+    """DeepSeek-V2's gate normalises the chosen softmax scores when norm_topk_prob is set
+    (transformers' V2 router ignores the field; V2-Lite leaves it off)."""
+    probs = torch.tensor([[0.4, 0.1, 0.3, 0.2]])
+    cfg = moe_config(n_routed_experts=4, n_group=1, topk_group=1, topk_method="greedy", scoring_func="softmax")
+    weights, ids = route(probs.log(), None, cfg)
+    assert sorted(ids[0].tolist()) == [0, 2]
+    torch.testing.assert_close(weights[0].sort(descending=True).values, torch.tensor([0.4, 0.3]) / 0.7 * 2.5)
+
+
+def test_moe_layer_freq_and_dense_first_layers_place_the_experts():
+    """The reference's rule: layer i has experts when i >= first_k_dense_replace and
+    i % moe_layer_freq == 0 (transformers ignores moe_layer_freq, so this is checked here)."""
+    from inferd.models.deepseek import DeepseekMoE, DeepseekV2ForCausalLM
+
+    raw = {"architectures": ["DeepseekV2ForCausalLM"], **SMALL, "num_hidden_layers": 6, "moe_layer_freq": 2}
+    cfg = parse_model_config(raw | {"q_lora_rank": None, "n_shared_experts": 1})
+    with torch.device("meta"):
+        model = DeepseekV2ForCausalLM(cfg, 64)
+    assert [isinstance(layer.mlp, DeepseekMoE) for layer in model.model.layers] == [False, False, True, False, True, False]
 
 
 @pytest.mark.parametrize("ties", [False, True])

@@ -130,7 +130,7 @@ def mla_decode_ref(
 
 class UpProjection(nn.Module):
     """kv_b_proj: latent -> per-head no-rope key and value. Not a `Linear`: decode reads its
-    weight as the two absorbed matrices, so the fp8 linear pass must leave it alone."""
+    weight as the two absorbed matrices, so passes that rewrite linear layers must leave it as it is."""
 
     def __init__(self, kv_lora_rank: int, num_heads: int, nope: int, v: int):
         super().__init__()
@@ -180,7 +180,7 @@ class MLAttention(nn.Module):
         """(cache tensors per layer, shape of one token's entry): one latent of kv_lora + rope."""
         if dtype.itemsize == 1:
             raise ValueError(
-                "kv_cache_dtype fp8 is not supported for the latent cache of Multi-head Latent Attention "
+                "a one-byte KV cache (kv_cache_dtype) is not supported for the latent cache of Multi-head Latent Attention "
                 "(DeepSeek V2/V3): use kv_cache_dtype auto (the latent is already 1/70 of expanded K/V)"
             )
         return 1, (self.kv_lora_rank + self.rope,)
@@ -407,6 +407,8 @@ class DeepseekV2ForCausalLM(nn.Module):
     # checkpoint name fragment -> (fused parameter fragment, shard id): dense and shared MLPs
     packed_modules_mapping = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
     ignored_checkpoint_tensors = ("rotary_emb.inv_freq",)
+    # fused_moe_ref reads per-expert token counts on the host: no CUDA graph can hold that step.
+    supports_cuda_graphs = False
 
     def __init__(self, cfg: ModelConfig, max_position: int):
         super().__init__()
@@ -418,6 +420,8 @@ class DeepseekV2ForCausalLM(nn.Module):
         # The multi-token-prediction layers (V3: model.layers.61.*) are not run: skipped at load.
         mtp = range(cfg.num_hidden_layers, cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
         self.ignored_checkpoint_prefixes = tuple(f"model.layers.{i}." for i in mtp)
+        # Checkpoint weights in scaled blocks (V3/R1's config.json says [128, 128]): the loader and
+        # the runner read it here.
         self.weight_block_size = cfg.weight_block_size
 
     def checkpoint_target(self, name: str):
@@ -440,4 +444,4 @@ class DeepseekV2ForCausalLM(nn.Module):
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
     """The V2 network; what differs (sigmoid scores, the correction bias, noaux_tc grouping, the
-    MTP layer, fp8 block weights) is in the config."""
+    MTP layer, block-scaled checkpoints) is in the config."""
