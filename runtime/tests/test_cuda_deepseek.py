@@ -160,26 +160,45 @@ def tiny_deepseek(request, tmp_path_factory):
     return path, cpu
 
 
-def _greedy(llm, batch, n=12):
+def _greedy(llm, batch, n=12) -> tuple[list, torch.Tensor]:
+    """Greedy tokens, and the log-probabilities of the chosen ones (a decode step's logits)."""
     from inferd import SamplingParams
 
-    return [o.token_ids for o in llm.generate(batch, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))]
+    outs = llm.generate(batch, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=True))
+    return [o.token_ids for o in outs], torch.tensor([o.logprobs for o in outs])
+
+
+def _logits(llm, ids: list[int]) -> torch.Tensor:
+    """Teacher-forced logits of one prompt (a prefill), on the engine's device, to the CPU."""
+    from inferd.layers.context import AttentionContext, reset_context, set_context
+
+    runner = llm.engine.runner
+    positions = torch.arange(len(ids), device=runner.device)
+    set_context(AttentionContext(is_prefill=True, query_lens=[len(ids)], context_lens_list=[len(ids)], slot_mapping=positions))
+    try:
+        with torch.no_grad():
+            model = runner.model
+            return model.compute_logits(model(torch.tensor(ids, device=runner.device), positions)).float().cpu()
+    finally:
+        reset_context()
 
 
 def test_tiny_deepseek_on_cuda_decodes_as_the_cpu_reference(tiny_deepseek):
     """float32 on both sides: the latent decode kernel and the Triton grouped MoE (captured in
     the engine's CUDA graphs) against the CPU reference functions, token for token."""
-    from test_deepseek import engine_logits, prompts
+    from test_deepseek import prompts
 
     from inferd import LLM
 
     path, cpu = tiny_deepseek
-    gpu = LLM(str(path), device="cuda", dtype="float32", kv_cache_fraction=0.05)
+    gpu = LLM(str(path), device="cuda", dtype="float32", num_kv_blocks=256)
     assert gpu.engine.runner.graphs, "decode should run in captured CUDA graphs"
     batch = prompts(5, seed=3)
-    assert _greedy(gpu, batch) == _greedy(cpu, batch)
+    (gpu_tokens, gpu_logprobs), (cpu_tokens, cpu_logprobs) = _greedy(gpu, batch), _greedy(cpu, batch)
+    assert gpu_tokens == cpu_tokens
+    torch.testing.assert_close(gpu_logprobs, cpu_logprobs, atol=1e-3, rtol=1e-3)
     ids = prompts(1, seed=5)[0]
-    torch.testing.assert_close(engine_logits(gpu, ids).cpu(), engine_logits(cpu, ids), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(_logits(gpu, ids), _logits(cpu, ids), atol=1e-3, rtol=1e-3)
 
 
 def test_tiny_deepseek_bf16_on_cuda_stays_close_to_the_cpu_reference(tiny_deepseek):
@@ -190,7 +209,7 @@ def test_tiny_deepseek_bf16_on_cuda_stays_close_to_the_cpu_reference(tiny_deepse
     from inferd import LLM, SamplingParams
 
     path, cpu = tiny_deepseek
-    gpu = LLM(str(path), device="cuda", dtype="bfloat16", kv_cache_fraction=0.05)
+    gpu = LLM(str(path), device="cuda", dtype="bfloat16", num_kv_blocks=256)
     batch = prompts(3, seed=4)
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     gpu_tokens = [o.token_ids for o in gpu.generate(batch, params)]
@@ -206,7 +225,7 @@ def test_fp8_block_checkpoint_on_cuda_computes_as_fp8_blocks(tmp_path):
     import json
 
     from safetensors.torch import load_file, save_file
-    from test_deepseek import VARIANTS, engine_logits, make_deepseek, prompts, quantize_blocks
+    from test_deepseek import VARIANTS, make_deepseek, prompts, quantize_blocks
 
     from inferd import LLM
 
@@ -228,12 +247,12 @@ def test_fp8_block_checkpoint_on_cuda_computes_as_fp8_blocks(tmp_path):
         "weight_block_size": [128, 128],
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
-    gpu = LLM(str(tmp_path), device="cuda", dtype="bfloat16", kv_cache_fraction=0.05)
+    gpu = LLM(str(tmp_path), device="cuda", dtype="bfloat16", num_kv_blocks=256)
     cpu = LLM(str(tmp_path), device="cpu", dtype="float32", cpu_kv_cache_bytes=1 << 22)
     model = gpu.engine.runner.model
     assert model.model.layers[1].mlp.experts.w13.dtype == FP8
     assert model.model.layers[1].self_attn.o_proj.weight.dtype == FP8
     ids = prompts(1, seed=6)[0]
-    ours, ref = engine_logits(gpu, ids).float().cpu(), engine_logits(cpu, ids)
+    ours, ref = _logits(gpu, ids), _logits(cpu, ids)
     cos = torch.nn.functional.cosine_similarity(ours, ref, dim=-1)
     assert cos.min() > 0.99, cos
