@@ -109,9 +109,10 @@ def bench_kernel(args) -> list[dict]:
 
     rows: list[dict] = []
     block_size = 16
-    configs = [{}, dict(tile=64), dict(block_h=32), dict(block_h=64, tile=16), dict(num_warps=4), dict(num_stages=3)]
+    # The default launch and its neighbours that ptxas fits without spills (block_h 64 spills).
+    configs = [{}, dict(tile=16), dict(block_h=32), dict(num_stages=3)]
     for heads in (16, 128):
-        for batch, ctx in ((1, 4096), (16, 4096), (64, 768), (64, 4096), (128, 4096)):
+        for batch, ctx in ((1, 4096), (16, 4096), (64, 768), (64, 4096)):
             case = _latent_case(batch, heads, ctx, block_size)
             nbytes = batch * ctx * LATENT * 2 + batch * heads * (LATENT + 512) * 2
             best = None
