@@ -116,7 +116,7 @@ def bench_kernel(args) -> list[dict]:
             case = _latent_case(batch, heads, ctx, block_size)
             nbytes = batch * ctx * LATENT * 2 + batch * heads * (LATENT + 512) * 2
             best = None
-            for cfg in configs:
+            for cfg in configs + ([dict(splits=64, tile=16)] if batch <= 16 else []):  # more splits than the default cap
                 row = {"heads": heads, "batch": batch, "ctx": ctx, "config": cfg, "default": not cfg}
                 try:
                     row["us"] = graph_us(functools.partial(mla_decode, *case, **cfg))

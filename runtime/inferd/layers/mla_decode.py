@@ -6,7 +6,7 @@ DeepSeek-V2/V3 decode with W_UK folded into the query reads, per cached token, o
 the same latent, so one program takes a block of heads and each latent tile is loaded once for
 both products (scores and p @ c), the way FlashMLA does (3,000 GB/s memory-bound on H800).
 
-Grid: (sequence, head block, split). A batch too small to fill the GPU has its context split
+Grid: (head block, sequence, split). A batch too small to fill the GPU has its context split
 across programs (flash-decoding) and a second kernel merges the partial softmaxes. The split count
 depends only on the batch and head count, never on the context lengths (read on the device), so
 the launch is fixed for a batch bucket and a CUDA graph captures it; nothing syncs with the host.
@@ -93,8 +93,10 @@ if triton is not None:
         SPLITS: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        seq = tl.program_id(0)
-        head_block = tl.program_id(1)
+        # Head blocks vary fastest: the programs reading one sequence's latent run side by side
+        # and share its tiles in L2 (V3's 128 heads are eight blocks of 16).
+        head_block = tl.program_id(0)
+        seq = tl.program_id(1)
         split = tl.program_id(2)
         ctx_len = tl.load(context_lens_ptr + seq)
         tiles = tl.cdiv(ctx_len, TILE)
@@ -205,7 +207,7 @@ def mla_decode(
         part_ml = torch.empty(batch * num_heads * splits, 2, device=out.device, dtype=torch.float32)
     else:
         part_acc = part_ml = out
-    _mla_decode_kernel[(batch, head_blocks, splits)](
+    _mla_decode_kernel[(head_blocks, batch, splits)](
         q_latent,
         q_rope,
         latent_cache,
