@@ -260,7 +260,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     for splits in (1, 8):
         _compiles_for_hopper(mla_decode._mla_decode_kernel, mla, shape | {"SPLITS": splits}, num_warps=8, num_stages=2)
     merge = dict(out_ptr="*bf16", part_acc_ptr="*fp32", part_ml_ptr="*fp32")
-    _compiles_for_hopper(mla_decode._mla_merge_kernel, merge, dict(KV_LORA=512, SPLITS=8, SPLITS_PAD=8), num_warps=4)
+    _compiles_for_hopper(mla_decode._mla_merge_kernel, merge, dict(KV_LORA=512, SPLITS=8), num_warps=4)
     quant = dict(x_ptr="*bf16", q_ptr="*fp8e4nv", s_ptr="*fp32", K="i32", stride_x="i32", stride_q="i32", stride_s="i32")
     _compiles_for_hopper(fp8_block._act_quant_kernel, quant, dict(GROUP_SIZE=128))
     gemm = dict(a_ptr="*fp8e4nv", a_s_ptr="*fp32", b_ptr="*fp8e4nv", b_s_ptr="*fp32", c_ptr="*bf16")

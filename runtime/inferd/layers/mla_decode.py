@@ -150,23 +150,24 @@ if triton is not None:
         part_ml_ptr,
         KV_LORA: tl.constexpr,
         SPLITS: tl.constexpr,
-        SPLITS_PAD: tl.constexpr,
     ):
         """One program per (sequence, head): the partial softmaxes of its splits, rescaled to their
-        common maximum. An empty split (m = -inf, denom = 0) weighs nothing."""
+        common maximum, one split at a time (registers for one row whatever the split count). An
+        empty split (m = -inf, denom = 0) weighs nothing."""
         row = tl.program_id(0).to(tl.int64)
-        offs_s = tl.arange(0, SPLITS_PAD)
-        s_mask = offs_s < SPLITS
-        part = row * SPLITS + offs_s
-        m_s = tl.load(part_ml_ptr + part * 2, mask=s_mask, other=float("-inf"))
-        l_s = tl.load(part_ml_ptr + part * 2 + 1, mask=s_mask, other=0.0)
-        m = tl.max(m_s, 0)
-        w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m))
-        denom = tl.sum(l_s * w, 0)
+        base = row * SPLITS
+        m = tl.load(part_ml_ptr + base * 2)
+        for split in range(1, SPLITS):
+            m = tl.maximum(m, tl.load(part_ml_ptr + (base + split) * 2))
         offs_l = tl.arange(0, KV_LORA)
-        acc = tl.load(part_acc_ptr + part[:, None] * KV_LORA + offs_l[None, :], mask=s_mask[:, None], other=0.0)
-        out = tl.sum(acc * w[:, None], 0) / denom
-        tl.store(out_ptr + row * KV_LORA + offs_l, out.to(out_ptr.dtype.element_ty))
+        acc = tl.zeros([KV_LORA], dtype=tl.float32)
+        denom = 0.0
+        for split in range(SPLITS):
+            m_s = tl.load(part_ml_ptr + (base + split) * 2)
+            w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m))
+            denom += tl.load(part_ml_ptr + (base + split) * 2 + 1) * w
+            acc += tl.load(part_acc_ptr + (base + split) * KV_LORA + offs_l) * w
+        tl.store(out_ptr + row * KV_LORA + offs_l, (acc / denom).to(out_ptr.dtype.element_ty))
 
 
 def mla_decode(
@@ -232,7 +233,5 @@ def mla_decode(
         num_stages=num_stages,
     )
     if splits > 1:
-        _mla_merge_kernel[(batch * num_heads,)](
-            out, part_acc, part_ml, KV_LORA=kv_lora, SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4
-        )
+        _mla_merge_kernel[(batch * num_heads,)](out, part_acc, part_ml, KV_LORA=kv_lora, SPLITS=splits, num_warps=4)
     return out
