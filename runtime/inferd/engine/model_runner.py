@@ -78,8 +78,7 @@ class ModelRunner:
         self._turn = 0
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # A model whose step syncs with the host (a reference MoE's per-expert loop) cannot be captured.
-        if self.is_cuda and not config.enforce_eager and getattr(self.model, "supports_cuda_graphs", True):
+        if self.is_cuda and not config.enforce_eager:
             self._capture_cuda_graphs()
 
     def _load_model(self, weights, weight_bytes) -> None:

@@ -407,8 +407,6 @@ class DeepseekV2ForCausalLM(nn.Module):
     # checkpoint name fragment -> (fused parameter fragment, shard id): dense and shared MLPs
     packed_modules_mapping = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
     ignored_checkpoint_tensors = ("rotary_emb.inv_freq",)
-    # fused_moe_ref reads per-expert token counts on the host: no CUDA graph can hold that step.
-    supports_cuda_graphs = False
 
     def __init__(self, cfg: ModelConfig, max_position: int):
         super().__init__()
