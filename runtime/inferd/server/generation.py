@@ -59,7 +59,14 @@ class Generation:
     model: str
     t0: float
     first: float | None = None  # when the first token arrived
+    reservation: object = None  # the engine's Reservation: room for the sequences not yet submitted
     closed: bool = False
+
+    def release(self) -> None:
+        """The limiter slots and any unused queue room back."""
+        self.state.limiter.release(self.principal.key_id, len(self.params))
+        if self.reservation is not None:
+            self.reservation.release()
 
     def close(self, status: str, completion_tokens: int = 0, finals=()) -> None:
         """The request's last step, once whichever way it ends: the `end` record (a second end is
@@ -68,7 +75,7 @@ class Generation:
             return
         self.closed = True
         self.state.audit.end(self.rid, **outcome_of(GeneratorExit()), completion_tokens=completion_tokens)
-        self.state.limiter.release(self.principal.key_id, len(self.params))
+        self.release()
         self.observe(finals)
         self.state.metrics.requests.labels(self.record["route"], status).inc()
 
@@ -134,7 +141,7 @@ async def generate(request: Request, engine: AsyncLLMEngine, body, prompt_ids, m
     state = state_of(request)
     params = sampling_params(state, engine, body, prompt_ids, max_tokens, logprobs)
     principal: Principal = request.state.principal
-    admit(state.limiter, state.metrics, principal.key_id, len(params), engine)
+    reservation = admit(state.limiter, state.metrics, principal.key_id, len(params), engine)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     record = audit_fields(request, 200) | {"request_id": rid, "model": state.model_id, "prompt_tokens": len(prompt_ids) * body.n}
     if state.cfg.audit_log_prompts:
@@ -153,11 +160,12 @@ async def generate(request: Request, engine: AsyncLLMEngine, body, prompt_ids, m
         created=int(time.time()),
         model=state.model_id,
         t0=time.perf_counter(),
+        reservation=reservation,
     )
     try:  # the request's evidence is durable before generation starts
         await state.audit_wait(lambda: state.audit.begin(rid, {k: v for k, v in record.items() if k != "status"}))
     except BaseException:  # refused (503) or cancelled: the slots go back either way
-        state.limiter.release(principal.key_id, len(params))
+        g.release()
         raise
     state.metrics.prompt_tokens.inc(len(prompt_ids) * body.n)
     if body.stream:
@@ -169,7 +177,7 @@ async def generate(request: Request, engine: AsyncLLMEngine, body, prompt_ids, m
         state.audit.end(rid, **outcome_of(e))
         raise
     finally:
-        state.limiter.release(principal.key_id, len(params))
+        g.release()
     return await respond(g, finals)
 
 
@@ -181,7 +189,7 @@ async def merged(g: Generation):
 
     async def pump(i, sp):
         try:
-            async for event in engine.generate(prompt_ids, sp, tenant=tenant, priority=priority):
+            async for event in engine.generate(prompt_ids, sp, tenant=tenant, priority=priority, reservation=g.reservation):
                 await queue.put((i, event))
         except Exception as e:
             await queue.put((i, e))
