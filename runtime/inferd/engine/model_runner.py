@@ -109,9 +109,17 @@ class ModelRunner:
         return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *scales])
 
     # ---- KV cache -------------------------------------------------------------------------
+    def kv_cache_layout(self) -> tuple[int, tuple[int, ...]]:
+        """(cache tensors per layer, one token's entry shape), as the model's attention layers
+        say: K and V of [kv heads, head_dim], or MLA's one latent of kv_lora_rank + rope dims."""
+        layouts = {layer.kv_cache_layout(self.kv_dtype) for layer in self.attn_layers}
+        if len(layouts) != 1:
+            raise RuntimeError(f"attention layers with different cache layouts are not supported: {sorted(layouts)}")
+        return layouts.pop()
+
     def kv_bytes_per_block(self) -> int:
-        cfg = self.model_cfg
-        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+        tensors, entry = self.kv_cache_layout()
+        per_token = tensors * len(self.attn_layers) * int(np.prod(entry))
         return per_token * self.block_size * self.kv_dtype.itemsize
 
     @torch.inference_mode()
@@ -126,7 +134,7 @@ class ModelRunner:
         reset_context()
 
     def _allocate_kv_cache(self) -> int:
-        cfg, config = self.model_cfg, self.config
+        config = self.config
         per_block = self.kv_bytes_per_block()
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
@@ -150,18 +158,11 @@ class ModelRunner:
                 f"({self.max_model_len}): raise kv_cache_fraction (or cpu_kv_cache_bytes), or lower max_model_len"
             )
         # One extra block at the end: padded rows of a captured decode batch write there.
-        self.kv_cache = torch.zeros(
-            2,
-            cfg.num_hidden_layers,
-            num_blocks + 1,
-            self.block_size,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            dtype=self.kv_dtype,
-            device=self.device,
-        )
+        tensors, entry = self.kv_cache_layout()
+        shape = (tensors, len(self.attn_layers), num_blocks + 1, self.block_size, *entry)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         for i, layer in enumerate(self.attn_layers):
-            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+            layer.bind_kv_cache(*self.kv_cache[:, i])
         log.info(
             "KV cache: %d blocks of %d tokens, %s (%.2f GiB)",
             num_blocks,
