@@ -37,6 +37,26 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class Reservation:
+    """Room for n sequences in the batch and the bounded queue, held from a request's admission
+    until each sequence is submitted (or the request ends first): a burst admitted together cannot
+    overfill the queue while its audit records are being written."""
+
+    def __init__(self, engine: AsyncLLMEngine, n: int):
+        self.engine, self.left = engine, n
+
+    def _take_locked(self) -> None:
+        if self.left:
+            self.left -= 1
+            self.engine._reserved -= 1
+
+    def release(self) -> None:
+        """Give back what no submitted sequence took (again: nothing)."""
+        with self.engine._lock:
+            self.engine._reserved -= self.left
+            self.left = 0
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, on_error: Callable[[AsyncLLMEngine, BaseException], None] | None = None):
         self.engine = engine
@@ -47,6 +67,7 @@ class AsyncLLMEngine:
         self._pending: list[tuple[str, object, SamplingParams, str, int]] = []
         self._aborts: list[str] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._reserved = 0  # sequences admitted, not yet submitted (Reservation)
         self._stopping = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="inferd-engine", daemon=True)
@@ -95,19 +116,29 @@ class AsyncLLMEngine:
             time.sleep(0.05)
         self.shutdown()
 
-    def has_room(self, n: int) -> bool:
-        """Whether `n` more sequences fit in the batch and the bounded waiting queue now (the
-        server refuses a request with 429 at once otherwise; the scheduler's QueueFull is the hard
-        bound behind this check)."""
+    def reserve(self, n: int) -> Reservation | None:
+        """Room for `n` more sequences in the batch and the bounded waiting queue, held until they
+        are submitted with it (generate's `reservation`) or released; None when there is none (the
+        server refuses with 429 at once; the scheduler's QueueFull is the hard bound behind this)."""
         cfg = self.engine.config
         with self._lock:
-            return len(self._streams) + n <= cfg.max_num_seqs + cfg.max_num_waiting
+            if len(self._streams) + self._reserved + n > cfg.max_num_seqs + cfg.max_num_waiting:
+                return None
+            self._reserved += n
+            return Reservation(self, n)
 
     async def generate(
-        self, prompt, params: SamplingParams, request_id: str | None = None, tenant: str = "", priority: int = 0
+        self,
+        prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+        tenant: str = "",
+        priority: int = 0,
+        reservation: Reservation | None = None,
     ) -> AsyncIterator[StepOutput]:
         """The request's events: a TokenEvent per step while it runs, then its RequestOutput.
-        `tenant` (the API key's id) and `priority` (its class) are how the batch is shared."""
+        `tenant` (the API key's id) and `priority` (its class) are how the batch is shared; the
+        sequence takes its place from `reservation` when given."""
         request_id = request_id or f"req-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:  # under the lock: a request is either refused here or failed by _run
@@ -116,6 +147,8 @@ class AsyncLLMEngine:
             if self._stopping:  # drained for a swap or an unload: nothing would run this request
                 raise EngineDeadError("the engine is shutting down (a model swap or unload): retry")
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
+            if reservation is not None:
+                reservation._take_locked()
             self._pending.append((request_id, prompt, params, tenant, priority))
         self._wake.set()
         finished = False

@@ -59,6 +59,25 @@ class Generation:
     model: str
     t0: float
     first: float | None = None  # when the first token arrived
+    reservation: object = None  # the engine's Reservation: room for the sequences not yet submitted
+    closed: bool = False
+
+    def release(self) -> None:
+        """The limiter slots and any unused queue room back."""
+        self.state.limiter.release(self.principal.key_id, len(self.params))
+        if self.reservation is not None:
+            self.reservation.release()
+
+    def close(self, status: str, completion_tokens: int = 0, finals=()) -> None:
+        """The request's last step, once whichever way it ends: the `end` record (a second end is
+        ignored by the log), its limiter slots back, its metrics."""
+        if self.closed:
+            return
+        self.closed = True
+        self.state.audit.end(self.rid, **outcome_of(GeneratorExit()), completion_tokens=completion_tokens)
+        self.release()
+        self.observe(finals)
+        self.state.metrics.requests.labels(self.record["route"], status).inc()
 
     def usage(self, finals) -> dict:
         return usage_body(len(self.prompt_ids), len(self.params), sum(len(o.token_ids) for o in finals))
@@ -122,7 +141,7 @@ async def generate(request: Request, engine: AsyncLLMEngine, body, prompt_ids, m
     state = state_of(request)
     params = sampling_params(state, engine, body, prompt_ids, max_tokens, logprobs)
     principal: Principal = request.state.principal
-    admit(state.limiter, state.metrics, principal.key_id, len(params), engine)
+    reservation = admit(state.limiter, state.metrics, principal.key_id, len(params), engine)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     record = audit_fields(request, 200) | {"request_id": rid, "model": state.model_id, "prompt_tokens": len(prompt_ids) * body.n}
     if state.cfg.audit_log_prompts:
@@ -141,23 +160,24 @@ async def generate(request: Request, engine: AsyncLLMEngine, body, prompt_ids, m
         created=int(time.time()),
         model=state.model_id,
         t0=time.perf_counter(),
+        reservation=reservation,
     )
     try:  # the request's evidence is durable before generation starts
         await state.audit_wait(lambda: state.audit.begin(rid, {k: v for k, v in record.items() if k != "status"}))
     except BaseException:  # refused (503) or cancelled: the slots go back either way
-        state.limiter.release(principal.key_id, len(params))
+        g.release()
         raise
     state.metrics.prompt_tokens.inc(len(prompt_ids) * body.n)
     if body.stream:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(stream(g), media_type="text/event-stream", headers=headers)
+        return ClosingStream(stream(g), on_close=lambda: g.close("499"), media_type="text/event-stream", headers=headers)
     try:
         finals = await collect(g)
     except BaseException as e:
         state.audit.end(rid, **outcome_of(e))
         raise
     finally:
-        state.limiter.release(principal.key_id, len(params))
+        g.release()
     return await respond(g, finals)
 
 
@@ -169,7 +189,7 @@ async def merged(g: Generation):
 
     async def pump(i, sp):
         try:
-            async for event in engine.generate(prompt_ids, sp, tenant=tenant, priority=priority):
+            async for event in engine.generate(prompt_ids, sp, tenant=tenant, priority=priority, reservation=g.reservation):
                 await queue.put((i, event))
         except Exception as e:
             await queue.put((i, e))
@@ -265,8 +285,24 @@ async def stream(g: Generation):
         yield fmt.usage(usage)
         yield DONE_EVENT
         status = "200"
-    finally:  # a stream cut short (client gone, server stopping) still ends in the log; a second end is ignored
-        g.state.audit.end(g.rid, **outcome_of(GeneratorExit()), completion_tokens=sum(tokens.values()))
-        g.state.limiter.release(g.principal.key_id, len(g.params))
-        g.observe(finals.values())
-        g.state.metrics.requests.labels(g.record["route"], status).inc()
+    finally:  # a stream cut short (client gone, server stopping) still ends in the log
+        g.close(status, sum(tokens.values()), list(finals.values()))
+
+
+class ClosingStream(StreamingResponse):
+    """A streaming response that runs `on_close` however it ends: also when the client is gone before
+    the body begins, where the body generator never starts and so never reaches its `finally`."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # A body paused at a `yield` when the send failed ends here with what it counted; one
+            # never started just closes. on_close then finds the request closed or closes it.
+            with contextlib.suppress(RuntimeError):
+                await self.body_iterator.aclose()
+            self.on_close()
