@@ -4,6 +4,8 @@
   its achieved GB/s against the bytes it must read (the latent cache of every context, the
   queries, the output), for V2-Lite's 16 and V3's 128 heads; FlashMLA's published figure is
   3,000 GB/s memory-bound on an H800. A few launch configurations are swept, the best kept.
+- moe: one V2-Lite MoE layer's routed experts through both fused_moe implementations
+  (torch._grouped_mm and the Triton grouped GEMM), GPU time and GB/s over the touched experts.
 - v3: a full-width DeepSeek-V3 slice (hidden 7168, 128 heads, q_lora 1536, 256 experts top-8,
   n_group 8 / topk_group 4, fp8 128x128 blocks), `--v3-layers` MoE decoder layers composed from
   the engine's CUDA pieces (fp8_block_linear, mla_decode with the absorbed projections, the
@@ -133,6 +135,31 @@ def bench_kernel(args) -> list[dict]:
             print(json.dumps({"kernel_best": best}), flush=True)
             del case
             torch.cuda.empty_cache()
+    return rows
+
+
+def bench_moe(args) -> list[dict]:
+    """One V2-Lite MoE layer's routed experts (64 of 1408, top-6, bf16) through each fused_moe
+    implementation, graph-captured: GPU time and GB/s over the experts the batch touches."""
+    from inferd.layers.fused_moe import fused_moe
+
+    experts, k, dim, inter = 64, 6, 2048, 1408
+    w13 = torch.randn(experts, 2 * inter, dim, device="cuda", dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(experts, dim, inter, device="cuda", dtype=torch.bfloat16) * 0.02
+    rows = []
+    for tokens in (1, 16, 64, 512):
+        hidden = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
+        weights, ids = torch.rand(tokens, experts, device="cuda").topk(k, dim=-1)
+        nbytes = int(ids.unique().numel()) * 3 * inter * dim * 2
+        for impl in ("grouped_mm", "triton"):
+            row = {"tokens": tokens, "impl": impl, "expert_bytes": nbytes}
+            try:
+                row["us"] = graph_us(functools.partial(fused_moe, hidden, w13, w2, weights, ids, impl=impl))
+                row["GB_s"] = nbytes / row["us"] / 1e3
+            except Exception as e:  # reported, the other implementation still measured
+                row["error"] = f"{type(e).__name__}: {e}"[:200]
+            rows.append(row)
+            print(json.dumps({"moe": row}), flush=True)
     return rows
 
 
@@ -382,7 +409,8 @@ def bench_lite(args, bandwidth: float) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["kernel", "v3", "lite"], choices=["kernel", "v3", "lite"])
+    parts = ["kernel", "moe", "v3", "lite"]
+    ap.add_argument("--parts", nargs="+", default=parts, choices=parts)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--prompt-len", type=int, default=512)
@@ -417,6 +445,7 @@ def main() -> int:
 
     runners = {
         "kernel": lambda: bench_kernel(args),
+        "moe": lambda: bench_moe(args),
         "v3": lambda: bench_v3(args, bandwidth),
         "lite": lambda: bench_lite(args, bandwidth),
     }
