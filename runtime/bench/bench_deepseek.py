@@ -336,12 +336,13 @@ def checkpoint_tensors(state: dict):
 
 
 def lite_step_bytes(config: dict, weight_bytes: int, batch: int, context: int) -> int:
-    """Bytes one decode step reads: every weight but the routed experts, the experts the batch is
-    expected to touch in each MoE layer, and the latent cache of every sequence."""
+    """Bytes one decode step reads: every weight but the routed experts and the embedding table
+    (a row per token), the experts the batch is expected to touch in each MoE layer, and the
+    latent cache of every sequence."""
     experts, inter, dim = config["n_routed_experts"], config["moe_intermediate_size"], config["hidden_size"]
     moe_layers = config["num_hidden_layers"] - config["first_k_dense_replace"]
     per_expert = 3 * inter * dim * 2
-    dense = weight_bytes - moe_layers * experts * per_expert
+    dense = weight_bytes - moe_layers * experts * per_expert - config["vocab_size"] * dim * 2
     routed = moe_layers * expected_distinct(experts, config["num_experts_per_tok"], batch) * per_expert
     return int(dense + routed + batch * context * LATENT * 2 * config["num_hidden_layers"])
 
