@@ -19,6 +19,8 @@ class TokenEvent:
     # With logprobs: the new tokens' own logprobs, and their top alternatives (id, logprob).
     new_logprobs: list[float] | None = None
     new_top_logprobs: list[list[tuple[int, float]]] | None = None
+    # On a request's first event, with prompt_logprobs: as RequestOutput.prompt_logprobs.
+    prompt_logprobs: list | None = None
     finished: ClassVar[bool] = False
 
 

@@ -198,6 +198,8 @@ class LLMEngine:
             if p.logprobs:
                 event.new_logprobs = seq.output_logprobs[-1:]
                 event.new_top_logprobs = seq.output_top_logprobs[-1:] if p.top_logprobs else None
+            if p.prompt_logprobs and seq.num_output_tokens == 1:
+                event.prompt_logprobs = [seq.prompt_logprobs.get(i) for i in range(seq.num_prompt_tokens)]
             return event
         if detok is not None and not hit_stop_string:
             new_text += detok.flush()

@@ -23,11 +23,14 @@ bad token or grammar: it enters an error state, which is checked here.
 
 from __future__ import annotations
 
+import logging
 from functools import cached_property
 
 import torch
 
 from inferd.sampling_params import InvalidRequestError
+
+log = logging.getLogger("inferd.structured")
 
 PARAM = "response_format"
 # The document's layout is fixed (json.dumps's separators, no other whitespace): free whitespace
@@ -41,7 +44,7 @@ def _grammar(schema: dict) -> str:
 
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
-    except (ValueError, TypeError) as e:
+    except Exception as e:  # the library's own error types for a schema it cannot read
         raise InvalidRequestError(f"{PARAM}: the JSON schema is not usable: {e}", PARAM) from None
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
@@ -92,10 +95,11 @@ class Grammar:
         self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
 
     def accept(self, token: int) -> None:
-        """Advance past a sampled token (one the mask allowed)."""
+        """Advance past a sampled token (one the mask allowed). A matcher that fails (a parser
+        limit reached) ends its sequence, as a stop does, and never the engine's step."""
         if not self._matcher.consume_token(token):
-            raise RuntimeError(f"the grammar refused token {token}, which its mask allowed: {self._matcher.get_error()}")
+            log.warning("a grammar matcher failed; its request ends here: %s", self._matcher.get_error()[:300])
 
     @property
     def is_terminated(self) -> bool:
-        return self._matcher.is_stopped()
+        return self._matcher.is_stopped() or self._matcher.is_error()
