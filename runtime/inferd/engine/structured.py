@@ -60,7 +60,8 @@ def check_schema(schema: dict) -> None:
 
 class GrammarCompiler:
     """One per engine: the library's view of the vocabulary, built on first use (0.44 s for
-    DeepSeek-V3's), then a matcher per constrained request."""
+    DeepSeek-V3's, once, on the engine thread: an engine never asked for structured output, or
+    one without the library installed, pays nothing), then a matcher per constrained request."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: set[int]):
         self._tokenizer_json = tokenizer_json
