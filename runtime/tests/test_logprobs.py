@@ -75,9 +75,10 @@ def test_prompt_logprobs_score_each_prompt_token_given_the_ones_before(engine, r
         assert_scores(ref, p - 1, out.prompt_token_ids[p], logprob, top, 2)
 
 
-def test_prompt_logprobs_are_complete_when_the_prompt_is_chunked_or_cached(llama_dir, reference):
-    # Prefill in chunks of 16 tokens (the smallest the config takes: one block); the same prompt
-    # twice, so the prefix cache has its blocks the second time.
+def test_prompt_logprobs_are_complete_when_the_prompt_is_chunked_or_cached(llama_dir, reference, monkeypatch):
+    # Prefill in chunks of 16 tokens (the smallest the config takes: one block), scored in slices
+    # of 5; the same prompt twice, so the prefix cache has its blocks the second time.
+    monkeypatch.setattr("inferd.engine.model_runner.PROMPT_SCORE_ROWS", 5)
     eng = LLMEngine(EngineConfig(model=str(llama_dir), max_num_batched_tokens=16, max_num_seqs=4))
     prompt = "Paged attention keeps the KV cache in fixed-size blocks. " * 3
     params = SamplingParams(max_tokens=1, logprobs=True, prompt_logprobs=True)

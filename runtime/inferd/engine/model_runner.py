@@ -24,6 +24,9 @@ from inferd.models.registry import model_class
 
 log = logging.getLogger("inferd.runner")
 
+# Prompt positions scored (prompt logprobs) per logits slice.
+PROMPT_SCORE_ROWS = 256
+
 
 @dataclass
 class StepHandle:
@@ -297,13 +300,15 @@ class ModelRunner:
         for i, s in enumerate(seqs):
             start, n = s.num_computed_tokens, s.num_scheduled_tokens
             end = min(start + n, s.num_prompt_tokens - 1)
-            if s.params.prompt_logprobs and end > start:
-                logits = self.model.compute_logits(hidden[offset : offset + end - start])
-                next_ids = self._to_device(s.token_ids[start + 1 : end + 1])
-                sc = self.sampler.prompt_logprobs(logits, next_ids, s.params.top_logprobs)
+            # In slices: a whole chunk's float32 logits (8,192 x 129,280) would be 4 GiB the
+            # warm-up never measured.
+            for a in range(start, end if s.params.prompt_logprobs else start, PROMPT_SCORE_ROWS):
+                b = min(a + PROMPT_SCORE_ROWS, end)
+                logits = self.model.compute_logits(hidden[offset + a - start : offset + b - start])
+                sc = self.sampler.prompt_logprobs(logits, self._to_device(s.token_ids[a + 1 : b + 1]), s.params.top_logprobs)
                 if self.is_cuda:
                     sc = Sampled(*(t.to("cpu", non_blocking=True) if t is not None else None for t in vars(sc).values()))
-                scores.append((i, start + 1, sc))
+                scores.append((i, a + 1, sc))
             offset += n
         return scores
 
