@@ -135,6 +135,50 @@ def test_overlapped_cuda_steps_match_the_cpu_engine_in_and_beyond_the_graph_buck
     del llm.engine.runner.launch
 
 
+def test_structured_output_and_top_logprobs_run_through_cuda_graphs(llama_dir):
+    # A constrained row beside free rows: the token bitmask and the top-k logprobs are applied in
+    # the sampler, after the graph's logits, so decode still replays graphs; the documents are
+    # valid and every value equals the CPU engine's (float32, greedy).
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {"kind": {"enum": ["cat", "dog"]}, "age": {"type": "integer", "minimum": 0, "maximum": 30}},
+        "required": ["kind", "age"],
+        "additionalProperties": False,
+    }
+    prompts = ["The quick brown fox", "hello", "Banks and hospitals"]
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=5),
+        SamplingParams(max_tokens=60, temperature=0.0, json_schema=schema, logprobs=True, top_logprobs=2),
+        SamplingParams(max_tokens=60, temperature=1.0, seed=4, json_schema={"type": "object"}),
+    ]
+    cpu = LLM(str(llama_dir), device="cpu", dtype="float32").generate(prompts, params)
+    llm = LLM(str(llama_dir), device="cuda", dtype="float32", cuda_graph_max_batch=4, kv_cache_fraction=0.3)
+    replays = []
+    for bs, graph in llm.engine.runner.graphs.items():
+        graph.replay = (lambda g, b: lambda: (replays.append(b), g())[1])(graph.replay, bs)
+    gpu = llm.generate(prompts, params)
+    assert replays, "decode left the CUDA graphs"
+    assert [o.token_ids for o in gpu[:2]] == [o.token_ids for o in cpu[:2]]
+    assert json.loads(gpu[1].text)["kind"] in ("cat", "dog") and gpu[1].finish_reason == "stop"
+    assert gpu[2].finish_reason == "length" or isinstance(json.loads(gpu[2].text), dict)
+    for g, c in zip(gpu[:2], cpu[:2]):
+        assert g.logprobs == pytest.approx(c.logprobs, abs=1e-3)
+        assert [[t for t, _ in alts] for alts in g.top_logprobs] == [[t for t, _ in alts] for alts in c.top_logprobs]
+
+
+def test_prompt_logprobs_on_cuda_match_the_cpu_engine(llama_dir):
+    sp = SamplingParams(max_tokens=2, temperature=0.0, logprobs=True, top_logprobs=3, prompt_logprobs=True)
+    prompt = "Paged attention keeps the KV cache in fixed-size blocks."
+    cpu = LLM(str(llama_dir), device="cpu", dtype="float32").generate([prompt], sp)[0]
+    gpu = LLM(str(llama_dir), device="cuda", dtype="float32", kv_cache_fraction=0.3).generate([prompt], sp)[0]
+    assert gpu.prompt_logprobs[0] is None and len(gpu.prompt_logprobs) == len(cpu.prompt_logprobs)
+    for g, c in zip(gpu.prompt_logprobs[1:], cpu.prompt_logprobs[1:]):
+        assert g[0] == pytest.approx(c[0], abs=1e-3)
+        assert [t for t, _ in g[1]] == [t for t, _ in c[1]]
+
+
 def test_fp8_kv_cache_on_cuda_matches_the_cpu_engine_with_one(llama_dir):
     # The Triton store and decode kernels against the CPU reference, both over fp8 K/V, in
     # float32 compute (bf16 compute would differ from the CPU for its own reasons).

@@ -91,7 +91,9 @@ class BlockManager:
         assert not seq.block_table
         prefix = tenant_salt(seq.tenant)
         seq.num_cached_tokens = 0
-        if self.enable_prefix_caching:
+        # A prompt scored token by token (prompt logprobs) is computed in full: a cached block
+        # has no logits.
+        if self.enable_prefix_caching and not seq.params.prompt_logprobs:
             self.prefix_queries += len(seq)
             full_blocks = (len(seq) - 1) // self.block_size
             for i in range(full_blocks):

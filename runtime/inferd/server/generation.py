@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,12 +27,12 @@ from inferd.server.access import Principal, audit_fields
 from inferd.server.audit import outcome_of
 from inferd.server.errors import OpenAIError, error_body
 from inferd.server.limits import admit, queue_full
+from inferd.server.logprobs import chat_logprobs, completion_logprobs, echoed_prompt
 from inferd.server.openai_format import (
     DONE_EVENT,
     ChunkFormatter,
     choice_body,
     completion_body,
-    logprobs_body,
     sse,
     usage_body,
 )
@@ -61,6 +62,8 @@ class Generation:
     first: float | None = None  # when the first token arrived
     reservation: object = None  # the engine's Reservation: room for the sequences not yet submitted
     closed: bool = False
+    top_logprobs: int = 0
+    echo_text: str | None = None  # completions' echo: the prompt, put before each choice's text
 
     def release(self) -> None:
         """The limiter slots and any unused queue room back."""
@@ -82,11 +85,37 @@ class Generation:
     def usage(self, finals) -> dict:
         return usage_body(len(self.prompt_ids), len(self.params), sum(len(o.token_ids) for o in finals))
 
+    def token_logprobs(self, ids, logprobs, top, prompt_scores=None, echo=False, offset=0) -> dict:
+        """Logprobs of output tokens (after the echoed prompt's, with `echo`) in the route's shape."""
+        texts = self.engine.token_texts
+        if self.chat:
+            return chat_logprobs(texts, ids, logprobs, top)
+        ids, logprobs = list(ids), list(logprobs)
+        top = list(top) if top is not None and self.top_logprobs else None
+        if echo:
+            p_ids, p_lps, p_top = echoed_prompt(self.prompt_ids, prompt_scores, top is not None)
+            ids, logprobs, top = p_ids + ids, p_lps + logprobs, (p_top + top if top is not None else None)
+        return completion_logprobs(texts, ids, logprobs, top, offset)
+
     def choice(self, i: int, out: RequestOutput, logprobs: bool) -> dict:
         lp = None
         if logprobs and out.logprobs is not None:
-            lp = logprobs_body(self.chat, self.engine.token_texts(out.token_ids), out.logprobs)
+            echo = self.echo_text is not None
+            lp = self.token_logprobs(out.token_ids, out.logprobs, out.top_logprobs, out.prompt_logprobs, echo)
+        if self.echo_text is not None:
+            out = dataclasses.replace(out, text=self.echo_text + out.text)
         return choice_body(self.chat, i, out, lp)
+
+    def event_logprobs(self, event, offset: int) -> dict | None:
+        """A stream event's share of the logprobs (its tokens'), or None when not asked."""
+        if not self.logprobs:
+            return None
+        if event.finished:
+            lps = (event.logprobs or [])[-1:]
+            top = event.top_logprobs[-1:] if event.top_logprobs else None
+        else:
+            lps, top = event.new_logprobs or [], event.new_top_logprobs
+        return self.token_logprobs(event.new_token_ids[: len(lps)], lps, top, offset=offset)
 
     def outcome(self, finals, **extra) -> dict:
         """The `end` record of a request that ran to its end."""
@@ -109,7 +138,9 @@ class Generation:
                 m.tpot.observe((end - self.first) / (len(o.token_ids) - 1))
 
 
-def sampling_params(state: ServerState, engine: AsyncLLMEngine, body, prompt_ids, max_tokens, logprobs) -> list[SamplingParams]:
+def sampling_params(
+    state: ServerState, engine: AsyncLLMEngine, body, prompt_ids, max_tokens, logprobs, options=None
+) -> list[SamplingParams]:
     """The n choices' SamplingParams, or the 400 that names the field at fault."""
     cfg = state.cfg
     if max_tokens is not None and max_tokens > cfg.max_tokens_limit:
@@ -130,6 +161,7 @@ def sampling_params(state: ServerState, engine: AsyncLLMEngine, body, prompt_ids
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
                 logprobs=logprobs,
+                **(options or {}),
             )
             for i in range(body.n)
         ]
@@ -137,9 +169,13 @@ def sampling_params(state: ServerState, engine: AsyncLLMEngine, body, prompt_ids
         raise OpenAIError(400, str(e), param=e.param) from None
 
 
-async def generate(request: Request, engine: AsyncLLMEngine, body, prompt_ids, max_tokens, *, chat, logprobs, prompt_text):
+async def generate(
+    request: Request, engine: AsyncLLMEngine, body, prompt_ids, max_tokens, *, chat, logprobs, prompt_text, **extra
+):
+    """`options`: more SamplingParams fields (top_logprobs, prompt_logprobs, json_schema);
+    `echo_text`: completions' echo, the prompt put before each choice's text."""
     state = state_of(request)
-    params = sampling_params(state, engine, body, prompt_ids, max_tokens, logprobs)
+    params = sampling_params(state, engine, body, prompt_ids, max_tokens, logprobs, extra.get("options"))
     principal: Principal = request.state.principal
     reservation = admit(state.limiter, state.metrics, principal.key_id, len(params), engine)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -161,6 +197,8 @@ async def generate(request: Request, engine: AsyncLLMEngine, body, prompt_ids, m
         model=state.model_id,
         t0=time.perf_counter(),
         reservation=reservation,
+        top_logprobs=params[0].top_logprobs,
+        echo_text=extra.get("echo_text"),
     )
     try:  # the request's evidence is durable before generation starts
         await state.audit_wait(lambda: state.audit.begin(rid, {k: v for k, v in record.items() if k != "status"}))
@@ -256,15 +294,22 @@ async def stream(g: Generation):
         if g.chat:
             for i in range(len(g.params)):
                 yield fmt.role(i)
+        offsets = collections.Counter()  # per choice, text characters streamed (completions' text_offset)
         try:
             async for i, event in merged(g):
                 g.first = g.first or time.perf_counter()
+                if g.echo_text is not None and not tokens[i]:  # the echoed prompt first
+                    lp = g.token_logprobs([], [], [], event.prompt_logprobs, echo=True) if g.logprobs else None
+                    offsets[i] += len(g.echo_text)
+                    yield fmt.delta(i, g.echo_text, logprobs=lp)
                 tokens[i] = event.num_output_tokens
+                lp = g.event_logprobs(event, offsets[i])
+                offsets[i] += len(event.new_text)
                 if event.finished:
                     finals[i] = event
-                    yield fmt.delta(i, event.new_text, event.finish_reason)
-                elif event.new_text:
-                    yield fmt.delta(i, event.new_text)
+                    yield fmt.delta(i, event.new_text, event.finish_reason, logprobs=lp)
+                elif event.new_text or lp:
+                    yield fmt.delta(i, event.new_text, logprobs=lp)
         except OpenAIError as e:  # the engine failed mid-stream: audit it, say so, and no [DONE]
             status = str(e.status)
             outcome = outcome_of(e) | {"completion_tokens": sum(tokens.values())}

@@ -28,16 +28,6 @@ def completion_body(rid: str, chat: bool, created: int, choices: list, usage: di
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, "usage": usage}
 
 
-def logprobs_body(chat: bool, token_texts: list[str], logprobs: list[float]) -> dict:
-    if chat:
-        return {
-            "content": [
-                {"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": []} for t, v in zip(token_texts, logprobs)
-            ]
-        }
-    return {"tokens": token_texts, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": None}
-
-
 def choice_body(chat: bool, i: int, out: RequestOutput, logprobs: dict | None = None) -> dict:
     if chat:
         message = {"role": "assistant", "content": out.text}
@@ -60,11 +50,12 @@ class ChunkFormatter:
     def role(self, i: int) -> str:
         return self._event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
 
-    def delta(self, i: int, text: str, finish_reason: str | None = None) -> str:
+    def delta(self, i: int, text: str, finish_reason: str | None = None, logprobs: dict | None = None) -> str:
         if self.chat:
-            choice = {"index": i, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish_reason}
+            delta = {"content": text} if text else {}
+            choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return self._event([choice])
 
     def usage(self, usage: dict) -> str:

