@@ -143,6 +143,10 @@ class LLMEngine:
             self._inflight = (batch, handle)
         return outputs
 
+    def finish_step(self) -> list[StepOutput]:
+        """Read the step in flight, launching none: afterwards nothing runs on the device."""
+        return self._resolve() if self._inflight is not None else []
+
     def _needs_host_tokens(self) -> bool:
         return any(s.params.needs_penalties for s in self.scheduler.running)
 
