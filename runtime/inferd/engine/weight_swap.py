@@ -134,7 +134,9 @@ def _build_twin(engine, source) -> torch.nn.Module:
         torch.set_default_dtype(default_dtype)
     load_weights(twin, source.iter_tensors(), total_bytes=source.weight_bytes(), progress=False)
     if engine.config.quantization == "fp8":
-        quantize_fp8(twin)
+        # Without handoffs: they change module classes, not tensors, and planning them traces a
+        # forward pass through the process-wide attention context the serving engine is using.
+        quantize_fp8(twin, handoffs=False)
     return twin
 
 
