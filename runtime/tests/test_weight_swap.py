@@ -307,6 +307,7 @@ def test_swap_through_the_admin_route_under_streaming_load(live, store, referenc
         ("b-tampered", 400, "does not match the manifest"),
         ("../a", 400, "under the model store"),
         ("nope", 400, "does not exist"),
+        ("b\u0000", 400, "cannot be opened"),
     ],
 )
 def test_the_admin_route_refuses_a_bad_package_and_the_old_one_serves(live, model, status, needle):

@@ -27,7 +27,7 @@ from inferd.config import EngineConfig
 from inferd.engine import weight_swap
 from inferd.engine.llm_engine import InvalidRequestError, LLMEngine
 from inferd.engine.scheduler import QueueFull
-from inferd.engine.weight_swap import SwapJob, SwapReport, WeightSwapError, WeightSwapRolledBack
+from inferd.engine.weight_swap import SwapInProgress, SwapJob, SwapReport, WeightSwapError, WeightSwapRolledBack
 from inferd.outputs import EngineStats, StepOutput
 from inferd.sampling_params import SamplingParams
 
@@ -36,6 +36,7 @@ __all__ = [
     "EngineDeadError",
     "InvalidRequestError",
     "QueueFull",
+    "SwapInProgress",
     "SwapReport",
     "WeightSwapError",
     "WeightSwapRolledBack",
@@ -167,7 +168,7 @@ class AsyncLLMEngine:
         EngineDeadError: the engine stopped. `on_staged(staged)` runs once
         the swap is staged and queued for the engine thread, before the drain."""
         if not self._swap_busy.acquire(blocking=False):
-            raise WeightSwapError("a weight swap is already in progress: wait for it to finish")
+            raise SwapInProgress("a weight swap is already in progress: wait for it to finish")
         try:
             if self.error is not None or self._stopping:
                 raise EngineDeadError("the engine is not running: nothing to swap")

@@ -48,6 +48,10 @@ class WeightSwapError(ValueError):
     """The swap was refused or undone; the message names why and the fix. The old weights serve."""
 
 
+class SwapInProgress(WeightSwapError):
+    """Another swap is staging or running."""
+
+
 class WeightSwapRolledBack(WeightSwapError):
     """Copying the new weights failed part way; the previous ones were copied back and serve."""
 

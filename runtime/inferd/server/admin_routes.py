@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from inferd.engine.async_engine import EngineDeadError, WeightSwapError, WeightSwapRolledBack
+from inferd.engine.async_engine import EngineDeadError, SwapInProgress, WeightSwapError, WeightSwapRolledBack
 from inferd.server.access import audit_fields
 from inferd.server.build_info import build_info
 from inferd.server.errors import OpenAIError
@@ -108,10 +108,14 @@ async def unload(request: Request):
 def _store_path(cfg, name: str) -> Path:
     """The package `name` names under the store (model_store_dir): 400 for one outside it."""
     store = Path(cfg.model_store_dir or Path(cfg.model).parent).resolve()
-    path = (store / name).resolve()
+    try:
+        path = (store / name).resolve()
+        is_dir = path.is_dir()
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long for the filesystem...
+        raise OpenAIError(400, f"model {name[:100]!r} cannot be opened: {e}", param="model") from None
     if path == store or not path.is_relative_to(store):
         raise OpenAIError(400, f"model {name[:100]!r} must name a package under the model store {store}", param="model")
-    if not path.is_dir():
+    if not is_dir:
         raise OpenAIError(400, f"{path} does not exist: copy the package into the model store {store} first", param="model")
     return path
 
@@ -129,6 +133,8 @@ async def swap(body: ModelSwap, request: Request):
         await asyncio.to_thread(check_configured, s.cfg, path)
         public = read_public_key(s.cfg.model_public_key_file)
         report = await asyncio.to_thread(engine.swap_weights, str(path), body.drain_timeout_s, public)
+    except SwapInProgress as e:
+        raise OpenAIError(409, str(e), code="swap_in_progress") from None
     except WeightSwapRolledBack as e:
         await _swap_failed(s, request, 500, path, str(e), "rolled_back")
         raise OpenAIError(500, str(e), "server_error", code="swap_rolled_back") from None
