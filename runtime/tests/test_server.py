@@ -283,9 +283,14 @@ ROUTE_CALLS = {
     ("GET", "/openapi.json"): ("/openapi.json", None),
     ("POST", "/admin/models/load"): ("/admin/models/load", {"model": "/nonexistent"}),
     ("POST", "/admin/models/unload"): ("/admin/models/unload", None),
+    ("POST", "/admin/model/swap"): ("/admin/model/swap", {"model": "nonexistent"}),
 }
 # What an allowed caller gets where it is not 200.
-ALLOWED_STATUS = {("GET", "/v1/results/{result_id}"): 404, ("POST", "/admin/models/load"): 400}
+ALLOWED_STATUS = {
+    ("GET", "/v1/results/{result_id}"): 404,
+    ("POST", "/admin/models/load"): 400,
+    ("POST", "/admin/model/swap"): 400,
+}
 
 
 def test_every_app_route_is_in_the_role_table(llama_dir, tmp_path):

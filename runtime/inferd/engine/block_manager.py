@@ -147,3 +147,10 @@ class BlockManager:
         seq.block_table = []
         seq.num_hashed_blocks = 0
         seq.num_computed_tokens = 0
+
+    def forget_prefixes(self) -> None:
+        """Drop every cached prefix (the weights changed: their K/V no longer matches). Held blocks
+        keep their contents; only the hashes that would share them go."""
+        for block in self.blocks:
+            block.hash = None
+        self.hash_to_block.clear()

@@ -151,6 +151,10 @@ class LLMEngine:
             self._inflight = (batch, handle)
         return outputs
 
+    def finish_step(self) -> list[StepOutput]:
+        """Read the step in flight, launching none: afterwards nothing runs on the device."""
+        return self._resolve() if self._inflight is not None else []
+
     def _needs_host_tokens(self) -> bool:
         # A grammar's next mask depends on the token just sampled, as penalties do.
         return any(s.params.needs_penalties or s.grammar is not None for s in self.scheduler.running)

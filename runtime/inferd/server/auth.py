@@ -42,6 +42,7 @@ ROLE_TABLE: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/admin/models"): frozenset({"admin"}),
     ("POST", "/admin/models/load"): frozenset({"admin"}),
     ("POST", "/admin/models/unload"): frozenset({"admin"}),
+    ("POST", "/admin/model/swap"): frozenset({"admin"}),
     ("GET", "/openapi.json"): frozenset({"user", "ops", "admin"}),
 }
 

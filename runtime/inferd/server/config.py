@@ -31,6 +31,7 @@ class ServerConfig(BaseModel):
     model_public_key_file: str | None = None  # the package signer's Ed25519 public key: store/trust.py's rule
     model_allow_unsigned: bool = False  # serve unsigned models when no public key is set (never by default)
     served_model_name: str | None = None
+    model_store_dir: str | None = None  # where POST /admin/model/swap takes packages from; default: model's parent
     model_version: str | None = None  # reported by /health; default: the packed model's manifest digest
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

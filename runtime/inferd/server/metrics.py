@@ -30,6 +30,8 @@ class Metrics:
         self.generation_tokens = Counter(n.GENERATION_TOKENS, "Tokens generated", registry=r)
         self.load_attempts = Counter(n.MODEL_LOAD_ATTEMPTS, "Model load attempts", registry=r)
         self.load_failures = Counter(n.MODEL_LOAD_FAILURES, "Model load failures", registry=r)
+        self.swaps = Counter(n.MODEL_SWAPS, "In-place weight swaps, by result (ok, refused, rolled_back)", ["result"], registry=r)
+        self.swap_pause = Gauge(n.MODEL_SWAP_PAUSE, "The last in-place swap's pause (drain start to resume)", registry=r)
         self.ready = Gauge(n.MODEL_READY, "1 once the model is loaded and a warm-up generation ran", registry=r)
         self.build_info = Gauge(
             n.BUILD_INFO,

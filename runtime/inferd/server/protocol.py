@@ -129,6 +129,12 @@ class ModelLoad(_Base):
     served_model_name: str | None = None
 
 
+class ModelSwap(_Base):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
+    model: str = Field(..., min_length=1, max_length=255)  # a package under model_store_dir
+    drain_timeout_s: float = Field(1.0, ge=0, le=600)
+
+
 def require_json(request: Request) -> None:
     """415 for a body that is not said to be JSON, naming the fix: FastAPI would answer a 400 that
     names only "body" (issue 24). A body with no Content-Type at all is refused too, as FastAPI's
