@@ -111,8 +111,9 @@ def bench_kernel(args) -> list[dict]:
 
     rows: list[dict] = []
     block_size = 16
-    # The default launch and its neighbours that ptxas fits without spills (block_h 64 spills).
-    configs = [{}, dict(tile=16), dict(block_h=32), dict(num_stages=3)]
+    # The default launch (block_h 16 for 16 heads, 32 for 128) and its neighbours that ptxas fits
+    # without spills (block_h 64 spills at kv_lora 512).
+    configs = [{}, dict(tile=16), dict(block_h=16), dict(block_h=32), dict(block_h=32, tile=16), dict(num_stages=3)]
     for heads in (16, 128):
         for batch, ctx in ((1, 4096), (16, 4096), (64, 768), (64, 4096)):
             case = _latent_case(batch, heads, ctx, block_size)
@@ -127,6 +128,9 @@ def bench_kernel(args) -> list[dict]:
                     rows.append(row)
                     continue
                 row["GB_s"] = nbytes / row["us"] / 1e3
+                # 128 heads do ~240 FLOP per cached byte (scores over 576 and p @ c over 512 per
+                # head): past the H200's ~200 FLOP/byte ridge, so TFLOPS is their measure
+                row["TFLOPS"] = batch * ctx * heads * (LATENT + 512) * 2 / row["us"] / 1e6
                 rows.append(row)
                 if best is None or row["us"] < best["us"]:
                     best = row
