@@ -113,7 +113,10 @@ def bench_kernel(args) -> list[dict]:
     block_size = 16
     # The default launch (block_h 16 for 16 heads, 32 for 128) and its neighbours that ptxas fits
     # without spills (block_h 64 spills at kv_lora 512).
+    # lora_parts: 64 heads a program, the latent's columns in parts (ptxas: 16-220 bytes of spills,
+    # measured against the 4 reads of the tiles that blocks of 32 heads make).
     configs = [{}, dict(tile=16), dict(block_h=16), dict(block_h=32), dict(block_h=32, tile=16), dict(num_stages=3)]
+    configs += [dict(block_h=64, lora_parts=4, tile=16), dict(block_h=64, lora_parts=2, tile=16)]
     for heads in (16, 128):
         for batch, ctx in ((1, 4096), (16, 4096), (64, 768), (64, 4096)):
             case = _latent_case(batch, heads, ctx, block_size)

@@ -80,6 +80,20 @@ def test_mla_decode_head_blocks_cover_every_head():
     torch.testing.assert_close(out, mla_decode_reference(*args), atol=1e-5, rtol=1e-5)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("splits", [1, 3])
+def test_mla_decode_latent_parts_each_write_their_columns(splits):
+    """lora_parts programs share a head block, each accumulating a slice of the latent's columns
+    (the full scores in each): together they give every column, split or not."""
+    from inferd.layers.mla_decode import mla_decode
+
+    args = _latent_case(batch=2, heads=20, lens=(5, 37))
+    out = mla_decode(*args, block_h=16, lora_parts=2, splits=splits, tile=16)
+    torch.testing.assert_close(out, mla_decode_reference(*args), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="lora_parts"):
+        mla_decode(*args, lora_parts=3)
+
+
 def test_mla_decode_takes_as_many_heads_per_program_as_fit():
     """Each head block re-reads the latent cache: V3's 128 heads go in blocks of 32 (4 reads, not
     8), which ptxas fits at kv_lora 512 without spills (test_kernels_compile_for_hopper_...)."""
@@ -302,7 +316,7 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     mla |= dict(out_ptr="*bf16", part_acc_ptr="*fp32", part_ml_ptr="*fp32", scale="fp32", stride_bt="i32")
     mla |= dict(stride_cache_block="i32", stride_cache_token="i32")
     shape = dict(NUM_HEADS=128, BLOCK_H=mla_decode.default_block_h(128, 512), KV_LORA=512, ROPE=64, BLOCK_SIZE=16)
-    shape |= dict(TILE=32, PRECISION="tf32")
+    shape |= dict(TILE=32, PRECISION="tf32", LORA_PARTS=1)
     for splits in (1, 8):
         kernel = _compiles_for_hopper(mla_decode._mla_decode_kernel, mla, shape | {"SPLITS": splits}, num_warps=8, num_stages=2)
         assert "0 bytes spill stores, 0 bytes spill loads" in _ptxas_spills(kernel, tmp_path)

@@ -101,11 +101,17 @@ if triton is not None:
         BLOCK_SIZE: tl.constexpr,
         TILE: tl.constexpr,
         SPLITS: tl.constexpr,
+        LORA_PARTS: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         # Head blocks vary fastest: the programs reading one sequence's latent run side by side
         # and share its tiles in L2 (V3's 128 heads are eight blocks of 16).
-        head_block = tl.program_id(0)
+        # LORA_PARTS programs share a head block, each accumulating its slice of the latent's
+        # columns (all compute the full scores): a [BLOCK_H, KV_LORA / LORA_PARTS] accumulator
+        # lets 64 heads fit in registers, and the parts, adjacent in the grid, read the same
+        # tiles (one from HBM, the others from L2).
+        head_block = tl.program_id(0) // LORA_PARTS
+        lora_part = tl.program_id(0) % LORA_PARTS
         seq = tl.program_id(1)
         split = tl.program_id(2)
         ctx_len = tl.load(context_lens_ptr + seq)
@@ -118,13 +124,14 @@ if triton is not None:
         h_mask = offs_h < NUM_HEADS
         offs_l = tl.arange(0, KV_LORA)
         offs_r = tl.arange(0, ROPE)
+        offs_o = lora_part * (KV_LORA // LORA_PARTS) + tl.arange(0, KV_LORA // LORA_PARTS)
         row = seq * NUM_HEADS + offs_h
         q_lat = tl.load(q_lat_ptr + row[:, None] * KV_LORA + offs_l[None, :], mask=h_mask[:, None], other=0.0)
         q_rope = tl.load(q_rope_ptr + row[:, None] * ROPE + offs_r[None, :], mask=h_mask[:, None], other=0.0)
 
         m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         denom = tl.zeros([BLOCK_H], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_H, KV_LORA], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, KV_LORA // LORA_PARTS], dtype=tl.float32)
         for start in range(lo, hi, TILE):
             offs_t = start + tl.arange(0, TILE)
             t_mask = offs_t < hi
@@ -141,17 +148,22 @@ if triton is not None:
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             denom = denom * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
+            if LORA_PARTS == 1:
+                c_o = c
+            else:
+                c_o = tl.load(cache_ptr + base[:, None] + offs_o[None, :], mask=t_mask[:, None], other=0.0).to(q_lat.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(c_o.dtype), c_o, input_precision=PRECISION)
             m = m_new
 
         if SPLITS == 1:
             out = acc / denom[:, None]
-            tl.store(out_ptr + row[:, None] * KV_LORA + offs_l[None, :], out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None])
+            tl.store(out_ptr + row[:, None] * KV_LORA + offs_o[None, :], out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None])
         else:
             part = (row * SPLITS + split).to(tl.int64)
-            tl.store(part_acc_ptr + part[:, None] * KV_LORA + offs_l[None, :], acc, mask=h_mask[:, None])
-            tl.store(part_ml_ptr + part * 2, m, mask=h_mask)
-            tl.store(part_ml_ptr + part * 2 + 1, denom, mask=h_mask)
+            tl.store(part_acc_ptr + part[:, None] * KV_LORA + offs_o[None, :], acc, mask=h_mask[:, None])
+            ml_mask = h_mask & (lora_part == 0)  # every part has the same m and denom
+            tl.store(part_ml_ptr + part * 2, m, mask=ml_mask)
+            tl.store(part_ml_ptr + part * 2 + 1, denom, mask=ml_mask)
 
     @triton.jit
     def _mla_merge_kernel(
@@ -191,6 +203,7 @@ def mla_decode(
     splits: int | None = None,
     tile: int | None = None,
     block_h: int | None = None,
+    lora_parts: int = 1,
     num_warps: int | None = None,
     num_stages: int = 2,
 ) -> torch.Tensor:
@@ -210,7 +223,14 @@ def mla_decode(
     q_latent, q_rope = q_latent.contiguous(), q_rope.contiguous()
     block_h = block_h or default_block_h(num_heads, kv_lora)
     head_blocks = triton.cdiv(num_heads, block_h)
-    splits = splits or num_splits(batch, head_blocks, _sm_count(q_latent.device))
+    if (
+        lora_parts < 1
+        or kv_lora % lora_parts
+        or (kv_lora // lora_parts) & (kv_lora // lora_parts - 1)
+        or kv_lora // lora_parts < 16
+    ):
+        raise ValueError(f"lora_parts {lora_parts} must split kv_lora_rank {kv_lora} into powers of two >= 16")
+    splits = splits or num_splits(batch, head_blocks * lora_parts, _sm_count(q_latent.device))
     tile = tile or 32
     out = torch.empty_like(q_latent)
     if splits > 1:
@@ -218,7 +238,7 @@ def mla_decode(
         part_ml = torch.empty(batch * num_heads * splits, 2, device=out.device, dtype=torch.float32)
     else:
         part_acc = part_ml = out
-    _mla_decode_kernel[(head_blocks, batch, splits)](
+    _mla_decode_kernel[(head_blocks * lora_parts, batch, splits)](
         q_latent,
         q_rope,
         latent_cache,
@@ -238,6 +258,7 @@ def mla_decode(
         BLOCK_SIZE=latent_cache.shape[1],
         TILE=tile,
         SPLITS=splits,
+        LORA_PARTS=lora_parts,
         PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
         num_warps=num_warps or (8 if kv_lora >= 512 else 4),
         num_stages=num_stages,
