@@ -122,7 +122,7 @@ def bench_kernel(args) -> list[dict]:
             case = _latent_case(batch, heads, ctx, block_size)
             nbytes = batch * ctx * LATENT * 2 + batch * heads * (LATENT + 512) * 2
             best = None
-            for cfg in configs + ([dict(splits=64, tile=16)] if batch <= 16 else []):  # more splits than the default cap
+            for cfg in configs + ([dict(splits=32), dict(splits=128)] if batch <= 16 else []):  # the old cap, and more
                 row = {"heads": heads, "batch": batch, "ctx": ctx, "config": cfg, "default": not cfg}
                 try:
                     row["us"] = graph_us(functools.partial(mla_decode, *case, **cfg))

@@ -94,6 +94,17 @@ def test_mla_decode_latent_parts_each_write_their_columns(splits):
         mla_decode(*args, lora_parts=3)
 
 
+def test_mla_decode_splits_a_small_batch_across_the_gpu():
+    """A program holds an SM at kv_lora 512: a 16-head sequence alone gets 64 splits (32 left
+    three quarters of the H200's 132 SMs idle); a batch that fills the GPU gets one."""
+    from inferd.layers.mla_decode import num_splits
+
+    assert num_splits(1, 1, 132) == 64
+    assert num_splits(1, 4, 132) == 64  # V3, 128 heads in 4 blocks of 32
+    assert num_splits(64, 4, 132) == 1
+    assert num_splits(16, 1, 132) == 16
+
+
 def test_mla_decode_takes_as_many_heads_per_program_as_fit():
     """Each head block re-reads the latent cache: V3's 128 heads go in blocks of 32 (4 reads, not
     8), which ptxas fits at kv_lora 512 without spills (test_kernels_compile_for_hopper_...)."""
