@@ -108,7 +108,7 @@ if triton is not None:
         PRECISION: tl.constexpr,
     ):
         # Head blocks vary fastest: the programs reading one sequence's latent run side by side
-        # and share its tiles in L2 (V3's 128 heads are eight blocks of 16).
+        # and share its tiles in L2 (V3's 128 heads are four blocks of 32).
         # LORA_PARTS programs share a head block, each accumulating its slice of the latent's
         # columns (all compute the full scores): a [BLOCK_H, KV_LORA / LORA_PARTS] accumulator
         # lets 64 heads fit in registers, and the parts, adjacent in the grid, read the same
