@@ -111,14 +111,18 @@ def bench_kernel(args) -> list[dict]:
 
     rows: list[dict] = []
     block_size = 16
-    # The default launch and its neighbours that ptxas fits without spills (block_h 64 spills).
-    configs = [{}, dict(tile=16), dict(block_h=32), dict(num_stages=3)]
+    # The default launch (block_h 16 for 16 heads, 32 for 128) and its neighbours that ptxas fits
+    # without spills (block_h 64 spills at kv_lora 512).
+    # lora_parts: 64 heads a program, the latent's columns in parts (ptxas: 16-220 bytes of spills,
+    # measured against the 4 reads of the tiles that blocks of 32 heads make).
+    configs = [{}, dict(tile=16), dict(block_h=16), dict(block_h=32), dict(block_h=32, tile=16), dict(num_stages=3)]
+    configs += [dict(block_h=64, lora_parts=4, tile=16), dict(block_h=64, lora_parts=2, tile=16)]
     for heads in (16, 128):
         for batch, ctx in ((1, 4096), (16, 4096), (64, 768), (64, 4096)):
             case = _latent_case(batch, heads, ctx, block_size)
             nbytes = batch * ctx * LATENT * 2 + batch * heads * (LATENT + 512) * 2
             best = None
-            for cfg in configs + ([dict(splits=64, tile=16)] if batch <= 16 else []):  # more splits than the default cap
+            for cfg in configs + ([dict(splits=32), dict(splits=128)] if batch <= 16 else []):  # the old cap, and more
                 row = {"heads": heads, "batch": batch, "ctx": ctx, "config": cfg, "default": not cfg}
                 try:
                     row["us"] = graph_us(functools.partial(mla_decode, *case, **cfg))
@@ -127,6 +131,9 @@ def bench_kernel(args) -> list[dict]:
                     rows.append(row)
                     continue
                 row["GB_s"] = nbytes / row["us"] / 1e3
+                # 128 heads do ~240 FLOP per cached byte (scores over 576 and p @ c over 512 per
+                # head): past the H200's ~200 FLOP/byte ridge, so TFLOPS is their measure
+                row["TFLOPS"] = batch * ctx * heads * (LATENT + 512) * 2 / row["us"] / 1e6
                 rows.append(row)
                 if best is None or row["us"] < best["us"]:
                     best = row

@@ -218,10 +218,34 @@ def test_tiny_deepseek_bf16_on_cuda_stays_close_to_the_cpu_reference(tiny_deepse
     assert agree >= 2, (gpu_tokens, cpu_tokens)
 
 
-def test_fp8_block_checkpoint_on_cuda_computes_as_fp8_blocks(tmp_path):
+def _fp8_block_math_on_cpu(path, monkeypatch) -> torch.Tensor:
+    """The CPU model (float32) with the GPU's fp8 block arithmetic: the same swap of weights to
+    e4m3 blocks, the kernels replaced by their torch references (activations quantized per token
+    and 128-group). Patches quantize's module globals: call after the GPU model has run."""
+    from inferd import LLM
+    from inferd.layers import quantize
+    from inferd.layers.fp8_block import fp8_block_linear_reference
+
+    def linear(x, weight, scale):
+        return fp8_block_linear_reference(x.reshape(-1, x.shape[-1]), weight, scale).view(*x.shape[:-1], weight.shape[0])
+
+    monkeypatch.setattr(quantize, "fp8_block_linear", linear)
+    monkeypatch.setattr(quantize, "fused_moe", fused_moe_reference)
+    llm = LLM(str(path), device="cpu", dtype="float32", cpu_kv_cache_bytes=1 << 22)
+    quantize.quantize_fp8_blocks(llm.engine.runner.model)
+    return llm
+
+
+def test_fp8_block_checkpoint_on_cuda_computes_as_fp8_blocks(tmp_path, monkeypatch):
     """A V3 fp8 block checkpoint on the GPU keeps e4m3 weights (linear layers and experts) and
-    its logits stay close to the CPU's dequantized model: activations are quantized per token
-    and 128-group on the GPU, as DeepSeek's inference kernels do."""
+    computes as fp8 blocks, activations quantized per token and 128-group as DeepSeek's inference
+    kernels do. That arithmetic itself moves a tiny random model's logits a long way from the
+    dequantized float model: on the CPU, exact fp8 math against float32 gave per-row cosines of
+    0.70-0.99 (mean 0.96), and the same math in bf16 against float32 fp8 math 0.71 (mean 0.957):
+    an e4m3 step is 6%, so bf16's rounding flips ~1 in 16 activations to the next fp8 value and
+    the few routed experts amplify it. So no row-wise bound holds; the bound is on the mean, set
+    against the same measurement of the exact math (the kernels themselves are held tight by
+    the fused_moe / fp8_block_linear tests above)."""
     import json
 
     from safetensors.torch import load_file, save_file
@@ -254,5 +278,14 @@ def test_fp8_block_checkpoint_on_cuda_computes_as_fp8_blocks(tmp_path):
     assert model.model.layers[1].self_attn.o_proj.weight.dtype == FP8
     ids = prompts(1, seed=6)[0]
     ours, ref = _logits(gpu, ids), _logits(cpu, ids)
+    math = _logits(_fp8_block_math_on_cpu(tmp_path, monkeypatch), ids)
     cos = torch.nn.functional.cosine_similarity(ours, ref, dim=-1)
-    assert cos.min() > 0.99, cos
+    exact = torch.nn.functional.cosine_similarity(math, ref, dim=-1)
+    to_math = torch.nn.functional.cosine_similarity(ours, math, dim=-1)
+    print(f"cosine to float: gpu mean {cos.mean():.4f} min {cos.min():.4f}; exact fp8 math mean {exact.mean():.4f}")
+    print(f"cosine gpu to exact fp8 math: mean {to_math.mean():.4f} min {to_math.min():.4f}")
+    assert exact.mean() > 0.93, exact  # the math's own distance (0.96 on the CPU), so the case is sane
+    # a wrong scale or block drops these to ~0 (random logits); bf16 vs float32 rounding through
+    # fp8 costs the exact math as much as fp8 itself (0.957), so the margin is that measurement's
+    assert cos.mean() > exact.mean() - 0.08, (cos, exact)
+    assert to_math.mean() > 0.85, to_math

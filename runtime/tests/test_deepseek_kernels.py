@@ -80,6 +80,42 @@ def test_mla_decode_head_blocks_cover_every_head():
     torch.testing.assert_close(out, mla_decode_reference(*args), atol=1e-5, rtol=1e-5)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("splits", [1, 3])
+def test_mla_decode_latent_parts_each_write_their_columns(splits):
+    """lora_parts programs share a head block, each accumulating a slice of the latent's columns
+    (the full scores in each): together they give every column, split or not."""
+    from inferd.layers.mla_decode import mla_decode
+
+    args = _latent_case(batch=2, heads=20, lens=(5, 37))
+    out = mla_decode(*args, block_h=16, lora_parts=2, splits=splits, tile=16)
+    torch.testing.assert_close(out, mla_decode_reference(*args), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="lora_parts"):
+        mla_decode(*args, lora_parts=3)
+
+
+def test_mla_decode_splits_a_small_batch_across_the_gpu():
+    """A program holds an SM at kv_lora 512: a 16-head sequence alone gets 64 splits (32 left
+    three quarters of the H200's 132 SMs idle); a batch that fills the GPU gets one."""
+    from inferd.layers.mla_decode import num_splits
+
+    assert num_splits(1, 1, 132) == 64
+    assert num_splits(1, 4, 132) == 64  # V3, 128 heads in 4 blocks of 32
+    assert num_splits(64, 4, 132) == 1
+    assert num_splits(16, 1, 132) == 16
+
+
+def test_mla_decode_takes_as_many_heads_per_program_as_fit():
+    """Each head block re-reads the latent cache: V3's 128 heads go in blocks of 32 (4 reads, not
+    8), which ptxas fits at kv_lora 512 without spills (test_kernels_compile_for_hopper_...)."""
+    pytest.importorskip("triton")
+    from inferd.layers.mla_decode import default_block_h
+
+    assert default_block_h(128, 512) == 32
+    assert default_block_h(16, 512) == 16  # V2-Lite: one block, no padding heads
+    assert default_block_h(128, 128) == 64
+
+
 def test_mla_decode_reference_is_softmax_over_the_context_only():
     """Tokens past context_lens (the rest of the last block) must not be attended to."""
     q_latent, q_rope, cache, tables, lens, scale = _latent_case(batch=1, lens=(6,))
@@ -152,6 +188,26 @@ def test_fused_moe_fp8_block_scaled_matches_reference():
     out = fused_moe(hidden, w13, w2, topk_weights, topk_ids, s13, s2)
     ref = fused_moe_reference(hidden, w13, w2, topk_weights, topk_ids, s13, s2)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_moe_fp8_reference_rounds_the_intermediate_to_the_activation_dtype():
+    """The kernels store each projection in hidden's dtype (bf16 on the GPU, as DeepSeek's own code)
+    and quantize exactly those values for the second one; a reference keeping them in float32 put
+    ~0.1% of the outputs one fp8 step away (the H200's 23 of 32,768 off by up to 0.086). (The
+    interpreter's bf16 stores do not round as CUDA's do, so the kernel side is checked on the GPU.)"""
+    g = torch.Generator().manual_seed(3)
+    tokens, dim, inter = 64, 256, 256
+    w13, w2, s13, s2 = _fp8_experts(g, 1, dim, inter)
+    hidden = torch.randn(tokens, dim, generator=g).bfloat16()
+    ones = torch.ones(tokens, 1)
+    ids = torch.zeros(tokens, 1, dtype=torch.long)
+    h = fp8_block_linear_reference(hidden, w13[0], s13[0])
+    assert h.dtype == torch.bfloat16
+    act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+    want = fp8_block_linear_reference(act, w2[0], s2[0])
+    got = fused_moe_reference(hidden, w13, w2, ones, ids, s13, s2)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_fused_moe_fp8_without_scales_is_refused():
@@ -243,11 +299,25 @@ def _compiles_for_hopper(fn, types: dict, constexprs: dict, **options) -> None:
 
     signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _ptxas_spills(kernel, tmp_path) -> str:
+    """ptxas -v's spill line for a compiled kernel's PTX (the bundled ptxas, sm_90a)."""
+    import subprocess
+    from pathlib import Path
+
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    ptx = tmp_path / "k.ptx"
+    ptx.write_text(kernel.asm["ptx"])
+    run = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", str(ptx), "-o", "/dev/null"], capture_output=True, text=True)
+    return next(line for line in run.stderr.splitlines() if "spill" in line)
 
 
 @pytest.mark.skipif(_INTERPRETER, reason="compiles the kernels themselves, not their interpreted twins")
-def test_kernels_compile_for_hopper_without_a_gpu():
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     """Triton compiles for sm_90 here (its bundled ptxas), so a kernel that does not build fails
     before the GPU machine: the launches the engine makes for V3's shapes."""
     pytest.importorskip("triton")
@@ -256,9 +326,11 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     mla = dict(q_lat_ptr="*bf16", q_rope_ptr="*bf16", cache_ptr="*bf16", block_tables_ptr="*i32", context_lens_ptr="*i32")
     mla |= dict(out_ptr="*bf16", part_acc_ptr="*fp32", part_ml_ptr="*fp32", scale="fp32", stride_bt="i32")
     mla |= dict(stride_cache_block="i32", stride_cache_token="i32")
-    shape = dict(NUM_HEADS=128, BLOCK_H=16, KV_LORA=512, ROPE=64, BLOCK_SIZE=16, TILE=32, PRECISION="tf32")
+    shape = dict(NUM_HEADS=128, BLOCK_H=mla_decode.default_block_h(128, 512), KV_LORA=512, ROPE=64, BLOCK_SIZE=16)
+    shape |= dict(TILE=32, PRECISION="tf32", LORA_PARTS=1)
     for splits in (1, 8):
-        _compiles_for_hopper(mla_decode._mla_decode_kernel, mla, shape | {"SPLITS": splits}, num_warps=8, num_stages=2)
+        kernel = _compiles_for_hopper(mla_decode._mla_decode_kernel, mla, shape | {"SPLITS": splits}, num_warps=8, num_stages=2)
+        assert "0 bytes spill stores, 0 bytes spill loads" in _ptxas_spills(kernel, tmp_path)
     merge = dict(out_ptr="*bf16", part_acc_ptr="*fp32", part_ml_ptr="*fp32")
     _compiles_for_hopper(mla_decode._mla_merge_kernel, merge, dict(KV_LORA=512, SPLITS=8), num_warps=4)
     quant = dict(x_ptr="*bf16", q_ptr="*fp8e4nv", s_ptr="*fp32", K="i32", stride_x="i32", stride_q="i32", stride_s="i32")

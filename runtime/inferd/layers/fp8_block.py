@@ -77,8 +77,11 @@ if triton is not None:
         offs = group * GROUP_SIZE + tl.arange(0, GROUP_SIZE)
         mask = offs < K
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / 448.0
-        q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        # IEEE divisions (Triton's `/` is the approximate div.full.f32 on CUDA): scales and
+        # quotients bit-equal to act_quant_reference's torch divisions, so the two round to the
+        # same fp8 values
+        scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), 0), 1e-12), 448.0)
+        q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -448.0), 448.0)
         tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row * stride_s + group, scale)
 

@@ -34,21 +34,26 @@ def fused_moe_reference(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A loop over the experts in float32, as the reference inference code runs them. fp8 weights
+    """A loop over the experts, products in float32 rounded to hidden's dtype (as the kernels and
+    the reference inference code store them), as the reference inference code runs them. fp8 weights
     (with their [E, N/128, K/128] scales) take the arithmetic of `fp8_block_linear_reference`:
     activations quantized per token and 128-group, weights dequantized by block."""
     inter = w2.shape[-1]
-    x = hidden.float()
-    out = torch.zeros_like(x)
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
 
     def project(a, e, w, scale):
-        return fp8_block_linear_reference(a, w[e], scale[e]) if scale is not None else a @ w[e].float().T
+        # each projection's output is rounded to the activations' dtype, as the kernels store it
+        # (and DeepSeek's bf16 inference code): the second projection quantizes exactly those
+        # values to fp8, so a float32 intermediate would round ~0.1% of them across an fp8 step
+        if scale is not None:
+            return fp8_block_linear_reference(a.float(), w[e], scale[e]).to(hidden.dtype)
+        return (a.float() @ w[e].float().T).to(hidden.dtype)
 
     for e in topk_ids.unique().tolist():
         token, slot = (topk_ids == e).nonzero(as_tuple=True)
-        h = project(x[token], e, w13, w13_scale)
+        h = project(hidden[token], e, w13, w13_scale)
         y = project(F.silu(h[:, :inter]) * h[:, inter:], e, w2, w2_scale)
-        out.index_add_(0, token, y * topk_weights[token, slot, None].float())
+        out.index_add_(0, token, y.float() * topk_weights[token, slot, None].float())
     return out.to(hidden.dtype)
 
 

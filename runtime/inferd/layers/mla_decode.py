@@ -49,16 +49,29 @@ def mla_decode_reference(
 
 
 def num_splits(batch: int, head_blocks: int, sm_count: int) -> int:
-    """Programs enough to cover the GPU about twice, at most 32 splits of a context; one split once
+    """Programs enough to cover the GPU about twice, at most 64 splits of a context; one split once
     the batch fills it alone. A function of the launch shape only, so a captured graph stays valid
-    for any context length."""
-    return max(1, min(32, (2 * sm_count) // max(1, batch * head_blocks)))
+    for any context length. At kv_lora 512 a program takes a whole SM's registers (205-251 a
+    thread, 256 threads), so a 16-head batch of one needs 64 splits to cover half the H200's
+    132 SMs (32 left it at 316 GB/s); the merge's partials (2 KB a head and split) stay well
+    under the 4,096-token context's 4.7 MB."""
+    return max(1, min(64, (2 * sm_count) // max(1, batch * head_blocks)))
 
 
 def mla_decode_fits(kv_lora: int, rope: int) -> bool:
     """Whether the kernel takes these widths (tl.dot and tl.arange want powers of two >= 16); the
     published models' 512 and 64 do, some tiny test models do not and take the reference."""
     return triton is not None and all(n >= 16 and n & (n - 1) == 0 for n in (kv_lora, rope))
+
+
+def default_block_h(num_heads: int, kv_lora: int) -> int:
+    """Heads per program. Every head block re-reads the sequence's latent tiles, so the block is as
+    large as registers allow: the [BLOCK_H, KV_LORA] float32 accumulator and the query beside it.
+    At kv_lora 512 and 8 warps ptxas fits 32 heads with 32-token tiles (251 registers, no spills;
+    64 heads spill 300-1,300 bytes a thread at 8 or 16 warps), so V3's 128 heads read each tile 4
+    times, not 8 as with blocks of 16 (the H200 sweep: 1.4x at batch 64, equal at batch 1-16)."""
+    cap = 64 if kv_lora <= 256 else 32
+    return min(cap, max(16, triton.next_power_of_2(num_heads)))
 
 
 @functools.cache
@@ -91,11 +104,17 @@ if triton is not None:
         BLOCK_SIZE: tl.constexpr,
         TILE: tl.constexpr,
         SPLITS: tl.constexpr,
+        LORA_PARTS: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         # Head blocks vary fastest: the programs reading one sequence's latent run side by side
-        # and share its tiles in L2 (V3's 128 heads are eight blocks of 16).
-        head_block = tl.program_id(0)
+        # and share its tiles in L2 (V3's 128 heads are four blocks of 32).
+        # LORA_PARTS programs share a head block, each accumulating its slice of the latent's
+        # columns (all compute the full scores): a [BLOCK_H, KV_LORA / LORA_PARTS] accumulator
+        # lets 64 heads fit in registers, and the parts, adjacent in the grid, read the same
+        # tiles (one from HBM, the others from L2).
+        head_block = tl.program_id(0) // LORA_PARTS
+        lora_part = tl.program_id(0) % LORA_PARTS
         seq = tl.program_id(1)
         split = tl.program_id(2)
         ctx_len = tl.load(context_lens_ptr + seq)
@@ -108,13 +127,14 @@ if triton is not None:
         h_mask = offs_h < NUM_HEADS
         offs_l = tl.arange(0, KV_LORA)
         offs_r = tl.arange(0, ROPE)
+        offs_o = lora_part * (KV_LORA // LORA_PARTS) + tl.arange(0, KV_LORA // LORA_PARTS)
         row = seq * NUM_HEADS + offs_h
         q_lat = tl.load(q_lat_ptr + row[:, None] * KV_LORA + offs_l[None, :], mask=h_mask[:, None], other=0.0)
         q_rope = tl.load(q_rope_ptr + row[:, None] * ROPE + offs_r[None, :], mask=h_mask[:, None], other=0.0)
 
         m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         denom = tl.zeros([BLOCK_H], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_H, KV_LORA], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, KV_LORA // LORA_PARTS], dtype=tl.float32)
         for start in range(lo, hi, TILE):
             offs_t = start + tl.arange(0, TILE)
             t_mask = offs_t < hi
@@ -131,17 +151,22 @@ if triton is not None:
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             denom = denom * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
+            if LORA_PARTS == 1:
+                c_o = c
+            else:
+                c_o = tl.load(cache_ptr + base[:, None] + offs_o[None, :], mask=t_mask[:, None], other=0.0).to(q_lat.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(c_o.dtype), c_o, input_precision=PRECISION)
             m = m_new
 
         if SPLITS == 1:
             out = acc / denom[:, None]
-            tl.store(out_ptr + row[:, None] * KV_LORA + offs_l[None, :], out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None])
+            tl.store(out_ptr + row[:, None] * KV_LORA + offs_o[None, :], out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None])
         else:
             part = (row * SPLITS + split).to(tl.int64)
-            tl.store(part_acc_ptr + part[:, None] * KV_LORA + offs_l[None, :], acc, mask=h_mask[:, None])
-            tl.store(part_ml_ptr + part * 2, m, mask=h_mask)
-            tl.store(part_ml_ptr + part * 2 + 1, denom, mask=h_mask)
+            tl.store(part_acc_ptr + part[:, None] * KV_LORA + offs_o[None, :], acc, mask=h_mask[:, None])
+            ml_mask = h_mask & (lora_part == 0)  # every part has the same m and denom
+            tl.store(part_ml_ptr + part * 2, m, mask=ml_mask)
+            tl.store(part_ml_ptr + part * 2 + 1, denom, mask=ml_mask)
 
     @triton.jit
     def _mla_merge_kernel(
@@ -181,6 +206,7 @@ def mla_decode(
     splits: int | None = None,
     tile: int | None = None,
     block_h: int | None = None,
+    lora_parts: int = 1,
     num_warps: int | None = None,
     num_stages: int = 2,
 ) -> torch.Tensor:
@@ -198,9 +224,16 @@ def mla_decode(
     if latent_cache.stride(-1) != 1:
         raise ValueError("latent_cache must have contiguous rows (stride 1 on the last axis)")
     q_latent, q_rope = q_latent.contiguous(), q_rope.contiguous()
-    block_h = block_h or min(64 if kv_lora <= 256 else 16, max(16, triton.next_power_of_2(num_heads)))
+    block_h = block_h or default_block_h(num_heads, kv_lora)
     head_blocks = triton.cdiv(num_heads, block_h)
-    splits = splits or num_splits(batch, head_blocks, _sm_count(q_latent.device))
+    if (
+        lora_parts < 1
+        or kv_lora % lora_parts
+        or (kv_lora // lora_parts) & (kv_lora // lora_parts - 1)
+        or kv_lora // lora_parts < 16
+    ):
+        raise ValueError(f"lora_parts {lora_parts} must split kv_lora_rank {kv_lora} into powers of two >= 16")
+    splits = splits or num_splits(batch, head_blocks * lora_parts, _sm_count(q_latent.device))
     tile = tile or 32
     out = torch.empty_like(q_latent)
     if splits > 1:
@@ -208,7 +241,7 @@ def mla_decode(
         part_ml = torch.empty(batch * num_heads * splits, 2, device=out.device, dtype=torch.float32)
     else:
         part_acc = part_ml = out
-    _mla_decode_kernel[(head_blocks, batch, splits)](
+    _mla_decode_kernel[(head_blocks * lora_parts, batch, splits)](
         q_latent,
         q_rope,
         latent_cache,
@@ -228,6 +261,7 @@ def mla_decode(
         BLOCK_SIZE=latent_cache.shape[1],
         TILE=tile,
         SPLITS=splits,
+        LORA_PARTS=lora_parts,
         PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
         num_warps=num_warps or (8 if kv_lora >= 512 else 4),
         num_stages=num_stages,
