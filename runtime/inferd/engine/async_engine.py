@@ -115,8 +115,9 @@ class AsyncLLMEngine:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        return self.engine.tokenizer.apply_chat_template(messages)
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None, **variables) -> str:
+        """The prompt text; `tools` and template `variables` as Tokenizer.apply_chat_template."""
+        return self.engine.tokenizer.apply_chat_template(messages, tools=tools, **variables)
 
     def token_texts(self, token_ids: list[int]) -> list[str]:
         """Each token's own text (logprobs report them one by one)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -56,6 +57,9 @@ class ServerConfig(BaseModel):
     body_timeout_s: float = Field(30.0, gt=0)  # a body not all in within it is a 408
     max_tokens_limit: int = Field(4096, ge=1)
     max_n: int = Field(8, ge=1)
+    # How chat answers' R1 thinking is split into reasoning_content (server/reasoning.py): auto
+    # when the chat template opens the thinking or the output starts with <think>.
+    reasoning_parser: Literal["auto", "deepseek_r1", "none"] = "auto"
     metrics_bearer_token_sha256: str | None = None
     shutdown_timeout_s: float = Field(30.0, gt=0)
     limits: LimitsConfig = LimitsConfig()

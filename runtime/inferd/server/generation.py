@@ -30,6 +30,8 @@ from inferd.server.limits import admit, queue_full
 from inferd.server.logprobs import chat_logprobs, completion_logprobs, echoed_prompt
 from inferd.server.openai_format import (
     DONE_EVENT,
+    ChatShape,
+    ChoiceParser,
     ChunkFormatter,
     choice_body,
     completion_body,
@@ -64,6 +66,8 @@ class Generation:
     closed: bool = False
     top_logprobs: int = 0
     echo_text: str | None = None  # completions' echo: the prompt, put before each choice's text
+    shape: ChatShape | None = None  # a chat's reasoning and tool-call parsing
+    include_usage: bool | None = None  # stream_options.include_usage
 
     def release(self) -> None:
         """The limiter slots and any unused queue room back."""
@@ -83,7 +87,8 @@ class Generation:
         self.state.metrics.requests.labels(self.record["route"], status).inc()
 
     def usage(self, finals) -> dict:
-        return usage_body(len(self.prompt_ids), len(self.params), sum(len(o.token_ids) for o in finals))
+        completion, cached = sum(len(o.token_ids) for o in finals), sum(o.num_cached_tokens for o in finals)
+        return usage_body(len(self.prompt_ids), len(self.params), completion, cached)
 
     def token_logprobs(self, ids, logprobs, top, prompt_scores=None, echo=False, offset=0) -> dict:
         """Logprobs of output tokens (after the echoed prompt's, with `echo`) in the route's shape."""
@@ -97,14 +102,14 @@ class Generation:
             ids, logprobs, top = p_ids + ids, p_lps + logprobs, (p_top + top if top is not None else None)
         return completion_logprobs(texts, ids, logprobs, top, offset)
 
-    def choice(self, i: int, out: RequestOutput, logprobs: bool) -> dict:
+    def choice(self, i: int, out: RequestOutput, logprobs: bool, parser: ChoiceParser | None = None) -> dict:
         lp = None
         if logprobs and out.logprobs is not None:
             echo = self.echo_text is not None
             lp = self.token_logprobs(out.token_ids, out.logprobs, out.top_logprobs, out.prompt_logprobs, echo)
         if self.echo_text is not None:
             out = dataclasses.replace(out, text=self.echo_text + out.text)
-        return choice_body(self.chat, i, out, lp)
+        return choice_body(self.chat, i, out, lp, parser or (self.shape.parser() if self.shape else None))
 
     def event_logprobs(self, event, offset: int) -> dict | None:
         """A stream event's share of the logprobs (its tokens'), or None when not asked."""
@@ -173,7 +178,8 @@ async def generate(
     request: Request, engine: AsyncLLMEngine, body, prompt_ids, max_tokens, *, chat, logprobs, prompt_text, **extra
 ):
     """`options`: more SamplingParams fields (top_logprobs, prompt_logprobs, json_schema);
-    `echo_text`: completions' echo, the prompt put before each choice's text."""
+    `echo_text`: completions' echo, the prompt put before each choice's text; `shape`: a chat's
+    reasoning and tool-call parsing (openai_format.ChatShape)."""
     state = state_of(request)
     params = sampling_params(state, engine, body, prompt_ids, max_tokens, logprobs, extra.get("options"))
     principal: Principal = request.state.principal
@@ -182,6 +188,8 @@ async def generate(
     record = audit_fields(request, 200) | {"request_id": rid, "model": state.model_id, "prompt_tokens": len(prompt_ids) * body.n}
     if state.cfg.audit_log_prompts:
         record["prompt"] = prompt_text
+    if body.user:
+        record["user"] = body.user
     g = Generation(
         state=state,
         engine=engine,
@@ -199,6 +207,8 @@ async def generate(
         reservation=reservation,
         top_logprobs=params[0].top_logprobs,
         echo_text=extra.get("echo_text"),
+        shape=extra.get("shape"),
+        include_usage=body.stream_options.include_usage if body.stream_options else None,
     )
     try:  # the request's evidence is durable before generation starts
         await state.audit_wait(lambda: state.audit.begin(rid, {k: v for k, v in record.items() if k != "status"}))
@@ -286,7 +296,7 @@ async def respond(g: Generation, finals: list[RequestOutput]) -> dict:
 async def stream(g: Generation):
     """A streaming request's server-sent events. The stream ends with [DONE] only once the audit
     record is durable; an engine or audit failure ends it with an error event instead."""
-    fmt = ChunkFormatter(g.rid, g.chat, g.created, g.model)
+    fmt = ChunkFormatter(g.rid, g.chat, g.created, g.model, g.shape, null_usage=bool(g.include_usage))
     finals: dict[int, RequestOutput] = {}
     status = "499"  # until the stream completes or fails: the client went away
     tokens = collections.Counter()  # per choice, generated so far (the `end` of a stream cut short)
@@ -319,7 +329,7 @@ async def stream(g: Generation):
             return
         outs = [finals[i] for i in range(len(g.params))]
         usage = g.usage(outs)
-        choices = [g.choice(i, o, False) for i, o in enumerate(outs)]
+        choices = [g.choice(i, o, False, fmt.parsers.get(i)) for i, o in enumerate(outs)]
         body = completion_body(g.rid, g.chat, g.created, choices, usage, g.model)
         stored = g.state.results.put(g.rid, g.principal.key_id, body)
         try:
@@ -327,7 +337,8 @@ async def stream(g: Generation):
         except OpenAIError as e:
             yield sse(error_body(e.message, e.type, code=e.code))
             return  # no [DONE]: the client sees the stream did not complete
-        yield fmt.usage(usage)
+        if g.include_usage is not False:
+            yield fmt.usage(usage)
         yield DONE_EVENT
         status = "200"
     finally:  # a stream cut short (client gone, server stopping) still ends in the log
