@@ -47,9 +47,7 @@ def test_output_that_opens_its_own_thinking_is_detected_without_the_template(dee
     assert split(parser, deltas) == (THOUGHT, ANSWER) and parser.reasoned
 
 
-@pytest.mark.parametrize(
-    "text", ["Plain answer, no thinking.", "a <thi", "x </think> y", "<thinking> is not the tag", "  <", ""]
-)
+@pytest.mark.parametrize("text", ["Plain answer, no thinking.", "a <thi", "x </think> y", "<thinking> is not the tag", "  <", ""])
 def test_a_model_that_does_not_reason_is_unaffected(deepseek, text):
     parser = parser_for("auto", "<｜User｜>hi<｜Assistant｜>")
     assert split(parser, engine_deltas(deepseek, text)) == ("", text) and not parser.reasoned
@@ -79,6 +77,8 @@ SCRIPTS = {
     "R1-ANSWER": THOUGHT + "</think>\n\n" + ANSWER,
     "R1-LONG": "Thinking and thinking and thinking without end " * 4,
     "PLAIN": "No thinking here.",
+    "R1-TOOL": "I need the weather.</think>\n\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather"
+    '\n```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
 }
 MSGS = {k: [{"role": "user", "content": f"{k}: what is 2+2?"}] for k in SCRIPTS}
 
@@ -152,3 +152,12 @@ def test_reasoning_parser_none_returns_the_raw_text(tmp_path):
         assert getattr(r.choices[0].message, "reasoning_content", None) is None
     finally:
         s.stop()
+
+
+def test_r1_reasons_then_calls_a_tool(r1):
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    r = r1.client().chat.completions.create(model="tiny", messages=MSGS["R1-TOOL"], tools=[tool], max_tokens=100)
+    message = r.choices[0].message
+    assert message.reasoning_content == "I need the weather." and message.content is None
+    assert r.choices[0].finish_reason == "tool_calls" and message.tool_calls[0].function.name == "get_weather"
+    assert audited_prompts(r1)[-1].endswith("<｜Assistant｜><think>\n")  # R1's own prompt, with the tools described

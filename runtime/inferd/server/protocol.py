@@ -6,7 +6,7 @@ import email.message
 from typing import Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inferd.server.errors import OpenAIError
 
@@ -179,6 +179,15 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+
+    @field_validator("tool_choice", mode="wrap")
+    @classmethod
+    def _one_tool_choice(cls, value, handler):
+        # One message naming the field, instead of pydantic's one per member of the union.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError('send "none", "auto", "required" or {"type": "function", "function": {"name": NAME}}') from None
 
 
 class CompletionRequest(_SamplingFields):
