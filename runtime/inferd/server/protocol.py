@@ -95,11 +95,11 @@ class ChatMessage(_Base):
     @model_validator(mode="after")
     def _fields_fit_the_role(self):
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a {self.role} message needs content (only an assistant message with tool_calls may omit it)")
+            raise ValueError(f"a message of role {self.role} needs content (only an assistant's with tool_calls may omit it)")
         if self.tool_calls is not None and self.role != "assistant":
             raise ValueError(f"tool_calls is for assistant messages, not {self.role}")
         if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs tool_call_id: the id of the call it answers")
+            raise ValueError("a message of role tool needs tool_call_id: the id of the call it answers")
         return self
 
     def text(self) -> str | None:
