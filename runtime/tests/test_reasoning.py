@@ -124,6 +124,14 @@ def test_r1_answer_streams_reasoning_then_content(r1):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_each_choice_of_n_is_split_on_its_own(r1):
+    chunks = stream_deltas(r1, MSGS["R1-ANSWER"], max_tokens=100, n=2)
+    for i in (0, 1):
+        deltas = [c.choices[0].delta for c in chunks if c.choices[0].index == i]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == THOUGHT
+        assert "".join(d.content or "" for d in deltas) == ANSWER
+
+
 def test_r1_thinking_cut_off_by_max_tokens_has_no_content(r1):
     r = r1.client().chat.completions.create(model="tiny", messages=MSGS["R1-LONG"], max_tokens=8)
     message = r.choices[0].message

@@ -193,6 +193,8 @@ SCRIPTS = {
     # For tool_choice naming get_weather: the prompt already holds the call's start.
     "NAMED": '{"city": "Rome"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
     "AFTER-TOOLS": "It is 12C in Paris.",
+    # For tool_choice required: the prompt holds the block's start, the model picks the function.
+    "REQUIRED": "get_time\n```json\n{}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
 }
 
 
@@ -259,6 +261,22 @@ def test_named_tool_choice_makes_the_answer_that_call(v3):
     (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Rome"}
     assert audited_prompts(v3)[-1].endswith("<｜Assistant｜>" + call_prefill("get_weather"))
+
+
+def test_required_tool_choice_makes_the_answer_a_call(v3):
+    r = v3.client().chat.completions.create(
+        model="tiny",
+        messages=ask("REQUIRED"),
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=50,
+    )
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and r.choices[0].finish_reason == "tool_calls"
+    prompt = audited_prompts(v3)[-1]
+    assert prompt.endswith("<｜Assistant｜>" + call_prefill(None))
+    assert "You must answer by calling at least one of these functions. Call at most one function." in prompt
 
 
 def test_tool_results_are_rendered_back_through_the_template(v3):
