@@ -308,6 +308,10 @@ def test_tool_choice_none_leaves_tools_out(v3):
     assert "## Tools" not in audited_prompts(v3)[-1]
 
 
+DEEP: dict = {}
+for _ in range(300):  # far deeper than any schema: a 400, not a RecursionError's 500
+    DEEP = {"a": DEEP}
+
 BAD = [
     ({"tool_choice": "auto"}, "tool_choice", "needs tools"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "not one of tools"),
@@ -317,6 +321,16 @@ BAD = [
     ({"tool_choice": "sometimes", "tools": [WEATHER]}, "tool_choice", '"required"'),
     ({"tool_choice": {"type": "function"}, "tools": [WEATHER]}, "tool_choice", '"required"'),
     ({"parallel_tool_calls": "yes please", "tools": [WEATHER]}, "parallel_tool_calls", ""),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"description": "\ud800"}}}]},
+        "tools.0.function.parameters",
+        "lone surrogate",
+    ),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": DEEP}}]},
+        "tools.0.function.parameters",
+        "levels deep",
+    ),
     ({"messages": [{"role": "tool", "content": "12C"}]}, "messages.0", "tool_call_id"),
     ({"messages": [{"role": "user", "content": None}]}, "messages.0", "needs content"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages.0", "tool_calls is for assistant"),
@@ -326,9 +340,9 @@ BAD = [
 @pytest.mark.parametrize("extra, param, needle", BAD, ids=[b[1] + ":" + b[2] for b in BAD])
 def test_bad_tool_fields_are_a_400_naming_the_field(v3, extra, param, needle):
     body = {"model": "tiny", "messages": ask("ONE-CALL"), "max_tokens": 5} | extra
-    r = httpx.post(
-        v3.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {v3.keys['alice']}"}, timeout=60
-    )
+    headers = {"Authorization": f"Bearer {v3.keys['alice']}", "Content-Type": "application/json"}
+    # json.dumps escapes a lone surrogate as \\ud800, as a client's JSON would carry it
+    r = httpx.post(v3.url + "/v1/chat/completions", content=json.dumps(body), headers=headers, timeout=60)
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == param and needle in error["message"], r.text
 

@@ -21,15 +21,25 @@ MAX_CONCURRENT_MAX = 100_000
 RPM_MAX = 10_000_000
 
 
+# How deep a JSON value in a request (a tool's parameters schema) may nest: far beyond any real
+# schema, and well inside Python's recursion limit, so a deeper one is a 400, not a 500.
+MAX_NESTING = 64
+
+
 def _no_lone_surrogates(value):
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("strings must be valid Unicode: a lone surrogate (such as \\ud800) is not") from None
-    elif isinstance(value, (list, dict)):  # a tool's JSON Schema nests strings in dicts
-        for item in value.items() if isinstance(value, dict) else value:
-            _no_lone_surrogates(list(item) if isinstance(item, tuple) else item)
+    stack = [(value, 0)]  # iterative: a deep value is refused by depth, not by a RecursionError
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("strings must be valid Unicode: a lone surrogate (such as \\ud800) is not") from None
+        elif isinstance(item, (list, dict)):  # a tool's JSON Schema nests strings in dicts
+            if depth >= MAX_NESTING:
+                raise ValueError(f"nested more than {MAX_NESTING} levels deep")
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
     return value
 
 
