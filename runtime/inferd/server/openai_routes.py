@@ -99,6 +99,18 @@ def _render(engine, body: ChatCompletionRequest, tools: list[dict] | None) -> st
         raise OpenAIError(400, f"messages could not be rendered with the model's chat template: {e}") from None
 
 
+def _shape(reasoning: str, text: str, tools: list[dict] | None, prefill: str, structured: bool) -> ChatShape | None:
+    """How the answers are read, None for plain text. No thinking is split off an answer whose
+    grammar holds it to JSON from its first token (response_format), nor off a prefilled call's
+    arguments."""
+    if prefill or structured:
+        reasoning = "none"
+    if not tools and reasoning == "none":
+        return None
+    names = None if tools is None else {t["function"]["name"] for t in tools}
+    return ChatShape(reasoning=reasoning, prompt_text=text, tool_names=names, prefill=prefill)
+
+
 async def models(request: Request):
     s = state_of(request)
     entry = {"id": s.model_id, "object": "model", "created": s.started, "owned_by": "inferd", **s.build}
@@ -118,14 +130,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine = state.serving(body.model)
     text = _render(engine, body, tools)
     prefill = _prefill(body, text) if tools else ""
-    shape = None
-    if tools or state.cfg.reasoning_parser != "none":
-        names = None if tools is None else {t["function"]["name"] for t in tools}
-        # After a prefilled call the answer is the call's arguments: no thinking to split off.
-        reasoning = "none" if prefill else state.cfg.reasoning_parser
-        shape = ChatShape(reasoning=reasoning, prompt_text=text, tool_names=names, prefill=prefill)
-    prompt_ids = engine.encode(text + prefill, add_special_tokens=False)
     options = {"top_logprobs": body.top_logprobs or 0} | _structured(body)
+    shape = _shape(state.cfg.reasoning_parser, text, tools, prefill, structured="json_schema" in options)
+    prompt_ids = engine.encode(text + prefill, add_special_tokens=False)
     return await generate(
         request,
         engine,
