@@ -38,15 +38,16 @@ def script_of(seq):
 
 
 def sample(self, logits, seqs):
-    tokens, logprobs = real_sample(self, logits, seqs)
-    forced = tokens.clone()
+    sampled = real_sample(self, logits, seqs)
+    forced = sampled.tokens.clone()
     for row, seq in enumerate(seqs):
         script = script_of(seq)
         if script is not None:
             # The token being sampled is output number num_output_tokens (a pending one counts).
             k = seq.num_output_tokens
             forced[row] = script[k] if k < len(script) else 1
-    return forced, logprobs
+    sampled.tokens = forced
+    return sampled
 
 
 sampler_module.Sampler.sample = sample

@@ -77,6 +77,7 @@ SCRIPTS = {
     "R1-ANSWER": THOUGHT + "</think>\n\n" + ANSWER,
     "R1-LONG": "Thinking and thinking and thinking without end " * 4,
     "PLAIN": "No thinking here.",
+    "R1-JSON": '{"answer": 4}',
     "R1-TOOL": "I need the weather.</think>\n\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather"
     '\n```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
 }
@@ -169,3 +170,13 @@ def test_r1_reasons_then_calls_a_tool(r1):
     assert message.reasoning_content == "I need the weather." and message.content is None
     assert r.choices[0].finish_reason == "tool_calls" and message.tool_calls[0].function.name == "get_weather"
     assert audited_prompts(r1)[-1].endswith("<｜Assistant｜><think>\n")  # R1's own prompt, with the tools described
+
+
+def test_an_answer_held_to_json_is_content_not_reasoning(r1):
+    """With response_format the grammar holds the output to JSON from its first token, so even
+    after R1's prompt opened the thinking there is none to split off."""
+    r = r1.client().chat.completions.create(
+        model="tiny", messages=MSGS["R1-JSON"], response_format={"type": "json_object"}, max_tokens=20
+    )
+    message = r.choices[0].message
+    assert message.content == SCRIPTS["R1-JSON"] and getattr(message, "reasoning_content", None) is None
