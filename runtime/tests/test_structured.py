@@ -106,7 +106,7 @@ def test_a_step_fills_all_its_constrained_rows_in_one_parallel_call(engine, monk
         real(executor, matchers, bitmask)
 
     prompts = ["hello", "a pet", "the quick brown fox", "jumps"]
-    params = [SamplingParams(max_tokens=40, temperature=0.0, json_schema=PET_SCHEMA) for _ in range(3)]
+    params = [SamplingParams(max_tokens=100, temperature=0.0, json_schema=PET_SCHEMA) for _ in range(3)]
     params.insert(1, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
     alone = [engine.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
     monkeypatch.setattr(llguidance.torch, "fill_next_token_bitmask_par", spy)
