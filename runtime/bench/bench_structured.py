@@ -14,7 +14,14 @@ overhead includes that. A step's constrained rows are filled in one call, in par
 Each mode also says where the wall time that is not steady decode went (`output_tok_s` is all
 tokens over all of it): `add_requests_ms` (a grammar compiles there), `first_step_ms` (prefill),
 `other_steps_ms`, `tokens_per_seq` (a grammar that ends its document ends a sequence early), and
-the host's mask fill per step (`mask_fill_ms_*`: what the forward pass must hide). First H200
+the host's mask fill per step (`mask_fill_ms_*`: what the forward pass must hide). The first run's
+constrained_b1 had a p50 of 4.93 ms but 71 output tok/s against free's 190: 1.1 s of its 1.8 s
+were outside what p50/p90 show. Compiling is not it (0.2-0.5 ms for this schema on the CPU box)
+and the tokens were all there (127 steady steps); one_constrained_b1, the same work run right
+after it, got 174 tok/s, which points at one-time costs: llguidance builds its lexer's states on
+first visit and shares them between matchers of a grammar (a fresh matcher's first mask: 3.6 ms,
+the next matcher's: 0.1 ms), so a few steady steps can be very slow once: `step_ms_mean` and
+`step_ms_max` show such steps, the warm-up now runs every row of the largest batch constrained. First H200
 run, before the parallel fill (serial, 2026-11-30): free 4.85 / 5.03 ms a step at batch 1 / 16;
 constrained +0.08 ms at batch 1, 17.4 ms (+12.4) with all 16 rows constrained.
 
@@ -99,6 +106,7 @@ def decode_steps(engine, prompts, mode: str, steps: int, device: str, fills: Fil
     return {
         "step_ms_p50": percentile(times, 50),
         "step_ms_p90": percentile(times, 90),
+        "step_ms_mean": sum(times) / len(times) if times else None,  # p50/p90 hide a few slow steps
         "step_ms_max": max(times, default=None),
         "steady_steps": len(times),
         "output_tok_s": tokens / wall,
