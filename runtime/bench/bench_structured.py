@@ -8,7 +8,22 @@ a schema that keeps it going: an array of at least 4,096 short strings), `one_co
 of the batch constrained, the rest free: what a grammar costs its neighbours), `top_logprobs`
 (every row reports its 5 best alternatives). A constrained batch needs each step's tokens on the
 host before the next step's masks (as penalties do), so its steps do not overlap: the measured
-overhead includes that.
+overhead includes that. A step's constrained rows are filled in one call, in parallel threads
+(llguidance's LLExecutor), while the device runs the forward pass.
+
+Each mode also says where the wall time that is not steady decode went (`output_tok_s` is all
+tokens over all of it): `add_requests_ms` (a grammar compiles there), `first_step_ms` (prefill),
+`other_steps_ms`, `tokens_per_seq` (a grammar that ends its document ends a sequence early), and
+the host's mask fill per step (`mask_fill_ms_*`: what the forward pass must hide). The first run's
+constrained_b1 had a p50 of 4.93 ms but 71 output tok/s against free's 190: 1.1 s of its 1.8 s
+were outside what p50/p90 show. Compiling is not it (0.2-0.5 ms for this schema on the CPU box)
+and the tokens were all there (127 steady steps); one_constrained_b1, the same work run right
+after it, got 174 tok/s, which points at one-time costs: llguidance builds its lexer's states on
+first visit and shares them between matchers of a grammar (a fresh matcher's first mask: 3.6 ms,
+the next matcher's: 0.1 ms), so a few steady steps can be very slow once: `step_ms_mean` and
+`step_ms_max` show such steps, the warm-up now runs every row of the largest batch constrained. First H200
+run, before the parallel fill (serial, 2026-11-30): free 4.85 / 5.03 ms a step at batch 1 / 16;
+constrained +0.08 ms at batch 1, 17.4 ms (+12.4) with all 16 rows constrained.
 
     python runtime/bench/bench_structured.py --out $OUT/structured.json      # on the GPU machine
     python runtime/bench/bench_structured.py --shape tiny --device cpu --steps 8   # a quick check
@@ -47,11 +62,34 @@ def params_for(mode: str, steps: int, row: int) -> SamplingParams:
     return SamplingParams(**common)
 
 
-def decode_steps(engine, prompts, mode: str, steps: int, device: str) -> dict:
-    """Wall time of engine steps in which every request produced a token (steady decode)."""
-    for i, p in enumerate(prompts):
-        engine.add_request(p, params_for(mode, steps, i))
-    times, last, tokens = [], None, 0
+class FillTimer:
+    """Host time the sampler spends filling masks (Grammar.fill_bitmasks, all of a step's
+    constrained rows in one call), per call: what the forward pass has to hide."""
+
+    def __init__(self):
+        from inferd.engine.structured import Grammar
+
+        self.calls: list[float] = []
+        real = Grammar.fill_bitmasks
+
+        def timed(bitmask, rows):
+            t = time.perf_counter()
+            real(bitmask, rows)
+            self.calls.append((time.perf_counter() - t) * 1000)
+
+        Grammar.fill_bitmasks = staticmethod(timed)
+
+
+def decode_steps(engine, prompts, mode: str, steps: int, device: str, fills: FillTimer) -> dict:
+    """Wall time of engine steps in which every request produced a token (steady decode), and
+    where the rest of the wall time went: adding the requests (a grammar compiles there), the
+    first step (prefill), the other steps that are not steady (the last ones), each sequence's
+    token count (a grammar that ends its document ends the sequence early)."""
+    t = time.perf_counter()
+    seqs = [engine.add_request(p, params_for(mode, steps, i)) for i, p in enumerate(prompts)]
+    add_ms = (time.perf_counter() - t) * 1000
+    times, other, last, tokens = [], [], None, 0
+    fills.calls.clear()
     sync(device)
     start = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -59,14 +97,28 @@ def decode_steps(engine, prompts, mode: str, steps: int, device: str) -> dict:
         now = time.perf_counter()
         if last is not None and len(outs) == len(prompts) and not any(o.finished for o in outs):
             times.append((now - last) * 1000)
+        else:
+            other.append((now - (last or start)) * 1000)
         last = now
         tokens += len(outs)
     sync(device)
+    wall = time.perf_counter() - start
     return {
         "step_ms_p50": percentile(times, 50),
         "step_ms_p90": percentile(times, 90),
+        "step_ms_mean": sum(times) / len(times) if times else None,  # p50/p90 hide a few slow steps
+        "step_ms_max": max(times, default=None),
         "steady_steps": len(times),
-        "output_tok_s": tokens / (time.perf_counter() - start),
+        "output_tok_s": tokens / wall,
+        "wall_s": wall,
+        "add_requests_ms": add_ms,
+        "first_step_ms": other[0] if other else None,
+        "other_steps": len(other),
+        "other_steps_ms": sum(other),
+        "tokens_per_seq": sorted({s.num_output_tokens for s in seqs}),
+        "mask_fill_ms_p50": percentile(fills.calls, 50) if fills.calls else None,
+        "mask_fill_ms_p90": percentile(fills.calls, 90) if fills.calls else None,
+        "mask_fill_ms_max": max(fills.calls, default=None),
     }
 
 
@@ -110,11 +162,13 @@ def main() -> int:
         )
         del state
         results["cuda_graphs"] = sorted(engine.runner.graphs)
-        decode_steps(engine, [torch.randint(3, 1000, (16,), generator=g).tolist()], "constrained", 8, args.device)  # warm-up
+        fills = FillTimer()
+        warm = [torch.randint(3, 1000, (16,), generator=g).tolist() for _ in range(max(args.batch))]
+        decode_steps(engine, warm, "constrained", 8, args.device, fills)  # warm-up, the fill pool too
         for n in args.batch:
             prompts = [torch.randint(3, 100_000, (args.prompt_len,), generator=g).tolist() for _ in range(n)]
             for mode in args.modes:
-                r = results[f"{mode}_b{n}"] = decode_steps(engine, prompts, mode, args.steps, args.device)
+                r = results[f"{mode}_b{n}"] = decode_steps(engine, prompts, mode, args.steps, args.device, fills)
                 print(json.dumps({f"{mode}_b{n}": r}), flush=True)
             free = results.get(f"free_b{n}", {}).get("step_ms_p50")
             for mode in args.modes:

@@ -10,6 +10,7 @@ from typing import Literal
 import openai
 import pydantic
 import pytest
+import torch
 
 from inferd.config import EngineConfig
 from inferd.engine.llm_engine import LLMEngine
@@ -66,6 +67,54 @@ def test_the_document_ends_the_sequence_with_stop_before_max_tokens(engine):
     out = engine.generate(["x"], SamplingParams(max_tokens=100, temperature=1.0, seed=1, json_schema=schema))[0]
     assert out.finish_reason == "stop" and json.loads(out.text) in ({"ok": True}, {"ok": False})
     assert len(out.token_ids) < 100
+
+
+def _allowed(grammar, vocab: int) -> torch.Tensor:
+    row = torch.zeros((vocab + 31) // 32, dtype=torch.int32)
+    grammar.fill_bitmask(row)
+    return row
+
+
+def _highest(row: torch.Tensor) -> int:
+    bits = ((row[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).flatten()
+    return int(bits.nonzero().max())
+
+
+def test_a_batch_of_masks_filled_in_parallel_equals_each_filled_alone(engine):
+    from inferd.engine.structured import Grammar
+
+    vocab = engine._grammars.vocab_size
+    grammars = [engine._grammars.matcher(PET_SCHEMA) for _ in range(3)] + [engine._grammars.matcher({"type": "object"})]
+    for g, n in zip(grammars, (0, 2, 9, 1)):  # each at its own point of a document
+        for _ in range(n):  # the highest token it allows: a walk that differs from the others
+            g.accept(_highest(_allowed(g, vocab)))
+    alone = torch.stack([_allowed(g, vocab) for g in grammars])
+    assert len({tuple(r.tolist()) for r in alone}) == len(grammars)  # they differ: rows are not mixed up
+    batch = torch.zeros(len(grammars) + 1, (vocab + 31) // 32, dtype=torch.int32)
+    Grammar.fill_bitmasks(batch, [(g, i + 1) for i, g in enumerate(grammars)])  # row 0 left to others
+    assert torch.equal(batch[1:], alone) and not batch[0].any()
+
+
+def test_a_step_fills_all_its_constrained_rows_in_one_parallel_call(engine, monkeypatch):
+    import llguidance.torch
+
+    calls = []
+    real = llguidance.torch.fill_next_token_bitmask_par
+
+    def spy(executor, matchers, bitmask):
+        calls.append(sorted(i for _, i in matchers))
+        real(executor, matchers, bitmask)
+
+    prompts = ["hello", "a pet", "the quick brown fox", "jumps"]
+    params = [SamplingParams(max_tokens=100, temperature=0.0, json_schema=PET_SCHEMA) for _ in range(3)]
+    params.insert(1, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    alone = [engine.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    monkeypatch.setattr(llguidance.torch, "fill_next_token_bitmask_par", spy)
+    together = engine.generate(prompts, params)
+    assert [o.token_ids for o in together] == alone  # the same tokens as each request alone
+    assert [0, 2, 3] in calls  # the free row (1) is not handed to the grammar
+    for i in (0, 2, 3):
+        Pet.model_validate_json(together[i].text)
 
 
 @pytest.mark.parametrize(

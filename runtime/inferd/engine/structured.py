@@ -23,6 +23,7 @@ bad token or grammar: it enters an error state, which is checked here.
 
 from __future__ import annotations
 
+import functools
 import logging
 from functools import cached_property
 
@@ -56,6 +57,15 @@ def check_schema(schema: dict) -> None:
     """Raise InvalidRequestError (naming response_format) for a schema the grammar library
     cannot enforce; cheap (no tokenizer), so it runs where the request is made."""
     _grammar(schema)
+
+
+@functools.cache
+def _executor():
+    """llguidance's thread pool for filling many masks at once (80% of the CPUs, at most 32
+    threads), made once per process, at the first step with two constrained rows."""
+    import llguidance
+
+    return llguidance.LLExecutor()
 
 
 class GrammarCompiler:
@@ -94,6 +104,21 @@ class Grammar:
         """Write the allowed next tokens into `row`, a contiguous int32 CPU tensor of
         ceil(vocab / 32) words."""
         self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+
+    @staticmethod
+    def fill_bitmasks(bitmask: torch.Tensor, rows: list[tuple[Grammar, int]]) -> None:
+        """Write each (grammar, row) pair's allowed next tokens into that row of `bitmask`, a
+        contiguous [batch, ceil(vocab / 32)] int32 CPU tensor: one step's constrained rows in
+        one call. Several rows are filled in parallel by llguidance's thread pool, outside the
+        GIL: a mask inside a JSON string walks most of DeepSeek's 129k-token trie (0.3-0.8 ms a
+        row), so 16 rows one after another cost 12 ms a step where the forward pass takes 5."""
+        if len(rows) == 1:  # no hand-off to the pool for a lone row
+            grammar, i = rows[0]
+            grammar.fill_bitmask(bitmask[i])
+            return
+        import llguidance.torch
+
+        llguidance.torch.fill_next_token_bitmask_par(_executor(), [(g._matcher, i) for g, i in rows], bitmask)
 
     def accept(self, token: int) -> None:
         """Advance past a sampled token (one the mask allowed). A matcher that fails (a parser

@@ -10,7 +10,8 @@ logits before penalties, temperature, top-k/p, min-p and any grammar mask, as Op
 vLLM (its default "raw_logprobs") report them; so they score text whatever the sampling settings.
 
 A request with a grammar (structured output) has its row of a token bitmask filled on the host by
-its matcher (`Request.grammar`) and applied here with one fixed-shape op over the batch's rows.
+its matcher (`Request.grammar`; all of a step's constrained rows in one call, filled in parallel
+threads) and applied here with one fixed-shape op over the batch's rows.
 The sampler runs after the model's step, outside the captured CUDA graph (the graph ends at the
 logits), so decode keeps replaying its graph whatever the batch asks of the sampler; the bitmask is
 filled while the device still runs the step's forward pass, which was queued before the sampler.
@@ -37,7 +38,9 @@ class Request(Protocol):
     token_ids: list[int]
     output_token_ids: list[int]
     num_output_tokens: int
-    grammar: object | None  # engine.structured.Grammar: fill_bitmask(row) for the next token
+    # engine.structured.Grammar: its class's fill_bitmasks(bitmask, [(grammar, row), ...]) fills
+    # a step's constrained rows with their allowed next tokens, in one call.
+    grammar: object | None
 
 
 @dataclass
@@ -104,9 +107,8 @@ class Sampler:
         # Reused each step: the engine reads a constrained step's tokens before it launches the
         # next (the next mask depends on them), so no copy from these rows is still in flight.
         host.fill_(-1)
-        for i, seq in enumerate(seqs):
-            if seq.grammar is not None:
-                seq.grammar.fill_bitmask(host[i])
+        rows = [(seq.grammar, i) for i, seq in enumerate(seqs) if seq.grammar is not None]
+        type(rows[0][0]).fill_bitmasks(host, rows)  # all rows in one call: in parallel
         mask = self._bitmask[:n]
         mask.copy_(host, non_blocking=True)
         allowed = ((mask[:, :, None] >> self._bit_shifts) & 1).view(n, words * 32)[:, :vocab]
