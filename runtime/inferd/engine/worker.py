@@ -30,6 +30,7 @@ import logging
 import multiprocessing as mp
 import os
 import tempfile
+import threading
 import time
 
 import torch
@@ -125,6 +126,11 @@ def worker_main(
 
     for end in inherited:
         end.close()
+    _die_with_parent()
+    if config.device == "cpu":
+        # A forked child must not enter the OpenMP pool its parent used: it would wait forever
+        # for threads that were not forked (the PyTorch DataLoader's workers do the same).
+        torch.set_num_threads(1)
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank-{rank} %(levelname)s %(name)s: %(message)s")
     config = rank_config(config, rank)
@@ -156,6 +162,20 @@ def worker_main(
     if last_event is not None:
         last_event.synchronize()
     destroy_tensor_parallel()
+
+
+def _die_with_parent() -> None:
+    """End this worker when rank 0's process is gone, wherever the worker is blocked (a collective
+    waiting for rank 0 would otherwise wait for the group's timeout). Polled, because the kernel's
+    PR_SET_PDEATHSIG fires when the parent's *thread* ends, and engines are built in threads."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="inferd-tp-parent-watch", daemon=True).start()
 
 
 class TensorParallelRunner:
