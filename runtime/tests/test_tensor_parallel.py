@@ -124,3 +124,29 @@ def test_a_layer_that_asks_for_no_sharding_stays_whole(rank1_of_2):
     assert layer.weight.shape == (8, 8)
     with pytest.raises(ValueError, match="not divisible by tensor_parallel_size"):
         Linear(8, 5, parallel="column")
+
+
+def test_the_server_config_takes_the_size_as_a_flat_key_and_names_it_when_bad(tmp_path):
+    from inferd.server.config import ServerConfig, load_config
+
+    assert ServerConfig(model="m", tensor_parallel_size=2).engine.tensor_parallel_size == 2
+    path = tmp_path / "config.yaml"
+    path.write_text("model: m\ntensor_parallel_size: 0\n")
+    with pytest.raises(ValueError, match=r"tensor_parallel_size must be >= 1"):
+        load_config(str(path))
+
+
+def test_serve_takes_the_size_from_its_flag_and_refuses_a_bad_one(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "config.yaml"
+    path.write_text(f"model: m\ndata_dir: {tmp_path}\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "inferd.cli", "serve", "--config", str(path), "--tensor-parallel-size", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "tensor_parallel_size must be >= 1" in r.stderr and "Traceback" not in r.stderr
