@@ -23,7 +23,7 @@ log = logging.getLogger("inferd.engine")
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, weights=None):
+    def __init__(self, config: EngineConfig, weights=None, runner_cls: type[ModelRunner] = ModelRunner):
         self.config = config
         if not Path(config.model).is_dir():
             raise FileNotFoundError(f"{config.model}/config.json not found: pass a Hugging Face or packed model directory")
@@ -49,7 +49,7 @@ class LLMEngine:
         if weights is None:
             weights, weight_bytes = source.iter_tensors(), source.weight_bytes()
         self.runner: ModelRunner = make_runner(
-            config, self.model_config, self.max_model_len, weights, weight_bytes, given_weights
+            config, self.model_config, self.max_model_len, weights, weight_bytes, given_weights, runner_cls
         )
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)

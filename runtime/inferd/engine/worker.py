@@ -117,7 +117,15 @@ class StepSeq:
 
 
 def worker_main(
-    rank: int, size: int, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int, init_method: str, conn, inherited=()
+    rank: int,
+    size: int,
+    config: EngineConfig,
+    model_cfg: ModelConfig,
+    max_model_len: int,
+    init_method: str,
+    conn,
+    inherited=(),
+    runner_cls=ModelRunner,
 ):
     """A worker's whole life: join the group, load this rank's shard, run the steps rank 0 sends
     until it sends None or goes away. `inherited`: rank 0's pipe ends a forked worker holds
@@ -139,7 +147,10 @@ def worker_main(
         torch.cuda.set_device(device)
     init_tensor_parallel(rank, size, init_method, device)
     source = open_model(config.model, config.model_key_file)
-    runner = ModelRunner(config, model_cfg, max_model_len, source.iter_tensors(), source.weight_bytes())
+    if runner_cls is ModelRunner:
+        runner = runner_cls(config, model_cfg, max_model_len, source.iter_tensors(), source.weight_bytes())
+    else:
+        runner = runner_cls(config, model_cfg, max_model_len, iter(()))
     conn.send("ready")
     prev: StepHandle | None = None
     last_event = None
@@ -182,7 +193,7 @@ class TensorParallelRunner:
     """Rank 0's `ModelRunner`, which first hands each step to the workers. Everything else
     (the KV cache's size, the sampler) is rank 0's runner's."""
 
-    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int, weights, weight_bytes):
+    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int, weights, weight_bytes, runner_cls):
         size = config.tensor_parallel_size
         self._dir = tempfile.mkdtemp(prefix="inferd-tp-")
         init_method = f"file://{os.path.join(self._dir, 'rendezvous')}"
@@ -196,7 +207,7 @@ class TensorParallelRunner:
             inherited = [*self.conns, send] if method == "fork" else []
             proc = ctx.Process(
                 target=worker_main,
-                args=(rank, size, config, model_cfg, max_model_len, init_method, recv, inherited),
+                args=(rank, size, config, model_cfg, max_model_len, init_method, recv, inherited, runner_cls),
                 name=f"inferd-tp-{rank}",
                 daemon=True,
             )
@@ -212,7 +223,7 @@ class TensorParallelRunner:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             init_tensor_parallel(0, size, init_method, device)
-            self.runner = ModelRunner(config0, model_cfg, max_model_len, weights, weight_bytes)
+            self.runner = runner_cls(config0, model_cfg, max_model_len, weights, weight_bytes)
             for conn in self.conns:
                 self._recv_ready(conn)
         except BaseException as e:
@@ -297,14 +308,23 @@ class TensorParallelRunner:
             pass
 
 
-def make_runner(config: EngineConfig, model_cfg: ModelConfig, max_model_len: int, weights, weight_bytes, given_weights: bool):
-    """The engine's runner: a plain `ModelRunner` on one rank."""
+def make_runner(
+    config: EngineConfig,
+    model_cfg: ModelConfig,
+    max_model_len: int,
+    weights,
+    weight_bytes,
+    given_weights: bool,
+    runner_cls: type = ModelRunner,
+):
+    """The engine's runner: a plain `ModelRunner` on one rank. `runner_cls`: a subclass that makes
+    its own weights (the benchmarks' random shards, built on each GPU); every rank runs one."""
     check_tensor_parallel(config, model_cfg)
     if config.tensor_parallel_size == 1:
-        return ModelRunner(config, model_cfg, max_model_len, weights, weight_bytes)
-    if given_weights:
+        return runner_cls(config, model_cfg, max_model_len, weights, weight_bytes)
+    if given_weights and runner_cls is ModelRunner:
         raise ValueError(
             "tensor_parallel_size > 1 loads the weights from the model directory in every rank: "
             "do not pass weights= (save them to the directory instead)"
         )
-    return TensorParallelRunner(config, model_cfg, max_model_len, weights, weight_bytes)
+    return TensorParallelRunner(config, model_cfg, max_model_len, weights, weight_bytes, runner_cls)
