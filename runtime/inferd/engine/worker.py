@@ -216,6 +216,7 @@ class TensorParallelRunner:
             self.workers.append(proc)
             self.conns.append(send)
         self._closed = False
+        self.runner_device_type = "cpu" if config.device == "cpu" else "cuda"
         atexit.register(self.close)
         try:
             config0 = rank_config(config, 0)
@@ -233,6 +234,8 @@ class TensorParallelRunner:
         log.info("tensor parallel: %d ranks ready", size)
 
     def __getattr__(self, name):
+        if name == "runner":  # not built yet
+            raise AttributeError(name)
         return getattr(self.runner, name)
 
     def _recv_ready(self, conn) -> None:
@@ -297,7 +300,13 @@ class TensorParallelRunner:
                 proc.join()
         for conn in self.conns:
             conn.close()
-        destroy_tensor_parallel()
+        died = any(proc.exitcode not in (0, None) for proc in self.workers)
+        if died and self.runner_device_type == "cuda":
+            # NCCL cannot tear down a communicator whose peer died (it would wait for it): the
+            # process is about to exit on this error anyway.
+            destroy_tensor_parallel(leave_group=False)
+        else:
+            destroy_tensor_parallel()
         try:
             os.unlink(os.path.join(self._dir, "rendezvous"))
         except OSError:

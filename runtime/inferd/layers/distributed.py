@@ -38,9 +38,9 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.d
     _rank, _size = rank, size
 
 
-def destroy_tensor_parallel() -> None:
+def destroy_tensor_parallel(leave_group: bool = True) -> None:
     global _rank, _size
-    if dist.is_initialized():
+    if leave_group and dist.is_initialized():
         try:
             dist.destroy_process_group()
         except Exception:  # a group whose peer died may fail to tear down; the process is leaving it anyway
