@@ -35,7 +35,11 @@ def rendered(tmp_path_factory):
             "children": {
                 "render": {
                     "hosts": {
-                        "tp2": {**cuda, "inference_runtime_nvidia_devices": TWO_GPUS, "inference_runtime_tensor_parallel_size": 2},
+                        "tp2": {
+                            **cuda,
+                            "inference_runtime_nvidia_devices": TWO_GPUS,
+                            "inference_runtime_tensor_parallel_size": 2,
+                        },
                         "tp1": {**cuda, "inference_runtime_nvidia_devices": ["/dev/nvidia3"]},
                     }
                 },
