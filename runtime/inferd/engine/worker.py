@@ -93,20 +93,29 @@ class _Window:
         return self.tokens[(i % self.length) - self.offset]
 
 
+@dataclasses.dataclass(slots=True)
 class StepSeq:
-    """What `ModelRunner.launch` reads of a Sequence, small enough to send every step."""
+    """What `ModelRunner.launch` reads of a Sequence, small enough to send every step: a copy
+    (the Sequence's fields keep their one writer, on rank 0)."""
 
-    __slots__ = ("token_ids", "num_computed_tokens", "num_scheduled_tokens", "block_table", "pending_row")
+    token_ids: _Window
+    num_computed_tokens: int
+    num_scheduled_tokens: int
+    block_table: list[int]
+    pending_row: int | None
 
-    def __init__(self, seq, is_prefill: bool):
+    @classmethod
+    def of(cls, seq, is_prefill: bool) -> StepSeq:
         n = len(seq.token_ids)
         start = seq.num_computed_tokens if is_prefill else n - 1
         end = start + seq.num_scheduled_tokens if is_prefill else n
-        self.token_ids = _Window(seq.token_ids[start:end], start, n)
-        self.num_computed_tokens = seq.num_computed_tokens
-        self.num_scheduled_tokens = seq.num_scheduled_tokens
-        self.block_table = list(seq.block_table)
-        self.pending_row = seq.pending_row
+        return cls(
+            _Window(seq.token_ids[start:end], start, n),
+            seq.num_computed_tokens,
+            seq.num_scheduled_tokens,
+            list(seq.block_table),
+            seq.pending_row,
+        )
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -265,7 +274,7 @@ class TensorParallelRunner:
     def launch(self, seqs, is_prefill: bool, prev: StepHandle | None = None) -> StepHandle:
         try:
             self.check_workers()
-            msg = ([StepSeq(s, is_prefill) for s in seqs], is_prefill)
+            msg = ([StepSeq.of(s, is_prefill) for s in seqs], is_prefill)
             for conn in self.conns:
                 conn.send(msg)
             return self.runner.launch(seqs, is_prefill, prev)
