@@ -150,3 +150,40 @@ def test_serve_takes_the_size_from_its_flag_and_refuses_a_bad_one(tmp_path):
     )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "tensor_parallel_size must be >= 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_killed_worker_turns_the_server_not_ready_and_asks_to_exit(tmp_path):
+    import asyncio
+
+    from inferd.engine.async_engine import EngineDeadError
+    from inferd.server.config import ServerConfig
+    from inferd.server.state import ServerState
+
+    make_model(tmp_path / "model", **MODELS["llama"])
+    fatal = []
+    cfg = ServerConfig(
+        model=str(tmp_path / "model"),
+        data_dir=str(tmp_path / "data"),
+        max_model_len=64,
+        model_allow_unsigned=True,
+        tensor_parallel_size=2,
+    )
+    state = ServerState(cfg, on_fatal=fatal.append)
+    state.load_model(at_start=True)
+    runner = state.engine.engine.runner
+    try:
+        assert state.ready
+        os.kill(runner.workers[0].pid, signal.SIGKILL)
+        runner.workers[0].join()
+
+        async def one_request():
+            async for _ in state.engine.generate([1, 2, 3], SamplingParams(max_tokens=2)):
+                pass
+
+        with pytest.raises(EngineDeadError, match=r"worker rank 1 .* exited with code -9"):
+            asyncio.run(asyncio.wait_for(one_request(), 30))
+        state.engine._thread.join(10)
+        assert not state.ready and fatal and "worker rank 1" in fatal[0]
+    finally:
+        state.close()
+        runner.close()
