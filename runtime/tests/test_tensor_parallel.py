@@ -187,3 +187,15 @@ def test_a_killed_worker_turns_the_server_not_ready_and_asks_to_exit(tmp_path):
     finally:
         state.close()
         runner.close()
+
+
+def test_a_second_group_in_one_process_is_refused_until_the_first_closes(tmp_path):
+    make_model(tmp_path, **MODELS["llama"])
+    first = LLM(str(tmp_path), tensor_parallel_size=2, **ARGS)
+    try:
+        with pytest.raises(RuntimeError, match="already running in this process: close it"):
+            LLM(str(tmp_path), tensor_parallel_size=2, **ARGS)
+    finally:
+        first.engine.close()
+    again = LLM(str(tmp_path), tensor_parallel_size=2, **ARGS)
+    again.engine.close()

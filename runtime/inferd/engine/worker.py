@@ -37,7 +37,7 @@ import torch
 
 from inferd.config import EngineConfig
 from inferd.engine.model_runner import ModelRunner, StepHandle
-from inferd.layers.distributed import destroy_tensor_parallel, init_tensor_parallel
+from inferd.layers.distributed import check_no_group, destroy_tensor_parallel, init_tensor_parallel
 from inferd.models.config import ModelConfig
 
 log = logging.getLogger("inferd.tensor_parallel")
@@ -203,6 +203,7 @@ class TensorParallelRunner:
     (the KV cache's size, the sampler) is rank 0's runner's."""
 
     def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int, weights, weight_bytes, runner_cls):
+        check_no_group()
         size = config.tensor_parallel_size
         self._dir = tempfile.mkdtemp(prefix="inferd-tp-")
         init_method = f"file://{os.path.join(self._dir, 'rendezvous')}"

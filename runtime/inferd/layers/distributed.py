@@ -38,6 +38,15 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.d
     _rank, _size = rank, size
 
 
+def check_no_group() -> None:
+    """One group per process: a second engine's would need the first's ranks."""
+    if dist.is_initialized():
+        raise RuntimeError(
+            "a tensor-parallel engine is already running in this process: close it (LLMEngine.close()) "
+            "before starting another (with tensor_parallel_size > 1 a model swap unloads the old model first)"
+        )
+
+
 def destroy_tensor_parallel(leave_group: bool = True) -> None:
     global _rank, _size
     if leave_group and dist.is_initialized():
