@@ -94,6 +94,15 @@ class _Window:
 
 
 @dataclasses.dataclass(slots=True)
+class StepParams:
+    """The sampling parameters a step reads on every rank (prompt scoring runs the head, a
+    collective, on all of them); sampling itself is rank 0's."""
+
+    prompt_logprobs: object
+    top_logprobs: int
+
+
+@dataclasses.dataclass(slots=True)
 class StepSeq:
     """What `ModelRunner.launch` reads of a Sequence, small enough to send every step: a copy
     (the Sequence's fields keep their one writer, on rank 0)."""
@@ -101,20 +110,25 @@ class StepSeq:
     token_ids: _Window
     num_computed_tokens: int
     num_scheduled_tokens: int
+    num_prompt_tokens: int
     block_table: list[int]
     pending_row: int | None
+    params: StepParams
 
     @classmethod
     def of(cls, seq, is_prefill: bool) -> StepSeq:
         n = len(seq.token_ids)
         start = seq.num_computed_tokens if is_prefill else n - 1
-        end = start + seq.num_scheduled_tokens if is_prefill else n
+        # A prefill chunk's window ends one token past the chunk: prompt scoring reads it.
+        end = min(start + seq.num_scheduled_tokens + 1, n) if is_prefill else n
         return cls(
             _Window(seq.token_ids[start:end], start, n),
             seq.num_computed_tokens,
             seq.num_scheduled_tokens,
+            seq.num_prompt_tokens,
             list(seq.block_table),
             seq.pending_row,
+            StepParams(getattr(seq.params, "prompt_logprobs", None), getattr(seq.params, "top_logprobs", 0)),
         )
 
     def __len__(self) -> int:
