@@ -199,3 +199,24 @@ def test_a_second_group_in_one_process_is_refused_until_the_first_closes(tmp_pat
         first.engine.close()
     again = LLM(str(tmp_path), tensor_parallel_size=2, **ARGS)
     again.engine.close()
+
+
+def test_prompt_logprobs_and_top_logprobs_match_one_rank(tmp_path):
+    make_model(tmp_path, **MODELS["qwen2"])
+    params = SamplingParams(temperature=0.0, max_tokens=3, logprobs=True, top_logprobs=2, prompt_logprobs=True)
+    prompts = [SHARED * 2, "0123 4567 89"]
+    one = LLM(str(tmp_path), **{**ARGS, "max_num_batched_tokens": 16})  # chunked prefill
+    expected = one.generate(prompts, params)
+    two = LLM(str(tmp_path), tensor_parallel_size=2, **{**ARGS, "max_num_batched_tokens": 16})
+    try:
+        got = two.generate(prompts, params)
+    finally:
+        two.engine.close()
+    assert len(got[0].prompt_logprobs) > 16  # scored across prefill chunks
+    for a, b in zip(got, expected):
+        assert a.token_ids == b.token_ids
+        assert a.prompt_logprobs is not None and len(a.prompt_logprobs) == len(b.prompt_logprobs)
+        assert a.prompt_logprobs[0] is None
+        for (lp, alts), (lp1, alts1) in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert lp == pytest.approx(lp1, abs=1e-4)
+            assert [t for t, _ in alts] == [t for t, _ in alts1]
