@@ -140,6 +140,14 @@ recommended_quantization:
     null if none does. fp8 only where every GPU has compute capability 8.9 or newer.
   returned: always
   type: str
+recommended_tensor_parallel_size:
+  description: >-
+    GPUs to split the model over at I(dtype) (the runtime's inference_runtime_tensor_parallel_size):
+    1 where one GPU holds it, else the smallest of 2, 4, 8 that this host has, that divides the
+    model's attention and KV heads (when I(model_config) gives them) and whose per-GPU share of the
+    weights and KV cache fits; null when none does.
+  returned: when a GPU was found
+  type: int
 fp8_supported:
   description: Whether every GPU has compute capability 8.9 or newer (null when a GPU's is unknown).
   returned: when a GPU was found
@@ -291,6 +299,24 @@ def assess(
         "recommended_quantization": recommended,
         "msg": msg,
     }
+
+
+def recommend_tensor_parallel(gpus: list, need_gib: dict, usable_gib: float, heads: tuple = ()) -> int | None:
+    """Weights and KV cache split evenly over the ranks (by heads); the overhead is per GPU."""
+    for tp in (1, 2, 4, 8):
+        if tp > len(gpus) or any(h % tp for h in heads):
+            continue
+        if (need_gib["weights"] + need_gib["kv_cache"]) / tp + need_gib["overhead"] <= usable_gib:
+            return tp
+    return None
+
+
+def _heads(path: str) -> tuple:
+    """The attention and KV heads a tensor-parallel size must divide."""
+    with open(path) as f:
+        config = json.load(f)
+    heads = config.get("num_attention_heads")
+    return tuple(h for h in (heads, config.get("num_key_value_heads") or heads) if h)
 
 
 # ---- GPU facts -----------------------------------------------------------------------------
@@ -470,6 +496,11 @@ def main():
         p["gpu_memory_utilization"],
         p["overhead_gib"],
     )
+    if gpus:
+        heads = _heads(p["model_config"]) if p["model_config"] else ()
+        result["recommended_tensor_parallel_size"] = recommend_tensor_parallel(
+            gpus, result["need_gib"], result["usable_gib"], heads
+        )
     module.exit_json(changed=False, gpus=gpus, source=source, model=shape, **result)
 
 

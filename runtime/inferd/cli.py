@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--device")
+    serve.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        help="GPUs to split the model over, one process each (overrides the config's tensor_parallel_size)",
+    )
     serve.add_argument("--data-dir", help="where keys, the audit log and results live")
     serve.add_argument(
         "--allow-unsigned",
@@ -300,6 +305,7 @@ def _serve(args) -> int:
         host=args.host,
         port=args.port,
         device=args.device,
+        tensor_parallel_size=args.tensor_parallel_size,
         data_dir=args.data_dir,
         model_allow_unsigned=args.allow_unsigned,
     )

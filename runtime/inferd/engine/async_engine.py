@@ -229,6 +229,8 @@ class AsyncLLMEngine:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.engine.close()  # tensor-parallel workers stop with the engine that leads them
 
     @property
     def num_unfinished(self) -> int:

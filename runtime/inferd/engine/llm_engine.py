@@ -12,6 +12,7 @@ from inferd.engine.model_runner import ModelRunner, StepHandle
 from inferd.engine.scheduler import Scheduler
 from inferd.engine.sequence import Sequence
 from inferd.engine.structured import GrammarCompiler
+from inferd.engine.worker import make_runner
 from inferd.models.config import parse_model_config
 from inferd.outputs import EngineStats, RequestOutput, StepOutput, TokenEvent
 from inferd.sampling_params import InvalidRequestError, SamplingParams
@@ -22,7 +23,7 @@ log = logging.getLogger("inferd.engine")
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, weights=None):
+    def __init__(self, config: EngineConfig, weights=None, runner_cls: type[ModelRunner] = ModelRunner):
         self.config = config
         if not Path(config.model).is_dir():
             raise FileNotFoundError(f"{config.model}/config.json not found: pass a Hugging Face or packed model directory")
@@ -44,15 +45,23 @@ class LLMEngine:
         tokenizer_json = source.read_text("tokenizer.json")
         vocab = self.model_config.vocab_size
         self._grammars = GrammarCompiler(tokenizer_json, vocab, self.eos_token_ids) if tokenizer_json else None
-        weight_bytes = None
+        weight_bytes, given_weights = None, weights is not None
         if weights is None:
             weights, weight_bytes = source.iter_tensors(), source.weight_bytes()
-        self.runner = ModelRunner(config, self.model_config, self.max_model_len, weights, weight_bytes)
+        self.runner: ModelRunner = make_runner(
+            config, self.model_config, self.max_model_len, weights, weight_bytes, given_weights, runner_cls
+        )
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
         self.sequences: dict[str, Sequence] = {}
         self._detoks: dict[str, IncrementalDetokenizer] = {}
         self._inflight: tuple[list[Sequence], StepHandle] | None = None  # launched, tokens not read yet
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (they also stop when this process exits)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:

@@ -14,6 +14,7 @@ import torch
 from inferd.config import EngineConfig
 from inferd.engine.sequence import Sequence
 from inferd.layers.context import AttentionContext, reset_context, set_context
+from inferd.layers.distributed import broadcast_from_rank0, min_over_ranks, tp_rank
 from inferd.layers.fused import FP8
 from inferd.layers.quant import check_supported
 from inferd.layers.quantize import quantize_fp8, quantize_fp8_blocks
@@ -162,6 +163,7 @@ class ModelRunner:
             # of SmolLM2-135M's shape, float32, two cores: LLM() 25 s with it, 0.4 s without; the
             # first request took 0.35 s either way).
             num_blocks = config.cpu_kv_cache_bytes // per_block
+        num_blocks = min_over_ranks(num_blocks)  # one block table serves every rank
         if num_blocks * self.block_size < self.max_model_len:
             raise RuntimeError(
                 f"the KV cache holds {max(num_blocks, 0) * self.block_size} tokens, fewer than max_model_len "
@@ -275,10 +277,14 @@ class ModelRunner:
         reset_context()
         complete = [i for i, s in enumerate(seqs) if s.num_computed_tokens + s.num_scheduled_tokens == len(s)]
         handle = StepHandle(complete, prompt=prompt)
-        if complete:
+        if complete and tp_rank() > 0:
+            # Rank 0 samples; the others take its tokens, their next step's pending inputs.
+            tokens = torch.empty(len(complete), dtype=torch.long, device=self.device)
+            handle.device_tokens = handle.tokens = broadcast_from_rank0(tokens)
+        elif complete:
             rows = logits if len(complete) == len(seqs) else logits[self._to_device(complete)]
             sampled = self.sampler.sample(rows, [seqs[i] for i in complete])
-            tokens, logprobs = sampled.tokens, sampled.logprobs
+            tokens, logprobs = broadcast_from_rank0(sampled.tokens.long().contiguous()), sampled.logprobs
             handle.device_tokens = handle.tokens = tokens
             handle.logprobs = logprobs
             if sampled.top_ids is not None:

@@ -7,6 +7,7 @@ from torch import nn
 
 from inferd.layers.activation import SiluAndMul
 from inferd.layers.attention import Attention
+from inferd.layers.distributed import divide, make_all_reduce
 from inferd.layers.embed_head import LMHead, VocabEmbedding
 from inferd.layers.linear import Linear, MergedLinear, QKVLinear
 from inferd.layers.norm import RMSNorm
@@ -17,29 +18,41 @@ from inferd.models.config import ModelConfig
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, max_position: int):
         super().__init__()
-        self.q_size = cfg.num_attention_heads * cfg.head_dim
-        self.kv_size = cfg.num_key_value_heads * cfg.head_dim
+        # This rank's heads (all of them on one rank).
+        heads = divide(cfg.num_attention_heads, "num_attention_heads")
+        kv_heads = divide(cfg.num_key_value_heads, "num_key_value_heads")
+        self.q_size = heads * cfg.head_dim
+        self.kv_size = kv_heads * cfg.head_dim
         self.qkv_proj = QKVLinear(
-            cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, bias=cfg.attention_bias
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            bias=cfg.attention_bias,
+            parallel="column",
         )
-        self.o_proj = Linear(self.q_size, cfg.hidden_size)
+        self.o_proj = Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, parallel="row")
+        self.reduce = make_all_reduce()
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
-        self.attn = Attention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim**-0.5)
+        self.attn = Attention(heads, kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.rotary_emb(positions, self.qkv_proj(hidden), self.q_size, self.kv_size)
-        return self.o_proj(self.attn(q, k, v))
+        out = self.o_proj(self.attn(q, k, v))
+        return out if self.reduce is None else self.reduce(out)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, parallel="column")
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, parallel="row")
+        self.reduce = make_all_reduce()
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        out = self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return out if self.reduce is None else self.reduce(out)
 
 
 class LlamaDecoderLayer(nn.Module):
