@@ -334,3 +334,15 @@ def test_the_admin_route_reports_a_rolled_back_copy(live, monkeypatch):
     r = httpx.post(live.url + "/admin/model/swap", json={"model": "b"}, headers=live.auth("adam"), timeout=120)
     assert r.status_code == 500 and r.json()["error"]["code"] == "swap_rolled_back"
     assert httpx.get(live.url + "/health").json() == before
+
+
+def test_a_tensor_parallel_engine_refuses_an_in_place_swap_and_keeps_serving(store):
+    """The copy reaches rank 0's shard only: refused before anything is staged."""
+    two = LLM(str(store / "a"), device="cpu", dtype="float32", tensor_parallel_size=2)
+    try:
+        before = two.generate(["one two"], greedy(3))[0].token_ids
+        with pytest.raises(WeightSwapError, match="tensor_parallel_size 2"):
+            weight_swap.stage(two.engine, store / "b")
+        assert two.generate(["one two"], greedy(3))[0].token_ids == before
+    finally:
+        two.engine.close()

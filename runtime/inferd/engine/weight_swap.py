@@ -167,6 +167,11 @@ def stage(engine, path: str | Path, public_key: bytes | None = None) -> StagedWe
     store's error) when it cannot serve in place of the running one. Changes nothing serving."""
     start = time.perf_counter()
     path = str(path)
+    if engine.config.tensor_parallel_size > 1:  # the copy would reach rank 0's shard only
+        raise WeightSwapError(
+            f"an in-place swap is not supported with tensor_parallel_size {engine.config.tensor_parallel_size}: "
+            "upgrade blue-green or restart the service (release_in_place_method: restart)"
+        )
     if not (Path(path) / "config.json").exists() and not (Path(path) / "manifest.json").exists():
         raise WeightSwapError(f"{path} is not a model directory (no config.json) or packed model (no manifest.json)")
     source = open_model(path, engine.config.model_key_file, public_key)
