@@ -199,14 +199,17 @@ def worker_main(
     destroy_tensor_parallel()
 
 
-def release_cuda_graphs(runner) -> None:
+def release_cuda_graphs(runner, wait: bool = True) -> None:
     """Destroy a runner's CUDA graphs. NCCL tears a communicator down (destroy and abort alike)
     only once every CUDA graph that captured one of its collectives is gone: it waits for them,
-    forever if they outlive the call. So every rank drops its graphs before leaving the group."""
+    forever if they outlive the call. So every rank drops its graphs before leaving the group.
+    `wait=False` when a peer died: a step waiting for it would never end (a launched graph that
+    is destroyed is freed when it ends, which the abort brings about)."""
     graphs = getattr(runner, "graphs", None)
     if not graphs:
         return
-    torch.cuda.synchronize(runner.device)
+    if wait:
+        torch.cuda.synchronize(runner.device)
     for graph in graphs.values():
         graph.reset()
     graphs.clear()
@@ -349,7 +352,7 @@ class TensorParallelRunner:
         died = any(proc.exitcode not in (0, None) for proc in self.workers)
         runner = self.__dict__.get("runner")
         if runner is not None:
-            release_cuda_graphs(runner)
+            release_cuda_graphs(runner, wait=not died)
         # A group whose peer died is aborted: a normal teardown would wait for the dead rank.
         destroy_tensor_parallel(abort=died)
         for proc in self.workers:
@@ -368,6 +371,7 @@ class TensorParallelRunner:
             os.rmdir(self._dir)
         except OSError:
             pass
+
 
 def make_runner(
     config: EngineConfig,
