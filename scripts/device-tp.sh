@@ -22,7 +22,7 @@ run() { # name, timeout seconds, args...
   timeout "$limit" python3 runtime/bench/bench_tp.py "$@" --out "$out/tp-$name.json" || echo "FAIL: $name exited $?"
 }
 echo "== tests $(date -u +%H:%M:%S)"
-timeout 100 python3 -m pytest -q -p no:cacheprovider runtime/tests/test_cuda_tp.py || echo "FAIL: tests exited $?"
+timeout 150 python3 -m pytest -q -p no:cacheprovider runtime/tests/test_cuda_tp.py || echo "FAIL: tests exited $?"
 run 8b-tp1 140 --shape llama-8b --tensor-parallel-size 1 --hf
 run 8b-tp2 90 --shape llama-8b --tensor-parallel-size 2
 run 70b-tp2 110 --shape llama-70b --tensor-parallel-size 2

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,6 +203,7 @@ def test_a_second_group_in_one_process_is_refused_until_the_first_closes(tmp_pat
         first.engine.close()
     again = LLM(str(tmp_path), tensor_parallel_size=2, **ARGS)
     again.engine.close()
+    again.engine.close()  # a second close is a no-op
 
 
 def test_prompt_logprobs_and_top_logprobs_match_one_rank(tmp_path):
@@ -220,3 +225,124 @@ def test_prompt_logprobs_and_top_logprobs_match_one_rank(tmp_path):
         for (lp, alts), (lp1, alts1) in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
             assert lp == pytest.approx(lp1, abs=1e-4)
             assert [t for t, _ in alts] == [t for t, _ in alts1]
+
+
+# A program that builds a TP=2 engine, generates and ends: by itself (the atexit hook), after
+# close() (twice), or with rank 0 vanishing (os._exit, no hook runs).
+PROGRAM = """
+import os, sys
+from inferd import LLM, SamplingParams
+
+if __name__ == "__main__":
+    model, ending = sys.argv[1], sys.argv[2]
+    llm = LLM(model, tensor_parallel_size=2, device="cpu", dtype="float32", cpu_kv_cache_bytes=1 << 22, block_size=4)
+    print("workers", *[p.pid for p in llm.engine.runner.workers], flush=True)
+    out = llm.generate(["The quick brown fox"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].token_ids) == 4
+    if ending == "close":
+        llm.engine.close()
+        llm.engine.close()
+    elif ending == "vanish":
+        os._exit(0)
+"""
+HANG_LIMIT_S = 120  # a hang detector (a spawned worker imports torch again), not a timing assert
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # an orphan nobody reaped has exited all the same
+
+
+@pytest.mark.parametrize("ending", ["end", "close", "vanish"])
+def test_a_program_with_spawned_workers_exits_and_leaves_no_worker(tmp_path, ending):
+    """The CUDA path's start method (spawn): the program exits 0 with or without close(), and no
+    worker outlives rank 0, even one that vanished without running its exit hooks."""
+    make_model(tmp_path / "model", **MODELS["llama"])
+    (tmp_path / "program.py").write_text(PROGRAM)
+    runtime = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "INFERD_TP_START_METHOD": "spawn", "PYTHONPATH": runtime}
+    r = subprocess.run(
+        [sys.executable, str(tmp_path / "program.py"), str(tmp_path / "model"), ending],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=HANG_LIMIT_S,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    pids = [int(p) for line in r.stdout.splitlines() if line.startswith("workers") for p in line.split()[1:]]
+    assert len(pids) == 1
+    deadline = time.monotonic() + HANG_LIMIT_S  # a vanished rank 0's workers notice within seconds
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids), f"worker(s) {pids} outlived rank 0"
+    if ending != "vanish":  # a vanished rank 0 leaves its semaphores to the resource tracker
+        assert "Traceback" not in r.stderr and "leaked" not in r.stderr, r.stderr[-3000:]
+
+
+def test_the_start_method_is_spawn_on_cuda_and_a_bad_override_is_named(monkeypatch):
+    from inferd.engine.worker import start_method
+
+    monkeypatch.setenv("INFERD_TP_START_METHOD", "fork")
+    assert start_method("cuda:0") == "spawn"
+    assert start_method("cpu") == "fork"
+    monkeypatch.setenv("INFERD_TP_START_METHOD", "forkserver")
+    with pytest.raises(ValueError, match="INFERD_TP_START_METHOD='forkserver': use 'fork' or 'spawn'"):
+        start_method("cpu")
+
+
+class _Graph:
+    def __init__(self, events):
+        self.events = events
+
+    def reset(self):
+        self.events.append("graph reset")
+
+
+def _bare_runner(tmp_path, workers=(), runner=None):
+    from inferd.engine.worker import TensorParallelRunner
+
+    tp = object.__new__(TensorParallelRunner)
+    tp.__dict__.update(_closed=False, conns=[], workers=list(workers), _dir=str(tmp_path), join_timeout_s=30.0)
+    if runner is not None:
+        tp.runner = runner
+    return tp
+
+
+def test_close_drops_the_cuda_graphs_before_leaving_the_group_and_once(tmp_path, monkeypatch):
+    """NCCL waits, forever, for the CUDA graphs that captured its collectives before it tears a
+    communicator down: a rank must destroy them first (the TP=2 hang at exit on H200)."""
+    from types import SimpleNamespace
+
+    from inferd.engine import worker
+
+    events = []
+    runner = SimpleNamespace(device="cuda:0", graphs={1: _Graph(events), 2: _Graph(events)}, graph_outputs={1: 0, 2: 0})
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("synchronize"))
+    monkeypatch.setattr(worker, "destroy_tensor_parallel", lambda abort=False: events.append(f"leave abort={abort}"))
+    tp = _bare_runner(tmp_path, runner=runner)
+    tp.close()
+    tp.close()
+    assert events == ["synchronize", "graph reset", "graph reset", "leave abort=False"]
+    assert runner.graphs == {} and runner.graph_outputs == {}
+
+
+def _sleep_forever():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(600)
+
+
+def test_close_kills_a_worker_that_does_not_stop(tmp_path, monkeypatch):
+    import multiprocessing as mp
+
+    from inferd.engine import worker
+
+    monkeypatch.setattr(worker, "destroy_tensor_parallel", lambda abort=False: None)
+    stuck = mp.get_context("fork").Process(target=_sleep_forever, daemon=True)
+    stuck.start()
+    tp = _bare_runner(tmp_path, workers=[stuck])
+    tp.join_timeout_s = 0.5
+    tp.close()
+    assert not stuck.is_alive() and stuck.exitcode == -signal.SIGKILL

@@ -180,8 +180,8 @@ def worker_main(
     while True:
         try:
             msg = conn.recv()
-        except EOFError:  # rank 0 is gone
-            break
+        except EOFError:  # rank 0 is gone: its half of the group cannot be torn down with it
+            os._exit(1)
         if msg is None:
             break
         seqs, is_prefill = msg
@@ -195,7 +195,37 @@ def worker_main(
             last_event = event
     if last_event is not None:
         last_event.synchronize()
+    release_cuda_graphs(runner)
     destroy_tensor_parallel()
+
+
+def release_cuda_graphs(runner, wait: bool = True) -> None:
+    """Destroy a runner's CUDA graphs. NCCL tears a communicator down (destroy and abort alike)
+    only once every CUDA graph that captured one of its collectives is gone: it waits for them,
+    forever if they outlive the call. So every rank drops its graphs before leaving the group.
+    `wait=False` when a peer died: a step waiting for it would never end (a launched graph that
+    is destroyed is freed when it ends, which the abort brings about)."""
+    graphs = getattr(runner, "graphs", None)
+    if not graphs:
+        return
+    if wait:
+        torch.cuda.synchronize(runner.device)
+    for graph in graphs.values():
+        graph.reset()
+    graphs.clear()
+    getattr(runner, "graph_outputs", {}).clear()
+
+
+def start_method(device: str) -> str:
+    """CUDA cannot be used in a forked child; on the CPU, fork starts a worker in a fraction of
+    spawn's time (no second import of torch). INFERD_TP_START_METHOD=spawn runs the CPU with the
+    CUDA path's method (the tests of its shutdown)."""
+    if device != "cpu":
+        return "spawn"
+    method = os.environ.get("INFERD_TP_START_METHOD", "fork")
+    if method not in ("fork", "spawn"):
+        raise ValueError(f"INFERD_TP_START_METHOD={method!r}: use 'fork' or 'spawn'")
+    return method
 
 
 def _die_with_parent() -> None:
@@ -221,9 +251,7 @@ class TensorParallelRunner:
         size = config.tensor_parallel_size
         self._dir = tempfile.mkdtemp(prefix="inferd-tp-")
         init_method = f"file://{os.path.join(self._dir, 'rendezvous')}"
-        # CUDA cannot be used in a forked child; on the CPU, fork starts a worker in a fraction
-        # of spawn's time (no second import of torch).
-        method = "spawn" if config.device != "cpu" else "fork"
+        method = start_method(config.device)
         ctx = mp.get_context(method)
         self.workers, self.conns = [], []
         for rank in range(1, size):
@@ -240,6 +268,7 @@ class TensorParallelRunner:
             self.workers.append(proc)
             self.conns.append(send)
         self._closed = False
+        self.join_timeout_s = 30.0
         self.runner_device_type = "cpu" if config.device == "cpu" else "cuda"
         atexit.register(self.close)
         try:
@@ -308,29 +337,32 @@ class TensorParallelRunner:
         return self.runner.collect(handle)
 
     def close(self) -> None:
-        """Stop every worker (each leaves the group after its last step), then leave it too."""
+        """Stop every rank, at most `join_timeout_s` per worker before it is killed; again is a
+        no-op. Rank 0 leaves the group while the workers leave it (NCCL's teardown may wait for
+        its peers), after dropping its CUDA graphs (NCCL's teardown waits for those)."""
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)
         for conn in self.conns:
             try:
                 conn.send(None)
             except OSError:
                 pass
+        died = any(proc.exitcode not in (0, None) for proc in self.workers)
+        runner = self.__dict__.get("runner")
+        if runner is not None:
+            release_cuda_graphs(runner, wait=not died)
+        # A group whose peer died is aborted: a normal teardown would wait for the dead rank.
+        destroy_tensor_parallel(abort=died)
         for proc in self.workers:
-            proc.join(timeout=30)
+            proc.join(timeout=self.join_timeout_s)
             if proc.is_alive():
+                log.warning("tensor-parallel worker %s (pid %s) did not stop: killing it", proc.name, proc.pid)
                 proc.kill()
                 proc.join()
         for conn in self.conns:
             conn.close()
-        died = any(proc.exitcode not in (0, None) for proc in self.workers)
-        if died and self.runner_device_type == "cuda":
-            # NCCL cannot tear down a communicator whose peer died (it would wait for it): the
-            # process is about to exit on this error anyway.
-            destroy_tensor_parallel(leave_group=False)
-        else:
-            destroy_tensor_parallel()
         try:
             os.unlink(os.path.join(self._dir, "rendezvous"))
         except OSError:

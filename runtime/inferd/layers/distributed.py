@@ -47,11 +47,16 @@ def check_no_group() -> None:
         )
 
 
-def destroy_tensor_parallel(leave_group: bool = True) -> None:
+def destroy_tensor_parallel(abort: bool = False) -> None:
+    """Leave the group. `abort`: a peer died, so NCCL's orderly teardown (which flushes the
+    collectives in flight, and those wait for the dead rank) is skipped for an abort."""
     global _rank, _size
-    if leave_group and dist.is_initialized():
+    if dist.is_initialized():
         try:
-            dist.destroy_process_group()
+            if abort and dist.get_backend() == "nccl":
+                dist.distributed_c10d._abort_process_group()
+            else:
+                dist.destroy_process_group()
         except Exception:  # a group whose peer died may fail to tear down; the process is leaving it anyway
             pass
     _rank, _size = 0, 1
