@@ -177,6 +177,23 @@ def test_a_keys_priority_class_is_stored_checked_and_named(tmp_path):
         parse_keys(store.path)
 
 
+def test_a_keys_tenant_is_stored_checked_and_shared_only_by_name(tmp_path):
+    from inferd.server.auth import KeysFileError, KeyStore, parse_keys
+
+    store = KeyStore(tmp_path / "keys.json")
+    store.add("a", "user", tenant="team-x")
+    store.add("b", "user", tenant="team-x")
+    store.add("c", "user")
+    a, b, c = parse_keys(store.path)
+    assert a.cache_tenant == b.cache_tenant == "tenant:team-x"
+    assert c.cache_tenant == f"key:{c.key_id}" != a.cache_tenant
+    with pytest.raises(ValueError, match="not a tenant name"):
+        store.add("d", "user", tenant="../x")
+    store.path.write_text(store.path.read_text().replace('"team-x"', '"team x"', 1))
+    with pytest.raises(KeysFileError, match="key 'a': tenant 'team x' is not a tenant name"):
+        parse_keys(store.path)
+
+
 # ---- the prefix cache is shared within a tenant only (issue 24: a cross-tenant hit is a timing leak)
 def test_a_tenants_prompt_never_hits_another_tenants_cache(llama_dir):
     from inferd.engine.llm_engine import LLMEngine

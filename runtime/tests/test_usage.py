@@ -114,3 +114,33 @@ def test_openapi_describes_the_new_shapes(server):
     assert "reasoning_content" in schemas["AssistantMessage"]["properties"]
     assert "reasoning_content" in schemas["ChatDelta"]["properties"] and "tool_calls" in schemas["ChatDelta"]["properties"]
     assert "cached_tokens" in schemas["PromptTokensDetails"]["properties"]
+
+
+def test_keys_of_one_tenant_share_the_prefix_cache_and_no_one_else_does(server):
+    """Issue 23 part 6: the cache is shared by key, or by a tenant ops give several keys."""
+    from test_server import inferd
+
+    for name, tenant in (("carol", "team-x"), ("dave", "team-x"), ("erin", "")):
+        r = inferd("keys", "add", "--config", str(server.config), "--name", name, "--role", "user", "--tenant", tenant)
+        assert r.returncode == 0, r.stderr
+        server.keys[name] = r.stdout.strip()
+    listed = inferd("keys", "list", "--config", str(server.config)).stdout
+    assert "carol\tuser\tnormal\tteam-x\t" in listed and "erin\tuser\tnormal\t-\t" in listed
+    messages = [{"role": "user", "content": "tenant isolation test. " + LONG}]
+
+    def cached(name: str) -> int:
+        out = server.client(name).chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0)
+        return out.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("carol") == 0
+    assert cached("dave") >= 16  # the same tenant: carol's blocks are reused
+    assert cached("erin") == 0  # a key of no tenant is its own tenant
+    assert cached("alice") == 0
+    assert cached("erin") >= 16
+
+
+def test_a_bad_tenant_name_is_refused_and_names_the_fix(server):
+    from test_server import inferd
+
+    r = inferd("keys", "add", "--config", str(server.config), "--name", "mallory", "--role", "user", "--tenant", "a b/c")
+    assert r.returncode != 0 and "tenant 'a b/c' is not a tenant name" in r.stderr and "letters, digits" in r.stderr

@@ -232,7 +232,7 @@ async def generate(
 async def merged(g: Generation):
     """(choice index, event) from n engine streams as they come; aborts all on exit."""
     engine, prompt_ids, params = g.engine, g.prompt_ids, g.params
-    tenant, priority = g.principal.key_id, g.principal.priority
+    tenant, priority = g.principal.tenant or g.principal.key_id, g.principal.priority
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, sp):
