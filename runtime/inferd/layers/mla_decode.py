@@ -75,7 +75,8 @@ def default_block_h(num_heads: int, kv_lora: int) -> int:
 
 
 @functools.cache
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """The device's SM count, which the split heuristics of both decode kernels scale with."""
     if device.type != "cuda":
         return 4  # the interpreter: a few splits, so tests cover the merge
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -233,7 +234,7 @@ def mla_decode(
         or kv_lora // lora_parts < 16
     ):
         raise ValueError(f"lora_parts {lora_parts} must split kv_lora_rank {kv_lora} into powers of two >= 16")
-    splits = splits or num_splits(batch, head_blocks * lora_parts, _sm_count(q_latent.device))
+    splits = splits or num_splits(batch, head_blocks * lora_parts, sm_count(q_latent.device))
     tile = tile or 32
     out = torch.empty_like(q_latent)
     if splits > 1:
