@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from inferd import LLM, SamplingParams
+from inferd.layers.mla_decode import mla_decode_reference
 from inferd.models.config import MoEConfig, UnsupportedModelError, parse_model_config
-from inferd.models.deepseek import fused_moe_ref, mla_decode_ref, route
+from inferd.models.deepseek import fused_moe_ref, route
 from inferd.testing import hf_greedy, prefill_logits
 
 VOCAB = 256
@@ -182,7 +183,7 @@ def test_mla_decode_ref_equals_expanded_attention():
     tables = torch.tensor([[3, 1, 7], [0, 2, 5]], dtype=torch.int32)
     q_nope, q_rope = torch.randn(2, heads, nope), torch.randn(2, heads, rope)
     q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)
-    out = mla_decode_ref(q_latent, q_rope, cache, tables, torch.tensor(lens, dtype=torch.int32), 0.3)
+    out = mla_decode_reference(q_latent, q_rope, cache, tables, torch.tensor(lens, dtype=torch.int32), 0.3)
     for b, length in enumerate(lens):
         entries = cache[tables[b].long()].flatten(0, 1)[:length]
         c, k_rope = entries[:, :kv_lora], entries[:, kv_lora:]
