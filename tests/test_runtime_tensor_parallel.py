@@ -5,16 +5,10 @@ ansible-playbook run renders the role's templates for two hosts and runs the pre
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
+from runtime_role import LOCAL, preflight_play, render_play, role_vars, run_playbook
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-ROLE = ROOT / "roles/inference_runtime"
 # Given as the facts playbooks/assess.yml publishes, so no assessment runs.
 ASSESSED = {"gpu_assess_numa_node": "0", "gpu_assess_local_cpus": "0-51", "gpu_assess_recommended_quantization": "bf16"}
 TWO_GPUS = ["/dev/nvidia0", "/dev/nvidia1"]
@@ -23,15 +17,10 @@ TWO_GPUS = ["/dev/nvidia0", "/dev/nvidia1"]
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("render-tp")
-    local = {"ansible_connection": "local", "ansible_python_interpreter": "{{ ansible_playbook_python }}"}
-    defaults = {
-        **yaml.safe_load((ROLE / "defaults/main.yml").read_text()),
-        **yaml.safe_load((ROLE / "vars/main.yml").read_text()),
-    }
     cuda = {"inference_runtime_device": "cuda", **ASSESSED}
     inventory = {
         "all": {
-            "vars": {**defaults, **local},
+            "vars": {**role_vars(), **LOCAL},
             "children": {
                 "render": {
                     "hosts": {
@@ -55,38 +44,8 @@ def rendered(tmp_path_factory):
             },
         }
     }
-    (tmp / "inventory.yml").write_text(yaml.safe_dump(inventory))
-    render = {
-        "name": "Render the runtime's templates",
-        "hosts": "render",
-        "gather_facts": False,
-        "tasks": [
-            {
-                "ansible.builtin.template": {
-                    "src": f"{ROLE}/templates/{{{{ item }}}}.j2",
-                    "dest": f"{tmp}/{{{{ inventory_hostname }}}}-{{{{ item }}}}",
-                    "mode": "0600",
-                },
-                "loop": ["inferd.service", "config.yaml"],
-            }
-        ],
-    }
-    refuse = {
-        "name": "Run the role's preflight",
-        "hosts": "refuse",
-        "gather_facts": False,
-        "tasks": [{"ansible.builtin.include_role": {"name": "inference_runtime", "tasks_from": "preflight"}}],
-    }
-    play = tmp / "play.yml"
-    play.write_text(yaml.safe_dump([render, refuse]))
-    r = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", str(tmp / "inventory.yml"), str(play)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp), "ANSIBLE_ROLES_PATH": str(ROOT / "roles")},
-    )
-    return tmp, r
+    plays = [render_play("render", tmp), preflight_play("Run the role's preflight", "refuse")]
+    return tmp, run_playbook(tmp, inventory, plays)
 
 
 def lines(text: str, key: str) -> list[str]:

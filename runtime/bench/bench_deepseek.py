@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import best_of, build_engine, copy_bandwidth, graph_us, hf_generate, run_ours  # noqa: E402
+from bench_engine import best_of, build_engine, copy_bandwidth, graph_us, hf_generate, run_info, run_ours, sync  # noqa: E402
 
 HBM_BYTES_S = 4.8e12  # H200 spec sheet; the measured copy bandwidth is reported beside it
 LATENT = 512 + 64  # kv_lora_rank + qk_rope_head_dim: one cached token, per layer
@@ -81,11 +81,6 @@ V2_LITE = dict(
     eos_token_id=100001,
     torch_dtype="bfloat16",
 )
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def expected_distinct(experts: int, k: int, tokens: int) -> float:
@@ -433,15 +428,7 @@ def main() -> int:
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs in our engine")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__, "args": vars(args)}
-    if args.device.startswith("cuda"):
-        info["device"] = torch.cuda.get_device_name()
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    info = run_info(args)
     bandwidth = copy_bandwidth(args.device)
     info["copy_bandwidth_GB_s"] = bandwidth / 1e9
     print(json.dumps(info), flush=True)

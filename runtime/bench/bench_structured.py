@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import SHAPES, build_engine, build_hf_model, percentile, sync  # noqa: E402
+from bench_engine import SHAPES, build_engine, build_hf_model, percentile, run_info, sync  # noqa: E402
 
 from inferd.sampling_params import SamplingParams  # noqa: E402
 
@@ -142,12 +142,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     shape = dict(SHAPES[args.shape], vocab_size=DEEPSEEK_V3_VOCAB)
-    info = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "args": vars(args),
-    }
+    info = run_info(args)
     print(json.dumps(info), flush=True)
     results: dict = {}
     g = torch.Generator().manual_seed(1)

@@ -8,6 +8,7 @@ import torch
 
 from inferd import LLM, SamplingParams
 from inferd.layers.attention import decode_attention_reference
+from inferd.testing import prefill_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -271,24 +272,9 @@ def test_fp8_engine_runs_through_cuda_graphs_close_to_bf16(llama_dir):
     outs = fp8.generate(prompts, sp)
     assert all(len(o.token_ids) == 16 for o in outs)
     bf16 = LLM(str(llama_dir), device="cuda", dtype="bfloat16", kv_cache_fraction=0.6)
-    ids = torch.arange(5, 60, device="cuda")
-
-    def logits(llm):
-        from inferd.layers.context import AttentionContext, reset_context, set_context
-
-        n = len(ids)
-        set_context(
-            AttentionContext(is_prefill=True, query_lens=[n], context_lens_list=[n], slot_mapping=torch.arange(n, device="cuda"))
-        )
-        try:
-            with torch.inference_mode():
-                m = llm.engine.runner.model
-                return m.compute_logits(m(ids, torch.arange(n, device="cuda"))).float()
-        finally:
-            reset_context()
-
-    fused = logits(fp8)
-    cosine = torch.nn.functional.cosine_similarity(fused, logits(bf16), dim=-1)
+    ids = list(range(5, 60))
+    fused = prefill_logits(fp8, ids).float()
+    cosine = torch.nn.functional.cosine_similarity(fused, prefill_logits(bf16, ids).float(), dim=-1)
     assert cosine.min() > 0.98, cosine.min()
     # The same fp8 weights with every layer doing its own quantize and scale work (the bf16
     # engine's CUDA graphs are not replayed after this): the handoffs move work between kernels,
@@ -297,7 +283,7 @@ def test_fp8_engine_runs_through_cuda_graphs_close_to_bf16(llama_dir):
     # (2026-11-30): cosine 0.9931 at the worst of 55 positions, 0.998 typical; a wrong scale or a
     # missing norm weight drops far below.
     quantize_fp8(bf16.engine.runner.model, handoffs=False)
-    cosine = torch.nn.functional.cosine_similarity(fused, logits(bf16), dim=-1)
+    cosine = torch.nn.functional.cosine_similarity(fused, prefill_logits(bf16, ids).float(), dim=-1)
     assert cosine.min() > 0.99, cosine.min()
 
 

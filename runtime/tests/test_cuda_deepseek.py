@@ -10,6 +10,7 @@ import torch
 from inferd.layers.fp8_block import FP8, act_quant_reference, fp8_block_linear_reference
 from inferd.layers.fused_moe import fused_moe_reference
 from inferd.layers.mla_decode import mla_decode_reference
+from inferd.testing import prefill_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -168,21 +169,6 @@ def _greedy(llm, batch, n=12) -> tuple[list, torch.Tensor]:
     return [o.token_ids for o in outs], torch.tensor([o.logprobs for o in outs])
 
 
-def _logits(llm, ids: list[int]) -> torch.Tensor:
-    """Teacher-forced logits of one prompt (a prefill), on the engine's device, to the CPU."""
-    from inferd.layers.context import AttentionContext, reset_context, set_context
-
-    runner = llm.engine.runner
-    positions = torch.arange(len(ids), device=runner.device)
-    set_context(AttentionContext(is_prefill=True, query_lens=[len(ids)], context_lens_list=[len(ids)], slot_mapping=positions))
-    try:
-        with torch.no_grad():
-            model = runner.model
-            return model.compute_logits(model(torch.tensor(ids, device=runner.device), positions)).float().cpu()
-    finally:
-        reset_context()
-
-
 def test_tiny_deepseek_on_cuda_decodes_as_the_cpu_reference(tiny_deepseek):
     """float32 on both sides: the latent decode kernel and the Triton grouped MoE (captured in
     the engine's CUDA graphs) against the CPU reference functions, token for token."""
@@ -198,7 +184,7 @@ def test_tiny_deepseek_on_cuda_decodes_as_the_cpu_reference(tiny_deepseek):
     assert gpu_tokens == cpu_tokens
     torch.testing.assert_close(gpu_logprobs, cpu_logprobs, atol=1e-3, rtol=1e-3)
     ids = prompts(1, seed=5)[0]
-    torch.testing.assert_close(_logits(gpu, ids), _logits(cpu, ids), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(prefill_logits(gpu, ids), prefill_logits(cpu, ids), atol=1e-3, rtol=1e-3)
 
 
 def test_tiny_deepseek_bf16_on_cuda_stays_close_to_the_cpu_reference(tiny_deepseek):
@@ -277,8 +263,8 @@ def test_fp8_block_checkpoint_on_cuda_computes_as_fp8_blocks(tmp_path, monkeypat
     assert model.model.layers[1].mlp.experts.w13.dtype == FP8
     assert model.model.layers[1].self_attn.o_proj.weight.dtype == FP8
     ids = prompts(1, seed=6)[0]
-    ours, ref = _logits(gpu, ids), _logits(cpu, ids)
-    math = _logits(_fp8_block_math_on_cpu(tmp_path, monkeypatch), ids)
+    ours, ref = prefill_logits(gpu, ids).float(), prefill_logits(cpu, ids)
+    math = prefill_logits(_fp8_block_math_on_cpu(tmp_path, monkeypatch), ids)
     cos = torch.nn.functional.cosine_similarity(ours, ref, dim=-1)
     exact = torch.nn.functional.cosine_similarity(math, ref, dim=-1)
     to_math = torch.nn.functional.cosine_similarity(ours, math, dim=-1)

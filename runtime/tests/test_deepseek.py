@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from inferd import LLM, SamplingParams
-from inferd.layers.context import AttentionContext, reset_context, set_context
+from inferd.layers.mla_decode import mla_decode_reference
 from inferd.models.config import MoEConfig, UnsupportedModelError, parse_model_config
-from inferd.models.deepseek import fused_moe_ref, mla_decode_ref, route
+from inferd.models.deepseek import fused_moe_ref, route
+from inferd.testing import hf_greedy, prefill_logits
 
 VOCAB = 256
 SMALL = dict(
@@ -116,40 +117,12 @@ def prompts(n: int, seed: int = 1) -> list[list[int]]:
     ]
 
 
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    x = torch.tensor([ids])
-    out = model.generate(
-        x,
-        attention_mask=torch.ones_like(x),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    return out[0, len(ids) :].tolist()
-
-
-def engine_logits(llm, ids: list[int]) -> torch.Tensor:
-    model = llm.engine.runner.model
-    set_context(
-        AttentionContext(
-            is_prefill=True, query_lens=[len(ids)], context_lens_list=[len(ids)], slot_mapping=torch.arange(len(ids))
-        )
-    )
-    try:
-        with torch.no_grad():
-            return model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids))))
-    finally:
-        reset_context()
-
-
 def test_teacher_forced_logits_and_tokens_match_transformers(deepseek):
     _, model, llm = deepseek
     ids = prompts(1, seed=5)[0] + prompts(1, seed=6)[0]
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
-    ours = engine_logits(llm, ids)
+    ours = prefill_logits(llm, ids)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
     assert ours.argmax(-1).tolist() == ref.argmax(-1).tolist()
 
@@ -210,7 +183,7 @@ def test_mla_decode_ref_equals_expanded_attention():
     tables = torch.tensor([[3, 1, 7], [0, 2, 5]], dtype=torch.int32)
     q_nope, q_rope = torch.randn(2, heads, nope), torch.randn(2, heads, rope)
     q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)
-    out = mla_decode_ref(q_latent, q_rope, cache, tables, torch.tensor(lens, dtype=torch.int32), 0.3)
+    out = mla_decode_reference(q_latent, q_rope, cache, tables, torch.tensor(lens, dtype=torch.int32), 0.3)
     for b, length in enumerate(lens):
         entries = cache[tables[b].long()].flatten(0, 1)[:length]
         c, k_rope = entries[:, :kv_lora], entries[:, kv_lora:]
@@ -541,8 +514,8 @@ def test_fp8_block_checkpoint_loads_like_its_dequantized_twin_and_mtp_is_skipped
     }
     (fp8_dir / "config.json").write_text(json.dumps(config))
     ids = prompts(1, seed=4)[0]
-    fp8 = engine_logits(LLM(str(fp8_dir), device="cpu", dtype="float32", cpu_kv_cache_bytes=1 << 22), ids)
-    ref = engine_logits(LLM(str(twin_dir), device="cpu", dtype="float32", cpu_kv_cache_bytes=1 << 22), ids)
+    fp8 = prefill_logits(LLM(str(fp8_dir), device="cpu", dtype="float32", cpu_kv_cache_bytes=1 << 22), ids)
+    ref = prefill_logits(LLM(str(twin_dir), device="cpu", dtype="float32", cpu_kv_cache_bytes=1 << 22), ids)
     torch.testing.assert_close(fp8, ref, atol=1e-5, rtol=1e-5)
     assert any(q.dtype == torch.float8_e4m3fn for q in quantized.values())
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-import openai
 import pytest
 import torch
 
@@ -30,16 +29,6 @@ def reference(llama_dir):
             return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
 
     return logprobs
-
-
-@pytest.fixture(scope="module")
-def engine(llama_dir):
-    return LLMEngine(EngineConfig(model=str(llama_dir)))
-
-
-@pytest.fixture(scope="module")
-def client(live_server):
-    return openai.OpenAI(base_url=live_server.url + "/v1", api_key=live_server.keys["alice"], max_retries=0)
 
 
 def assert_scores(ref: torch.Tensor, pos: int, token: int, logprob: float, top: list[tuple[int, float]], k: int):

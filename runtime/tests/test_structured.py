@@ -12,8 +12,6 @@ import pydantic
 import pytest
 import torch
 
-from inferd.config import EngineConfig
-from inferd.engine.llm_engine import LLMEngine
 from inferd.sampling_params import InvalidRequestError, SamplingParams
 
 
@@ -25,16 +23,6 @@ class Pet(pydantic.BaseModel):
 
 
 PET_SCHEMA = Pet.model_json_schema() | {"additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def engine(llama_dir):
-    return LLMEngine(EngineConfig(model=str(llama_dir)))
-
-
-@pytest.fixture(scope="module")
-def client(live_server):
-    return openai.OpenAI(base_url=live_server.url + "/v1", api_key=live_server.keys["alice"], max_retries=0)
 
 
 @pytest.mark.parametrize("seed", range(4))

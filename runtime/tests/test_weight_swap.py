@@ -187,17 +187,23 @@ def test_a_package_that_cannot_swap_is_refused_and_the_old_weights_serve(serving
     assert serves_a(serving, reference)
 
 
-def test_a_copy_failing_part_way_is_rolled_back(serving, store, reference, monkeypatch):
+def fail_copy(monkeypatch, at: int) -> list:
+    """The swap's tensor copy raises on its at-th call; returns the list of calls, one entry each."""
     calls = []
     copy = weight_swap.copy_tensor
 
     def failing(dst, src):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == at:
             raise RuntimeError("injected copy failure")
         copy(dst, src)
 
     monkeypatch.setattr(weight_swap, "copy_tensor", failing)
+    return calls
+
+
+def test_a_copy_failing_part_way_is_rolled_back(serving, store, reference, monkeypatch):
+    calls = fail_copy(monkeypatch, at=3)
     with pytest.raises(WeightSwapRolledBack, match="previous weights were restored"):
         serving.swap_weights(str(store / "b"))
     assert len(calls) > 3, "the snapshot was copied back"
@@ -320,16 +326,7 @@ def test_the_admin_route_refuses_a_bad_package_and_the_old_one_serves(live, mode
 
 
 def test_the_admin_route_reports_a_rolled_back_copy(live, monkeypatch):
-    calls = []
-    copy = weight_swap.copy_tensor
-
-    def failing(dst, src):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected copy failure")
-        copy(dst, src)
-
-    monkeypatch.setattr(weight_swap, "copy_tensor", failing)
+    fail_copy(monkeypatch, at=2)
     before = httpx.get(live.url + "/health").json()
     r = httpx.post(live.url + "/admin/model/swap", json={"model": "b"}, headers=live.auth("adam"), timeout=120)
     assert r.status_code == 500 and r.json()["error"]["code"] == "swap_rolled_back"

@@ -160,9 +160,11 @@ def test_the_v2_lite_inventory_example_matches_the_model_and_the_runtime():
     assert cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim == 576
 
 
-def test_module_reports_the_model_sizes(tmp_path):
+def run_module(tmp_path, model_config: dict) -> tuple[dict, str]:
+    """The module as Ansible runs it (a subprocess fed ANSIBLE_MODULE_ARGS, check mode) on a host
+    whose PATH has no nvidia-smi: (its JSON result, its stderr)."""
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps(V2_LITE))
+    cfg.write_text(json.dumps(model_config))
     args = json.dumps({"ANSIBLE_MODULE_ARGS": {"model_config": str(cfg), "_ansible_check_mode": True}})
     r = subprocess.run(
         [sys.executable, str(ROOT / "library" / "gpu_assess.py")],
@@ -171,7 +173,11 @@ def test_module_reports_the_model_sizes(tmp_path):
         text=True,
         env={"PATH": "/usr/bin:/bin"},
     )
-    out = json.loads(r.stdout)
+    return json.loads(r.stdout), r.stderr
+
+
+def test_module_reports_the_model_sizes(tmp_path):
+    out, _ = run_module(tmp_path, V2_LITE)
     assert out["model"] == {"params": 15_706_484_224, "active_params": 2_451_435_008, "kv_bytes_per_token": 31_104}
 
 
@@ -293,19 +299,9 @@ def test_parse_nvidia_smi_xml():
 
 
 def test_module_on_a_host_without_gpu(tmp_path):
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps(LLAMA_8B))
-    args = json.dumps({"ANSIBLE_MODULE_ARGS": {"model_config": str(cfg), "_ansible_check_mode": True}})
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "library" / "gpu_assess.py")],
-        input=args,
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin:/bin"},
-    )
-    out = json.loads(r.stdout)
+    out, stderr = run_module(tmp_path, LLAMA_8B)
     assert out["changed"] is False and out["gpus"] == [] and out["fits"] is False
-    assert "no NVIDIA GPU found" in out["msg"] and "Traceback" not in r.stderr
+    assert "no NVIDIA GPU found" in out["msg"] and "Traceback" not in stderr
 
 
 def test_parse_nvidia_smi_xml_recorded_on_the_h200():

@@ -33,19 +33,21 @@ def mla_decode_reference(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """The plain torch form, one sequence at a time, in float32: q_latent [B, H, L], q_rope [B, H, R],
-    latent_cache [num_blocks, block_size, L + R] -> [B, H, L] in q_latent's dtype."""
-    batch, _, kv_lora = q_latent.shape
-    block_size = latent_cache.shape[1]
-    out = torch.empty_like(q_latent)
-    for b in range(batch):
-        n = int(context_lens[b])
-        blocks = block_tables[b, : (n + block_size - 1) // block_size].long()
-        tokens = latent_cache[blocks].reshape(-1, latent_cache.shape[-1])[:n].float()
-        c, k_rope = tokens[:, :kv_lora], tokens[:, kv_lora:]
-        scores = (q_latent[b].float() @ c.T + q_rope[b].float() @ k_rope.T) * scale
-        out[b] = (scores.softmax(-1) @ c).to(out.dtype)
-    return out
+    """Absorbed MLA decode in plain torch, float32: one query per sequence against its cached latents.
+
+    q_latent [B, H, kv_lora] (the no-rope query times W_UK), q_rope [B, H, rope],
+    latent_cache [num_blocks, block_size, kv_lora + rope], block_tables [B, max_blocks] int32,
+    context_lens [B] int32 -> [B, H, kv_lora] in q_latent's dtype: softmax(scale * (q_latent.c +
+    q_rope.k_rope)) weighted sum of c. Static shapes (a length mask, no per-sequence loop):
+    capturable, and the CPU engine's decode."""
+    kv_lora = q_latent.shape[-1]
+    entries = latent_cache[block_tables.long()].flatten(1, 2).float()  # [B, T, kv_lora + rope]
+    latent = entries[..., :kv_lora]
+    scores = torch.einsum("bhc,btc->bht", q_latent.float(), latent)
+    scores = scores + torch.einsum("bhr,btr->bht", q_rope.float(), entries[..., kv_lora:])
+    valid = torch.arange(entries.shape[1], device=q_latent.device)[None, :] < context_lens[:, None]
+    probs = (scores * scale).masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1)
+    return torch.einsum("bht,btc->bhc", probs, latent).to(q_latent.dtype)
 
 
 def num_splits(batch: int, head_blocks: int, sm_count: int) -> int:
@@ -75,7 +77,8 @@ def default_block_h(num_heads: int, kv_lora: int) -> int:
 
 
 @functools.cache
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """The device's SM count, which the split heuristics of both decode kernels scale with."""
     if device.type != "cuda":
         return 4  # the interpreter: a few splits, so tests cover the merge
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -233,7 +236,7 @@ def mla_decode(
         or kv_lora // lora_parts < 16
     ):
         raise ValueError(f"lora_parts {lora_parts} must split kv_lora_rank {kv_lora} into powers of two >= 16")
-    splits = splits or num_splits(batch, head_blocks * lora_parts, _sm_count(q_latent.device))
+    splits = splits or num_splits(batch, head_blocks * lora_parts, sm_count(q_latent.device))
     tile = tile or 32
     out = torch.empty_like(q_latent)
     if splits > 1:

@@ -10,7 +10,7 @@ rotated shared rope key (qk_rope_head_dim): 576 values for V2/V3, against heads 
 matmul per chunk); decode never does: W_UK is folded into the query and W_UV applied to the
 attention output (the absorbed form), so a decode step reads only the latent cache.
 
-The hot pieces are plain functions with fixed interfaces (`mla_decode_ref`, `route`,
+The hot pieces are plain functions with fixed interfaces (`mla_decode_reference`, `route`,
 `fused_moe_ref`): the readable CPU reference, which CUDA kernels replace one for one.
 """
 
@@ -26,12 +26,12 @@ from torch import nn
 from inferd.layers.activation import SiluAndMul
 from inferd.layers.attention import gather_context
 from inferd.layers.context import get_context
-from inferd.layers.embed_head import LMHead, VocabEmbedding
 from inferd.layers.fused_moe import fused_moe
 from inferd.layers.linear import Linear, MergedLinear, default_weight_loader
-from inferd.layers.mla_decode import mla_decode, mla_decode_fits
+from inferd.layers.mla_decode import mla_decode, mla_decode_fits, mla_decode_reference
 from inferd.layers.norm import RMSNorm
 from inferd.models.config import MLAConfig, ModelConfig, MoEConfig
+from inferd.models.decoder import CausalLM, PreNormDecoderLayer
 
 
 # ---- rotary embedding with yarn -----------------------------------------------------------------
@@ -104,30 +104,6 @@ class DeepseekRotary(nn.Module):
 
 
 # ---- Multi-head Latent Attention ----------------------------------------------------------------
-def mla_decode_ref(
-    q_latent: torch.Tensor,
-    q_rope: torch.Tensor,
-    latent_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Absorbed MLA decode: one query per sequence against its cached latents.
-
-    q_latent [B, H, kv_lora] (the no-rope query times W_UK), q_rope [B, H, rope],
-    latent_cache [num_blocks, block_size, kv_lora + rope], block_tables [B, max_blocks] int32,
-    context_lens [B] int32 -> [B, H, kv_lora]: softmax(scale * (q_latent.c + q_rope.k_rope))
-    weighted sum of c. Static shapes (a length mask, no per-sequence loop): capturable."""
-    kv_lora = q_latent.shape[-1]
-    entries = latent_cache[block_tables.long()].flatten(1, 2).float()  # [B, T, kv_lora + rope]
-    latent = entries[..., :kv_lora]
-    scores = torch.einsum("bhc,btc->bht", q_latent.float(), latent)
-    scores = scores + torch.einsum("bhr,btr->bht", q_rope.float(), entries[..., kv_lora:])
-    valid = torch.arange(entries.shape[1], device=q_latent.device)[None, :] < context_lens[:, None]
-    probs = (scores * scale).masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1)
-    return torch.einsum("bht,btc->bhc", probs, latent).to(q_latent.dtype)
-
-
 class UpProjection(nn.Module):
     """kv_b_proj: latent -> per-head no-rope key and value. Not a `Linear`: decode reads its
     weight as the two absorbed matrices, so passes that rewrite linear layers must leave it as it is."""
@@ -238,7 +214,7 @@ class MLAttention(nn.Module):
     def _decode(self, q_nope, q_rope, ctx) -> torch.Tensor:
         w_uk, w_uv = self.kv_b_proj.absorbed()
         q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)
-        decode = mla_decode if q_latent.is_cuda and mla_decode_fits(self.kv_lora_rank, self.rope) else mla_decode_ref
+        decode = mla_decode if q_latent.is_cuda and mla_decode_fits(self.kv_lora_rank, self.rope) else mla_decode_reference
         out_latent = decode(q_latent, q_rope.contiguous(), self.latent_cache, ctx.block_tables, ctx.context_lens, self.scale)
         return torch.einsum("bhc,hvc->bhv", out_latent, w_uv)
 
@@ -362,7 +338,7 @@ class DeepseekMoE(nn.Module):
 
 
 # ---- the network --------------------------------------------------------------------------------
-class DeepseekDecoderLayer(nn.Module):
+class DeepseekDecoderLayer(PreNormDecoderLayer):
     def __init__(self, cfg: ModelConfig, index: int, max_position: int):
         super().__init__()
         self.self_attn = MLAttention(cfg, max_position)
@@ -373,48 +349,18 @@ class DeepseekDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
-
-
-class DeepseekModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int):
-        super().__init__()
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DeepseekDecoderLayer(cfg, i, max_position) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
-
 
 _EXPERT_TENSOR = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _EXPERT_PARAM = {"gate_proj": ("w13", "gate"), "up_proj": ("w13", "up"), "down_proj": ("w2", "down")}
 
 
-class DeepseekV2ForCausalLM(nn.Module):
+class DeepseekV2ForCausalLM(CausalLM):
     # checkpoint name fragment -> (fused parameter fragment, shard id): dense and shared MLPs
     packed_modules_mapping = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
     ignored_checkpoint_tensors = ("rotary_emb.inv_freq",)
 
     def __init__(self, cfg: ModelConfig, max_position: int):
-        super().__init__()
-        self.config = cfg
-        self.model = DeepseekModel(cfg, max_position)
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        super().__init__(cfg, (DeepseekDecoderLayer(cfg, i, max_position) for i in range(cfg.num_hidden_layers)))
         # The multi-token-prediction layers (V3: model.layers.61.*) are not run: skipped at load.
         mtp = range(cfg.num_hidden_layers, cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
         self.ignored_checkpoint_prefixes = tuple(f"model.layers.{i}." for i in mtp)
@@ -429,12 +375,6 @@ class DeepseekV2ForCausalLM(nn.Module):
             return None
         param, part = _EXPERT_PARAM[m[3]]
         return f"{m[1]}.{param}", (int(m[2]), part)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
 
     def attention_layers(self) -> list[MLAttention]:
         return [layer.self_attn for layer in self.model.layers]

@@ -8,11 +8,11 @@ from torch import nn
 from inferd.layers.activation import SiluAndMul
 from inferd.layers.attention import Attention
 from inferd.layers.distributed import divide, make_all_reduce
-from inferd.layers.embed_head import LMHead, VocabEmbedding
 from inferd.layers.linear import Linear, MergedLinear, QKVLinear
 from inferd.layers.norm import RMSNorm
 from inferd.layers.rotary import RotaryEmbedding
 from inferd.models.config import ModelConfig
+from inferd.models.decoder import CausalLM, PreNormDecoderLayer
 
 
 class LlamaAttention(nn.Module):
@@ -55,7 +55,7 @@ class LlamaMLP(nn.Module):
         return out if self.reduce is None else self.reduce(out)
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(PreNormDecoderLayer):
     def __init__(self, cfg: ModelConfig, max_position: int):
         super().__init__()
         self.self_attn = LlamaAttention(cfg, max_position)
@@ -63,33 +63,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
 
-
-class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int):
-        super().__init__()
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, max_position) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
-
-
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     # checkpoint name fragment -> (fused parameter fragment, shard id)
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q"),
@@ -102,18 +77,7 @@ class LlamaForCausalLM(nn.Module):
     ignored_checkpoint_tensors = ("rotary_emb.inv_freq",)
 
     def __init__(self, cfg: ModelConfig, max_position: int):
-        super().__init__()
-        self.config = cfg
-        self.model = LlamaModel(cfg, max_position)
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        super().__init__(cfg, (LlamaDecoderLayer(cfg, max_position) for _ in range(cfg.num_hidden_layers)))
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
