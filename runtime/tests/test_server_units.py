@@ -255,3 +255,16 @@ def test_a_stream_refused_before_its_first_byte_gives_its_slots_back_and_ends_in
     ends = [r for r in records if r.get("kind") == "end"]
     assert len(begins) == 1, records
     assert [e["request_id"] for e in ends] == [begins[0]["request_id"]] and ends[0]["status"] == 499, records
+
+
+def test_every_swap_result_series_exists_from_start_up_at_zero():
+    """A labelled counter has no series until its first increment: the dashboard's increase() and
+    any alert would see nothing before the first swap (molecule/site evaluates every panel query)."""
+    from prometheus_client import generate_latest
+
+    from inferd.server.metrics import SWAP_RESULTS, Metrics
+
+    text = generate_latest(Metrics().registry).decode()
+    for result in SWAP_RESULTS:
+        assert f'inferd_model_swaps_total{{result="{result}"}} 0.0' in text
+    assert "inferd_model_swap_pause_seconds 0.0" in text
