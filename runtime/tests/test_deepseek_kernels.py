@@ -472,6 +472,7 @@ def test_mla_wide_kernel_compiles_for_hopper_on_wgmma_within_shared_memory(tmp_p
     stays in registers: 1.3 KB of spills a thread). The point of the wide kernel: wgmma (64-row
     tiles; the narrow kernel's 32 heads compile to mma.sync), within Hopper's 227 KB of shared
     memory a block, and at most a few spilled registers."""
+    import itertools
     import re
 
     import triton
@@ -484,14 +485,15 @@ def test_mla_wide_kernel_compiles_for_hopper_on_wgmma_within_shared_memory(tmp_p
     kernel = mla_decode._mla_decode_wide_kernel
     types = dict(q_lat_ptr="*bf16", q_rope_ptr="*bf16", cache_ptr="*bf16", block_tables_ptr="*i32")
     types |= dict(context_lens_ptr="*i32", out_ptr="*bf16", part_acc_ptr="*fp32", part_ml_ptr="*fp32")
-    types |= dict(scale_log2="fp32", splits="i32", stride_bt="i32", stride_cache_block="i32", stride_cache_token="i32")
-    aligned = [n for n in types if n not in ("scale_log2", "splits", "stride_bt")]
+    types |= dict(scale_log2="fp32", splits="i32", num_heads="i32", stride_bt="i32", stride_cache_block="i32")
+    types |= dict(stride_cache_token="i32")
+    aligned = [n for n in types if n not in ("scale_log2", "splits", "stride_bt")]  # V3's 128 heads divide by 16
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     rows = {tuple(sorted(row.items())) for row in mla_decode.WIDE_CONFIGS.values()}
-    for row in map(dict, rows):
-        shape = dict(NUM_HEADS=128, BLOCK_H=mla_decode.WIDE_BLOCK_H, KV_LORA=512, ROPE=64, BLOCK_SIZE=16)
+    for row, one_split in itertools.product(map(dict, rows), (False, True)):  # Triton specializes splits == 1
+        shape = dict(BLOCK_H=mla_decode.WIDE_BLOCK_H, KV_LORA=512, ROPE=64, BLOCK_SIZE=16) | ({"splits": 1} if one_split else {})
         shape |= dict(BLOCK_N=row["block_n"], HALVES=row["halves"], DOT=tl.bfloat16, PRECISION="tf32")
-        signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+        signature = {name: "constexpr" if name in shape else types.get(name, "constexpr") for name in kernel.arg_names}
         source = ASTSource(fn=kernel, signature=signature, constexprs=shape, attrs=attrs)
         options = dict(num_warps=row["num_warps"], num_stages=row["num_stages"])
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)

@@ -275,10 +275,10 @@ if triton is not None:
         part_ml_ptr,
         scale_log2,
         splits,
+        num_heads,
         stride_bt,
         stride_cache_block,
         stride_cache_token,
-        NUM_HEADS: tl.constexpr,
         BLOCK_H: tl.constexpr,
         KV_LORA: tl.constexpr,
         ROPE: tl.constexpr,
@@ -288,8 +288,8 @@ if triton is not None:
         DOT: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        # `splits` is a runtime argument: a new split count (another batch bucket) reuses the
-        # compiled kernel, and Triton specializes the value 1, which drops the partials' path.
+        # `splits` and `num_heads` are runtime arguments: another batch bucket or head count reuses
+        # the compiled kernel (Triton specializes splits == 1, which drops the partials' path).
         # The query is loop-invariant and a wgmma operand, so it stays in shared memory for the
         # whole context; each latent tile is loaded once (pipelined into shared memory) and feeds
         # both the scores (its 512 + 64 columns) and p @ c (its first 512).
@@ -303,8 +303,8 @@ if triton is not None:
 
         W: tl.constexpr = KV_LORA // HALVES
         offs_h = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < NUM_HEADS
-        row = seq * NUM_HEADS + offs_h
+        h_mask = offs_h < num_heads
+        row = seq * num_heads + offs_h
         offs_w = tl.arange(0, W)
         offs_r = tl.arange(0, ROPE)
         q_row = q_lat_ptr + row[:, None] * KV_LORA + offs_w[None, :]
@@ -409,10 +409,10 @@ def mla_decode_wide(
         part_ml,
         scale * 1.4426950408889634,  # log2(e): the kernel's softmax runs on exp2
         splits,
+        num_heads,
         block_tables.stride(0),
         latent_cache.stride(0),
         latent_cache.stride(1),
-        NUM_HEADS=num_heads,
         BLOCK_H=WIDE_BLOCK_H,
         KV_LORA=kv_lora,
         ROPE=q_rope.shape[-1],
