@@ -501,3 +501,22 @@ def test_mla_wide_kernel_compiles_for_hopper_on_wgmma_within_shared_memory(tmp_p
         assert compiled.metadata.shared <= 227 * 1024, (row, compiled.metadata.shared)
         spills = int(re.search(r"(\d+) bytes spill stores", _ptxas_spills(compiled, tmp_path)).group(1))
         assert spills <= 64, (row, spills)
+
+
+def test_mla_wide_table_from_a_bench_run_is_checked_then_installed(monkeypatch):
+    """bench_mla.py's "table" (JSON: string keys) becomes the dispatch's; a bad row is refused by
+    its field and leaves the table as it was."""
+    pytest.importorskip("triton")
+    from inferd.layers import mla_decode as module
+
+    monkeypatch.setattr(module, "WIDE_CONFIGS", dict(module.WIDE_CONFIGS))
+    monkeypatch.setattr(module, "WIDE_MIN_HEADS", module.WIDE_MIN_HEADS)
+    before = dict(module.WIDE_CONFIGS)
+    bad = {"WIDE_CONFIGS": {"1": _WIDE, "64": _WIDE | dict(num_stages=0)}, "WIDE_MIN_HEADS": 32}
+    with pytest.raises(ValueError, match="num_stages"):
+        module.install_wide_table(bad)
+    assert module.WIDE_CONFIGS == before and module.WIDE_MIN_HEADS == 64
+    with pytest.raises(ValueError, match="WIDE_MIN_HEADS"):
+        module.install_wide_table({"WIDE_CONFIGS": {"1": _WIDE}, "WIDE_MIN_HEADS": None})
+    module.install_wide_table({"WIDE_CONFIGS": {"1": _WIDE, "64": _WIDE | dict(block_n=32)}, "WIDE_MIN_HEADS": 32})
+    assert module.wide_config(40)["block_n"] == 32 and module.WIDE_MIN_HEADS == 32

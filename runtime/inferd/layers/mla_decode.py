@@ -133,6 +133,24 @@ def check_wide_config(config: dict, kv_lora: int = 512) -> dict:
     return config
 
 
+def install_wide_table(table: dict) -> None:
+    """Take a bench_mla.py result's "table" ({"WIDE_CONFIGS": {batch: launch}, "WIDE_MIN_HEADS": n},
+    JSON's string keys allowed) as the dispatch's launches, every row checked first so a bad table
+    changes nothing. The rows belong pasted into this file; this lets a run try them first."""
+    rows = table.get("WIDE_CONFIGS")
+    if not isinstance(rows, dict) or not rows:
+        raise ValueError('a wide table needs "WIDE_CONFIGS": {batch: launch, ...} with at least one row')
+    checked = {}
+    for batch, row in rows.items():
+        if not str(batch).isdigit() or int(batch) < 1:
+            raise ValueError(f"wide table batch bucket {batch!r} must be a positive integer")
+        checked[int(batch)] = check_wide_config(dict(row))
+    min_heads = table.get("WIDE_MIN_HEADS", WIDE_MIN_HEADS)
+    if not isinstance(min_heads, int) or min_heads < 1:
+        raise ValueError(f"WIDE_MIN_HEADS must be a positive integer, got {min_heads!r} (null: the wide kernel never won)")
+    globals().update(WIDE_CONFIGS=checked, WIDE_MIN_HEADS=min_heads)
+
+
 def wide_config(batch: int) -> dict:
     """The table's launch for a batch: its bucket is the smallest key >= batch, else the largest."""
     key = min((k for k in WIDE_CONFIGS if k >= batch), default=max(WIDE_CONFIGS))
