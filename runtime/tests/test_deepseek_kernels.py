@@ -411,26 +411,35 @@ def test_mla_wide_launch_depends_on_shapes_only(monkeypatch):
 
     monkeypatch.setattr(module, "_mla_decode_wide_kernel", Recorder())
     monkeypatch.setitem(module.WIDE_CONFIGS, 16, _WIDE | dict(waves=4))  # split, so the merge is in it
-    q_latent, q_rope, cache, tables, lens, scale = _wide_case(torch.float32)
+    q_latent, q_rope, cache, tables, lens, scale = _wide_case(torch.bfloat16)
     module.mla_decode(q_latent, q_rope, cache, tables, lens, scale)
     short = torch.tensor([2, 1, 5], dtype=torch.int32)
     out = module.mla_decode(q_latent, q_rope, cache, tables, short, scale)
     assert grids[0] == grids[1] == (1, 3, 4)  # 64 heads, 3 sequences, 4 splits (max_splits)
-    torch.testing.assert_close(out, mla_decode_reference(q_latent, q_rope, cache, tables, short, scale), atol=1e-5, rtol=1e-5)
+    ref = mla_decode_reference(q_latent, q_rope, cache, tables, short, scale)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_mla_decode_takes_the_wide_kernel_from_64_heads(monkeypatch):
     """V3's 128 heads go to the wide kernel, V2-Lite's 16 to the narrow one; the narrow kernel's
-    launch keywords (bench_deepseek.py's sweeps) still reach it at any head count."""
+    launch keywords (bench_deepseek.py's sweeps) still reach it at any head count, and so does
+    float32."""
     pytest.importorskip("triton")
     from inferd.layers import mla_decode as module
 
     calls = []
     monkeypatch.setattr(module, "mla_decode_wide", lambda *a, **kw: calls.append(("wide", kw)))
     monkeypatch.setattr(module, "mla_decode_narrow", lambda *a, **kw: calls.append(("narrow", kw)))
-    for heads, launch in ((128, {}), (64, {}), (16, {}), (128, dict(block_h=32))):
-        module.mla_decode(*_wide_case(torch.float32, heads=heads), **launch)
-    assert calls == [("wide", {}), ("wide", {}), ("narrow", {}), ("narrow", dict(block_h=32))]
+    cases = (
+        (128, torch.bfloat16, {}),
+        (64, torch.float16, {}),
+        (16, torch.bfloat16, {}),
+        (128, torch.bfloat16, dict(block_h=32)),
+    )
+    cases += ((128, torch.float32, {}),)  # a float32 query and tiles do not fit the wide kernel's shared memory
+    for heads, dtype, launch in cases:
+        module.mla_decode(*_wide_case(dtype, heads=heads), **launch)
+    assert calls == [("wide", {}), ("wide", {}), ("narrow", {}), ("narrow", dict(block_h=32)), ("narrow", {})]
     with pytest.raises(ValueError, match="kernel must be"):
         module.mla_decode(*_wide_case(torch.float32), kernel="flash")
 

@@ -466,13 +466,15 @@ def mla_decode(
     **launch,
 ) -> torch.Tensor:
     """Absorbed MLA decode on the GPU; shapes as `mla_decode_reference`, context_lens >= 1 each.
-    kernel "auto" takes the wide kernel from WIDE_MIN_HEADS heads and the narrow one below, or the
-    narrow one whenever its launch keywords (`mla_decode_narrow`'s) are given, as the sweeps of
-    bench_deepseek.py do; "wide" and "narrow" force one. No host sync either way."""
+    kernel "auto" takes the wide kernel from WIDE_MIN_HEADS heads in bf16/fp16 and the narrow one
+    otherwise, or whenever the narrow kernel's launch keywords (`mla_decode_narrow`'s) are given,
+    as the sweeps of bench_deepseek.py do; "wide" and "narrow" force one. No host sync either way."""
     if kernel not in ("auto", "wide", "narrow"):
         raise ValueError(f"mla_decode kernel must be 'auto', 'wide' or 'narrow', got {kernel!r}")
     if kernel == "auto":
-        kernel = "wide" if q_latent.shape[1] >= WIDE_MIN_HEADS and not launch else "narrow"
+        # float32's query and tiles (twice bf16's bytes) overflow the wide kernel's shared memory
+        wide = q_latent.shape[1] >= WIDE_MIN_HEADS and q_latent.element_size() == 2 and not launch
+        kernel = "wide" if wide else "narrow"
     if kernel == "wide":
         return mla_decode_wide(q_latent, q_rope, latent_cache, block_tables, context_lens, scale, **launch)
     return mla_decode_narrow(q_latent, q_rope, latent_cache, block_tables, context_lens, scale, **launch)
