@@ -82,7 +82,10 @@ def default_block_h(num_heads: int, kv_lora: int) -> int:
     large as registers allow: the [BLOCK_H, KV_LORA] float32 accumulator and the query beside it.
     At kv_lora 512 and 8 warps ptxas fits 32 heads with 32-token tiles (251 registers, no spills;
     64 heads spill 300-1,300 bytes a thread at 8 or 16 warps), so V3's 128 heads read each tile 4
-    times, not 8 as with blocks of 16 (the H200 sweep: 1.4x at batch 64, equal at batch 1-16)."""
+    times, not 8 as with blocks of 16 (the H200 sweep: 1.4x at batch 64, equal at batch 1-16).
+    (Those spills were ptxas on PTX compiled without the 16-byte divisibility a real launch gives
+    its pointers and strides; with it, 64 heads at tile 32 take 223 registers and no spills, and
+    only blocks of 64 reach wgmma. From 64 heads `mla_decode` takes the wide kernel instead.)"""
     cap = 64 if kv_lora <= 256 else 32
     return min(cap, max(16, triton.next_power_of_2(num_heads)))
 
