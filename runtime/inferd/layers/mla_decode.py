@@ -21,6 +21,12 @@ Two kernels, chosen by head count (`mla_decode` dispatches):
   [64 x tokens] x [tokens x 512]), the query tile in shared memory, each latent tile loaded once
   into shared memory and used for both products, online softmax, split-K with the same merge.
   Its launch comes from `WIDE_CONFIGS`, the table runtime/bench/bench_mla.py fills.
+  A known cost, read off the sm_90a PTX (not yet measured): Triton lays a dot whose result feeds
+  another dot with all its warps along M, so at 64 rows both warpgroups of a program compute the
+  same 64 x BLOCK_N scores (72 of the 76 wgmma a tile are theirs, m64n32k16) and each then takes
+  256 of the 512 output columns: 1.5x the useful tensor work. FlashMLA has one warpgroup compute
+  the scores and share P through shared memory; Triton's heuristic cannot be steered past it
+  here (the scores reach the accumulator through the softmax rescale too), Gluon could.
 """
 
 from __future__ import annotations
