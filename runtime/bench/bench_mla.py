@@ -46,6 +46,7 @@ WIDE_CANDIDATES = [
     _BASE | dict(block_n=32, num_stages=3),
     _BASE | dict(block_n=32, num_stages=3, halves=2),
     _BASE | dict(block_n=16, num_stages=3),
+    _BASE | dict(block_n=64, max_splits=16),  # fewer: at batch 1 each split's partials (128 KB) rival its tiles
     _BASE | dict(block_n=64, waves=2, max_splits=64),  # more splits for small batches
     _BASE | dict(block_n=32, num_stages=3, waves=2, max_splits=64),
 ]
