@@ -160,6 +160,8 @@ def bench_case(heads: int, batch: int, ctx: int, args, over_budget: bool) -> dic
     result["narrow_default_us"] = rows[0].get("us")
     result["wide_default_us"] = rows[1].get("us")
     result["best"] = {k: r and {f: r[f] for f in ("launch", "us", "GB_s", "TFLOPS")} for k, r in best.items()}
+    if best["wide"] and rows[0].get("us"):
+        result["wide_best_speedup_vs_narrow_default"] = rows[0]["us"] / best["wide"]["us"]
     return result
 
 
