@@ -116,10 +116,12 @@ WIDE_BLOCK_H = 64
 # merge reads back). Ahead of any GPU measurement, ptxas (sm_90a, test_deepseek_kernels.py) fits
 # block_n 64 at 8 warps and 2 stages in 255 registers without spills, 216 KB of shared memory
 # (the query's 72 KB plus two 72 KB tiles) of Hopper's 227 KB a block.
+# Filled from the H200 run of 2026-11-30 (docs/bench/2026-11-30-h200-mla.json: 64 and 128 heads x
+# 4k/16k contexts, the fastest of 9 launches per batch bucket).
 WIDE_CONFIGS: dict[int, dict] = {
-    1: dict(block_n=64, num_warps=8, num_stages=2, halves=1, waves=1, max_splits=32),
-    16: dict(block_n=64, num_warps=8, num_stages=2, halves=1, waves=1, max_splits=32),
-    64: dict(block_n=64, num_warps=8, num_stages=2, halves=1, waves=1, max_splits=32),
+    1: dict(block_n=64, num_warps=8, num_stages=2, halves=1, waves=2, max_splits=64),
+    16: dict(block_n=64, num_warps=8, num_stages=2, halves=2, waves=1, max_splits=32),
+    64: dict(block_n=64, num_warps=8, num_stages=2, halves=2, waves=1, max_splits=32),
 }
 WIDE_FIELDS = ("block_n", "num_warps", "num_stages", "halves", "waves", "max_splits")
 
