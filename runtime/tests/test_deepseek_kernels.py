@@ -210,6 +210,51 @@ def test_fused_moe_fp8_reference_rounds_the_intermediate_to_the_activation_dtype
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+class _CudaScalarDivision(torch.overrides.TorchFunctionMode):
+    """CPU tensors divided by a Python number the way CUDA's torch divides them: times the
+    float32 reciprocal (aten's div_true_kernel_cuda for a CPU-scalar divisor), not IEEE division."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        divides = func in (torch.Tensor.__truediv__, torch.Tensor.div, torch.div)
+        if divides and not kwargs and len(args) == 2 and isinstance(args[1], (int, float)):
+            reciprocal = torch.tensor(1.0 / args[1], dtype=torch.float64).to(args[0].dtype).item()
+            return args[0] * reciprocal
+        return func(*args, **(kwargs or {}))
+
+
+def test_act_quant_reference_scales_are_ieee_quotients_on_every_device():
+    """The kernel's scale is div_rn(amax, 448); CUDA's torch computed the reference's `amax / 448`
+    as amax times 1/448, one bit apart in most groups, and bf16 inputs put some quotients exactly
+    on an e4m3 midpoint where that bit picks the fp8 value."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 512, generator=g).bfloat16()
+    q, s = act_quant_reference(x)
+    with _CudaScalarDivision():
+        q_cuda, s_cuda = act_quant_reference(x)
+    amax = x.float().view(64, 4, 128).abs().amax(-1)
+    assert torch.equal(s, (amax.double() / 448).float())  # correctly rounded
+    assert torch.equal(s_cuda, s)
+    assert torch.equal(q_cuda.float(), q.float())
+
+
+def test_fused_moe_fp8_reference_does_not_depend_on_the_devices_scalar_division():
+    """The H200 failure of test_fused_moe_fp8_blocks_matches_reference[64] (52 of 32,768 off by
+    up to 0.13, none at 1 token), reproduced here: the same case's reference with CUDA's scalar
+    division put 9-37 outputs as far off; its scales must not depend on it."""
+    g = torch.Generator().manual_seed(8)
+    tokens, experts, k, dim, inter = 64, 32, 8, 512, 256
+    hidden = torch.randn(tokens, dim, generator=g).bfloat16()
+    w13 = (torch.randn(experts, 2 * inter, dim, generator=g) * 64).clamp(-448, 448).to(FP8)
+    s13 = torch.rand(experts, 4, 4, generator=g) * 1e-3 + 1e-4
+    w2 = (torch.randn(experts, dim, inter, generator=g) * 64).clamp(-448, 448).to(FP8)
+    s2 = torch.rand(experts, 4, 2, generator=g) * 1e-3 + 1e-4
+    topk_weights, topk_ids = torch.rand(tokens, experts, generator=g).topk(k, dim=-1)
+    args = (hidden, w13, w2, topk_weights, topk_ids, s13, s2)
+    with _CudaScalarDivision():
+        on_cuda = fused_moe_reference(*args)
+    assert torch.equal(on_cuda, fused_moe_reference(*args))
+
+
 def test_fused_moe_fp8_without_scales_is_refused():
     g = torch.Generator().manual_seed(2)
     w13, w2, _, _ = _fp8_experts(g, 2, 128, 128)
