@@ -5,7 +5,8 @@
   queries, the output), for V2-Lite's 16 and V3's 128 heads; FlashMLA's published figure is
   3,000 GB/s memory-bound on an H800. A few launch configurations are swept, the best kept.
 - moe: one V2-Lite MoE layer's routed experts through both fused_moe implementations
-  (torch._grouped_mm and the Triton grouped GEMM), GPU time and GB/s over the touched experts.
+  (torch._grouped_mm and the Triton grouped GEMM), GPU time and GB/s over the touched experts,
+  1 to 512 tokens, and whether the default dispatch picked the faster one at each.
 - v3: a full-width DeepSeek-V3 slice (hidden 7168, 128 heads, q_lora 1536, 256 experts top-8,
   n_group 8 / topk_group 4, fp8 128x128 blocks), `--v3-layers` MoE decoder layers composed from
   the engine's CUDA pieces (fp8_block_linear, mla_decode with the absorbed projections, the
@@ -142,26 +143,36 @@ def bench_kernel(args) -> list[dict]:
 
 def bench_moe(args) -> list[dict]:
     """One V2-Lite MoE layer's routed experts (64 of 1408, top-6, bf16) through each fused_moe
-    implementation, graph-captured: GPU time and GB/s over the experts the batch touches."""
-    from inferd.layers.fused_moe import fused_moe
+    implementation, graph-captured: GPU time and GB/s over the experts the batch touches, at the
+    token counts of decode buckets and prefill chunks; each row says which one the default
+    dispatch (fused_moe.choose_moe_impl) picks and whether it was the faster there."""
+    from inferd.layers.fused_moe import choose_moe_impl, fused_moe
 
     experts, k, dim, inter = 64, 6, 2048, 1408
     w13 = torch.randn(experts, 2 * inter, dim, device="cuda", dtype=torch.bfloat16) * 0.02
     w2 = torch.randn(experts, dim, inter, device="cuda", dtype=torch.bfloat16) * 0.02
+    capability = torch.cuda.get_device_capability()
     rows = []
-    for tokens in (1, 16, 64, 512):
+    for tokens in args.moe_tokens:
         hidden = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
         weights, ids = torch.rand(tokens, experts, device="cuda").topk(k, dim=-1)
         nbytes = int(ids.unique().numel()) * 3 * inter * dim * 2
+        pick = choose_moe_impl(tokens, torch.bfloat16, capability)
+        timed = {}
         for impl in ("grouped_mm", "triton"):
-            row = {"tokens": tokens, "impl": impl, "expert_bytes": nbytes}
+            row = {"tokens": tokens, "impl": impl, "expert_bytes": nbytes, "default": impl == pick}
             try:
-                row["us"] = graph_us(functools.partial(fused_moe, hidden, w13, w2, weights, ids, impl=impl))
+                row["us"] = timed[impl] = graph_us(functools.partial(fused_moe, hidden, w13, w2, weights, ids, impl=impl))
                 row["GB_s"] = nbytes / row["us"] / 1e3
             except Exception as e:  # reported, the other implementation still measured
                 row["error"] = f"{type(e).__name__}: {e}"[:200]
             rows.append(row)
             print(json.dumps({"moe": row}), flush=True)
+        if len(timed) == 2:
+            summary = {"tokens": tokens, "default": pick, "faster": min(timed, key=timed.get)}
+            summary["default_is_faster"] = summary["default"] == summary["faster"]
+            rows.append(summary)
+            print(json.dumps({"moe_dispatch": summary}), flush=True)
     return rows
 
 
@@ -422,6 +433,7 @@ def main() -> int:
     ap.add_argument("--peer-repeats", type=int, default=1)
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--lite-layers", type=int, default=27)
+    ap.add_argument("--moe-tokens", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
     ap.add_argument("--v3-layers", type=int, default=4)
     ap.add_argument("--v3-batches", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--v3-context", type=int, default=2048)

@@ -575,3 +575,17 @@ def test_mla_wide_table_from_a_bench_run_is_checked_then_installed(monkeypatch):
         module.install_wide_table({"WIDE_CONFIGS": {"1": _WIDE}, "WIDE_MIN_HEADS": None})
     module.install_wide_table({"WIDE_CONFIGS": {"1": _WIDE, "64": _WIDE | dict(block_n=32)}, "WIDE_MIN_HEADS": 32})
     assert module.wide_config(40)["block_n"] == 32 and module.WIDE_MIN_HEADS == 32
+
+
+def test_moe_dispatch_takes_triton_at_decode_sizes_on_hopper():
+    """Measured on the H200 (fused_moe's TRITON_MOE_* constants): Triton's grouped GEMM at 16-64
+    tokens, torch._grouped_mm at 1 and 512; Triton wherever _grouped_mm does not run."""
+    from inferd.layers import fused_moe as moe
+
+    hopper, bf16 = (9, 0), torch.bfloat16
+    picks = {t: moe.choose_moe_impl(t, bf16, hopper) for t in (1, 15, 16, 64, 65, 512)}
+    assert picks == {1: "grouped_mm", 15: "grouped_mm", 16: "triton", 64: "triton", 65: "grouped_mm", 512: "grouped_mm"}
+    assert moe.choose_moe_impl(512, bf16, (8, 9)) == "triton"  # Ada: no bf16 _grouped_mm
+    assert moe.choose_moe_impl(512, bf16, None) == "triton"  # off CUDA
+    assert moe.choose_moe_impl(512, torch.float32, hopper) == "triton"
+    assert moe.choose_moe_impl(512, None, hopper) == "triton"  # bf16 activations, other weights

@@ -7,7 +7,8 @@ expert on the device, then each projection is one grouped GEMM over all experts:
 
 - bf16 weights on Hopper: `torch._grouped_mm` (2-D activations x 3-D weights, group ends in an
   int32 `offs` tensor), cuBLAS/CUTLASS's grouped kernel: no tuning of ours, and the group sizes
-  stay on the device;
+  stay on the device; except at decode sizes (16-64 tokens), where the Triton kernel measured
+  faster (`choose_moe_impl`);
 - fp8 block-scaled weights (the V3/R1 checkpoints), or any other GPU: the Triton grouped GEMM of
   fp8_block.py, over row tiles of BLOCK_M pairs of one expert (`align_by_expert`), the activations
   quantized per token and 128-group as for the linear layers.
@@ -92,14 +93,24 @@ def _check(hidden, w13, w2, topk_ids) -> None:
         raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows for {hidden.shape[0]} tokens")
 
 
-def _use_grouped_mm(hidden: torch.Tensor, w13: torch.Tensor) -> bool:
-    return (
-        hidden.is_cuda
-        and hidden.dtype == torch.bfloat16
-        and w13.dtype == torch.bfloat16
-        and hasattr(torch, "_grouped_mm")
-        and torch.cuda.get_device_capability(hidden.device) == (9, 0)
-    )
+# The token counts (rows of one MoE layer's input) at which the Triton grouped GEMM beats
+# torch._grouped_mm for bf16 experts on an H200, one V2-Lite layer (64 experts of 1,408, top-6),
+# graph-captured (BENCHMARKS.md, docs/bench/2026-11-30-h200-deepseek-kernel-moe-v3.json):
+# 1 token 103 vs 110 us (grouped_mm), 16 tokens 375 vs 286 (Triton), 64 tokens 477 vs 382
+# (Triton), 512 tokens 534 vs 659 (grouped_mm). The sizes between were not measured: the bound
+# is where it was measured, bench_deepseek.py's `moe` part sweeps the gaps.
+TRITON_MOE_MIN_TOKENS = 16
+TRITON_MOE_MAX_TOKENS = 64
+
+
+def choose_moe_impl(tokens: int, dtype: torch.dtype | None, capability: tuple[int, int] | None) -> str:
+    """ "grouped_mm" or "triton" for `tokens` rows whose activations and expert weights are both of
+    `dtype` (None: they differ): torch._grouped_mm runs bf16 on Hopper (`capability` (9, 0);
+    None off CUDA), and wins there outside the measured decode sizes."""
+    grouped_mm_runs = capability == (9, 0) and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+    if grouped_mm_runs and not TRITON_MOE_MIN_TOKENS <= tokens <= TRITON_MOE_MAX_TOKENS:
+        return "grouped_mm"
+    return "triton"
 
 
 def _combine(expert_out: torch.Tensor, topk_weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -159,7 +170,7 @@ def fused_moe(
 ) -> torch.Tensor:
     """[T, D]: the routed experts' weighted sum per token. fp8 weights (e4m3) need their block
     scales w13_scale [E, 2I/128, D/128] and w2_scale [E, D/128, I/128]. `impl` forces
-    "grouped_mm" or "triton" (the benchmark compares them); by default grouped_mm where it runs."""
+    "grouped_mm" or "triton" (the benchmark compares them); by default `choose_moe_impl`'s pick."""
     _check(hidden, w13, w2, topk_ids)
     if w13.dtype == FP8:
         if w13_scale is None or w2_scale is None:
@@ -169,6 +180,10 @@ def fused_moe(
         return fused_moe_triton(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     if hidden.shape[0] == 0:
         return torch.zeros_like(hidden)
-    if impl == "grouped_mm" or (impl is None and _use_grouped_mm(hidden, w13)):
+    if impl is None:
+        capability = torch.cuda.get_device_capability(hidden.device) if hidden.is_cuda else None
+        same_dtype = hidden.dtype if hidden.dtype == w13.dtype else None
+        impl = choose_moe_impl(hidden.shape[0], same_dtype, capability)
+    if impl == "grouped_mm":
         return fused_moe_grouped_mm(hidden, w13, w2, topk_weights, topk_ids)
     return fused_moe_triton(hidden, w13, w2, topk_weights, topk_ids)
