@@ -16,7 +16,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from inferd.layers.fp8_block import GROUP
 from inferd.layers.linear import default_weight_loader
+from inferd.layers.quantize import keeps_fp8_blocks, prepare_fp8_blocks
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -64,6 +66,8 @@ class PinnedStager:
         self.next = 0
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type != "cpu" or not tensor.numel():
+            return tensor
         src = tensor.contiguous().reshape(-1).view(torch.uint8)
         current = torch.cuda.current_stream(self.device)
         out = torch.empty(src.numel(), dtype=torch.uint8, device=self.device)
@@ -92,8 +96,12 @@ def load_weights(
     tensors: Iterator[tuple[str, torch.Tensor]],
     total_bytes: int | None = None,
     progress: bool | None = None,
+    fp8_blocks: bool | None = None,
 ) -> None:
-    """`progress`: None shows a bar only when stderr is a terminal (never in a service's journal)."""
+    """`progress`: None shows a bar only when stderr is a terminal (never in a service's journal).
+    `fp8_blocks` (fp8 block checkpoints, DeepSeek-V3/R1): keep the checkpoint's e4m3 weights and
+    scales as they are (True) or dequantize them (False); None decides by the device
+    (`keeps_fp8_blocks`: CUDA with fp8 tensor cores)."""
     from tqdm import tqdm
 
     mapping: dict = getattr(model, "packed_modules_mapping", {})
@@ -102,18 +110,25 @@ def load_weights(
     skipped_prefixes = getattr(model, "ignored_checkpoint_prefixes", ())
     # A model-specific name -> (parameter, shard id) rule, e.g. routed experts into stacked tensors.
     custom_target = getattr(model, "checkpoint_target", lambda name: None)
-    # fp8 checkpoints with block scales (DeepSeek-V3/R1): dequantized here, the CPU's form.
-    if getattr(model, "weight_block_size", None):
-        tensors = dequantize_fp8_blocks(tensors, model.weight_block_size)
+    device = next(model.parameters()).device
+    block = getattr(model, "weight_block_size", None)
+    if block:
+        # fp8 checkpoints with block scales: each e4m3 weight arrives with its weight_scale_inv
+        if fp8_blocks is None:
+            fp8_blocks = keeps_fp8_blocks(device)
+        if fp8_blocks and tuple(block) == (GROUP, GROUP):
+            prepare_fp8_blocks(model)
+        items = pair_fp8_blocks(tensors)
+    else:
+        items = ((name, tensor, None) for name, tensor in tensors)
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = set(dict(model.named_parameters()))
     loaded: set[str] = set()
-    device = next(model.parameters()).device
     stager = PinnedStager(device) if device.type == "cuda" else None
     enabled = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not enabled)
-    for name, tensor in tensors:
-        bar.update(tensor.numel() * tensor.element_size())
+    for name, tensor, scale in items:
+        bar.update(tensor.numel() * tensor.element_size() + (0 if scale is None else scale.numel() * scale.element_size()))
         if any(name.endswith(s) for s in ignored) or name.startswith(skipped_prefixes):
             continue
         shard_id = None
@@ -128,16 +143,10 @@ def load_weights(
         param = params.get(target)
         if param is None:
             raise ValueError(f"checkpoint tensor {name!r} matches no model parameter: is this the right architecture?")
-        loader = getattr(param, "weight_loader", None)
-        if stager is not None and tensor.device.type == "cpu" and tensor.numel():
-            tensor = stager.to_device(tensor)
+        if stager is not None:
+            tensor, scale = stager.to_device(tensor), scale if scale is None else stager.to_device(scale)
         try:
-            if loader is None:
-                default_weight_loader(param, tensor)
-            elif shard_id is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard_id)
+            _load_one(param, tensor, shard_id, scale, block)
         except ValueError as e:
             raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
         loaded.add(target)
@@ -147,6 +156,23 @@ def load_weights(
     missing = sorted(expected - loaded - aliases)
     if missing:
         raise ValueError(f"checkpoint lacks tensors for: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def _load_one(param: nn.Parameter, tensor: torch.Tensor, shard_id, scale: torch.Tensor | None, block) -> None:
+    """One checkpoint tensor into its parameter. An e4m3 weight with its block scales goes as it is
+    into an fp8 parameter (whose loader takes `scale`), and dequantized (on the device) into a float
+    one; a float weight for an fp8 parameter is quantized by that parameter's loader."""
+    loader = getattr(param, "weight_loader", None)
+    fp8_param = param.dtype == torch.float8_e4m3fn
+    if scale is not None and not fp8_param:
+        tensor, scale = dequantize_fp8_block(tensor, scale, block), None
+    extra = {"scale": scale} if fp8_param else {}
+    if loader is None:
+        default_weight_loader(param, tensor)
+    elif shard_id is None:
+        loader(param, tensor, **extra)
+    else:
+        loader(param, tensor, shard_id, **extra)
 
 
 def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -163,27 +189,33 @@ def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: t
     return weight.float() * scales
 
 
-def dequantize_fp8_blocks(
-    tensors: Iterator[tuple[str, torch.Tensor]], block: tuple[int, int]
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Checkpoint tensors with each fp8 `X.weight` and its `X.weight_scale_inv` joined into one
-    float32 weight (the CPU path; the pair may come in either order, or in different files)."""
+def pair_fp8_blocks(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """Checkpoint tensors as (name, tensor, weight_scale_inv or None): each fp8 `X.weight` joined
+    with its `X.weight_scale_inv` (the pair may come in either order, or in different files)."""
     weights: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     for name, tensor in tensors:
         if name.endswith(".weight_scale_inv"):
             base = name.removesuffix("_scale_inv")
             if base in weights:
-                yield base, dequantize_fp8_block(weights.pop(base), tensor, block)
+                yield base, weights.pop(base), tensor
             else:
                 scales[base] = tensor
         elif tensor.dtype == torch.float8_e4m3fn:
             if name in scales:
-                yield name, dequantize_fp8_block(tensor, scales.pop(name), block)
+                yield name, tensor, scales.pop(name)
             else:
                 weights[name] = tensor
         else:
-            yield name, tensor
+            yield name, tensor, None
     if weights or scales:
         unpaired = sorted(weights) + sorted(f"{n}_scale_inv" for n in scales)
         raise ValueError(f"fp8 checkpoint tensors without their weight/weight_scale_inv partner: {unpaired[:5]}")
+
+
+def dequantize_fp8_blocks(
+    tensors: Iterator[tuple[str, torch.Tensor]], block: tuple[int, int]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Checkpoint tensors with each fp8 weight and its scales joined into one float32 weight."""
+    for name, tensor, scale in pair_fp8_blocks(tensors):
+        yield name, tensor if scale is None else dequantize_fp8_block(tensor, scale, block)

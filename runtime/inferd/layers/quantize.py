@@ -40,7 +40,7 @@ from torch.overrides import TorchFunctionMode
 
 from inferd.layers.activation import SiluAndMul, silu_and_mul_kernel
 from inferd.layers.context import AttentionContext, get_context, set_context
-from inferd.layers.fp8_block import fp8_block_linear, quantize_weight_blocks
+from inferd.layers.fp8_block import FP8, GROUP, fp8_block_linear, quantize_weight_blocks
 from inferd.layers.fused import add_rms_norm, rms_norm
 from inferd.layers.fused_moe import fused_moe
 from inferd.layers.linear import Linear
@@ -276,15 +276,68 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 # ---- fp8 128x128 blocks (DeepSeek-V3/R1 checkpoints) on the GPU ------------------------------------
-class Fp8BlockLinear(nn.Module):
-    """A linear layer computed as fp8 with 128x128 weight blocks (layers/fp8_block.py)."""
+def keeps_fp8_blocks(device: torch.device | str) -> bool:
+    """Whether fp8 block weights stay e4m3 on `device`, computed by the Triton block GEMM: CUDA
+    with fp8 tensor cores (Ada, Hopper: 8.9 and newer). Elsewhere the loader dequantizes them."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
-    def __init__(self, linear: Linear):
+
+def _block_rows(offset: int, size: int, what: str) -> tuple[int, int]:
+    """The block rows of weight rows offset..offset+size (a part that is not the last one is
+    a whole number of blocks: `prepare_fp8_blocks` leaves other modules in float)."""
+    if offset % GROUP:
+        raise ValueError(f"{what}: rows from {offset} do not start a {GROUP}-row weight block")
+    return offset // GROUP, -(-size // GROUP)
+
+
+def _load_blocks(weight: torch.Tensor, scale: torch.Tensor, loaded: torch.Tensor, loaded_scale, what: str) -> None:
+    """Copy one checkpoint weight (e4m3 with its weight_scale_inv, or a float one, quantized to
+    blocks here) into `weight` / `scale` (views of the module's, for a part of a stacked weight)."""
+    if loaded.dtype != FP8:
+        if loaded_scale is not None:
+            raise ValueError(f"{what}: a weight_scale_inv beside a {loaded.dtype} weight")
+        loaded, loaded_scale = quantize_weight_blocks(loaded.to(weight.device))
+    elif loaded_scale is None:
+        raise ValueError(f"{what}: an e4m3 weight without its weight_scale_inv")
+    if tuple(loaded.shape) != tuple(weight.shape) or tuple(loaded_scale.shape) != tuple(scale.shape):
+        raise ValueError(
+            f"{what}: checkpoint weight {tuple(loaded.shape)} with scales {tuple(loaded_scale.shape)}, "
+            f"the model expects {tuple(weight.shape)} with {tuple(scale.shape)}"
+        )
+    weight.copy_(loaded)
+    scale.copy_(loaded_scale)
+
+
+class Fp8BlockLinear(nn.Module):
+    """A linear layer computed as fp8 with 128x128 weight blocks (layers/fp8_block.py). Built
+    from a loaded `Linear` (its weight quantized to blocks), or `empty` before loading, when its
+    weight loader takes the checkpoint's e4m3 weight and weight_scale_inv as they are."""
+
+    def __init__(self, linear: Linear, empty: bool = False):
         super().__init__()
-        weight, scale = quantize_weight_blocks(linear.weight.data)
+        n, k = linear.weight.shape
+        if empty:
+            weight = torch.empty(n, k, dtype=FP8, device=linear.weight.device)
+            scale = torch.empty(-(-n // GROUP), -(-k // GROUP), dtype=torch.float32, device=linear.weight.device)
+        else:
+            weight, scale = quantize_weight_blocks(linear.weight.data)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("weight_scale", scale)
         self.bias = linear.bias
+        # (offset, size) of each part of a merged projection (gate/up), by its shard id
+        sizes = getattr(linear, "output_sizes", None)
+        names = getattr(linear, "shard_names", None) or []
+        self.parts = {name: (sum(sizes[:i]), sizes[i]) for i, name in enumerate(names)} if sizes else {}
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None, scale=None) -> None:
+        weight, scales = param.data, self.weight_scale
+        if shard_id is not None:
+            offset, size = self.parts[shard_id]
+            first, count = _block_rows(offset, size, f"part {shard_id!r}")
+            weight, scales = weight.narrow(0, offset, size), scales.narrow(0, first, count)
+        _load_blocks(weight, scales, loaded, scale, "fp8 block weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = fp8_block_linear(x, self.weight, self.weight_scale)
@@ -293,33 +346,81 @@ class Fp8BlockLinear(nn.Module):
 
 class Fp8BlockExperts(nn.Module):
     """Stacked routed experts (w13 [E, 2I, D], w2 [E, D, I]) as e4m3 blocks with their scales,
-    called as the model's experts module is: (x, topk_weights, topk_ids) -> [T, D]."""
+    called as the model's experts module is: (x, topk_weights, topk_ids) -> [T, D]. Built from
+    loaded experts, or `empty` to take the checkpoint's per-expert e4m3 tensors and scales."""
 
-    def __init__(self, experts: nn.Module):
+    def __init__(self, experts: nn.Module, empty: bool = False):
         super().__init__()
+        self.intermediate_size = experts.w2.shape[-1]
         for attr in ("w13", "w2"):
-            pairs = [quantize_weight_blocks(w) for w in getattr(experts, attr).data]
-            setattr(self, attr, nn.Parameter(torch.stack([q for q, _ in pairs]), requires_grad=False))
-            self.register_buffer(f"{attr}_scale", torch.stack([scale for _, scale in pairs]))
+            source = getattr(experts, attr)
+            if empty:
+                e, n, k = source.shape
+                weight = torch.empty(e, n, k, dtype=FP8, device=source.device)
+                scale = torch.empty(e, -(-n // GROUP), -(-k // GROUP), dtype=torch.float32, device=source.device)
+            else:
+                pairs = [quantize_weight_blocks(w) for w in source.data]
+                weight, scale = torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+            setattr(self, attr, nn.Parameter(weight, requires_grad=False))
+            self.register_buffer(f"{attr}_scale", scale)
+            getattr(self, attr).weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None, scale=None) -> None:
+        """shard_id (expert, 'gate' | 'up' | 'down'), as the model's `checkpoint_target` names them."""
+        if shard_id is None:
+            raise ValueError("fp8 block experts load one expert's gate, up or down weight at a time")
+        expert, which = shard_id
+        weight, scales = param.data[expert], (self.w2_scale if which == "down" else self.w13_scale)[expert]
+        if which != "down":
+            size = self.intermediate_size
+            first, count = _block_rows(0 if which == "gate" else size, size, f"expert {expert} {which}")
+            weight, scales = weight.narrow(0, 0 if which == "gate" else size, size), scales.narrow(0, first, count)
+        _load_blocks(weight, scales, loaded, scale, f"expert {expert} {which}")
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.w13_scale, self.w2_scale)
 
 
+def _stacked_experts(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "w13", None), nn.Parameter) and isinstance(getattr(module, "w2", None), nn.Parameter)
+
+
+def prepare_fp8_blocks(model: nn.Module) -> nn.Module:
+    """Before loading an fp8 block checkpoint where its blocks stay e4m3 (`keeps_fp8_blocks`):
+    every `Linear` and stacked experts module becomes an empty fp8 block module, so the loader
+    copies the checkpoint's e4m3 bytes and scales in, and no float copy of them ever exists (a
+    V3/R1 in bf16 would be twice its 690 GB). Left as they are: merged projections or experts
+    whose parts do not fall on 128-row blocks (their scales could not be split by part; they load
+    dequantized and `quantize_fp8_blocks` makes them blocks), and modules that are not linear
+    layers (MLA's kv_b_proj, read as two absorbed matrices: it loads dequantized). Returns model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Linear):
+            if any(size % GROUP for size in getattr(module, "output_sizes", ())[:-1]):
+                continue
+            _replace(model, name, Fp8BlockLinear(module, empty=True))
+            module.weight = None
+        elif _stacked_experts(module) and not isinstance(module, Fp8BlockExperts):
+            if module.w2.shape[-1] % GROUP:
+                continue
+            _replace(model, name, Fp8BlockExperts(module, empty=True))
+            module.w13 = module.w2 = None
+    return model
+
+
 def quantize_fp8_blocks(model: nn.Module) -> int:
-    """The CUDA form of an fp8 block checkpoint: the loader dequantized its blocks (the CPU path),
-    and every `Linear` and stacked experts module (one with `w13` and `w2`) goes back to e4m3
-    blocks with their scales, which give the checkpoint's own values again (each block's largest
-    value was quantized to 448). Returns the number of weights swapped."""
+    """The CUDA form of an fp8 block checkpoint for what the loader left in float (all of it when
+    the model was not prepared with `prepare_fp8_blocks`): every `Linear` and stacked experts
+    module goes to e4m3 blocks with their scales, which give the checkpoint's own values again
+    (each block's largest value was quantized to 448). Returns the number of weights swapped."""
     swapped = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear):
             _replace(model, name, Fp8BlockLinear(module))
             module.weight = None
             swapped += 1
-        elif isinstance(getattr(module, "w13", None), nn.Parameter) and isinstance(getattr(module, "w2", None), nn.Parameter):
+        elif _stacked_experts(module) and not isinstance(module, Fp8BlockExperts):
             _replace(model, name, Fp8BlockExperts(module))
             module.w13 = module.w2 = None
             swapped += 2
-    log.info("fp8 128x128 block weights on the GPU: %d weights", swapped)
+    log.info("fp8 128x128 block weights on the GPU: %d weights quantized after loading", swapped)
     return swapped
