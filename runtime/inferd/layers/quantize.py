@@ -407,14 +407,17 @@ def prepare_fp8_blocks(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantize_fp8_blocks(model: nn.Module) -> int:
+def quantize_fp8_blocks(model: nn.Module, linears: bool = True) -> int:
     """The CUDA form of an fp8 block checkpoint for what the loader left in float (all of it when
     the model was not prepared with `prepare_fp8_blocks`): every `Linear` and stacked experts
     module goes to e4m3 blocks with their scales, which give the checkpoint's own values again
-    (each block's largest value was quantized to 448). Returns the number of weights swapped."""
+    (each block's largest value was quantized to 448). Without `linears`, the experts only: after
+    `quantize_fp8` (`quantization: fp8` on a bf16 MoE checkpoint), whose per-channel fp8 covers
+    linear layers, not the stacked experts that hold most of a MoE model's weights. Returns the
+    number of weights swapped."""
     swapped = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, Linear):
+        if isinstance(module, Linear) and linears:
             _replace(model, name, Fp8BlockLinear(module))
             module.weight = None
             swapped += 1
