@@ -60,16 +60,21 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 def test_fp8_checkpoint_keeps_the_checkpoints_e4m3_bytes_and_scales(tmp_path, monkeypatch):
     """Where fp8 blocks are kept (CUDA 8.9+; here selected by monkeypatching the capability check
-    the model consults as it is built, and by load_weights' flag), the projections and experts are
-    fp8 block modules before any weight is loaded, and hold the checkpoint's exact e4m3 bytes and
-    scales; a bf16 projection is quantized to blocks as it loads; kv_b_proj (read as two absorbed
-    matrices) and gate/up parts off the 128-row blocks load dequantized."""
-    from inferd.models import deepseek
+    the runner's build consults, and by load_weights' flag), the projections and experts are
+    fp8 block modules as the model is built, before any weight is loaded, and hold the
+    checkpoint's exact e4m3 bytes and scales; a bf16 projection is quantized to blocks as it
+    loads; kv_b_proj (read as two absorbed matrices) and gate/up parts off the 128-row blocks
+    load dequantized."""
+    from inferd.layers import quantize
 
     saved = _fp8_checkpoint(tmp_path)
     cfg = parse_model_config(json.loads((tmp_path / "config.json").read_text()))
-    monkeypatch.setattr(deepseek, "keeps_fp8_blocks", lambda device: True)
-    model = model_class(cfg)(cfg, 256)
+    monkeypatch.setattr(quantize, "keeps_fp8_blocks", lambda device: True)
+    with quantize.fp8_blocks_as_built(cfg.weight_block_size, torch.device("cpu")):
+        model = model_class(cfg)(cfg, 256)
+    holder = torch.nn.Module()
+    holder.proj = Linear(256, 256)
+    assert type(holder.proj) is Linear  # the build's hook left with it
     assert isinstance(model.model.layers[1].mlp.experts, Fp8BlockExperts)
     assert isinstance(model.model.layers[1].self_attn.q_a_proj, Fp8BlockLinear)
     assert isinstance(model.model.layers[0].mlp.gate_up_proj, Linear)  # 192-row parts

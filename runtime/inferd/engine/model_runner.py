@@ -18,7 +18,7 @@ from inferd.layers.context import AttentionContext, reset_context, set_context
 from inferd.layers.distributed import broadcast_from_rank0, min_over_ranks, tp_rank
 from inferd.layers.fused import FP8
 from inferd.layers.quant import check_supported
-from inferd.layers.quantize import keeps_fp8_blocks, quantize_fp8, quantize_fp8_blocks
+from inferd.layers.quantize import fp8_blocks_as_built, keeps_fp8_blocks, quantize_fp8, quantize_fp8_blocks
 from inferd.layers.sampler import Sampled, Sampler
 from inferd.loader import load_weights
 from inferd.models.config import ModelConfig
@@ -113,7 +113,7 @@ class ModelRunner:
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            with torch.device(self.device):
+            with torch.device(self.device), fp8_blocks_as_built(self.model_cfg.weight_block_size, self.device):
                 self.model = model_class(self.model_cfg)(self.model_cfg, self.max_model_len)
         finally:
             torch.set_default_dtype(default_dtype)

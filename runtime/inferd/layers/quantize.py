@@ -26,6 +26,7 @@ Every `Linear` becomes an `Fp8Linear`: its subclasses may differ in how they loa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -394,17 +395,48 @@ def prepare_fp8_blocks(model: nn.Module) -> nn.Module:
     dequantized and `quantize_fp8_blocks` makes them blocks), and modules that are not linear
     layers (MLA's kv_b_proj, read as two absorbed matrices: it loads dequantized). Returns model."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, Linear):
-            if any(size % GROUP for size in getattr(module, "output_sizes", ())[:-1]):
-                continue
-            _replace(model, name, Fp8BlockLinear(module, empty=True))
-            module.weight = None
-        elif _stacked_experts(module) and not isinstance(module, Fp8BlockExperts):
-            if module.w2.shape[-1] % GROUP:
-                continue
-            _replace(model, name, Fp8BlockExperts(module, empty=True))
-            module.w13 = module.w2 = None
+        twin = _empty_fp8_block_module(module)
+        if twin is not None:
+            _replace(model, name, twin)
     return model
+
+
+def _empty_fp8_block_module(submodule: nn.Module) -> nn.Module | None:
+    """The empty fp8 block twin `prepare_fp8_blocks` would put in `submodule`'s place, or None."""
+    if isinstance(submodule, Linear):
+        if any(size % GROUP for size in getattr(submodule, "output_sizes", ())[:-1]):
+            return None
+        twin = Fp8BlockLinear(submodule, empty=True)
+        submodule.weight = None
+        return twin
+    if _stacked_experts(submodule) and not isinstance(submodule, Fp8BlockExperts):
+        if submodule.w2.shape[-1] % GROUP:
+            return None
+        twin = Fp8BlockExperts(submodule, empty=True)
+        submodule.w13 = submodule.w2 = None
+        return twin
+    return None
+
+
+@contextlib.contextmanager
+def fp8_blocks_as_built(block_size: tuple[int, int] | None, device: torch.device):
+    """While a model of an fp8 block checkpoint (`block_size` [128, 128]) is built for a device
+    that keeps its blocks (`keeps_fp8_blocks`): each linear layer and stacked experts module is
+    replaced, as it is attached to its parent, by its empty fp8 block twin, so the float weights
+    of one module at a time exist, never the model's (V3/R1 in bf16, 1.3 TB, fits no host or
+    GPU), and the model file knows nothing of it. Elsewhere, nothing happens."""
+    if tuple(block_size or ()) != (GROUP, GROUP) or not keeps_fp8_blocks(device):
+        yield
+        return
+
+    def replace(parent, name, submodule):
+        return _empty_fp8_block_module(submodule)
+
+    handle = torch.nn.modules.module.register_module_module_registration_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def quantize_fp8_blocks(model: nn.Module, linears: bool = True) -> int:
@@ -425,5 +457,6 @@ def quantize_fp8_blocks(model: nn.Module, linears: bool = True) -> int:
             _replace(model, name, Fp8BlockExperts(module))
             module.w13 = module.w2 = None
             swapped += 2
-    log.info("fp8 128x128 block weights on the GPU: %d weights quantized after loading", swapped)
+    if swapped:
+        log.info("fp8 128x128 block weights on the GPU: %d weights quantized after loading", swapped)
     return swapped

@@ -30,7 +30,6 @@ from inferd.layers.fused_moe import fused_moe
 from inferd.layers.linear import Linear, MergedLinear, default_weight_loader
 from inferd.layers.mla_decode import mla_decode, mla_decode_fits, mla_decode_reference
 from inferd.layers.norm import RMSNorm
-from inferd.layers.quantize import keeps_fp8_blocks, prepare_fp8_blocks
 from inferd.models.config import MLAConfig, ModelConfig, MoEConfig
 from inferd.models.decoder import CausalLM, PreNormDecoderLayer
 
@@ -361,13 +360,7 @@ class DeepseekV2ForCausalLM(CausalLM):
     ignored_checkpoint_tensors = ("rotary_emb.inv_freq",)
 
     def __init__(self, cfg: ModelConfig, max_position: int):
-        layers = (DeepseekDecoderLayer(cfg, i, max_position) for i in range(cfg.num_hidden_layers))
-        if cfg.weight_block_size == (128, 128) and keeps_fp8_blocks(torch.get_default_device()):
-            # As the reference's Linear is e4m3 when the checkpoint is: each layer's projections
-            # and experts made fp8 blocks as it is built, so the float copy of one layer at a time
-            # exists, never the model's (V3/R1 in bf16 would not fit)
-            layers = (prepare_fp8_blocks(layer) for layer in layers)
-        super().__init__(cfg, layers)
+        super().__init__(cfg, (DeepseekDecoderLayer(cfg, i, max_position) for i in range(cfg.num_hidden_layers)))
         # The multi-token-prediction layers (V3: model.layers.61.*) are not run: skipped at load.
         mtp = range(cfg.num_hidden_layers, cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
         self.ignored_checkpoint_prefixes = tuple(f"model.layers.{i}." for i in mtp)
