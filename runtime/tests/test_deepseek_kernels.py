@@ -589,3 +589,25 @@ def test_moe_dispatch_takes_triton_at_decode_sizes_on_hopper():
     assert moe.choose_moe_impl(512, bf16, None) == "triton"  # off CUDA
     assert moe.choose_moe_impl(512, torch.float32, hopper) == "triton"
     assert moe.choose_moe_impl(512, None, hopper) == "triton"  # bf16 activations, other weights
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_decode_step_elementwise_chains_compile_to_one_graph_each(interleave):
+    """The rope rotation of queries and shared key, and the MoE combine, run compiled on CUDA (one
+    kernel each where eager launched ~20 and 4 in every layer of a launch-bound decode step): they
+    must trace whole (fullgraph, sizes symbolic) over the strided views MLA hands them, and
+    compute what the eager functions compute."""
+    from inferd.layers import fused_moe as moe
+    from inferd.layers import rope_pairs
+
+    rotate, combine = rope_pairs.rotate_query_and_key.__wrapped__, moe._combine.__wrapped__
+    for tokens in (1, 7):
+        q = torch.randn(tokens, 4, 48).bfloat16().split([32, 16], dim=-1)[1]
+        k = torch.randn(tokens, 48).bfloat16().split([32, 16], dim=-1)[1]
+        args = (torch.randint(0, 50, (tokens,)), q, k, torch.randn(50, 8), torch.randn(50, 8), interleave)
+        compiled = torch.compile(rotate, dynamic=True, fullgraph=True, backend="aot_eager")
+        for got, want in zip(compiled(*args), rotate(*args)):
+            assert torch.equal(got, want)
+        y, w = torch.randn(tokens * 3, 32).bfloat16(), torch.rand(tokens, 3)
+        compiled = torch.compile(combine, dynamic=True, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(y, w, torch.bfloat16), combine(y, w, torch.bfloat16))

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from inferd.layers.fp8_block import FP8, act_quant, check_block_scales, fp8_block_linear_reference, grouped_gemm
+from inferd.layers.fused import cuda_compiled
 
 
 def fused_moe_reference(
@@ -113,7 +114,10 @@ def choose_moe_impl(tokens: int, dtype: torch.dtype | None, capability: tuple[in
     return "triton"
 
 
+@cuda_compiled
 def _combine(expert_out: torch.Tensor, topk_weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # compiled on CUDA: one kernel where eager took four (cast, product, sum, cast) in every MoE
+    # layer of a launch-bound decode step (rope_pairs.py has the arithmetic of that)
     tokens, k = topk_weights.shape
     return (expert_out.view(tokens, k, -1).float() * topk_weights[..., None].float()).sum(1).to(dtype)
 

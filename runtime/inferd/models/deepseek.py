@@ -30,6 +30,7 @@ from inferd.layers.fused_moe import fused_moe
 from inferd.layers.linear import Linear, MergedLinear, default_weight_loader
 from inferd.layers.mla_decode import mla_decode, mla_decode_fits, mla_decode_reference
 from inferd.layers.norm import RMSNorm
+from inferd.layers.rope_pairs import rotate_query_and_key
 from inferd.models.config import MLAConfig, ModelConfig, MoEConfig
 from inferd.models.decoder import CausalLM, PreNormDecoderLayer
 
@@ -90,17 +91,9 @@ class DeepseekRotary(nn.Module):
         self.register_buffer("sin", freqs.sin() * attention_factor, persistent=False)
         self.interleave = interleave
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x [T, ..., dim] rotated. DeepSeek's checkpoints pair dimensions (0,1), (2,3), ...;
-        the result keeps that layout. Queries and keys only meet in dot products, so any layout
-        used for both gives the same scores."""
-        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
-        cos, sin = self.cos[positions].view(shape).to(x.dtype), self.sin[positions].view(shape).to(x.dtype)
-        if self.interleave:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-            return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries' rope parts [T, H, dim] and the shared rope key [T, dim], rotated."""
+        return rotate_query_and_key(positions, q, k, self.cos, self.sin, self.interleave)
 
 
 # ---- Multi-head Latent Attention ----------------------------------------------------------------
@@ -174,8 +167,7 @@ class MLAttention(nn.Module):
         q_nope, q_rope = q.view(tokens, self.num_heads, -1).split([self.nope, self.rope], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent.contiguous())
-        q_rope = self.rotary_emb(positions, q_rope)
-        k_rope = self.rotary_emb(positions, k_rope)
+        q_rope, k_rope = self.rotary_emb(positions, q_rope, k_rope)
         if self.latent_cache.numel():
             entry = torch.cat((latent, k_rope), dim=-1).to(self.latent_cache.dtype)
             self.latent_cache.view(-1, entry.shape[-1]).index_copy_(0, ctx.slot_mapping, entry)
