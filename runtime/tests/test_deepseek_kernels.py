@@ -593,10 +593,10 @@ def test_moe_dispatch_takes_triton_at_decode_sizes_on_hopper():
 
 @pytest.mark.parametrize("interleave", [True, False])
 def test_decode_step_elementwise_chains_compile_to_one_graph_each(interleave):
-    """The rope rotation of queries and shared key, and the MoE combine, run compiled on CUDA (one
-    kernel each where eager launched ~20 and 4 in every layer of a launch-bound decode step): they
-    must trace whole (fullgraph, sizes symbolic) over the strided views MLA hands them, and
-    compute what the eager functions compute."""
+    """The rope rotation of queries and shared key, the MoE's sort bookkeeping and its combine run
+    compiled on CUDA (a kernel or a few each where eager launched ~20, ~10-20 and 4 in every
+    layer of a launch-bound decode step): they must trace whole (fullgraph, sizes symbolic) over
+    the strided views MLA hands them, and compute what the eager functions compute."""
     from inferd.layers import fused_moe as moe
     from inferd.layers import rope_pairs
 
@@ -611,3 +611,7 @@ def test_decode_step_elementwise_chains_compile_to_one_graph_each(interleave):
         y, w = torch.randn(tokens * 3, 32).bfloat16(), torch.rand(tokens, 3)
         compiled = torch.compile(combine, dynamic=True, fullgraph=True, backend="aot_eager")
         assert torch.equal(compiled(y, w, torch.bfloat16), combine(y, w, torch.bfloat16))
+        ids = torch.rand(tokens, 8).topk(3, dim=-1).indices
+        for fn, extra in ((moe._group_by_expert.__wrapped__, (8,)), (align_by_expert, (8, 4))):
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend="aot_eager")
+            assert all(torch.equal(a, b) for a, b in zip(compiled(ids, *extra), fn(ids, *extra)))

@@ -84,6 +84,21 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
     return sorted_ids, tile_expert
 
 
+# Compiled on CUDA (eager elsewhere): the sort's bookkeeping is ~10-20 small kernels of a few us
+# each in every MoE layer, the most of a launch-bound decode step's MoE after the GEMMs themselves;
+# compiled, the elementwise parts fuse (the sort stays one kernel).
+_align_by_expert = cuda_compiled(align_by_expert)
+
+
+@cuda_compiled
+def _group_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order: the pair ids t*k + slot sorted by expert, offs: int32 end of each expert's group)."""
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    return order, counts.cumsum(0).to(torch.int32)
+
+
 def _check(hidden, w13, w2, topk_ids) -> None:
     experts, two_inter, dim = w13.shape
     if two_inter % 2 or w2.shape != (experts, dim, two_inter // 2):
@@ -126,10 +141,7 @@ def fused_moe_grouped_mm(hidden, w13, w2, topk_weights, topk_ids) -> torch.Tenso
     """bf16 on Hopper through torch._grouped_mm: pairs sorted by expert, group ends as `offs`."""
     tokens, k = topk_ids.shape
     experts, two_inter, _ = w13.shape
-    flat = topk_ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-    offs = counts.cumsum(0).to(torch.int32)
+    order, offs = _group_by_expert(topk_ids, experts)
     x = hidden[order // k]
     h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
     act = F.silu(h[:, : two_inter // 2]) * h[:, two_inter // 2 :]
@@ -143,7 +155,7 @@ def fused_moe_triton(hidden, w13, w2, topk_weights, topk_ids, w13_scale=None, w2
     """The Triton grouped GEMMs (fp8_block.grouped_gemm), bf16 or fp8 block-scaled weights."""
     tokens, k = topk_ids.shape
     experts, two_inter, _ = w13.shape
-    sorted_ids, tile_expert = align_by_expert(topk_ids, experts, block_m)
+    sorted_ids, tile_expert = _align_by_expert(topk_ids, experts, block_m)
     pairs = tokens * k
     tiles = dict(sorted_ids=sorted_ids, tile_expert=tile_expert, block_m=block_m, out_dtype=hidden.dtype)
     fp8 = w13.dtype == FP8
