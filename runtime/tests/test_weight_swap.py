@@ -343,3 +343,18 @@ def test_a_tensor_parallel_engine_refuses_an_in_place_swap_and_keeps_serving(sto
         assert two.generate(["one two"], greedy(3))[0].token_ids == before
     finally:
         two.engine.close()
+
+
+def test_the_swapped_tensors_include_fp8_block_expert_scales():
+    """An fp8 DeepSeek model's experts keep their block scales as `w13_scale` / `w2_scale`
+    buffers: a swap that copied only `weight_scale` would serve new weights with old scales."""
+    from inferd.engine.weight_swap import model_weights
+
+    experts = torch.nn.Module()
+    experts.w13 = torch.nn.Parameter(torch.zeros(2, 4, 4), requires_grad=False)
+    experts.register_buffer("w13_scale", torch.ones(2, 1, 1))
+    experts.register_buffer("w2_scale", torch.ones(2, 1, 1))
+    experts.register_buffer("cos", torch.ones(3), persistent=False)
+    model = torch.nn.Module()
+    model.experts = experts
+    assert set(model_weights(model)) == {"experts.w13", "experts.w13_scale", "experts.w2_scale"}

@@ -97,9 +97,10 @@ class SwapJob:
 
 
 def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor a checkpoint determines: the parameters and, with fp8, the weight scales."""
+    """Every tensor a checkpoint determines: the parameters and, with fp8, the scales (a linear's
+    `weight_scale`, fp8 block experts' `w13_scale` / `w2_scale`)."""
     out = dict(model.named_parameters())
-    out.update({n: b for n, b in model.named_buffers() if n.endswith("weight_scale")})
+    out.update({n: b for n, b in model.named_buffers() if n.endswith("_scale")})
     return out
 
 
