@@ -348,6 +348,8 @@ def test_a_tensor_parallel_engine_refuses_an_in_place_swap_and_keeps_serving(sto
 def test_the_swapped_tensors_include_fp8_block_expert_scales():
     """An fp8 DeepSeek model's experts keep their block scales as `w13_scale` / `w2_scale`
     buffers: a swap that copied only `weight_scale` would serve new weights with old scales."""
+    import torch
+
     from inferd.engine.weight_swap import model_weights
 
     experts = torch.nn.Module()
