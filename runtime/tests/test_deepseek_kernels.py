@@ -578,13 +578,13 @@ def test_mla_wide_table_from_a_bench_run_is_checked_then_installed(monkeypatch):
 
 
 def test_moe_dispatch_takes_triton_at_decode_sizes_on_hopper():
-    """Measured on the H200 (fused_moe's TRITON_MOE_* constants): Triton's grouped GEMM at 16-64
-    tokens, torch._grouped_mm at 1 and 512; Triton wherever _grouped_mm does not run."""
+    """Measured on the H200 (fused_moe's TRITON_MOE_* constants): Triton's grouped GEMM at 1-256
+    tokens, torch._grouped_mm at 512; Triton wherever _grouped_mm does not run."""
     from inferd.layers import fused_moe as moe
 
     hopper, bf16 = (9, 0), torch.bfloat16
-    picks = {t: moe.choose_moe_impl(t, bf16, hopper) for t in (1, 15, 16, 64, 65, 512)}
-    assert picks == {1: "grouped_mm", 15: "grouped_mm", 16: "triton", 64: "triton", 65: "grouped_mm", 512: "grouped_mm"}
+    picks = {t: moe.choose_moe_impl(t, bf16, hopper) for t in (1, 64, 256, 257, 512)}
+    assert picks == {1: "triton", 64: "triton", 256: "triton", 257: "grouped_mm", 512: "grouped_mm"}
     assert moe.choose_moe_impl(512, bf16, (8, 9)) == "triton"  # Ada: no bf16 _grouped_mm
     assert moe.choose_moe_impl(512, bf16, None) == "triton"  # off CUDA
     assert moe.choose_moe_impl(512, torch.float32, hopper) == "triton"

@@ -111,12 +111,12 @@ def _check(hidden, w13, w2, topk_ids) -> None:
 
 # The token counts (rows of one MoE layer's input) at which the Triton grouped GEMM beats
 # torch._grouped_mm for bf16 experts on an H200, one V2-Lite layer (64 experts of 1,408, top-6),
-# graph-captured (BENCHMARKS.md, docs/bench/2026-11-30-h200-deepseek-kernel-moe-v3.json):
-# 1 token 103 vs 110 us (grouped_mm), 16 tokens 375 vs 286 (Triton), 64 tokens 477 vs 382
-# (Triton), 512 tokens 534 vs 659 (grouped_mm). The sizes between were not measured: the bound
-# is where it was measured, bench_deepseek.py's `moe` part sweeps the gaps.
-TRITON_MOE_MIN_TOKENS = 16
-TRITON_MOE_MAX_TOKENS = 64
+# graph-captured, swept at 1-512 tokens (BENCHMARKS.md, docs/bench/2026-11-30-h200-deepseek-ds21.json),
+# us Triton vs grouped_mm: 1 token 65 vs 87, 8 tokens 183 vs 264, 64 tokens 333 vs 461, 256 tokens
+# 440 vs 510, 512 tokens 630 vs 564. Between 256 and 512 nothing was measured: the bound is where it
+# was.
+TRITON_MOE_MIN_TOKENS = 1
+TRITON_MOE_MAX_TOKENS = 256
 
 
 def choose_moe_impl(tokens: int, dtype: torch.dtype | None, capability: tuple[int, int] | None) -> str:
