@@ -198,7 +198,8 @@ def test_int8_engine_logits_and_greedy_tokens_follow_float32(tiny_dir, quantizat
         top2 = prefill_logits(full, seq[:-1])[len(out.prompt_token_ids) - 1 :].topk(2, dim=-1)
         for step, token in enumerate(out.token_ids):
             near_tie = (top2.values[step, 0] - top2.values[step, 1]).item() < NEAR_TIE
-            assert token == top2.indices[step, 0].item() or near_tie, f"step {step}: int8 {token}, float32 {top2.indices[step, 0]}"
+            want = top2.indices[step, 0].item()
+            assert token == want or near_tie, f"step {step}: int8 {token}, float32 {want}"
 
 
 def test_int8_greedy_tokens_alone_equal_inside_a_batch(llama_dir):
