@@ -33,7 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_engine import SHAPES, build_engine, build_hf_model, copy_bandwidth, graph_us, replay_ms, run_info, run_ours  # noqa: E402
 
 from inferd.eval import greedy, greedy_agreement, score  # noqa: E402
-from inferd.layers.int8 import quantize_rows_int8, quantize_weight_int8, w8a8_linear, w8a16_reference  # noqa: E402
+from inferd.layers.int8 import (  # noqa: E402
+    _quantize_rows,
+    _scale_int32,
+    int8_mm,
+    quantize_weight_int8,
+    w8a8_linear,
+    w8a16_reference,
+)
 
 VARIANTS = ["none", "fp8", "int8", "int8_weight_only"]
 # The 8B shape's projections as (N, K): qkv, o, gate_up, down.
@@ -48,13 +55,18 @@ def gemm_variants(x, w, int8_weight, fp8_weight) -> dict:
     w8, s8 = int8_weight
 
     def triton_w8a8():
-        xq, xs = quantize_rows_int8(x)
+        xq, xs = _quantize_rows(x)
         return w8a8_matmul(xq, xs, w8, s8, None, torch.bfloat16)
+
+    def int_mm_w8a8():  # torch._int_mm at every size (padded below 17 rows) and a scaling pass
+        xq, xs = _quantize_rows(x)
+        return _scale_int32(int8_mm(xq, w8), xs, s8, None, x)
 
     return {
         "bf16": lambda: F.linear(x, w),
         "fp8": lambda: fp8_linear(x, *fp8_weight, None),
-        "int8_int_mm": lambda: w8a8_linear(x, w8, s8, None),
+        "int8_engine": lambda: w8a8_linear(x, w8, s8, None),  # what the engine runs at this size
+        "int8_int_mm": int_mm_w8a8,
         "int8_triton": triton_w8a8,
         "w8a16_triton": lambda: w8a16_matmul(x, w8, s8, None),
         "w8a16_eager": lambda: w8a16_reference(x, w8, s8, None),

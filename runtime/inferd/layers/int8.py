@@ -9,9 +9,10 @@ Two formats (EngineConfig.quantization):
   (diag(s_x) Xq)(Wq^T diag(s_w)) = diag(s_x) (Xq Wq^T) diag(s_w). Per-token scales keep a token's
   result independent of the other rows in its batch. On CUDA the product is cuBLAS's through
   `torch._int_mm`, which needs more than 16 rows and K, N multiples of 8: decode batches of 16 or
-  fewer rows are padded with zero rows (a zero row costs nothing in a memory-bound GEMM; the
-  weight is read once either way). The Triton kernel in int8_kernels.py does the same product with
-  the scales in its epilogue; runtime/bench/bench_int8.py measures both.
+  fewer rows would be padded with zero rows (a zero row costs nothing in a memory-bound GEMM; the
+  weight is read once either way), but up to TRITON_W8A8_MAX_ROWS the Triton kernel in
+  int8_kernels.py does the same product with the scales in its epilogue, in one launch;
+  runtime/bench/bench_int8.py measures both at every size.
 - `int8_weight_only` (W8A16): activations stay in bfloat16 and the weight is widened inside the
   GEMM (int8_kernels.py on CUDA), the gpt-fast recipe for batch 1, where decode reads every weight
   once per token and half the bytes should nearly halve the step.
@@ -30,6 +31,11 @@ INT8_QUANTIZATIONS = ("int8", "int8_weight_only")
 # torch._int_mm's CUDA limits (cuBLASLt's int8 kernels): rows > 16, inner and output sizes % 8.
 INT_MM_MIN_ROWS = 17
 INT_MM_MULTIPLE = 8
+# Up to this many rows on CUDA, W8A8 runs the Triton kernel (int8_kernels.py) instead: one GEMM
+# with the scales in its epilogue, where torch._int_mm needs a padding copy before and a scaling
+# kernel after, three launches for each projection of a decode step (some 400 for the 8B shape).
+# runtime/bench/bench_int8.py times both per size (gemm_us: int8_triton, int8_int_mm).
+TRITON_W8A8_MAX_ROWS = 16
 
 
 def check_int8_supported(device: torch.device) -> None:
@@ -88,7 +94,12 @@ def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     xq, x_scale = _quantize_rows(x2)
-    out = _scale_int32(int8_mm(xq, wq), x_scale, w_scale, bias, x2)
+    if xq.is_cuda and xq.shape[0] <= TRITON_W8A8_MAX_ROWS:
+        from inferd.layers.int8_kernels import w8a8_matmul
+
+        out = w8a8_matmul(xq, x_scale, wq, w_scale, bias, x2.dtype)
+    else:
+        out = _scale_int32(int8_mm(xq, wq), x_scale, w_scale, bias, x2)
     return out.view(*shape[:-1], wq.shape[0])
 
 
