@@ -153,3 +153,19 @@ def test_aborting_a_request_whose_token_is_still_on_the_device(llama_dir, alone)
                 finished[out.request_id] = out.token_ids
     assert [finished[seqs[i].request_id] for i in (0, 2)] == alone([prompts[0], prompts[2]])
     assert engine.block_manager.num_free == 40, "blocks leaked or freed twice"
+
+
+def test_close_frees_the_kv_cache_and_weights_while_the_engine_is_still_referenced(llama_dir):
+    """The next engine in a process (a test, a benchmark phase, blue-green) sizes its KV cache from
+    the device's free memory: a closed engine that something still references must not hold it."""
+    import gc
+    import weakref
+
+    llm = LLM(str(llama_dir), device="cpu", dtype="float32")
+    runner = llm.engine.runner
+    cache = weakref.ref(runner.kv_cache)
+    weight = weakref.ref(next(runner.model.parameters()))
+    llm.engine.close()
+    gc.collect()  # the modules' own reference cycles
+    assert cache() is None and weight() is None
+    llm.engine.close()  # again: a no-op

@@ -5,6 +5,7 @@ Skipped without two CUDA devices; imports nothing of the server (the GPU machine
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -44,6 +45,11 @@ def engines():
     yield make
     for llm in built:
         llm.engine.close()
+    # The KV cache is sized from the device's free memory: an engine still referenced here would
+    # leave the next test (or its subprocess) a cache of 0 tokens.
+    built.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def _tokens(llm) -> list[list[int]]:
@@ -59,10 +65,14 @@ ARGS = dict(device="cuda", dtype="float32", kv_cache_fraction=0.2, max_model_len
 def test_two_gpus_give_the_tokens_of_one_and_every_rank_leaves_on_close(model_dir, engines):
     import torch.distributed as dist
 
-    one = engines(str(model_dir), **ARGS)
+    from inferd import LLM
+
+    one = LLM(str(model_dir), **ARGS)
     expected = _tokens(one)
     one.engine.close()
     del one
+    gc.collect()
+    torch.cuda.empty_cache()
     two = engines(str(model_dir), tensor_parallel_size=2, **ARGS)
     assert two.engine.runner.graphs, "decode should replay CUDA graphs holding the all-reduces"
     assert _tokens(two) == expected
@@ -87,7 +97,8 @@ if __name__ == "__main__":
 
 def test_a_program_exits_by_itself_without_close(model_dir, tmp_path):
     (tmp_path / "program.py").write_text(PROGRAM)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    runtime = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [runtime, os.environ.get("PYTHONPATH")]))}
     # 60 s: a hang detector (the old code hung at exit until killed), not a timing assert.
     r = subprocess.run(
         [sys.executable, str(tmp_path / "program.py"), str(model_dir)], capture_output=True, text=True, env=env, timeout=60

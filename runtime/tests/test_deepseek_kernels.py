@@ -345,3 +345,188 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     bf16 = gemm | dict(a_ptr="*bf16", b_ptr="*bf16")
     plain = tiles | dict(A_ROW_DIV=6, GROUPED=True, BLOCK_SCALES=False, BLOCK_K=64)
     _compiles_for_hopper(fp8_block._grouped_gemm_kernel, bf16, plain, num_warps=4, num_stages=3)
+
+
+# ---- the wide latent kernel (>= 64 heads a program, FlashMLA's structure) ----------------------
+_WIDE = dict(block_n=16, num_warps=8, num_stages=2, halves=1, waves=1, max_splits=4)
+
+
+def _wide_case(dtype, heads=64, kv_lora=64, rope=16, block_size=16, lens=(1, 17, 70)):
+    """Three sequences: one token, one just past a page boundary, one across several pages and
+    tiles; each sequence's pages scattered over the cache."""
+    g = torch.Generator().manual_seed(heads + kv_lora)
+    batch, width = len(lens), -(-max(lens) // block_size)
+    q_latent = torch.randn(batch, heads, kv_lora, generator=g).to(dtype)
+    q_rope = torch.randn(batch, heads, rope, generator=g).to(dtype)
+    cache = torch.randn(batch * width + 2, block_size, kv_lora + rope, generator=g).to(dtype)
+    tables = torch.randperm(batch * width + 2, generator=g, dtype=torch.int32)[: batch * width].view(batch, width)
+    return q_latent, q_rope, cache, tables, torch.tensor(lens, dtype=torch.int32), 0.125
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "launch,splits",
+    [
+        (_WIDE, 1),  # one pass over the context
+        (_WIDE, 3),  # split-K: split edges inside the 70-token context, the merge
+        (_WIDE | dict(block_n=32, halves=2), 2),  # the latent's columns as two dots and accumulators
+        (_WIDE | dict(block_n=32), 8),  # more splits than tiles: empty splits weigh nothing
+    ],
+)
+def test_mla_wide_kernel_matches_reference(dtype, launch, splits):
+    from inferd.layers.mla_decode import mla_decode_wide
+
+    args = _wide_case(dtype)
+    out = mla_decode_wide(*args, config=launch, splits=splits)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
+    torch.testing.assert_close(out.float(), mla_decode_reference(*args).float(), atol=tol, rtol=tol)
+
+
+@needs_interpreter
+def test_mla_wide_kernel_at_v3_widths_masks_a_partial_head_block():
+    """kv_lora 512 and rope 64 as V2/V3; 70 heads: a second, mostly empty block of 64 heads."""
+    from inferd.layers.mla_decode import mla_decode_wide
+
+    args = _wide_case(torch.float32, heads=70, kv_lora=512, rope=64, lens=(5, 40))
+    out = mla_decode_wide(*args, config=_WIDE | dict(halves=2), splits=2)
+    torch.testing.assert_close(out, mla_decode_reference(*args), atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+def test_mla_wide_launch_depends_on_shapes_only(monkeypatch):
+    """No host sync and a fixed grid per batch bucket, so a CUDA graph captured at one set of
+    context lengths replays at any other: two calls differing only in their context lengths
+    launch the same grid, and their outputs follow the new lengths."""
+    from inferd.layers import mla_decode as module
+
+    grids = []
+    kernel = module._mla_decode_wide_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(module, "_mla_decode_wide_kernel", Recorder())
+    monkeypatch.setitem(module.WIDE_CONFIGS, 16, _WIDE | dict(waves=4))  # split, so the merge is in it
+    q_latent, q_rope, cache, tables, lens, scale = _wide_case(torch.bfloat16)
+    module.mla_decode(q_latent, q_rope, cache, tables, lens, scale)
+    short = torch.tensor([2, 1, 5], dtype=torch.int32)
+    out = module.mla_decode(q_latent, q_rope, cache, tables, short, scale)
+    assert grids[0] == grids[1] == (1, 3, 4)  # 64 heads, 3 sequences, 4 splits (max_splits)
+    ref = mla_decode_reference(q_latent, q_rope, cache, tables, short, scale)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_mla_decode_takes_the_wide_kernel_from_64_heads(monkeypatch):
+    """V3's 128 heads go to the wide kernel, V2-Lite's 16 to the narrow one; the narrow kernel's
+    launch keywords (bench_deepseek.py's sweeps) still reach it at any head count, and so does
+    float32."""
+    pytest.importorskip("triton")
+    from inferd.layers import mla_decode as module
+
+    calls = []
+    monkeypatch.setattr(module, "mla_decode_wide", lambda *a, **kw: calls.append(("wide", kw)))
+    monkeypatch.setattr(module, "mla_decode_narrow", lambda *a, **kw: calls.append(("narrow", kw)))
+    cases = (
+        (128, torch.bfloat16, {}),
+        (64, torch.float16, {}),
+        (16, torch.bfloat16, {}),
+        (128, torch.bfloat16, dict(block_h=32)),
+    )
+    cases += ((128, torch.float32, {}),)  # a float32 query and tiles do not fit the wide kernel's shared memory
+    for heads, dtype, launch in cases:
+        module.mla_decode(*_wide_case(dtype, heads=heads), **launch)
+    assert calls == [("wide", {}), ("wide", {}), ("narrow", {}), ("narrow", dict(block_h=32)), ("narrow", {})]
+    with pytest.raises(ValueError, match="kernel must be"):
+        module.mla_decode(*_wide_case(torch.float32), kernel="flash")
+
+
+def test_mla_wide_splits_fill_the_gpu_once():
+    """One program an SM (216 KB of shared memory each): V3's 128 heads at batch 64 are 128
+    programs, one wave of 132 SMs, unsplit; a small batch splits its contexts up to the cap."""
+    from inferd.layers.mla_decode import wide_splits
+
+    assert wide_splits(64, 2, 132, waves=1, max_splits=32) == 1
+    assert wide_splits(16, 2, 132, waves=1, max_splits=32) == 4
+    assert wide_splits(1, 2, 132, waves=1, max_splits=32) == 32
+    assert wide_splits(1, 2, 132, waves=2, max_splits=128) == 128
+    assert wide_splits(128, 2, 132, waves=1, max_splits=32) == 1
+
+
+def test_mla_wide_launch_table_buckets_and_refusals(monkeypatch):
+    """The table bench_mla.py fills: a batch takes the smallest bucket at or above it (the largest
+    past the end), every row is a valid launch, and a bad row is refused by its field's name."""
+    pytest.importorskip("triton")
+    from inferd.layers import mla_decode as module
+
+    for row in module.WIDE_CONFIGS.values():
+        module.check_wide_config(dict(row))
+    rows = {1: _WIDE, 16: _WIDE | dict(block_n=32), 64: _WIDE | dict(block_n=64)}
+    monkeypatch.setattr(module, "WIDE_CONFIGS", rows)
+    assert [module.wide_config(b)["block_n"] for b in (1, 2, 16, 17, 64, 500)] == [16, 32, 32, 64, 64, 64]
+    for bad, field in ((dict(block_n=48), "block_n"), (dict(halves=4), "halves"), (dict(waves=0), "waves")):
+        with pytest.raises(ValueError, match=field):
+            module.check_wide_config(_WIDE | bad)
+    with pytest.raises(ValueError, match="exactly the fields"):
+        module.check_wide_config({k: v for k, v in _WIDE.items() if k != "max_splits"})
+
+
+@pytest.mark.skipif(_INTERPRETER, reason="compiles the kernels themselves, not their interpreted twins")
+def test_mla_wide_kernel_compiles_for_hopper_on_wgmma_within_shared_memory(tmp_path):
+    """The table's launches at V3's shapes, compiled for sm_90a with the 16-byte divisibility a real
+    launch gets for its pointers and strides (without it the loads are not pipelined and the query
+    stays in registers: 1.3 KB of spills a thread). The point of the wide kernel: wgmma (64-row
+    tiles; the narrow kernel's 32 heads compile to mma.sync), within Hopper's 227 KB of shared
+    memory a block, and at most a few spilled registers."""
+    import itertools
+    import re
+
+    pytest.importorskip("triton")
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from inferd.layers import mla_decode
+
+    kernel = mla_decode._mla_decode_wide_kernel
+    types = dict(q_lat_ptr="*bf16", q_rope_ptr="*bf16", cache_ptr="*bf16", block_tables_ptr="*i32")
+    types |= dict(context_lens_ptr="*i32", out_ptr="*bf16", part_acc_ptr="*fp32", part_ml_ptr="*fp32")
+    types |= dict(scale_log2="fp32", splits="i32", num_heads="i32", stride_bt="i32", stride_cache_block="i32")
+    types |= dict(stride_cache_token="i32")
+    aligned = [n for n in types if n not in ("scale_log2", "splits", "stride_bt")]  # V3's 128 heads divide by 16
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    rows = {tuple(sorted(row.items())) for row in mla_decode.WIDE_CONFIGS.values()}
+    for row, one_split in itertools.product(map(dict, rows), (False, True)):  # Triton specializes splits == 1
+        shape = dict(BLOCK_H=mla_decode.WIDE_BLOCK_H, KV_LORA=512, ROPE=64, BLOCK_SIZE=16) | ({"splits": 1} if one_split else {})
+        shape |= dict(BLOCK_N=row["block_n"], HALVES=row["halves"], DOT=tl.bfloat16, PRECISION="tf32")
+        signature = {name: "constexpr" if name in shape else types.get(name, "constexpr") for name in kernel.arg_names}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=shape, attrs=attrs)
+        options = dict(num_warps=row["num_warps"], num_stages=row["num_stages"])
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        assert "wgmma.mma_async" in compiled.asm["ptx"], row
+        assert compiled.metadata.shared <= 227 * 1024, (row, compiled.metadata.shared)
+        spills = int(re.search(r"(\d+) bytes spill stores", _ptxas_spills(compiled, tmp_path)).group(1))
+        assert spills <= 64, (row, spills)
+
+
+def test_mla_wide_table_from_a_bench_run_is_checked_then_installed(monkeypatch):
+    """bench_mla.py's "table" (JSON: string keys) becomes the dispatch's; a bad row is refused by
+    its field and leaves the table as it was."""
+    pytest.importorskip("triton")
+    from inferd.layers import mla_decode as module
+
+    monkeypatch.setattr(module, "WIDE_CONFIGS", dict(module.WIDE_CONFIGS))
+    monkeypatch.setattr(module, "WIDE_MIN_HEADS", module.WIDE_MIN_HEADS)
+    before = dict(module.WIDE_CONFIGS)
+    bad = {"WIDE_CONFIGS": {"1": _WIDE, "64": _WIDE | dict(num_stages=0)}, "WIDE_MIN_HEADS": 32}
+    with pytest.raises(ValueError, match="num_stages"):
+        module.install_wide_table(bad)
+    assert module.WIDE_CONFIGS == before and module.WIDE_MIN_HEADS == 64
+    with pytest.raises(ValueError, match="WIDE_MIN_HEADS"):
+        module.install_wide_table({"WIDE_CONFIGS": {"1": _WIDE}, "WIDE_MIN_HEADS": None})
+    module.install_wide_table({"WIDE_CONFIGS": {"1": _WIDE, "64": _WIDE | dict(block_n=32)}, "WIDE_MIN_HEADS": 32})
+    assert module.wide_config(40)["block_n"] == 32 and module.WIDE_MIN_HEADS == 32

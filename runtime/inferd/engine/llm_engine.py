@@ -58,7 +58,8 @@ class LLMEngine:
         self._inflight: tuple[list[Sequence], StepHandle] | None = None  # launched, tokens not read yet
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers, if any (they also stop when this process exits)."""
+        """Free the runner's device memory and stop the tensor-parallel workers, if any (they also
+        stop when this process exits). The engine is unusable afterwards."""
         close = getattr(self.runner, "close", None)
         if close is not None:
             close()

@@ -4,6 +4,7 @@ and, on CUDA, replays a CUDA graph captured for the nearest decode batch-size bu
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -88,6 +89,22 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.is_cuda and not config.enforce_eager:
             self._capture_cuda_graphs()
+
+    def close(self) -> None:
+        """Free the device memory this runner holds (graphs, KV cache, weights) even while
+        something still references it: the next engine in this process, or another process on
+        the card, sizes its KV cache from the free memory. The runner is unusable afterwards."""
+        if self.is_cuda and self.graphs:
+            torch.cuda.synchronize(self.device)
+            for graph in self.graphs.values():
+                graph.reset()
+        self.graphs.clear()
+        self.__dict__.get("graph_outputs", {}).clear()
+        for name in ("model", "kv_cache", "attn_layers", "sampler", "_staging"):
+            self.__dict__.pop(name, None)
+        if self.is_cuda:
+            gc.collect()  # modules refer to each other: the cycles hold the weights until collected
+            torch.cuda.empty_cache()
 
     def _load_model(self, weights, weight_bytes) -> None:
         """The model in the configured dtype on the device, its weights loaded, then (with

@@ -355,6 +355,8 @@ class TensorParallelRunner:
             release_cuda_graphs(runner, wait=not died)
         # A group whose peer died is aborted: a normal teardown would wait for the dead rank.
         destroy_tensor_parallel(abort=died)
+        if runner is not None and not died and hasattr(runner, "close"):
+            runner.close()  # its KV cache and weights: the card's memory is free for the next engine
         for proc in self.workers:
             proc.join(timeout=self.join_timeout_s)
             if proc.is_alive():
