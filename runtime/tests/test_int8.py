@@ -217,3 +217,18 @@ def test_the_config_accepts_both_int8_names_and_names_them_when_refusing(llama_d
         EngineConfig(model=str(llama_dir), quantization="int4")
     with pytest.raises(ValueError, match="int8 on CUDA computes in bfloat16"):
         EngineConfig(model=str(llama_dir), device="cuda", dtype="float16", quantization="int8")
+
+
+def test_int8_is_served_on_gpus_without_fp8_and_refused_before_turing(monkeypatch):
+    from inferd.layers.quant import check_supported
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    for name in ("int8", "int8_weight_only"):
+        check_supported(name, cuda)  # the A100: no fp8, int8 tensor cores
+    with pytest.raises(ValueError, match="fp8 needs compute capability 8.9"):
+        check_supported("fp8", cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    with pytest.raises(ValueError, match="int8 needs compute capability 7.5 or newer"):
+        check_supported("int8", cuda)
