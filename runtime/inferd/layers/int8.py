@@ -17,7 +17,12 @@ Two formats (EngineConfig.quantization):
   GEMM (int8_kernels.py on CUDA), the gpt-fast recipe for batch 1, where decode reads every weight
   once per token and half the bytes should nearly halve the step.
 On the CPU both are computed by the same arithmetic in PyTorch (`torch._int_mm` is exact int32 on
-the CPU too): the reference the CUDA kernels are tested against."""
+the CPU too): the reference the CUDA kernels are tested against.
+
+Accuracy (`inferd eval`, SmolLM2-135M-Instruct on runtime/bench/data/eval.txt, CPU, against
+float32 at perplexity 26.83; 2026-11-30): int8_weight_only 26.83 with 96.0 % top-1 agreement
+(bfloat16: 26.82, 96.9 %); int8 (W8A8) 27.77, 88.6 % (fp8 W8A8: 27.72, 91.4 %). Per-token
+activation scales cost this small model what they cost fp8; the weights alone cost nothing."""
 
 from __future__ import annotations
 
