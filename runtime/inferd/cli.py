@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--device", default="cpu", help="cpu or cuda")
     gen.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: per device)")
+    _add_eval_parser(sub)
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     serve.add_argument("--model", help="model directory (overrides the config's model)")
     serve.add_argument("--config", help="YAML config file (see runtime/README.md)")
@@ -117,6 +118,64 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--key-file", help="the audit key (default: the config's audit_key_file)")
     audit.add_argument("--anchor-file", help="the anchor holding the log's head (default: the config's audit_anchor_file)")
     return parser
+
+
+def _add_eval_parser(sub) -> None:
+    from inferd.config import KV_CACHE_DTYPES, QUANTIZATIONS
+
+    quantizations = ["none", *QUANTIZATIONS]
+    ev = sub.add_parser(
+        "eval",
+        help="accuracy of a quantization: perplexity of a text file and agreement with the unquantized model",
+        description="Perplexity of a text file (teacher-forced in windows of --max-model-len - 1 moved by "
+        "--stride), and agreement with a reference run of the same model (default: unquantized, auto KV "
+        "cache): top-1 teacher-forced, and greedy continuations of prompts cut from the text. JSON on "
+        "stdout (or --out). Exit 2: bad arguments, an unreadable or too short text.",
+        epilog="example: inferd eval ./SmolLM2 --text runtime/bench/data/eval.txt --quantization int8",
+    )
+    ev.add_argument("model", metavar="MODEL", help="model directory (Hugging Face or packed)")
+    ev.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score")
+    ev.add_argument("--quantization", choices=quantizations, default="none")
+    ev.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto")
+    ev.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: per device)")
+    ev.add_argument("--reference-quantization", choices=quantizations, default="none")
+    ev.add_argument("--reference-kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto")
+    ev.add_argument("--reference-dtype", default=None, help="default: --dtype")
+    ev.add_argument("--no-reference", action="store_true", help="perplexity only: no reference run, no agreement")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda")
+    ev.add_argument("--max-model-len", type=int, default=1024, help="context of each scoring window, plus one (default 1024)")
+    ev.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: half the window)")
+    ev.add_argument("--greedy-prompts", type=int, default=8, help="prompts cut from the text for greedy agreement (default 8)")
+    ev.add_argument("--prompt-tokens", type=int, default=64, help="tokens per greedy prompt (default 64)")
+    ev.add_argument("--greedy-tokens", type=int, default=64, help="greedy tokens generated per prompt (default 64)")
+    ev.add_argument("--out", metavar="FILE", help="write the JSON here as well as to stdout")
+
+
+def _eval(args) -> int:
+    from inferd.eval import EvalSettings, run_eval
+
+    def engine(quantization, kv_cache_dtype, dtype) -> dict:
+        q = None if quantization == "none" else quantization
+        return dict(device=args.device, dtype=dtype, quantization=q, kv_cache_dtype=kv_cache_dtype)
+
+    settings = EvalSettings(
+        max_model_len=args.max_model_len,
+        stride=args.stride,
+        greedy_prompts=args.greedy_prompts,
+        prompt_tokens=args.prompt_tokens,
+        greedy_tokens=args.greedy_tokens,
+    )
+    candidate = engine(args.quantization, args.kv_cache_dtype, args.dtype)
+    reference = None
+    if not args.no_reference:
+        reference = engine(args.reference_quantization, args.reference_kv_cache_dtype, args.reference_dtype or args.dtype)
+    result = run_eval(args.model, args.text, candidate, reference, settings)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
 
 
 def _keys(args) -> int:
@@ -360,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             return _keys(args)
         if args.command == "audit":
             return _audit(args)
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "serve":
             return _serve(args)
         if args.command in ("pack", "verify", "unpack", "keygen"):

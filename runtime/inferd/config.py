@@ -8,7 +8,8 @@ from typing import Literal, get_args
 
 # Weight/activation formats beyond the compute dtype (tests/modules/test_gpu_assess.py holds
 # gpu_assess to this list).
-Quantization = Literal["fp8"]
+# int8: W8A8 (int8 tensor cores); int8_weight_only: W8A16, for batch 1 (layers/int8.py).
+Quantization = Literal["fp8", "int8", "int8_weight_only"]
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 # The KV cache's element type: "auto" is the model's dtype; "fp8" (e4m3, unit scale, values
 # clamped to +-448) halves what decode attention reads per token.
@@ -34,7 +35,7 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     cuda_graph_max_batch: int = 128
     seed: int = 0
-    quantization: str | None = None  # "fp8": fp8 weights (per channel) and activations (per token)
+    quantization: str | None = None  # fp8 or int8: weights (per channel) and activations (per token); int8_weight_only
     kv_cache_dtype: str = "auto"  # or "fp8"
     model_key_file: str | None = None  # for encrypted packed models (else $INFERD_MODEL_KEY_FILE / credential)
     # GPUs (one process each) the model is split over by attention heads and MLP columns; on the
@@ -53,7 +54,7 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.quantization and self.device != "cpu" and self.dtype != "bfloat16":
-            raise ValueError(f"fp8 on CUDA computes in bfloat16: set dtype bfloat16 (got {self.dtype})")
+            raise ValueError(f"{self.quantization} on CUDA computes in bfloat16: set dtype bfloat16 (got {self.dtype})")
         if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int):
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.tensor_parallel_size < 1:

@@ -174,7 +174,7 @@ def test_the_server_config_embeds_the_engine_config_with_its_defaults():
         ("dtype", "float8", "float32, bfloat16 or float16"),
         ("device", "tpu", "'cpu' or 'cuda[:N]'"),
         ("kv_cache_dtype", "int4", "['auto', 'fp8']"),
-        ("quantization", "int4", "['fp8']"),
+        ("quantization", "int4", "['fp8', 'int8', 'int8_weight_only']"),
         ("kv_cache_fraction", 1.5, "(0, 1]"),
     ],
 )

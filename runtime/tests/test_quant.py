@@ -96,7 +96,7 @@ def test_fp8_greedy_tokens_alone_equal_inside_a_batch(fp8_llm):
 
 
 def test_unknown_quantization_is_refused_by_name(llama_dir):
-    with pytest.raises(ValueError, match=r"quantization must be one of \['fp8'\] or none, got 'int4'"):
+    with pytest.raises(ValueError, match=r"quantization must be one of \['fp8', 'int8', .*\] or none, got 'int4'"):
         EngineConfig(model=str(llama_dir), quantization="int4")
     with pytest.raises(ValueError, match="set dtype bfloat16"):
         EngineConfig(model=str(llama_dir), device="cuda", dtype="float16", quantization="fp8")

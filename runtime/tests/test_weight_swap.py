@@ -220,9 +220,10 @@ def test_a_packed_model_swaps_in(serving, store, reference):
     assert asyncio.run(main()) == reference["b"].generate([PROMPTS[1]], greedy(6))[0].token_ids
 
 
-def test_fp8_weights_and_scales_are_recomputed(store):
-    ref_b = LLM(str(store / "b"), device="cpu", dtype="float32", quantization="fp8")
-    aengine = AsyncLLMEngine(LLM(str(store / "a"), device="cpu", dtype="float32", quantization="fp8").engine)
+@pytest.mark.parametrize("quantization", ["fp8", "int8", "int8_weight_only"])
+def test_fp8_weights_and_scales_are_recomputed(store, quantization):
+    ref_b = LLM(str(store / "b"), device="cpu", dtype="float32", quantization=quantization)
+    aengine = AsyncLLMEngine(LLM(str(store / "a"), device="cpu", dtype="float32", quantization=quantization).engine)
     try:
         aengine.swap_weights(str(store / "b"))
 

@@ -18,7 +18,7 @@ from inferd.layers.context import AttentionContext, reset_context, set_context
 from inferd.layers.distributed import broadcast_from_rank0, min_over_ranks, tp_rank
 from inferd.layers.fused import FP8
 from inferd.layers.quant import check_supported
-from inferd.layers.quantize import fp8_blocks_as_built, keeps_fp8_blocks, quantize_fp8, quantize_fp8_blocks
+from inferd.layers.quantize import fp8_blocks_as_built, keeps_fp8_blocks, quantize_fp8_blocks, quantize_model
 from inferd.layers.sampler import Sampled, Sampler
 from inferd.loader import load_weights
 from inferd.models.config import ModelConfig
@@ -118,9 +118,9 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(default_dtype)
         load_weights(self.model, weights, total_bytes=weight_bytes)
-        if self.config.quantization == "fp8":
-            quantize_fp8(self.model)
-            if keeps_fp8_blocks(self.device):
+        if self.config.quantization:
+            quantize_model(self.model, self.config.quantization)
+            if self.config.quantization == "fp8" and keeps_fp8_blocks(self.device):
                 quantize_fp8_blocks(self.model, linears=False)  # stacked MoE experts: fp8 blocks
         elif getattr(self.model, "weight_block_size", None) and self.is_cuda:
             if torch.cuda.get_device_capability(self.device) >= (8, 9):  # fp8 tensor cores: Ada, Hopper

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from inferd.layers.fused import FP8, FP8_MAX, cuda_compiled, finish, quantize
+from inferd.layers.int8 import INT8_QUANTIZATIONS, check_int8_supported
 
 ROWWISE_MIN_ROWS = 512  # from this many tokens on, row-wise scales in the GEMM's epilogue
 _ONE: dict[torch.device, torch.Tensor] = {}
@@ -55,6 +56,8 @@ def _one(device: torch.device) -> torch.Tensor:
 
 
 def check_supported(quantization: str | None, device: torch.device) -> None:
+    if quantization in INT8_QUANTIZATIONS:
+        return check_int8_supported(device)
     if quantization is None:
         return
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):

@@ -44,6 +44,7 @@ from inferd.layers.context import AttentionContext, get_context, set_context
 from inferd.layers.fp8_block import FP8, GROUP, fp8_block_linear, quantize_weight_blocks
 from inferd.layers.fused import add_rms_norm, rms_norm
 from inferd.layers.fused_moe import fused_moe
+from inferd.layers.int8 import INT8_QUANTIZATIONS, Int8Linear, can_quantize_int8
 from inferd.layers.linear import Linear
 from inferd.layers.norm import RMSNorm
 from inferd.layers.quant import QuantizedRows, can_quantize, fp8_linear, quantize_weight, unpack
@@ -460,3 +461,39 @@ def quantize_fp8_blocks(model: nn.Module, linears: bool = True) -> int:
     if swapped:
         log.info("fp8 128x128 block weights on the GPU: %d weights quantized after loading", swapped)
     return swapped
+
+
+# ---- int8 (W8A8, or weights only) ------------------------------------------------------------------
+def quantize_int8(model: nn.Module, weight_only: bool = False) -> list[str]:
+    """Swap every `Linear` whose shape int8 allows (int8.py) for an `Int8Linear`; the others keep
+    the model's dtype. No handoffs between kernels as fp8 has: each layer quantizes its own input
+    (a per-token pass compiled into one kernel). Returns the names of the swapped layers."""
+    swapped, kept = [], []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Linear):
+            continue
+        out_features, in_features = module.weight.shape
+        if not can_quantize_int8(in_features, out_features):
+            kept.append(name)
+            continue
+        _replace(model, name, Int8Linear(module, weight_only))
+        module.weight = None  # freed now, layer by layer, as in quantize_fp8
+        swapped.append(name)
+    log.info(
+        "int8 weights (%s): %d of %d linear layers (%d kept: shape not divisible by 8)",
+        "W8A16" if weight_only else "W8A8",
+        len(swapped),
+        len(swapped) + len(kept),
+        len(kept),
+    )
+    return swapped
+
+
+def quantize_model(model: nn.Module, quantization: str | None) -> None:
+    """The quantization pass EngineConfig.quantization names, on a built and loaded model."""
+    if quantization == "fp8":
+        quantize_fp8(model)
+    elif quantization in INT8_QUANTIZATIONS:
+        quantize_int8(model, weight_only=quantization == "int8_weight_only")
+    elif quantization is not None:
+        raise ValueError(f"unknown quantization {quantization!r}")
