@@ -170,3 +170,30 @@ def test_a_restore_never_evicts_the_block_it_restores():
 def test_bad_host_cache_settings_are_refused_by_name(changes, needle):
     with pytest.raises(ValueError, match=needle):
         EngineConfig(model="m", **changes)
+
+
+def test_host_tier_metrics_exist_from_start_up_and_follow_the_engine(llama_dir):
+    pytest.importorskip("prometheus_client")
+    from inferd.server import metric_names as n
+    from inferd.server.metrics import EngineCollector
+
+    def values(stats):
+        return {f.name: f.samples[0].value for f in EngineCollector(lambda: stats).collect()}
+
+    names = (n.HOST_KV_CACHE_HITS, n.HOST_KV_CACHE_BLOCKS, n.HOST_KV_CACHE_CAPACITY, n.HOST_KV_CACHE_BYTES)
+    assert all(values(None)[name] == 0 for name in names)
+    llm = small_llm(llama_dir, 1e-3)
+    run(llm, PROMPT)
+    evict_everything(llm)
+    run(llm, PROMPT)
+    got = values(llm.engine.stats())
+    assert got[n.HOST_KV_CACHE_HITS] == 4 and got[n.HOST_KV_CACHE_CAPACITY] > got[n.HOST_KV_CACHE_BLOCKS] > 0
+
+
+def test_serve_flag_reaches_the_engine_config_and_a_bad_value_exits_naming_it(llama_dir, tmp_path):
+    pytest.importorskip("fastapi")
+    from test_cli import inferd
+
+    r = inferd("serve", "--model", str(llama_dir), "--data-dir", str(tmp_path), "--host-kv-cache-gb", "-1")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "host_kv_cache_gb must be >= 0" in r.stderr and "Traceback" not in r.stderr
