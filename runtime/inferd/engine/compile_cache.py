@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -142,16 +143,19 @@ class CompileCache:
         os.environ["TRITON_CACHE_DIR"] = str(self.directory / "triton")
         os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
         os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
-        try:
-            import torch._functorch.config as functorch_config
-            import torch._inductor.config as inductor_config
-            from torch._inductor.utils import clear_caches
+        # Importing Inductor costs seconds (on the CPU, where nothing compiles, most of a start):
+        # one not imported yet reads the environment when it is; one already imported is told.
+        if "torch._inductor.config" in sys.modules:
+            try:
+                import torch._functorch.config as functorch_config
+                import torch._inductor.config as inductor_config
+                from torch._inductor.utils import clear_caches
 
-            inductor_config.fx_graph_cache = True
-            functorch_config.enable_autograd_cache = True
-            clear_caches()  # paths memoised under an earlier directory
-        except (ImportError, AttributeError) as e:  # an Inductor without these knobs still reads the env
-            log.info("compile cache: %s", e)
+                inductor_config.fx_graph_cache = True
+                functorch_config.enable_autograd_cache = True
+                clear_caches()  # paths memoised under an earlier directory
+            except (ImportError, AttributeError) as e:  # an Inductor without these knobs reads the env
+                log.info("compile cache: %s", e)
 
     def seal(self) -> None:
         """This start completed: vouch for every file now in the directory."""

@@ -26,6 +26,7 @@ to budget for; with the default the engine behaves exactly as before.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -45,6 +46,7 @@ class HostCache:
         self.pool = torch.empty((num_slots, tensors, layers, *block_shape), dtype=kv_cache.dtype)
         if self.is_cuda:
             _pin(self.pool)
+            weakref.finalize(self, _unpin, self.pool, kv_cache.device)
         self.slots: OrderedDict[bytes, int] = OrderedDict()  # hash -> slot, least recently used first
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.stream = torch.cuda.Stream(kv_cache.device) if self.is_cuda else None
@@ -119,6 +121,12 @@ def _pin(t: torch.Tensor) -> None:
             f"could not pin {t.numel() * t.element_size() / 1e9:.1f} GB of host memory for the host KV cache "
             f"(CUDA error {int(err)}): lower host_kv_cache_gb or raise the memlock limit (LimitMEMLOCK)"
         )
+
+
+def _unpin(pool: torch.Tensor, device: torch.device) -> None:
+    """Unpin before the memory goes back to the allocator, once no copy can still be using it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.cudart().cudaHostUnregister(pool.data_ptr())
 
 
 def host_cache_for(config, runner) -> HostCache | None:
