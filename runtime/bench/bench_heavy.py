@@ -197,7 +197,8 @@ def host_tier(args, tmp: str, rand, gpu_blocks_default: int | None) -> dict:
     res["evict_pass_s"] = time.perf_counter() - t
     res["blocks_saved_to_host"] = host.saved - saved0
     salt = tenant_salt("")
-    res["prefixes_evicted_from_gpu"] = sum(chain_hash(p[: engine.config.block_size], salt) not in bm.hash_to_block for p in prefixes)
+    first_blocks = [chain_hash(p[: engine.config.block_size], salt) for p in prefixes]
+    res["prefixes_evicted_from_gpu"] = sum(h not in bm.hash_to_block for h in first_blocks)
     for p in prefixes:
         ms, c = ttft_ms(engine, p + rand(16))
         host_hit.append(ms)

@@ -133,9 +133,8 @@ def main() -> int:
             env[name] = str(scratch / name)
         t = time.time()
         root = str(HERE.parent)
-        subprocess.run(
-            [sys.executable, "-c", MAKE, args.shape, args.device, root, str(HERE), args.dtype, str(model_dir)], check=True, env=env
-        )
+        make = [sys.executable, "-c", MAKE, args.shape, args.device, root, str(HERE), args.dtype, str(model_dir)]
+        subprocess.run(make, check=True, env=env)
         res["checkpoint_write_s"] = time.time() - t
         res["checkpoint_bytes"] = dir_bytes(model_dir)
         save()
