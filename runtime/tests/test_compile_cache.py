@@ -127,3 +127,19 @@ def test_without_a_cache_dir_nothing_is_redirected(llama_dir, monkeypatch):
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     llm = LLM(str(llama_dir), device="cpu", dtype="float32", max_model_len=256)
     assert llm.engine.runner.compile_cache is None and "TRITON_CACHE_DIR" not in os.environ
+
+
+def test_old_key_directories_beyond_the_last_few_are_removed(llama_dir, tmp_path):
+    for i in range(3):
+        old = tmp_path / f"old{i}"
+        old.mkdir()
+        (old / "manifest.json").write_text("{}")
+        os.utime(old / "manifest.json", (1000 + i, 1000 + i))
+    (tmp_path / "x.untrusted-1").mkdir()
+    start(llama_dir, tmp_path)
+    current = only_key_dir_named(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["old1", "old2", current])
+
+
+def only_key_dir_named(root: Path) -> str:
+    return next(p.name for p in root.iterdir() if not p.name.startswith("old"))

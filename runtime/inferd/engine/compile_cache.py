@@ -40,6 +40,9 @@ log = logging.getLogger("inferd.compile_cache")
 
 MANIFEST = "manifest.json"
 KEY_FILE = "key.json"
+# Directories of other keys kept beside the one in use (the previous versions and settings, for a
+# rollback); older ones, and directories moved aside, go.
+KEEP_OTHER_KEYS = 2
 
 
 def _triton_version() -> str:
@@ -169,6 +172,16 @@ class CompileCache:
             log.warning("compile cache %s: could not write its manifest (%s); the next start compiles afresh", self.directory, e)
 
 
+def prune(root: Path, current: Path) -> None:
+    """Remove all but the KEEP_OTHER_KEYS most recently sealed other key directories (and
+    directories moved aside by earlier starts)."""
+    others = [p for p in root.iterdir() if p.is_dir() and p != current]
+    sealed = [p for p in others if ".untrusted-" not in p.name and (p / MANIFEST).is_file()]
+    kept = sorted(sealed, key=lambda p: (p / MANIFEST).stat().st_mtime)
+    for p in set(others) - set(kept[-KEEP_OTHER_KEYS:]):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def open_compile_cache(config, model_cfg, rank: int = 0) -> CompileCache | None:
     """The verified, activated cache directory for this engine (None: no compile_cache_dir, or
     it cannot be used: the engine then starts without a persistent cache)."""
@@ -177,6 +190,8 @@ def open_compile_cache(config, model_cfg, rank: int = 0) -> CompileCache | None:
     fields = cache_key_fields(config, model_cfg, rank)
     cache = CompileCache(Path(config.compile_cache_dir) / cache_key(fields))
     try:
+        if cache.directory.parent.is_dir():
+            prune(cache.directory.parent, cache.directory)  # first: a directory this start moves aside stays to be looked at
         cache._prepare(fields)
     except OSError as e:
         log.warning(
