@@ -172,7 +172,9 @@ def ttft_ms(engine: LLMEngine, prompt: list[int]) -> tuple[float, int]:
 def host_tier(args, tmp: str, rand, gpu_blocks_default: int | None) -> dict:
     """(c): a GPU cache of --host-gpu-blocks blocks (so that evicting a prefix takes seconds)
     and a host tier of --host-kv-cache-gb."""
-    engine = build(args, tmp, num_kv_blocks=args.host_gpu_blocks, host_kv_cache_gb=args.host_kv_cache_gb)
+    # One request at a time: a few graph buckets are enough (and capture quickly).
+    small = dict(max_num_seqs=8, cuda_graph_max_batch=8)
+    engine = build(args, tmp, num_kv_blocks=args.host_gpu_blocks, host_kv_cache_gb=args.host_kv_cache_gb, **small)
     bm, host = engine.block_manager, engine.block_manager.host_cache
     res = {
         "gpu_blocks": engine.runner.num_blocks,
@@ -214,15 +216,8 @@ def host_tier(args, tmp: str, rand, gpu_blocks_default: int | None) -> dict:
 
 
 def build(args, tmp: str, **kw) -> LLMEngine:
-    config = EngineConfig(
-        model=tmp,
-        device=args.device,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.concurrency,
-        cuda_graph_max_batch=args.cuda_graph_max_batch,
-        **kw,
-    )
+    settings = dict(max_num_seqs=args.concurrency, cuda_graph_max_batch=args.cuda_graph_max_batch) | kw
+    config = EngineConfig(model=tmp, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, **settings)
     return LLMEngine(config, weights=iter(()), runner_cls=RandomShardRunner)
 
 

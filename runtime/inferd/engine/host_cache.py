@@ -72,6 +72,7 @@ class HostCache:
         self.slots.move_to_end(block_hash)
         return True
 
+    @torch.inference_mode()
     def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         if self.stream is None:
             dst.copy_(src)
