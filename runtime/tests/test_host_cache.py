@@ -197,3 +197,29 @@ def test_serve_flag_reaches_the_engine_config_and_a_bad_value_exits_naming_it(ll
     r = inferd("serve", "--model", str(llama_dir), "--data-dir", str(tmp_path), "--host-kv-cache-gb", "-1")
     assert r.returncode == 2, r.stderr[-2000:]
     assert "host_kv_cache_gb must be >= 0" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_in_place_weight_swap_leaves_no_old_block_in_the_host_tier(tmp_path):
+    import asyncio
+
+    from inferd.engine.async_engine import AsyncLLMEngine
+    from inferd.testing import make_model
+
+    for name, seed in (("a", 1), ("b", 2)):
+        make_model(tmp_path / name, arch="llama", heads=4, kv_heads=2, seed=seed)
+    served = small_llm(tmp_path / "a", 1e-3)
+    run(served, PROMPT)
+    evict_everything(served)
+    assert served.engine.stats().host_cache_blocks > 0
+    aengine = AsyncLLMEngine(served.engine)
+    try:
+        aengine.swap_weights(str(tmp_path / "b"))
+
+        async def main():
+            return [o async for o in aengine.generate(PROMPT, GREEDY)][-1]
+
+        out = asyncio.run(main())
+    finally:
+        aengine.shutdown()
+    assert out.num_cached_tokens == 0, "K/V of the old weights came back from the host tier"
+    assert out.token_ids == run(small_llm(tmp_path / "b", 0), PROMPT)[0]
