@@ -57,7 +57,8 @@ def evict_everything(llm: LLM) -> None:
 
 def small_llm(model_dir, host_gb: float, **kw) -> LLM:
     # 20 GPU blocks: 4 prompts of 100 tokens recycle every one of them.
-    return LLM(str(model_dir), device="cpu", dtype="float32", num_kv_blocks=20, max_model_len=256, host_kv_cache_gb=host_gb, **kw)
+    kw = {"num_kv_blocks": 20} | kw
+    return LLM(str(model_dir), device="cpu", dtype="float32", max_model_len=256, host_kv_cache_gb=host_gb, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +224,18 @@ def test_an_in_place_weight_swap_leaves_no_old_block_in_the_host_tier(tmp_path):
         aengine.shutdown()
     assert out.num_cached_tokens == 0, "K/V of the old weights came back from the host tier"
     assert out.token_ids == run(small_llm(tmp_path / "b", 0), PROMPT)[0]
+
+
+def test_under_preemption_and_churn_the_host_tier_keeps_every_answer(llama_dir):
+    """Prompts sharing prefixes through a cache too small for them: blocks go to the host and
+    come back between preemptions, and every answer is what the prompt gives alone."""
+    rng = random.Random(3)
+    systems = [[rng.randrange(2, 250) for _ in range(48)] for _ in range(3)]
+    prompts = [systems[i % 3] + [rng.randrange(2, 250) for _ in range(rng.randrange(5, 40))] for i in range(9)]
+    alone = small_llm(llama_dir, 0, enable_prefix_caching=False, num_kv_blocks=None)
+    expected = [alone.generate([p], GREEDY)[0].token_ids for p in prompts]
+    llm = small_llm(llama_dir, 1e-3)
+    for _ in range(2):
+        outs = llm.generate(prompts, GREEDY)
+        assert [o.token_ids for o in outs] == expected
+    assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.stats().host_cache_hits > 0
