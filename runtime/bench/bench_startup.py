@@ -110,6 +110,7 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--warm-runs", type=int, default=1)
+    ap.add_argument("--cuda-graph-max-batch", type=int, default=None, help="fewer graph buckets to capture (default: the engine's)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--baseline", action="store_true", help="also a start without compile_cache_dir (as cold, without sealing)")
     ap.add_argument("--workdir", default=None, help="where the checkpoint and the caches go (default: a temporary directory)")
@@ -144,6 +145,8 @@ def main() -> int:
             res["hf"] = run(HF, [str(model_dir), args.device, args.dtype], env, args.timeout)
             save()
         kw = dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
+        if args.cuda_graph_max_batch:
+            kw["cuda_graph_max_batch"] = args.cuda_graph_max_batch
         shutil.rmtree(scratch, ignore_errors=True)
         if args.baseline:
             res["ours_no_cache_dir"] = run(OURS, [root, str(model_dir), json.dumps(kw)], env, args.timeout)
