@@ -110,7 +110,7 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--warm-runs", type=int, default=1)
-    ap.add_argument("--cuda-graph-max-batch", type=int, default=None, help="fewer graph buckets to capture (default: the engine's)")
+    ap.add_argument("--cuda-graph-max-batch", type=int, default=None, help="fewer graph buckets (default: the engine's)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--baseline", action="store_true", help="also a start without compile_cache_dir (as cold, without sealing)")
     ap.add_argument("--workdir", default=None, help="where the checkpoint and the caches go (default: a temporary directory)")
