@@ -83,18 +83,35 @@ def test_the_key_changes_with_shape_settings_and_versions(llama_dir, tmp_path, m
     assert key() != original
 
 
-def test_a_corrupt_file_moves_the_cache_aside_and_the_engine_still_starts(llama_dir, tmp_path):
+def test_a_corrupt_file_is_removed_the_rest_kept_and_the_engine_still_starts(llama_dir, tmp_path):
     llm = start(llama_dir, tmp_path)
     d = only_key_dir(tmp_path)
-    kernel = d / "inductor" / "fxgraph" / "entry"
-    kernel.parent.mkdir(parents=True)
-    kernel.write_bytes(b"good")
+    corrupt, good, gone = (d / "inductor" / "fxgraph" / "entry", d / "triton" / "k" / "kernel.cubin", d / "inductor" / "lock")
+    for path in (corrupt, good, gone):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"compiled")
     llm.engine.runner.compile_cache.seal()
-    kernel.write_bytes(b"garbage of the same kind")
+    corrupt.write_bytes(b"garbage of the same kind")
+    gone.unlink()  # torch removing a file of its own is a miss, not corruption
     llm = start(llama_dir, tmp_path)
     assert llm.generate([[1, 2, 3]])[0].token_ids
-    assert not kernel.exists(), "a file that does not match its manifest was used"
-    assert [p for p in tmp_path.iterdir() if ".untrusted-" in p.name], "the untrusted cache was not kept aside"
+    assert not corrupt.exists(), "a file that does not match its manifest was kept"
+    assert good.read_bytes() == b"compiled"
+    assert only_key_dir(tmp_path) == d and not [p for p in tmp_path.iterdir() if ".untrusted-" in p.name]
+
+
+def test_an_unreadable_manifest_moves_the_whole_cache_aside(llama_dir, tmp_path):
+    start(llama_dir, tmp_path)
+    d = only_key_dir(tmp_path)
+    kernel = d / "triton" / "k" / "kernel.cubin"
+    kernel.parent.mkdir(parents=True)
+    kernel.write_bytes(b"compiled")
+    (d / "manifest.json").write_bytes(os.urandom(64))
+    llm = start(llama_dir, tmp_path)
+    assert llm.generate([[1, 2, 3]])[0].token_ids
+    assert not kernel.exists() and (d / "manifest.json").exists()
+    aside = [p for p in tmp_path.iterdir() if ".untrusted-" in p.name]
+    assert len(aside) == 1 and (aside[0] / "triton" / "k" / "kernel.cubin").exists()
 
 
 @pytest.mark.parametrize("garbage", ["manifest", "unlisted", "no-manifest"])

@@ -13,11 +13,12 @@ instead of finding kernels built for something else. Each rank of a tensor-paral
 its own (no two processes write one directory).
 
 A cache is never trusted blindly: a start that completes (weights loaded, warm-up and graph
-capture done) writes a manifest of every file's digest. The next start checks it first; a
-directory whose files do not match (bit rot, a disk filled mid-write, garbage) is moved aside
-and the start compiles from scratch, and files the manifest does not list (written by a start
-that never completed) are removed. When the directory cannot be used at all (not writable, a
-file in its place) the engine starts without a persistent cache and says so.
+capture done) writes a manifest of every file's digest. The next start checks it first: a file
+that does not match its digest (bit rot, a disk filled mid-write, garbage) or that the manifest
+does not list is removed, and only that kernel compiles again; a directory without a readable
+manifest is moved aside whole and the start compiles from scratch. When the directory cannot be
+used at all (not writable, a file in its place) the engine starts without a persistent cache and
+says so.
 """
 
 from __future__ import annotations
@@ -107,21 +108,25 @@ class CompileCache:
         self.directory = directory
 
     def _verify(self) -> bool:
-        """The files the last completed start vouched for are intact; unlisted ones are removed."""
+        """Keep only the files the last completed start vouched for, unchanged. A file that
+        differs from its digest (bit rot, garbage, or rewritten since) or that no manifest lists
+        (written after the seal, or by a start that never completed) is removed: that kernel is
+        compiled again, the rest of the cache still serves. A listed file that is gone is just a
+        miss. False when there is no readable manifest to judge by."""
         try:
             listed = json.loads((self.directory / MANIFEST).read_text())["files"]
             if not isinstance(listed, dict):
                 return False
-            for rel, digest in listed.items():
-                path = self.directory / rel
-                if not path.is_file() or _digest(path) != digest:
-                    log.warning("compile cache: %s does not match its manifest", path)
-                    return False
+            dropped = []
             for path in _files(self.directory):
-                if path.relative_to(self.directory).as_posix() not in listed:
+                digest = listed.get(path.relative_to(self.directory).as_posix())
+                if digest is None or _digest(path) != digest:
+                    dropped.append(path)
                     path.unlink()
+            if dropped:
+                log.warning("compile cache %s: removed %d files its manifest does not vouch for", self.directory, len(dropped))
             return True
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("compile cache %s: unreadable manifest (%s)", self.directory, e)
             return False
 
