@@ -44,7 +44,7 @@ class EngineConfig:
     # (engine/host_cache.py); 0: off, as pinning takes host memory the operator must budget.
     host_kv_cache_gb: float = 0.0
     # Where torch.compile's and Triton's compiled artifacts persist across restarts (None: torch's
-    # per-user temporary directory); see layers/compile_cache.py.
+    # per-user temporary directory); see engine/compile_cache.py.
     compile_cache_dir: str | None = None
 
     def __post_init__(self) -> None:

@@ -239,3 +239,15 @@ def test_under_preemption_and_churn_the_host_tier_keeps_every_answer(llama_dir):
         outs = llm.generate(prompts, GREEDY)
         assert [o.token_ids for o in outs] == expected
     assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.stats().host_cache_hits > 0
+
+
+def test_closing_the_engine_frees_its_kv_cache_despite_the_host_tier(llama_dir):
+    import gc
+
+    llm = small_llm(llama_dir, 1e-3)
+    run(llm, PROMPT)
+    host = llm.engine.block_manager.host_cache
+    llm.engine.close()
+    gc.collect()
+    with pytest.raises(RuntimeError, match="engine closed"):
+        host.save(b"any", 0)

@@ -40,7 +40,10 @@ class HostCache:
     def __init__(self, kv_cache: torch.Tensor, num_slots: int):
         if num_slots < 1:
             raise ValueError("a host KV cache needs room for at least one block: raise host_kv_cache_gb")
-        self.kv_cache = kv_cache
+        # Weakly: closing the engine frees the runner's KV cache while the engine is still referenced
+        # (ModelRunner.close), and this tier must not keep it alive.
+        self._kv_cache = weakref.ref(kv_cache)
+        self.device = kv_cache.device
         self.is_cuda = kv_cache.is_cuda
         tensors, layers, _, *block_shape = kv_cache.shape
         self.pool = torch.empty((num_slots, tensors, layers, *block_shape), dtype=kv_cache.dtype)
@@ -65,6 +68,13 @@ class HostCache:
     def block_bytes(self) -> int:
         return self.pool[0].numel() * self.pool.element_size()
 
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        kv_cache = self._kv_cache()
+        if kv_cache is None:
+            raise RuntimeError("the engine's KV cache was freed (engine closed): the host KV cache cannot copy")
+        return kv_cache
+
     def lookup(self, block_hash: bytes) -> bool:
         """Whether the pool holds `block_hash`; a hit becomes the most recently used entry."""
         if block_hash not in self.slots:
@@ -77,7 +87,7 @@ class HostCache:
         if self.stream is None:
             dst.copy_(src)
             return
-        compute = torch.cuda.current_stream(self.kv_cache.device)
+        compute = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(compute)
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=True)
