@@ -67,13 +67,20 @@ t0 = time.time()
 import json, sys, torch
 from transformers import AutoModelForCausalLM
 t_import = time.time()
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[3]), device_map=sys.argv[2])
+dtype = getattr(torch, sys.argv[3])
+try:  # straight to the GPU where this transformers can (device_map)
+    model, how = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=dtype, device_map=sys.argv[2]), "device_map"
+except (ImportError, ValueError) as e:
+    print(f"device_map: {e}", file=sys.stderr)
+    model, how = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=dtype).to(sys.argv[2]), "to(device)"
+if sys.argv[2].startswith("cuda"):
+    torch.cuda.synchronize()
 t_loaded = time.time()
 x = torch.arange(3, 131, device=sys.argv[2])[None]
 with torch.inference_mode():
     model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False, pad_token_id=0)
 t_first = time.time()
-print(json.dumps({"t0": t0, "import_s": t_import - t0, "from_pretrained_s": t_loaded - t_import,
+print(json.dumps({"t0": t0, "import_s": t_import - t0, "from_pretrained_s": t_loaded - t_import, "loaded_by": how,
                   "first_token_s": t_first - t_loaded, "t_first": t_first}))
 """
 
