@@ -251,3 +251,8 @@ def test_closing_the_engine_frees_its_kv_cache_despite_the_host_tier(llama_dir):
     gc.collect()
     with pytest.raises(RuntimeError, match="engine closed"):
         host.save(b"any", 0)
+
+
+def test_a_host_tier_too_small_for_one_block_is_refused_by_name(llama_dir):
+    with pytest.raises(ValueError, match="at least one block: raise host_kv_cache_gb"):
+        small_llm(llama_dir, 1e-9)
