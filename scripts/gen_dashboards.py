@@ -78,6 +78,18 @@ def dashboards() -> dict[str, dict]:
                 "percentunit",
                 [q(f"{m.PREFIX_CACHE_HITS} / clamp_min({m.PREFIX_CACHE_QUERIES}, 1)", "hits")],
             ),
+            # The host-memory tier of the prefix cache (host_kv_cache_gb): blocks restored instead of
+            # recomputed, and how full it is.
+            (
+                "Host KV tier",
+                "short",
+                [
+                    q(f"rate({m.HOST_KV_CACHE_HITS}[5m])", "blocks restored/s"),
+                    q(m.HOST_KV_CACHE_BLOCKS, "blocks held"),
+                    q(m.HOST_KV_CACHE_CAPACITY, "capacity (blocks)"),
+                ],
+            ),
+            ("Host KV tier memory", "bytes", [q(m.HOST_KV_CACHE_BYTES, "held")]),
             (
                 "Model ready and loads",
                 "short",

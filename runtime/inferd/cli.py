@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--data-dir", help="where keys, the audit log and results live")
     serve.add_argument(
+        "--host-kv-cache-gb", type=float, help="pinned host memory for KV blocks the GPU evicts (overrides host_kv_cache_gb)"
+    )
+    serve.add_argument("--compile-cache-dir", help="where compiled kernels persist across restarts (overrides compile_cache_dir)")
+    serve.add_argument(
         "--allow-unsigned",
         action="store_true",
         default=None,
@@ -372,6 +376,8 @@ def _serve(args) -> int:
         device=args.device,
         tensor_parallel_size=args.tensor_parallel_size,
         data_dir=args.data_dir,
+        host_kv_cache_gb=args.host_kv_cache_gb,
+        compile_cache_dir=args.compile_cache_dir,
         model_allow_unsigned=args.allow_unsigned,
     )
     if not cfg.model:

@@ -41,6 +41,12 @@ class EngineConfig:
     # GPUs (one process each) the model is split over by attention heads and MLP columns; on the
     # CPU, processes (the tests). It must divide the model's attention and KV heads.
     tensor_parallel_size: int = 1
+    # Pinned host memory (GB) holding KV blocks the GPU prefix cache evicts, copied back on a hit
+    # (engine/host_cache.py); 0: off, as pinning takes host memory the operator must budget.
+    host_kv_cache_gb: float = 0.0
+    # Where torch.compile's and Triton's compiled artifacts persist across restarts (None: torch's
+    # per-user temporary directory); see engine/compile_cache.py.
+    compile_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -59,6 +65,17 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if isinstance(self.host_kv_cache_gb, bool) or not isinstance(self.host_kv_cache_gb, int | float):
+            raise ValueError(f"host_kv_cache_gb must be a number of GB >= 0, got {self.host_kv_cache_gb!r}")
+        if self.host_kv_cache_gb < 0:
+            raise ValueError(f"host_kv_cache_gb must be >= 0 (0 turns the host KV cache off), got {self.host_kv_cache_gb}")
+        if self.host_kv_cache_gb and not self.enable_prefix_caching:
+            raise ValueError("host_kv_cache_gb extends the prefix cache: set enable_prefix_caching true or host_kv_cache_gb 0")
+        if self.host_kv_cache_gb and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "host_kv_cache_gb is not supported with tensor_parallel_size > 1 yet (each rank holds a shard of "
+                "every block): set host_kv_cache_gb 0"
+            )
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError("kv_cache_fraction must be in (0, 1]")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -63,3 +63,7 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up, since the engine started
     prefix_cache_hits: int = 0
     preemptions: int = 0
+    host_cache_hits: int = 0  # KV blocks copied back from the host tier, since the engine started
+    host_cache_blocks: int = 0  # KV blocks the host tier holds now
+    host_cache_capacity_blocks: int = 0  # 0: no host tier
+    host_cache_bytes: int = 0  # bytes of the blocks it holds now

@@ -8,6 +8,10 @@ The chain starts from the sequence's tenant (the API key): prefixes are shared w
 only. Across tenants a cache hit is a timing signal: another tenant's cached 500-token prompt was
 answered in 312 ms against 1,076 ms for an unseen one (issue 24), which tells a user what someone
 else asked. vLLM's `cache_salt` does the same.
+
+With a host tier (host_cache.py), a hashed block is copied to pinned host memory when it is
+taken for new tokens, and a prompt whose prefix continues there gets those blocks copied back
+instead of computing them.
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, host_cache=None):
         self.block_size = block_size
+        self.host_cache = host_cache if enable_prefix_caching else None
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block: dict[bytes, int] = {}
@@ -74,6 +79,8 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
             del self.hash_to_block[block.hash]
+            if self.host_cache is not None:
+                self.host_cache.save(block.hash, block_id)
         block.hash = None
         block.ref_count = 1
         return block
@@ -99,15 +106,30 @@ class BlockManager:
             for i in range(full_blocks):
                 h = chain_hash(seq.block(i), prefix)
                 block_id = self.hash_to_block.get(h)
-                if block_id is None:
+                if block_id is not None:
+                    self._take(block_id)
+                elif (block_id := self._restore(h)) is None:
                     break
-                self._take(block_id)
                 seq.block_table.append(block_id)
                 prefix = h
             seq.num_cached_tokens = len(seq.block_table) * self.block_size
             seq.num_hashed_blocks = len(seq.block_table)
             self.prefix_hits += seq.num_cached_tokens
         seq.num_computed_tokens = seq.num_cached_tokens
+
+    def _restore(self, block_hash: bytes) -> int | None:
+        """A GPU block holding the host tier's copy of `block_hash`, registered in the prefix
+        cache; None when the host tier lacks it or no GPU block is free."""
+        if self.host_cache is None or not self.free_ids or not self.host_cache.lookup(block_hash):
+            return None
+        block = self._allocate_fresh()  # may save its old block to the host, never evicting this one...
+        if not self.host_cache.restore(block_hash, block.block_id):  # ...unless the pool has one slot
+            block.ref_count = 0
+            self.free_ids.appendleft(block.block_id)
+            return None
+        block.hash = block_hash
+        self.hash_to_block[block_hash] = block.block_id
+        return block.block_id
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         """Make room for num_tokens (total) in the sequence's blocks."""
@@ -154,3 +176,5 @@ class BlockManager:
         for block in self.blocks:
             block.hash = None
         self.hash_to_block.clear()
+        if self.host_cache is not None:
+            self.host_cache.clear()

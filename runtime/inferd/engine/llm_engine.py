@@ -8,6 +8,7 @@ from pathlib import Path
 
 from inferd.config import EngineConfig
 from inferd.engine.block_manager import BlockManager
+from inferd.engine.host_cache import host_cache_for, host_cache_stats
 from inferd.engine.model_runner import ModelRunner, StepHandle
 from inferd.engine.scheduler import Scheduler
 from inferd.engine.sequence import Sequence
@@ -51,7 +52,9 @@ class LLMEngine:
         self.runner: ModelRunner = make_runner(
             config, self.model_config, self.max_model_len, weights, weight_bytes, given_weights, runner_cls
         )
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching, host_cache_for(config, self.runner)
+        )
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
         self.sequences: dict[str, Sequence] = {}
         self._detoks: dict[str, IncrementalDetokenizer] = {}
@@ -135,6 +138,7 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
             preemptions=sched.num_preemptions,
+            **host_cache_stats(bm.host_cache),
         )
 
     # ---- stepping -------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from inferd.config import EngineConfig
+from inferd.engine.compile_cache import open_compile_cache
 from inferd.engine.sequence import Sequence
 from inferd.layers.context import AttentionContext, reset_context, set_context
 from inferd.layers.distributed import broadcast_from_rank0, min_over_ranks, tp_rank
@@ -59,6 +60,7 @@ class ModelRunner:
         self.is_cuda = self.device.type == "cuda"
         torch.manual_seed(config.seed)
         check_supported(config.quantization, self.device)
+        self.compile_cache = open_compile_cache(config, model_cfg, tp_rank())  # before anything compiles
 
         self._load_model(weights, weight_bytes)
         self.attn_layers = self.model.attention_layers()
@@ -89,6 +91,8 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.is_cuda and not config.enforce_eager:
             self._capture_cuda_graphs()
+        if self.compile_cache is not None:
+            self.compile_cache.seal()  # the start-up's compiles are done: vouch for them
 
     def close(self) -> None:
         """Free the device memory this runner holds (graphs, KV cache, weights) even while

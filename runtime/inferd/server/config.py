@@ -78,8 +78,12 @@ class ServerConfig(BaseModel):
         return data
 
     def engine_config(self, model: str) -> EngineConfig:
-        """The engine's settings for serving `model` (the configured one, or one loaded later)."""
-        return dataclasses.replace(self.engine, model=model)
+        """The engine's settings for serving `model` (the configured one, or one loaded later).
+        A relative compile_cache_dir is under data_dir (each blue/green colour has its own)."""
+        cache = self.engine.compile_cache_dir
+        if cache and not Path(cache).is_absolute():
+            cache = str(Path(self.data_dir) / cache)
+        return dataclasses.replace(self.engine, model=model, compile_cache_dir=cache)
 
     def path(self, value: str | None, default: str) -> Path:
         return Path(value) if value else Path(self.data_dir) / default

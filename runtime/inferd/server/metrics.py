@@ -70,6 +70,10 @@ class EngineCollector:
         (n.KV_CACHE_USAGE, "Fraction of KV-cache blocks in use", "kv_cache_usage"),
         (n.PREFIX_CACHE_QUERIES, "Prompt tokens looked up in the prefix cache", "prefix_cache_queries"),
         (n.PREFIX_CACHE_HITS, "Prompt tokens found in the prefix cache", "prefix_cache_hits"),
+        (n.HOST_KV_CACHE_HITS, "KV blocks copied back from the host tier instead of computed", "host_cache_hits"),
+        (n.HOST_KV_CACHE_BLOCKS, "KV blocks the host tier holds", "host_cache_blocks"),
+        (n.HOST_KV_CACHE_CAPACITY, "KV blocks the host tier can hold (0: off)", "host_cache_capacity_blocks"),
+        (n.HOST_KV_CACHE_BYTES, "Bytes of KV blocks the host tier holds", "host_cache_bytes"),
     )
 
     def __init__(self, engine_stats: Callable[[], EngineStats | None]):
