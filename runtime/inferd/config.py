@@ -17,6 +17,36 @@ KVCacheDType = Literal["auto", "fp8"]
 KV_CACHE_DTYPES: tuple[str, ...] = get_args(KVCacheDType)
 
 
+SpeculativeMethod = Literal["ngram", "draft_model"]
+SPECULATIVE_METHODS: tuple[str, ...] = get_args(SpeculativeMethod)
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (engine/speculative.py): `num_speculative_tokens` drafted per step and
+    verified in one target pass, by prompt lookup ("ngram": the sequence's own prompt and output,
+    matching its last `ngram_max` down to `ngram_min` tokens) or by a smaller model sharing the
+    target's tokenizer ("draft_model": a model directory)."""
+
+    method: str
+    num_speculative_tokens: int = 4
+    ngram_min: int = 1
+    ngram_max: int = 4
+    draft_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative.method must be one of {list(SPECULATIVE_METHODS)}, got {self.method!r}")
+        k = self.num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16:
+            raise ValueError(f"speculative.num_speculative_tokens must be an integer in [1, 16], got {k!r}")
+        lo, hi = self.ngram_min, self.ngram_max
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in (lo, hi)) or not 1 <= lo <= hi:
+            raise ValueError(f"speculative needs integers 1 <= ngram_min <= ngram_max, got {lo!r} and {hi!r}")
+        if (self.method == "draft_model") != (self.draft_model is not None):
+            raise ValueError("speculative.draft_model (a model directory) goes with method draft_model, and only with it")
+
+
 @dataclass
 class EngineConfig:
     model: str
@@ -47,8 +77,11 @@ class EngineConfig:
     # Where torch.compile's and Triton's compiled artifacts persist across restarts (None: torch's
     # per-user temporary directory); see engine/compile_cache.py.
     compile_cache_dir: str | None = None
+    # Speculative decoding (a SpeculativeConfig, or its fields as a dict); None: plain decoding.
+    speculative: SpeculativeConfig | dict | None = None
 
     def __post_init__(self) -> None:
+        self._check_speculative()
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.dtype is None:
@@ -84,3 +117,15 @@ class EngineConfig:
             raise ValueError("max_num_waiting must be >= 1")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.block_size:
             raise ValueError("max_num_seqs must be >= 1 and max_num_batched_tokens >= block_size")
+
+    def _check_speculative(self) -> None:
+        if isinstance(self.speculative, dict):
+            fields = set(SpeculativeConfig.__dataclass_fields__)
+            unknown = sorted(set(self.speculative) - fields)
+            if unknown:
+                raise ValueError(f"speculative: unknown setting(s) {unknown}; known: {sorted(fields)}")
+            if "method" not in self.speculative:
+                raise ValueError(f"speculative needs a method: one of {list(SPECULATIVE_METHODS)}")
+            self.speculative = SpeculativeConfig(**self.speculative)
+        if self.speculative is not None and self.tensor_parallel_size != 1:
+            raise ValueError("speculative decoding runs on one GPU: set tensor_parallel_size 1 or leave speculative out")

@@ -67,3 +67,5 @@ class EngineStats:
     host_cache_blocks: int = 0  # KV blocks the host tier holds now
     host_cache_capacity_blocks: int = 0  # 0: no host tier
     host_cache_bytes: int = 0  # bytes of the blocks it holds now
+    spec_draft_tokens: int = 0  # speculative decoding: drafts verified, and accepted, since start
+    spec_accepted_tokens: int = 0

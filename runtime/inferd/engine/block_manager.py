@@ -157,6 +157,20 @@ class BlockManager:
             prefix = block.hash
         seq.num_hashed_blocks = max(start, full)
 
+    def keep_verified(self, seq: Sequence, num_tokens: int) -> None:
+        """A speculative step wrote K/V for drafts the target then checked: `num_tokens` more are
+        verified (counted, and the blocks they complete registered: never a block holding a
+        rejected draft), and the blocks past the sequence's tokens go back unhashed. K/V left in a
+        kept block beyond the verified tokens is overwritten before anything attends to it."""
+        self.mark_computed(seq, num_tokens)
+        keep = (len(seq) + self.block_size - 1) // self.block_size
+        for block_id in seq.block_table[keep:]:
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_ids.appendleft(block_id)
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]

@@ -12,6 +12,7 @@ from inferd.engine.host_cache import host_cache_for, host_cache_stats
 from inferd.engine.model_runner import ModelRunner, StepHandle
 from inferd.engine.scheduler import Scheduler
 from inferd.engine.sequence import Sequence
+from inferd.engine.speculative import make_speculative
 from inferd.engine.structured import GrammarCompiler
 from inferd.engine.worker import make_runner
 from inferd.models.config import parse_model_config
@@ -46,6 +47,7 @@ class LLMEngine:
         tokenizer_json = source.read_text("tokenizer.json")
         vocab = self.model_config.vocab_size
         self._grammars = GrammarCompiler(tokenizer_json, vocab, self.eos_token_ids) if tokenizer_json else None
+        self.spec = make_speculative(config, self.model_config, self.max_model_len, tokenizer_json)
         weight_bytes, given_weights = None, weights is not None
         if weights is None:
             weights, weight_bytes = source.iter_tensors(), source.weight_bytes()
@@ -139,6 +141,8 @@ class LLMEngine:
             prefix_cache_hits=bm.prefix_hits,
             preemptions=sched.num_preemptions,
             **host_cache_stats(bm.host_cache),
+            spec_draft_tokens=self.spec.num_draft_tokens if self.spec else 0,
+            spec_accepted_tokens=self.spec.num_accepted_tokens if self.spec else 0,
         )
 
     # ---- stepping -------------------------------------------------------------------------
@@ -156,6 +160,8 @@ class LLMEngine:
         if self._inflight is not None and self._needs_host_tokens():
             outputs = self._resolve()
         batch, is_prefill = self.scheduler.schedule()
+        if self.spec is not None and batch and not is_prefill and self.spec.takes(batch):
+            return outputs + self._speculate(batch)
         prev = self._inflight[1] if self._inflight is not None else None
         handle = self.runner.launch(batch, is_prefill, prev) if batch else None
         if self._inflight is not None:
@@ -170,8 +176,9 @@ class LLMEngine:
         return self._resolve() if self._inflight is not None else []
 
     def _needs_host_tokens(self) -> bool:
-        # A grammar's next mask depends on the token just sampled, as penalties do.
-        return any(s.params.needs_penalties or s.grammar is not None for s in self.scheduler.running)
+        # A grammar's next mask depends on the token just sampled, as penalties do, and drafts
+        # are made from the newest tokens.
+        return self.spec is not None or any(s.params.needs_penalties or s.grammar is not None for s in self.scheduler.running)
 
     def _resolve(self) -> list[StepOutput]:
         """Read the step in flight's tokens into their sequences and apply the stop rules."""
@@ -194,6 +201,22 @@ class LLMEngine:
                 seq.grammar.accept(tokens[j])
             if self.sequences.get(seq.request_id) is seq:
                 outputs.append(self._check_stop(seq))
+        return outputs
+
+    def _speculate(self, batch: list[Sequence]) -> list[StepOutput]:
+        """One speculative decode step, run to the end (engine/speculative.py): each sequence's
+        verified tokens are appended and stop-checked one by one; the first that stops it drops
+        the rest, and the cache keeps the K/V of the tokens kept."""
+        outputs: list[StepOutput] = []
+        for seq, tokens in zip(batch, self.spec.step(self.runner, self.block_manager, batch)):
+            for token in tokens:
+                self.scheduler.append_verified(seq, token)
+                out = self._check_stop(seq)
+                outputs.append(out)
+                if out.finished:
+                    break
+            if not seq.is_finished:
+                self.block_manager.keep_verified(seq, len(seq) - 1 - seq.num_computed_tokens)
         return outputs
 
     def _check_stop(self, seq: Sequence) -> StepOutput:

@@ -326,6 +326,27 @@ class ModelRunner:
             handle.event.record()
         return handle
 
+    @torch.inference_mode()
+    def step_logits(self, seqs: list, is_prefill: bool, all_positions: bool = False) -> torch.Tensor:
+        """One step's logits, unsampled (speculative decoding samples and verifies them itself):
+        a decode step replays its captured graph and gives a row per sequence; a prefill step (a
+        chunk after cached context: a verify pass) gives each sequence's last position, or with
+        `all_positions` every scheduled one. A decode step waits for the device: nothing else
+        tells when its staging set may be refilled."""
+        if is_prefill:
+            ids, positions, ctx, last = self.prepare_prefill(seqs)
+            set_context(ctx)
+            hidden = self.model(ids, positions)
+            out = self.model.compute_logits(hidden if all_positions else hidden[last])
+        else:
+            staging = self._staging[self._turn]
+            self._turn ^= 1
+            out = self._decode(seqs, staging, None).clone()  # a graph's output is overwritten by its next replay
+            if self.is_cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+        reset_context()
+        return out
+
     def _score_prompt(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[tuple[int, int, Sampled]]:
         """Prompt logprobs for this chunk's positions of the sequences that ask: position p
         scores prompt token p + 1 (the last prompt position predicts the output instead)."""

@@ -201,6 +201,12 @@ class Scheduler:
         seq.pending_row = None
         return True
 
+    def append_verified(self, seq: Sequence, token: int) -> None:
+        """A token a speculative step produced (an accepted draft, or the target's own pick after
+        them): the step is over, its tokens are final on the host (no pending row)."""
+        seq.num_scheduled_tokens = 0
+        seq.append_token(token)
+
     def finish(self, seq: Sequence, reason: str) -> None:
         # Stop rules run one step late: the sequence may have been preempted back to the queue
         # by the step scheduled in between.

@@ -153,6 +153,18 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Request]) -> torch.Tensor:
         greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+        probs = self.probs(logits, seqs)
+        noise = torch.empty_like(probs)
+        for i, seq in enumerate(seqs):
+            gen = self._generator(seq) if seq.params.seed is not None else None
+            noise[i].exponential_(generator=gen)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    @staticmethod
+    def probs(logits: torch.Tensor, seqs: list[Request]) -> torch.Tensor:
+        """The distribution a sampled row draws from (float32 logits in): temperature, top-k,
+        top-p and min-p applied. Speculative decoding verifies drafts against it."""
         temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=logits.device)
         logits = logits / temps[:, None]
         top_k = [s.params.top_k for s in seqs]
@@ -172,9 +184,4 @@ class Sampler:
         if any(s.params.min_p > 0 for s in seqs):
             min_p = torch.tensor([s.params.min_p for s in seqs], device=logits.device)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
-        noise = torch.empty_like(probs)
-        for i, seq in enumerate(seqs):
-            gen = self._generator(seq) if seq.params.seed is not None else None
-            noise[i].exponential_(generator=gen)
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+        return probs

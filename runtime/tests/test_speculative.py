@@ -1,0 +1,208 @@
+"""Speculative decoding: greedy output is the plain decoder's token for token (prompt lookup and
+a draft model, with drafts accepted and rejected), the paged cache is rolled back cleanly, the
+acceptance rule keeps the target's sampling distribution, and the server streams with it on."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from inferd import LLM, SamplingParams
+from inferd.config import EngineConfig, SpeculativeConfig
+from inferd.engine.sequence import Sequence
+from inferd.engine.speculative import propose_ngram, verify
+from inferd.layers.sampler import Sampler
+from inferd.testing import make_model
+
+GREEDY = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+
+
+def repetitive_prompts(n: int, vocab: int = 512, seed: int = 5) -> list[list[int]]:
+    """A random phrase said three times, then its start: prompt lookup has something to copy."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        phrase = [rng.randrange(2, vocab) for _ in range(rng.randrange(12, 30))]
+        prompts.append(phrase * 3 + phrase[:4])
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def plain(llama_dir):
+    return LLM(str(llama_dir), enable_prefix_caching=False)
+
+
+@pytest.fixture(scope="module")
+def near_twin(llama_dir, tmp_path_factory):
+    """A draft model: the target with noise on its weights, so it agrees often but not always."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("draft-twin")
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.add_(torch.randn_like(p) * 0.03)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(path)
+    return path
+
+
+def spec_llm(llama_dir, **spec) -> LLM:
+    return LLM(str(llama_dir), speculative=spec)
+
+
+def test_prompt_lookup_finds_the_latest_longest_match():
+    assert propose_ngram([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 2, 1, 3) == [7, 8]
+    assert propose_ngram([5, 6, 5, 6, 4, 6], 3, 1, 2) == [4, 6]  # no 2-gram "4 6" earlier: the 1-gram "6"
+    assert propose_ngram([1, 2, 3, 4], 3, 1, 4) == []
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_greedy_spec_output_is_the_plain_output(llama_dir, near_twin, plain, method):
+    prompts = repetitive_prompts(4) + [[random.Random(9).randrange(2, 512) for _ in range(40)]]
+    extra = {"draft_model": str(near_twin)} if method == "draft_model" else {}
+    llm = spec_llm(llama_dir, method=method, num_speculative_tokens=4, **extra)
+    bm = llm.engine.block_manager
+    free_at_start = bm.num_free
+    want = [o.token_ids for o in plain.generate(prompts, GREEDY)]
+    got = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    assert got == want
+    stats = llm.engine.stats()
+    assert stats.spec_accepted_tokens > 0, "no draft was accepted: nothing sped up"
+    assert stats.spec_draft_tokens > stats.spec_accepted_tokens, "no draft was rejected: rollback never ran"
+    assert bm.num_free == free_at_start  # every block back, rejected drafts' included
+    assert sum(b.ref_count for b in bm.blocks) == 0
+
+
+def test_a_draft_model_that_is_the_target_has_every_draft_accepted(llama_dir, plain):
+    llm = spec_llm(llama_dir, method="draft_model", draft_model=str(llama_dir), num_speculative_tokens=3)
+    prompts = repetitive_prompts(2, seed=11)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == [o.token_ids for o in plain.generate(prompts, GREEDY)]
+    stats = llm.engine.stats()
+    assert stats.spec_draft_tokens > 0 and stats.spec_accepted_tokens == stats.spec_draft_tokens
+
+
+def test_prefix_cache_after_a_spec_request_holds_only_verified_tokens(llama_dir, plain):
+    """Blocks completed by a speculative step are hashed only for verified tokens: a later prompt
+    that extends the first request's output hits them and continues as plain decoding does."""
+    llm = spec_llm(llama_dir, method="ngram", num_speculative_tokens=5)
+    prompt = repetitive_prompts(1, seed=3)[0]
+    first = llm.generate([prompt], GREEDY)[0]
+    follow = prompt + first.token_ids[:40]
+    again = llm.generate([follow], GREEDY)[0]
+    assert again.num_cached_tokens >= (len(follow) - 1) // 16 * 16 > len(prompt)
+    assert again.token_ids == plain.generate([follow], GREEDY)[0].token_ids
+
+
+def test_stop_token_inside_accepted_drafts_ends_the_request_there(llama_dir, plain):
+    prompt = repetitive_prompts(1, seed=4)[0]
+    full = plain.generate([prompt], GREEDY)[0].token_ids
+    stop = full[10]
+    want = plain.generate([prompt], SamplingParams(max_tokens=48, temperature=0.0, stop_token_ids=[stop]))[0]
+    llm = spec_llm(llama_dir, method="ngram", num_speculative_tokens=6)
+    got = llm.generate([prompt], SamplingParams(max_tokens=48, temperature=0.0, stop_token_ids=[stop]))[0]
+    assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason == "stop"
+    short = llm.generate([prompt], SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True))[0]
+    assert short.token_ids == full[:7] and short.finish_reason == "length"
+
+
+def test_sampled_spec_requests_run_and_seeds_repeat(llama_dir, near_twin):
+    for spec in ({"method": "ngram"}, {"method": "draft_model", "draft_model": str(near_twin)}):
+        llm = spec_llm(llama_dir, num_speculative_tokens=4, **spec)
+        params = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=123, ignore_eos=True)
+        prompts = repetitive_prompts(3, seed=8)
+        a = [o.token_ids for o in llm.generate(prompts, params)]
+        b = [o.token_ids for o in llm.generate(prompts, params)]
+        assert a == b and all(len(t) == 30 for t in a)
+        assert llm.engine.block_manager.num_free == llm.engine.block_manager.num_blocks
+
+
+def test_requests_needing_the_plain_sampler_fall_back_to_plain_steps(llama_dir, plain):
+    llm = spec_llm(llama_dir, method="ngram")
+    prompt = repetitive_prompts(1, seed=6)[0]
+    params = SamplingParams(max_tokens=20, temperature=0.0, logprobs=True, ignore_eos=True)
+    got = llm.generate([prompt], params)[0]
+    want = plain.generate([prompt], params)[0]
+    assert got.token_ids == want.token_ids and len(got.logprobs) == 20
+    assert llm.engine.stats().spec_draft_tokens == 0
+
+
+# ---- the acceptance rule keeps the target's distribution ------------------------------------
+# The 99.99th percentile of chi-square with 7 degrees of freedom: a correct rule fails 1 in 10,000.
+CHI2_7DF_P9999 = 29.88
+
+
+def first_token_counts(p_logits: torch.Tensor, drafts: list[list[int]], q: torch.Tensor | None) -> torch.Tensor:
+    """How often each token is the first one a speculative step emits, over sequences each
+    verifying its drafts against the same target logits."""
+    params = SamplingParams(temperature=1.0, max_tokens=8)
+    trials = len(drafts)
+    seqs = [Sequence([1, 2], params, 16) for _ in range(trials)]
+    logits = p_logits.repeat(trials, 1)
+    qs = None if q is None else [list(q) for _ in range(trials)]
+    gained = verify(logits, seqs, drafts, qs, Sampler(torch.device("cpu")))
+    return torch.bincount(torch.tensor([g[0] for g in gained]), minlength=p_logits.shape[1]).float()
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("draft", ["point mass (prompt lookup)", "draft model distribution"])
+def test_first_token_follows_the_target_softmax(draft):
+    torch.manual_seed(0)
+    vocab, trials = 8, 20000
+    p_logits = torch.randn(3, vocab)  # two draft positions and the bonus
+    target = p_logits[0].softmax(-1)
+    if draft.startswith("draft model"):
+        q = torch.randn(2, vocab).mul(2).softmax(-1)  # far from the target: many rejections
+        drafts = torch.multinomial(q, trials, replacement=True).T.tolist()  # drafts are drawn from q
+    else:
+        q, drafts = None, [[int(target.argmax()), 3]] * trials
+    counts = first_token_counts(p_logits, drafts, q)
+    assert chi_square(counts, target) < CHI2_7DF_P9999, (counts / trials, target)
+
+
+def test_a_draft_equal_to_the_target_is_always_accepted():
+    torch.manual_seed(1)
+    p_logits = torch.randn(2, 8)
+    q = p_logits[:1].softmax(-1)
+    params = SamplingParams(temperature=1.0, max_tokens=8)
+    seqs = [Sequence([1], params, 16) for _ in range(500)]
+    drafts = [[int(torch.multinomial(q[0], 1))] for _ in seqs]
+    gained = verify(p_logits.repeat(500, 1), seqs, drafts, [[q[0]] for _ in seqs], Sampler(torch.device("cpu")))
+    assert all(g[0] == d[0] and len(g) == 2 for g, d in zip(gained, drafts))
+
+
+# ---- configuration -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ({"method": "medusa"}, "speculative.method"),
+        ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+        ({"method": "ngram", "ngram_min": 3, "ngram_max": 2}, "ngram_min <= ngram_max"),
+        ({"method": "draft_model"}, "draft_model"),
+        ({"method": "ngram", "k": 4}, "unknown setting"),
+        ({"num_speculative_tokens": 4}, "needs a method"),
+    ],
+)
+def test_bad_speculative_settings_are_refused_by_name(spec, words):
+    with pytest.raises(ValueError, match=words):
+        EngineConfig(model="m", speculative=spec)
+
+
+def test_speculative_refuses_tensor_parallelism():
+    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
+        EngineConfig(model="m", tensor_parallel_size=2, speculative=SpeculativeConfig(method="ngram"))
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(llama_dir, tmp_path):
+    other = tmp_path / "other"
+    make_model(other, vocab_size=300)
+    with pytest.raises(ValueError, match="different tokenizer"):
+        spec_llm(llama_dir, method="draft_model", draft_model=str(other))
