@@ -90,6 +90,19 @@ def dashboards() -> dict[str, dict]:
                 ],
             ),
             ("Host KV tier memory", "bytes", [q(m.HOST_KV_CACHE_BYTES, "held")]),
+            # Speculative decoding (engine/speculative.py): how many drafts the target accepts; 0 when off.
+            (
+                "Speculative decoding acceptance",
+                "short",
+                [
+                    q(
+                        f"rate({m.SPEC_DECODE_ACCEPTED_TOKENS}[5m]) / clamp_min(rate({m.SPEC_DECODE_DRAFT_TOKENS}[5m]), 1e-9)",
+                        "accepted / drafted",
+                    ),
+                    q(f"rate({m.SPEC_DECODE_DRAFT_TOKENS}[5m])", "drafted/s"),
+                    q(f"rate({m.SPEC_DECODE_ACCEPTED_TOKENS}[5m])", "accepted/s"),
+                ],
+            ),
             (
                 "Model ready and loads",
                 "short",

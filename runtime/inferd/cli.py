@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPUs to split the model over, one process each (overrides the config's tensor_parallel_size)",
     )
     serve.add_argument("--data-dir", help="where keys, the audit log and results live")
+    spec = serve.add_argument_group(
+        "speculative decoding", "these flags replace the config's `speculative` block (runtime/README.md)"
+    )
+    spec.add_argument("--speculative-method", choices=["ngram", "draft_model"], help="how drafts are made")
+    spec.add_argument("--num-speculative-tokens", type=int, help="drafts verified per step (default 4)")
+    spec.add_argument("--speculative-ngram-min", type=int, help="shortest n-gram prompt lookup matches (default 1)")
+    spec.add_argument("--speculative-ngram-max", type=int, help="longest n-gram prompt lookup matches (default 4)")
+    spec.add_argument("--speculative-draft-model", help="the draft model's directory (method draft_model)")
     serve.add_argument(
         "--host-kv-cache-gb", type=float, help="pinned host memory for KV blocks the GPU evicts (overrides host_kv_cache_gb)"
     )
@@ -361,6 +369,19 @@ def _audit_v1(log) -> int:
     return 3
 
 
+def _speculative_flags(args) -> dict | None:
+    """The --speculative-* flags as the config's `speculative` block; None when none is given."""
+    given = {
+        "method": args.speculative_method,
+        "num_speculative_tokens": args.num_speculative_tokens,
+        "ngram_min": args.speculative_ngram_min,
+        "ngram_max": args.speculative_ngram_max,
+        "draft_model": args.speculative_draft_model,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    return given or None
+
+
 def _serve(args) -> int:
     import uvicorn
 
@@ -379,6 +400,7 @@ def _serve(args) -> int:
         host_kv_cache_gb=args.host_kv_cache_gb,
         compile_cache_dir=args.compile_cache_dir,
         model_allow_unsigned=args.allow_unsigned,
+        speculative=_speculative_flags(args),
     )
     if not cfg.model:
         print("inferd: error: no model: pass --model DIR or set model: in the config", file=sys.stderr)

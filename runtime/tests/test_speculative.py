@@ -206,3 +206,45 @@ def test_a_draft_model_with_another_tokenizer_is_refused(llama_dir, tmp_path):
     make_model(other, vocab_size=300)
     with pytest.raises(ValueError, match="different tokenizer"):
         spec_llm(llama_dir, method="draft_model", draft_model=str(other))
+
+
+# ---- through the server ------------------------------------------------------------------------
+def test_the_server_streams_with_prompt_lookup_and_exports_the_acceptance(llama_dir, tmp_path, plain):
+    import httpx
+    import openai
+
+    from conftest import LiveServer
+
+    text = "The quick brown fox jumps over the lazy dog. " * 4 + "The quick"
+    want = plain.generate([text], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0].text
+    server = LiveServer(llama_dir, tmp_path, speculative={"method": "ngram", "num_speculative_tokens": 4})
+    try:
+        metrics = httpx.get(server.url + "/metrics", headers=server.auth("olivia")).text
+        assert "inferd_spec_decode_draft_tokens_total 0.0" in metrics
+        assert "inferd_spec_decode_accepted_tokens_total 0.0" in metrics
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.keys["alice"], max_retries=0)
+        stream = client.completions.create(
+            model="tiny", prompt=text, max_tokens=24, temperature=0.0, stream=True, extra_body={"ignore_eos": True}
+        )
+        got = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+        assert got == want
+        metrics = httpx.get(server.url + "/metrics", headers=server.auth("olivia")).text
+        drafted = next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("inferd_spec_decode_draft"))
+        assert drafted > 0
+    finally:
+        server.stop()
+
+
+def test_speculative_settings_come_from_the_server_config_and_flags(tmp_path):
+    from inferd.cli import _speculative_flags, build_parser
+    from inferd.server.config import load_config
+
+    cfg = tmp_path / "inferd.yaml"
+    cfg.write_text("model: m\nspeculative:\n  method: ngram\n  num_speculative_tokens: 6\n")
+    assert load_config(str(cfg)).engine.speculative == SpeculativeConfig(method="ngram", num_speculative_tokens=6)
+    args = build_parser().parse_args(["serve", "--speculative-method", "draft_model", "--speculative-draft-model", "/d"])
+    flags = _speculative_flags(args)
+    assert load_config(str(cfg), speculative=flags).engine.speculative.draft_model == "/d"
+    cfg.write_text("model: m\nspeculative:\n  method: ngram\n  num_speculative_tokens: 99\n")
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        load_config(str(cfg))

@@ -61,7 +61,7 @@ class Metrics:
 
 
 class EngineCollector:
-    """The serving engine's queues, KV cache and prefix cache, read from its `stats()` at scrape
+    """The serving engine's queues, KV cache, prefix cache and speculative drafts, read from its `stats()` at scrape
     time; zeros while no model is serving (every series exists from the start)."""
 
     FIELDS = (
@@ -74,6 +74,8 @@ class EngineCollector:
         (n.HOST_KV_CACHE_BLOCKS, "KV blocks the host tier holds", "host_cache_blocks"),
         (n.HOST_KV_CACHE_CAPACITY, "KV blocks the host tier can hold (0: off)", "host_cache_capacity_blocks"),
         (n.HOST_KV_CACHE_BYTES, "Bytes of KV blocks the host tier holds", "host_cache_bytes"),
+        (n.SPEC_DECODE_DRAFT_TOKENS, "Draft tokens speculative decoding verified", "spec_draft_tokens"),
+        (n.SPEC_DECODE_ACCEPTED_TOKENS, "Draft tokens the target model accepted", "spec_accepted_tokens"),
     )
 
     def __init__(self, engine_stats: Callable[[], EngineStats | None]):
