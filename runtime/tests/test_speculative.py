@@ -212,7 +212,6 @@ def test_a_draft_model_with_another_tokenizer_is_refused(llama_dir, tmp_path):
 def test_the_server_streams_with_prompt_lookup_and_exports_the_acceptance(llama_dir, tmp_path, plain):
     import httpx
     import openai
-
     from conftest import LiveServer
 
     text = "The quick brown fox jumps over the lazy dog. " * 4 + "The quick"
