@@ -47,7 +47,7 @@ class LLMEngine:
         tokenizer_json = source.read_text("tokenizer.json")
         vocab = self.model_config.vocab_size
         self._grammars = GrammarCompiler(tokenizer_json, vocab, self.eos_token_ids) if tokenizer_json else None
-        self.spec = make_speculative(config, self.model_config, self.max_model_len, tokenizer_json)
+        self.spec = make_speculative(config, self.model_config, self.max_model_len, tokenizer_json, runner_cls)
         weight_bytes, given_weights = None, weights is not None
         if weights is None:
             weights, weight_bytes = source.iter_tensors(), source.weight_bytes()

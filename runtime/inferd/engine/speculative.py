@@ -172,25 +172,36 @@ class _DraftState:
     seq: Sequence
     table: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0  # tokens whose K/V the draft cache holds
+    # A token id past the draft's vocabulary (a prompt given as ids): this sequence gets no drafts.
+    outside_vocab: bool = False
 
 
 class DraftModel:
     """A smaller model with the target's tokenizer drafts; its own paged cache, no prefix cache."""
 
-    def __init__(self, config: EngineConfig, target: ModelConfig, max_model_len: int, target_tokenizer: str | None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        target: ModelConfig,
+        max_model_len: int,
+        target_tokenizer: str | None,
+        runner_cls: type[ModelRunner] = ModelRunner,
+    ):
         spec = config.speculative
-        source = open_model(spec.draft_model, None)
+        source = open_model(spec.draft_model, config.model_key_file)  # a packed draft: the same key
         text = source.read_text("config.json")
         if text is None:
             raise FileNotFoundError(f"speculative.draft_model {spec.draft_model}: no config.json: pass a model directory")
         model_cfg = parse_model_config(json.loads(text))
         _check_same_tokenizer(spec.draft_model, source.read_text("tokenizer.json"), target_tokenizer)
         self.vocab = target.vocab_size
+        self.draft_vocab = model_cfg.vocab_size
         blocks = -(-max_model_len // config.block_size) * min(config.max_num_seqs, DRAFT_CACHE_SEQS)
         draft_config = dataclasses.replace(
-            config, model=spec.draft_model, num_kv_blocks=blocks, speculative=None, model_key_file=None
+            config, model=spec.draft_model, num_kv_blocks=blocks, speculative=None
         )
-        self.runner = ModelRunner(draft_config, model_cfg, max_model_len, source.iter_tensors(), source.weight_bytes())
+        # Read lazily (a runner that makes its own weights, a benchmark's, never opens them).
+        self.runner = runner_cls(draft_config, model_cfg, max_model_len, source.iter_tensors())
         self.block_size = config.block_size
         self.free = list(range(self.runner.num_blocks))
         self.states: dict[int, _DraftState] = {}
@@ -201,6 +212,9 @@ class DraftModel:
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         st = self.states.setdefault(seq.seq_id, _DraftState(seq))
+        st.outside_vocab = st.outside_vocab or max(seq.token_ids[st.computed :]) >= self.draft_vocab
+        if st.outside_vocab:
+            return False
         need = -(-num_tokens // self.block_size) - len(st.table)
         if need > len(self.free):
             return False
@@ -300,13 +314,19 @@ class SpecDecoder:
 
 
 def make_speculative(
-    config: EngineConfig, target: ModelConfig, max_model_len: int, target_tokenizer: str | None
+    config: EngineConfig,
+    target: ModelConfig,
+    max_model_len: int,
+    target_tokenizer: str | None,
+    runner_cls: type[ModelRunner] = ModelRunner,
 ) -> SpecDecoder | None:
     """The engine's speculative decoder, or None when the config asks for none. Built before the
     target's runner: on CUDA the target sizes its cache from the memory the draft model left."""
     spec = config.speculative
     if spec is None:
         return None
-    drafter = DraftModel(config, target, max_model_len, target_tokenizer) if spec.method == "draft_model" else None
+    drafter = None
+    if spec.method == "draft_model":
+        drafter = DraftModel(config, target, max_model_len, target_tokenizer, runner_cls)
     log.info("speculative decoding: %s, %d tokens a step", spec.method, spec.num_speculative_tokens)
     return SpecDecoder(spec, drafter, max_model_len)
