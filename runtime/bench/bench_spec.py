@@ -202,7 +202,7 @@ def main() -> int:
                 r["pct_of_roofline"] = 100 * r["roofline_ms_per_token"] / r["ms_per_token"]
             print(name, json.dumps(r), flush=True)
     plain = result["runs"]["plain"].get("decode_tok_s")
-    for name, r in result["runs"].items():
+    for r in result["runs"].values():
         if plain and "decode_tok_s" in r:
             r["speedup_vs_plain"] = r["decode_tok_s"] / plain
     result["note"] = (

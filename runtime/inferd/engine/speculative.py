@@ -197,9 +197,7 @@ class DraftModel:
         self.vocab = target.vocab_size
         self.draft_vocab = model_cfg.vocab_size
         blocks = -(-max_model_len // config.block_size) * min(config.max_num_seqs, DRAFT_CACHE_SEQS)
-        draft_config = dataclasses.replace(
-            config, model=spec.draft_model, num_kv_blocks=blocks, speculative=None
-        )
+        draft_config = dataclasses.replace(config, model=spec.draft_model, num_kv_blocks=blocks, speculative=None)
         # Read lazily (a runner that makes its own weights, a benchmark's, never opens them).
         self.runner = runner_cls(draft_config, model_cfg, max_model_len, source.iter_tensors())
         self.block_size = config.block_size
