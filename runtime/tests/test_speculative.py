@@ -78,6 +78,24 @@ def test_greedy_spec_output_is_the_plain_output(llama_dir, near_twin, plain, met
     assert sum(b.ref_count for b in bm.blocks) == 0
 
 
+def test_a_batch_too_wide_for_decode_rows_verifies_on_the_chunked_prefill_path(llama_dir, plain):
+    llm = spec_llm(llama_dir, method="ngram", num_speculative_tokens=4)
+    llm.engine.runner.max_decode_rows = 0  # every verify pass takes the k + 1 token chunk path
+    chunked = llm.engine.runner.step_logits
+    calls = []
+
+    def recording(views, is_prefill, all_positions=False):
+        calls.append(all_positions)
+        return chunked(views, is_prefill, all_positions)
+
+    llm.engine.runner.step_logits = recording
+    prompts = repetitive_prompts(3, seed=13)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == [o.token_ids for o in plain.generate(prompts, GREEDY)]
+    assert calls and all(calls)
+    stats = llm.engine.stats()
+    assert 0 < stats.spec_accepted_tokens < stats.spec_draft_tokens
+
+
 def test_a_draft_model_that_is_the_target_has_every_draft_accepted(llama_dir, plain):
     llm = spec_llm(llama_dir, method="draft_model", draft_model=str(llama_dir), num_speculative_tokens=3)
     prompts = repetitive_prompts(2, seed=11)
@@ -177,6 +195,35 @@ def test_a_draft_equal_to_the_target_is_always_accepted():
     drafts = [[int(torch.multinomial(q[0], 1))] for _ in seqs]
     gained = verify(p_logits.repeat(500, 1), seqs, drafts, [[q[0]] for _ in seqs], Sampler(torch.device("cpu")))
     assert all(g[0] == d[0] and len(g) == 2 for g, d in zip(gained, drafts))
+
+
+# The 99.99th percentile of chi-square with 3 degrees of freedom.
+CHI2_3DF_P9999 = 21.11
+
+
+def test_through_the_engine_a_drafted_token_follows_the_target_distribution(llama_dir, near_twin):
+    """Top-k 4 makes the target's distribution four tokens wide. The first output token is
+    sampled plainly; the second by a speculative step (one draft from the near twin, whose top 4
+    differ from the target's: rejections and residual draws). Given the most common first token,
+    the second's frequencies must be the target's softmax there."""
+    from collections import Counter
+
+    from inferd.testing import prefill_logits
+
+    trials = 1000
+    spec = {"method": "draft_model", "draft_model": str(near_twin), "num_speculative_tokens": 1}
+    llm = LLM(str(llama_dir), max_num_seqs=256, max_num_waiting=trials, speculative=spec)
+    prompt = repetitive_prompts(1, seed=12)[0]
+    params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=i, ignore_eos=True) for i in range(trials)]
+    outs = llm.generate([prompt] * trials, params)
+    first = Counter(o.token_ids[0] for o in outs).most_common(1)[0][0]
+    seconds = Counter(o.token_ids[1] for o in outs if o.token_ids[0] == first)
+    stats = llm.engine.stats()
+    assert 0 < stats.spec_accepted_tokens < stats.spec_draft_tokens
+    top = prefill_logits(llm, prompt + [first])[-1].float().topk(4)
+    assert set(seconds) <= set(top.indices.tolist())
+    counts = torch.tensor([float(seconds[t]) for t in top.indices.tolist()])
+    assert chi_square(counts, top.values.softmax(-1)) < CHI2_3DF_P9999, (counts, top.values.softmax(-1))
 
 
 # ---- configuration -----------------------------------------------------------------------------

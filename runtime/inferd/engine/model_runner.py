@@ -76,6 +76,9 @@ class ModelRunner:
         # next step fills the other set. Decode inputs (rows: token id, position, slot, pending
         # destination, pending source; context lengths; block tables) and the sampled tokens.
         n, pin = config.max_num_seqs, self.is_cuda
+        if config.speculative is not None:  # a verify pass runs k + 1 decode rows per sequence
+            n *= 1 + config.speculative.num_speculative_tokens
+        self.max_decode_rows = n
         self._staging = [
             {
                 "ints": torch.zeros(5, n, dtype=torch.long, pin_memory=pin),

@@ -289,6 +289,23 @@ class SpecDecoder:
         lo, hi = self.spec.ngram_min, self.spec.ngram_max
         return [propose_ngram(s.token_ids, k, lo, hi) if k else [] for s, k in zip(batch, ks)], None
 
+    @staticmethod
+    def _verify_logits(runner: ModelRunner, batch: list[Sequence], drafts: list[list[int]]) -> torch.Tensor:
+        """The target's logits at each sequence's last token and each draft, in one pass. Each
+        position is a decode row of its own (its context ends at it; the rows of a sequence share
+        its block table, and every row's K/V is stored before any attends): the decode kernels and,
+        within a graph bucket, the decode CUDA graph, computing what plain decoding computes for
+        the same token. A batch with more rows than the decode staging holds takes the chunked
+        prefill path (k + 1 query tokens per sequence after its cached context)."""
+        if sum(len(d) + 1 for d in drafts) <= runner.max_decode_rows:
+            views = []
+            for s, d in zip(batch, drafts):
+                tokens = s.token_ids + d
+                views.extend(Chunk(tokens[: len(s) + j], s.block_table, len(s) + j - 1, 1) for j in range(len(d) + 1))
+            return runner.step_logits(views, is_prefill=False)
+        views = [Chunk(s.token_ids + d, s.block_table, len(s) - 1, len(d) + 1) for s, d in zip(batch, drafts)]
+        return runner.step_logits(views, is_prefill=True, all_positions=True)
+
     def step(self, runner: ModelRunner, bm: BlockManager, batch: list[Sequence]) -> list[list[int]]:
         """Draft, make room in the cache, verify in one target pass; the tokens each sequence
         gains. The caller appends them, applies stop rules, then `bm.keep_verified`."""
@@ -300,8 +317,7 @@ class SpecDecoder:
                 if qs is not None:
                     qs[i] = []
             bm.grow(seq, len(seq) + len(drafts[i]))
-        views = [Chunk(s.token_ids + d, s.block_table, len(s) - 1, len(d) + 1) for s, d in zip(batch, drafts)]
-        logits = runner.step_logits(views, is_prefill=True, all_positions=True)
+        logits = self._verify_logits(runner, batch, drafts)
         gained = verify(logits, batch, drafts, qs, runner.sampler)
         for seq, d, n, g in zip(batch, drafts, drafted, gained):
             self.num_draft_tokens += len(d)
