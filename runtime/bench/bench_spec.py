@@ -131,9 +131,9 @@ def build(args, target_dir: Path, draft_dir: Path, method: str | None) -> LLMEng
         model=str(target_dir),
         device=args.device,
         dtype=args.dtype,
-        max_num_seqs=4,
+        max_num_seqs=8,  # graph buckets 1, 2, 4, 8: a batch-1 verify pass of k + 1 <= 8 rows replays one
         max_model_len=args.text_tokens + args.new_tokens + 64,
-        num_kv_blocks=(args.text_tokens + args.new_tokens + 64) // 16 * 4 + 8,
+        num_kv_blocks=(args.text_tokens + args.new_tokens + 64) // 16 * 2 + 8,
         speculative=spec,
     )
     return LLMEngine(config, weights=iter(()), runner_cls=RandomShardRunner)

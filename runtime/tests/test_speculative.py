@@ -210,7 +210,7 @@ def test_through_the_engine_a_drafted_token_follows_the_target_distribution(llam
 
     from inferd.testing import prefill_logits
 
-    trials = 1000
+    trials = 600
     spec = {"method": "draft_model", "draft_model": str(near_twin), "num_speculative_tokens": 1}
     llm = LLM(str(llama_dir), max_num_seqs=256, max_num_waiting=trials, speculative=spec)
     prompt = repetitive_prompts(1, seed=12)[0]
