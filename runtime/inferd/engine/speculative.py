@@ -82,15 +82,18 @@ def propose_ngram(tokens: list[int], k: int, ngram_min: int, ngram_max: int) -> 
     return []
 
 
-def _noise(shape_rows: list[int], width: int, seqs: list[Sequence], sampler: Sampler, device, kind: str) -> torch.Tensor:
-    """Random draws, each sequence's rows from its own seeded generator when it has a seed (the
-    same seed and request give the same tokens, whatever else is in the batch)."""
-    out = torch.empty(sum(shape_rows), width, device=device)
+def _noise(rows: list[int], width: int, seqs: list[Sequence], sampler: Sampler, device, kind: str) -> torch.Tensor:
+    """Random draws, `rows[i]` rows for seqs[i]: one call for the batch, then each seeded
+    sequence's rows again from its own generator (the same seed and request give the same
+    tokens, whatever else is in the batch)."""
+    out = torch.empty(sum(rows), width, device=device)
+    out.uniform_() if kind == "uniform" else out.exponential_()
     start = 0
-    for n, seq in zip(shape_rows, seqs):
-        gen = sampler._generator(seq) if seq.params.seed is not None else None
-        rows = out[start : start + n]
-        rows.uniform_(generator=gen) if kind == "uniform" else rows.exponential_(generator=gen)
+    for n, seq in zip(rows, seqs):
+        if seq.params.seed is not None:
+            gen = sampler._generator(seq)
+            part = out[start : start + n]
+            part.uniform_(generator=gen) if kind == "uniform" else part.exponential_(generator=gen)
         start += n
     return out
 
@@ -112,17 +115,22 @@ def draw(logits: torch.Tensor, seqs: list[Sequence], sampler: Sampler) -> tuple[
 def _draft_dists(drafts: list[list[int]], qs: list[list[torch.Tensor]] | None, vocab: int, device) -> torch.Tensor:
     """q for every verify row: the draft model's distributions, or a point mass on the draft
     (prompt lookup); zero at each sequence's bonus row, whose token is drawn from p alone."""
-    rows = [d + [None] for d in drafts]
-    q = torch.zeros(sum(len(r) for r in rows), vocab, device=device)
+    q = torch.zeros(sum(len(d) + 1 for d in drafts), vocab, device=device)
+    point_rows, point_ids, dist_rows, dists = [], [], [], []
     r = 0
-    for i, row in enumerate(rows):
-        for j, token in enumerate(row[:-1]):
-            if qs is not None and qs[i]:
-                dist = qs[i][j][:vocab]  # a draft vocab wider than the target's has no mass there
-                q[r + j, : dist.shape[0]] = dist
-            else:
-                q[r + j, token] = 1.0
-        r += len(row)
+    for i, d in enumerate(drafts):
+        if qs is not None and qs[i]:
+            dist_rows.extend(range(r, r + len(d)))
+            dists.extend(qs[i])
+        else:
+            point_rows.extend(range(r, r + len(d)))
+            point_ids.extend(d)
+        r += len(d) + 1
+    if point_rows:
+        q[torch.tensor(point_rows, device=device), torch.tensor(point_ids, device=device)] = 1.0
+    if dists:
+        stacked = torch.stack(dists)[:, :vocab]  # a draft vocab wider than the target's has no mass there
+        q[torch.tensor(dist_rows, device=device), : stacked.shape[1]] = stacked
     return q
 
 
