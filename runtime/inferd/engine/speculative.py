@@ -205,7 +205,8 @@ class DraftModel:
         self.vocab = target.vocab_size
         self.draft_vocab = model_cfg.vocab_size
         blocks = -(-max_model_len // config.block_size) * min(config.max_num_seqs, DRAFT_CACHE_SEQS)
-        draft_config = dataclasses.replace(config, model=spec.draft_model, num_kv_blocks=blocks, speculative=None)
+        # `speculative` stays: it sizes the draft's decode staging for catch-up rows as the target's.
+        draft_config = dataclasses.replace(config, model=spec.draft_model, num_kv_blocks=blocks)
         # Read lazily (a runner that makes its own weights, a benchmark's, never opens them).
         self.runner = runner_cls(draft_config, model_cfg, max_model_len, source.iter_tensors())
         self.block_size = config.block_size
@@ -236,12 +237,14 @@ class DraftModel:
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
         for j in range(max((ks[i] for i in active), default=0)):
             rows = [i for i in active if ks[i] > j]
-            views = []
-            for i in rows:
-                st, tokens = self.states[seqs[i].seq_id], seqs[i].token_ids + drafts[i]
-                computed = st.computed if j == 0 else len(tokens) - 1
-                views.append(Chunk(tokens, st.table, computed, len(tokens) - computed))
-            logits = self.runner.step_logits(views, is_prefill=j == 0)
+            if j == 0:
+                logits = self._catch_up([seqs[i] for i in rows])
+            else:
+                views = []
+                for i in rows:
+                    tokens = seqs[i].token_ids + drafts[i]
+                    views.append(Chunk(tokens, self.states[seqs[i].seq_id].table, len(tokens) - 1, 1))
+                logits = self.runner.step_logits(views, is_prefill=False)
             if logits.shape[1] > self.vocab:
                 logits[:, self.vocab :] = float("-inf")  # ids the target does not have
             tokens, q = draw(logits, [seqs[i] for i in rows], sampler)
@@ -250,6 +253,21 @@ class DraftModel:
                 if q is not None and not seqs[i].params.greedy:
                     qs[i].append(q[r])
         return drafts, qs
+
+    def _catch_up(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits after each sequence's newest token, feeding the tokens the draft cache lacks
+        (one or two after a step): as decode rows, one per token (the decode graphs); a new
+        sequence's prompt (or more rows than the decode staging holds) as prefill chunks."""
+        states = [self.states[s.seq_id] for s in seqs]
+        need = [len(s) - st.computed for s, st in zip(seqs, states)]
+        if max(need) <= 2 and sum(need) <= self.runner.max_decode_rows:
+            views = [
+                Chunk(s.token_ids[: p + 1], st.table, p, 1) for s, st in zip(seqs, states) for p in range(st.computed, len(s))
+            ]
+            logits = self.runner.step_logits(views, is_prefill=False)
+            return logits[torch.tensor(np.cumsum(need) - 1, device=logits.device)]
+        views = [Chunk(s.token_ids, st.table, st.computed, n) for s, st, n in zip(seqs, states, need)]
+        return self.runner.step_logits(views, is_prefill=True)
 
     def commit(self, seq: Sequence, old_len: int, num_drafted: int, num_accepted: int) -> None:
         """The draft cache keeps what matches the sequence now: its old tokens and the drafts
