@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 export PYTHONPATH=$PWD/runtime${PYTHONPATH:+:$PYTHONPATH}
 echo "== tests $(date -u +%H:%M:%S)"
-python3 -m pytest -q -p no:cacheprovider runtime/tests/test_cuda_speculative.py 2>&1 | tail -40 | tee "$out/spec-tests.txt"
+timeout 300 python3 -m pytest -q -p no:cacheprovider -rs runtime/tests/test_cuda_speculative.py 2>&1 | tail -40 | tee "$out/spec-tests.txt"
 echo "== bench $(date -u +%H:%M:%S)"
-python3 runtime/bench/bench_spec.py --out "$out/spec.json" "$@" || echo "FAIL: bench_spec exited $?"
+timeout 280 python3 runtime/bench/bench_spec.py --out "$out/spec.json" "$@" || echo "FAIL: bench_spec exited $?"
 echo "== done $(date -u +%H:%M:%S)"
