@@ -201,6 +201,9 @@ def main() -> int:
                 r["roofline_ms_per_token"] = 1000 * r["weight_bytes"] / bandwidth
                 r["pct_of_roofline"] = 100 * r["roofline_ms_per_token"] / r["ms_per_token"]
             print(name, json.dumps(r), flush=True)
+            if args.out:  # kept if the run is cut short
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(result, indent=2))
     plain = result["runs"]["plain"].get("decode_tok_s")
     for r in result["runs"].values():
         if plain and "decode_tok_s" in r:
