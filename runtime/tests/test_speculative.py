@@ -96,6 +96,21 @@ def test_a_batch_too_wide_for_decode_rows_verifies_on_the_chunked_prefill_path(l
     assert 0 < stats.spec_accepted_tokens < stats.spec_draft_tokens
 
 
+def test_token_ids_past_the_draft_vocabulary_are_drafted_on_without_a_crash(llama_dir, plain, tmp_path):
+    """A prompt given as ids (or a target-only padding id) may hold ids the draft's smaller
+    embedding lacks: the draft reads another id there, and verification keeps the output exact."""
+    draft = tmp_path / "narrow"
+    make_model(draft, vocab_size=400)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (draft / name).unlink(missing_ok=True)
+    llm = spec_llm(llama_dir, method="draft_model", draft_model=str(draft), num_speculative_tokens=3)
+    narrow = [t % 400 for t in repetitive_prompts(1, seed=14)[0]]
+    wide = narrow[:-1] + [450]
+    got = [o.token_ids for o in llm.generate([wide, narrow], GREEDY)]
+    assert got == [o.token_ids for o in plain.generate([wide, narrow], GREEDY)]
+    assert llm.engine.stats().spec_draft_tokens > 0
+
+
 def test_a_draft_model_that_is_the_target_has_every_draft_accepted(llama_dir, plain):
     llm = spec_llm(llama_dir, method="draft_model", draft_model=str(llama_dir), num_speculative_tokens=3)
     prompts = repetitive_prompts(2, seed=11)

@@ -180,7 +180,9 @@ class _DraftState:
     seq: Sequence
     table: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0  # tokens whose K/V the draft cache holds
-    # A token id past the draft's vocabulary (a prompt given as ids): this sequence gets no drafts.
+    # The sequence holds an id past the draft's vocabulary (a prompt given as ids, or an id only
+    # the target's padded embedding has): the draft reads id 0 there (verification keeps the
+    # output the target's).
     outside_vocab: bool = False
 
 
@@ -220,8 +222,6 @@ class DraftModel:
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         st = self.states.setdefault(seq.seq_id, _DraftState(seq))
         st.outside_vocab = st.outside_vocab or max(seq.token_ids[st.computed :]) >= self.draft_vocab
-        if st.outside_vocab:
-            return False
         need = -(-num_tokens // self.block_size) - len(st.table)
         if need > len(self.free):
             return False
@@ -242,7 +242,7 @@ class DraftModel:
             else:
                 views = []
                 for i in rows:
-                    tokens = seqs[i].token_ids + drafts[i]
+                    tokens = self._tokens(seqs[i]) + drafts[i]
                     views.append(Chunk(tokens, self.states[seqs[i].seq_id].table, len(tokens) - 1, 1))
                 logits = self.runner.step_logits(views, is_prefill=False)
             if logits.shape[1] > self.vocab:
@@ -254,19 +254,23 @@ class DraftModel:
                     qs[i].append(q[r])
         return drafts, qs
 
+    def _tokens(self, seq: Sequence) -> list[int]:
+        if not self.states[seq.seq_id].outside_vocab:
+            return seq.token_ids
+        return [t if t < self.draft_vocab else 0 for t in seq.token_ids]
+
     def _catch_up(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits after each sequence's newest token, feeding the tokens the draft cache lacks
         (one or two after a step): as decode rows, one per token (the decode graphs); a new
         sequence's prompt (or more rows than the decode staging holds) as prefill chunks."""
         states = [self.states[s.seq_id] for s in seqs]
         need = [len(s) - st.computed for s, st in zip(seqs, states)]
+        ids = [self._tokens(s) for s in seqs]
         if max(need) <= 2 and sum(need) <= self.runner.max_decode_rows:
-            views = [
-                Chunk(s.token_ids[: p + 1], st.table, p, 1) for s, st in zip(seqs, states) for p in range(st.computed, len(s))
-            ]
+            views = [Chunk(t[: p + 1], st.table, p, 1) for t, st in zip(ids, states) for p in range(st.computed, len(t))]
             logits = self.runner.step_logits(views, is_prefill=False)
             return logits[torch.tensor(np.cumsum(need) - 1, device=logits.device)]
-        views = [Chunk(s.token_ids, st.table, st.computed, n) for s, st, n in zip(seqs, states, need)]
+        views = [Chunk(t, st.table, st.computed, n) for t, st, n in zip(ids, states, need)]
         return self.runner.step_logits(views, is_prefill=True)
 
     def commit(self, seq: Sequence, old_len: int, num_drafted: int, num_accepted: int) -> None:
