@@ -62,10 +62,6 @@ class Chunk(NamedTuple):
     num_scheduled_tokens: int
     pending_row: None = None
 
-    @property
-    def has_pending_token(self) -> bool:
-        return False
-
 
 def propose_ngram(tokens: list[int], k: int, ngram_min: int, ngram_max: int) -> list[int]:
     """Prompt lookup: up to k tokens that followed the latest earlier occurrence of the last n
