@@ -98,6 +98,21 @@ class LiveServer:
         self.thread.join(60)
 
 
+@pytest.fixture
+def make_live_server(tmp_path):
+    """LiveServers with settings of the test's own (`make_live_server(model_dir, **settings)`),
+    stopped when the test ends."""
+    servers = []
+
+    def make(model_dir, **settings):
+        servers.append(LiveServer(model_dir, tmp_path / f"live{len(servers)}", **settings))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def live_server(llama_dir, tmp_path_factory):
     server = LiveServer(llama_dir, tmp_path_factory.mktemp("live"))

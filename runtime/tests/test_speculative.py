@@ -271,29 +271,25 @@ def test_a_draft_model_with_another_tokenizer_is_refused(llama_dir, tmp_path):
 
 
 # ---- through the server ------------------------------------------------------------------------
-def test_the_server_streams_with_prompt_lookup_and_exports_the_acceptance(llama_dir, tmp_path, plain):
+def test_the_server_streams_with_prompt_lookup_and_exports_the_acceptance(llama_dir, make_live_server, plain):
     import httpx
     import openai
-    from conftest import LiveServer
 
     text = "The quick brown fox jumps over the lazy dog. " * 4 + "The quick"
     want = plain.generate([text], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0].text
-    server = LiveServer(llama_dir, tmp_path, speculative={"method": "ngram", "num_speculative_tokens": 4})
-    try:
-        metrics = httpx.get(server.url + "/metrics", headers=server.auth("olivia")).text
-        assert "inferd_spec_decode_draft_tokens_total 0.0" in metrics
-        assert "inferd_spec_decode_accepted_tokens_total 0.0" in metrics
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.keys["alice"], max_retries=0)
-        stream = client.completions.create(
-            model="tiny", prompt=text, max_tokens=24, temperature=0.0, stream=True, extra_body={"ignore_eos": True}
-        )
-        got = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
-        assert got == want
-        metrics = httpx.get(server.url + "/metrics", headers=server.auth("olivia")).text
-        drafted = next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("inferd_spec_decode_draft"))
-        assert drafted > 0
-    finally:
-        server.stop()
+    server = make_live_server(llama_dir, speculative={"method": "ngram", "num_speculative_tokens": 4})
+    metrics = httpx.get(server.url + "/metrics", headers=server.auth("olivia")).text
+    assert "inferd_spec_decode_draft_tokens_total 0.0" in metrics
+    assert "inferd_spec_decode_accepted_tokens_total 0.0" in metrics
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.keys["alice"], max_retries=0)
+    stream = client.completions.create(
+        model="tiny", prompt=text, max_tokens=24, temperature=0.0, stream=True, extra_body={"ignore_eos": True}
+    )
+    got = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+    assert got == want
+    metrics = httpx.get(server.url + "/metrics", headers=server.auth("olivia")).text
+    drafted = next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("inferd_spec_decode_draft"))
+    assert drafted > 0
 
 
 def test_speculative_settings_come_from_the_server_config_and_flags(tmp_path):
