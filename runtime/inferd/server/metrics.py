@@ -61,8 +61,9 @@ class Metrics:
 
 
 class EngineCollector:
-    """The serving engine's queues, KV cache, prefix cache and speculative drafts, read from its `stats()` at scrape
-    time; zeros while no model is serving (every series exists from the start)."""
+    """The serving engine's queues, KV cache, prefix cache (and its host tier) and speculative
+    drafts, read from its `stats()` at scrape time; zeros while no model is serving (every series
+    exists from the start)."""
 
     FIELDS = (
         (n.REQUESTS_RUNNING, "Requests being generated", "running"),
