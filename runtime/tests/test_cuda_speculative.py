@@ -29,12 +29,12 @@ def prompts() -> list[list[int]]:
 def test_greedy_spec_on_cuda_is_the_plain_cuda_output(llama_dir, method):
     # float32: the verify pass (chunk path) and plain decode (Triton decode kernel) then agree to
     # far below the logits' gaps, so greedy picks are the same token for token.
-    plain = LLM(str(llama_dir), device="cuda", dtype="float32", kv_cache_fraction=0.2, cuda_graph_max_batch=32)
+    plain = LLM(str(llama_dir), device="cuda", dtype="float32", num_kv_blocks=512, cuda_graph_max_batch=32)
     want = [o.token_ids for o in plain.generate(prompts(), GREEDY)]
-    del plain
+    plain.engine.close()  # its graphs and cache go now, not when a cycle is collected
     extra = {"draft_model": str(llama_dir)} if method == "draft_model" else {}
     llm = LLM(
-        str(llama_dir), device="cuda", dtype="float32", kv_cache_fraction=0.2, cuda_graph_max_batch=32,
+        str(llama_dir), device="cuda", dtype="float32", num_kv_blocks=512, cuda_graph_max_batch=32,
         speculative={"method": method, "num_speculative_tokens": 4, **extra},
     )  # fmt: skip
     if method == "draft_model":
@@ -48,7 +48,7 @@ def test_greedy_spec_on_cuda_is_the_plain_cuda_output(llama_dir, method):
 
 def test_sampled_bf16_spec_runs_on_cuda(llama_dir):
     llm = LLM(
-        str(llama_dir), device="cuda", dtype="bfloat16", kv_cache_fraction=0.2, cuda_graph_max_batch=32,
+        str(llama_dir), device="cuda", dtype="bfloat16", num_kv_blocks=512, cuda_graph_max_batch=32,
         speculative={"method": "draft_model", "draft_model": str(llama_dir), "num_speculative_tokens": 3},
     )  # fmt: skip
     params = SamplingParams(max_tokens=30, temperature=0.9, top_k=50, seed=3, ignore_eos=True)
