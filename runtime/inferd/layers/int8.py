@@ -10,9 +10,9 @@ Two formats (EngineConfig.quantization):
   result independent of the other rows in its batch. On CUDA the product is cuBLAS's through
   `torch._int_mm`, which needs more than 16 rows and K, N multiples of 8: decode batches of 16 or
   fewer rows would be padded with zero rows (a zero row costs nothing in a memory-bound GEMM; the
-  weight is read once either way), but up to TRITON_W8A8_MAX_ROWS the Triton kernel in
-  int8_kernels.py does the same product with the scales in its epilogue, in one launch;
-  runtime/bench/bench_int8.py measures both at every size.
+  weight is read once either way), but up to TRITON_W8A8_MAX_ROWS (every size measured) the Triton
+  kernel in int8_kernels.py does the same product with the scales in its epilogue, in one launch,
+  and faster; runtime/bench/bench_int8.py measures both at every size.
 - `int8_weight_only` (W8A16): activations stay in bfloat16 and the weight is widened inside the
   GEMM (int8_kernels.py on CUDA), the gpt-fast recipe for batch 1, where decode reads every weight
   once per token and half the bytes should nearly halve the step.
@@ -38,9 +38,11 @@ INT_MM_MIN_ROWS = 17
 INT_MM_MULTIPLE = 8
 # Up to this many rows on CUDA, W8A8 runs the Triton kernel (int8_kernels.py) instead: one GEMM
 # with the scales in its epilogue, where torch._int_mm needs a padding copy before and a scaling
-# kernel after, three launches for each projection of a decode step (some 400 for the 8B shape).
-# runtime/bench/bench_int8.py times both per size (gemm_us: int8_triton, int8_int_mm).
-TRITON_W8A8_MAX_ROWS = 16
+# kernel after. Measured on the H200 (docs/bench/2026-11-30-h200-int8.json, the 8B shape's four
+# projections, us Triton vs _int_mm): 1 row 11.9 vs 17.5 (qkv); 64 rows 20.0 vs 21.6 (qkv), 69.8 vs
+# 64.8 (down, the one loss); 4,096 rows 258 vs 341 (qkv), 1,088 vs 1,459 (gate_up). Above the
+# largest measured size, _int_mm.
+TRITON_W8A8_MAX_ROWS = 4096
 
 
 def check_int8_supported(device: torch.device) -> None:
