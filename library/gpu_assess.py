@@ -17,9 +17,10 @@ description:
   - Given a model (parameter count, or a C(config.json) on the host), a dtype, a context length
     and a concurrency, computes weights + KV cache + overhead against the memory of one GPU and
     returns go/no-go, the headroom, and the lowest-loss precision the inferd runtime serves that
-    fits, bf16 (no quantization) then fp8. fp8 is recommended only where every GPU has compute
-    capability 8.9 or newer (Ada, Hopper and later); where neither fits the result says no
-    quantization fits.
+    fits, bf16 (no quantization), then fp8, then int8 weight-only. fp8 is recommended only where
+    every GPU has compute capability 8.9 or newer (Ada, Hopper and later), int8 where every GPU has
+    7.5 or newer (Turing, Ampere; so an A100 can hold a model that bf16 cannot); where none fits
+    the result says no quantization fits.
   - DeepSeek-V2/V3 configs (Multi-head Latent Attention, mixture of experts) are sized as the
     runtime serves them (all experts' weights in memory, a KV cache of one compressed latent per
     token and layer of kv_lora_rank + qk_rope_head_dim values), and the active parameters reported.
@@ -40,11 +41,13 @@ options:
     type: int
   dtype:
     description:
-      - Precision to check first (the runtime serves bf16/fp16 unquantized, and fp8). The
-        recommendation walks down from here (bf16, then fp8).
-      - fp8 on a GPU older than compute capability 8.9 does not fit, whatever the memory.
+      - Precision to check first (the runtime serves bf16/fp16 unquantized, fp8, and int8 as
+        W8A8 C(int8) or weight-only C(int8_weight_only)). The recommendation walks down from here
+        (bf16, then fp8, then int8_weight_only, measured the lower-loss int8).
+      - fp8 on a GPU older than compute capability 8.9 does not fit, whatever the memory; int8
+        needs 7.5.
     type: str
-    choices: [bf16, fp16, fp8]
+    choices: [bf16, fp16, fp8, int8, int8_weight_only]
     default: bf16
   context_length:
     description: Tokens per sequence (prompt + output) to reserve KV cache for.
@@ -136,8 +139,9 @@ need_gib:
   type: dict
 recommended_quantization:
   description: >-
-    The lowest-loss precision the runtime serves (from I(dtype) down: bf16, fp8) that fits, or
-    null if none does. fp8 only where every GPU has compute capability 8.9 or newer.
+    The lowest-loss precision the runtime serves (from I(dtype) down: bf16, fp8, int8_weight_only)
+    that fits, or null if none does. fp8 only where every GPU has compute capability 8.9 or newer,
+    int8 where every GPU has 7.5 or newer.
   returned: always
   type: str
 recommended_tensor_parallel_size:
@@ -167,13 +171,16 @@ import xml.etree.ElementTree as ET  # noqa: E402
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 GIB = 1 << 30
-# What the inferd runtime serves (runtime/inferd/config.py: the model's 16-bit dtype, or fp8):
-# a recommendation the runtime cannot serve (int8, int4) would only move the failure to its start.
-LADDER = ["bf16", "fp16", "fp8"]
-BYTES_PER_PARAM = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0}
-RECOMMEND_ORDER = ["bf16", "fp8"]  # loss order: 16-bit exact, then fp8
-# fp8 tensor cores (e4m3 matmuls) start with Ada (8.9) and Hopper (9.0).
+# What the inferd runtime serves (runtime/inferd/config.py: the model's 16-bit dtype, fp8, int8):
+# a recommendation the runtime cannot serve (int4) would only move the failure to its start.
+LADDER = ["bf16", "fp16", "fp8", "int8", "int8_weight_only"]
+BYTES_PER_PARAM = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int8_weight_only": 1.0}
+# Loss order: 16-bit exact, fp8, then int8 weight-only (SmolLM2 perplexity, BENCHMARKS.md: weight-only
+# int8 +0.0 %, fp8 W8A8 +3.3 %, int8 W8A8 +3.5 %; fp8 first for its speed where the card has it).
+RECOMMEND_ORDER = ["bf16", "fp8", "int8_weight_only"]
+# fp8 tensor cores (e4m3 matmuls) start with Ada (8.9) and Hopper (9.0); int8 ones with Turing (7.5).
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
+INT8_MIN_COMPUTE_CAPABILITY = (7, 5)
 
 
 def _capability(text) -> tuple | None:
@@ -184,10 +191,11 @@ def _capability(text) -> tuple | None:
         return None
 
 
-def fp8_supported(gpus: list) -> bool | None:
-    """True when every GPU has fp8 tensor cores, False when one lacks them, None when one's is unknown."""
+def fp8_supported(gpus: list, minimum: tuple = FP8_MIN_COMPUTE_CAPABILITY) -> bool | None:
+    """True when every GPU has fp8 tensor cores (or those of `minimum`), False when one lacks them,
+    None when one's is unknown."""
     caps = [_capability(g.get("compute_capability")) for g in gpus]
-    if any(c is not None and c < FP8_MIN_COMPUTE_CAPABILITY for c in caps):
+    if any(c is not None and c < minimum for c in caps):
         return False
     return None if any(c is None for c in caps) else True
 
@@ -267,12 +275,14 @@ def assess(
     if fp8 is None:
         no_fp8 = f"the compute capability of {gpus[0]['name']} is unknown, so fp8 is not assumed"
 
+    int8 = fp8_supported(gpus, INT8_MIN_COMPUTE_CAPABILITY)
+
     def fits_at(q: str) -> bool:
         in_memory = need(params, kv_bytes_per_token, q, context, concurrency, overhead_gib)["total"] <= usable
-        return in_memory and (q != "fp8" or fp8 is True)
+        return in_memory and (q != "fp8" or fp8 is True) and (not q.startswith("int8") or int8 is True)
 
     want = need(params, kv_bytes_per_token, dtype, context, concurrency, overhead_gib)
-    start = RECOMMEND_ORDER.index("bf16" if dtype == "fp16" else dtype)
+    start = RECOMMEND_ORDER.index({"fp16": "bf16", "int8": "int8_weight_only"}.get(dtype, dtype))
     recommended = next((q for q in RECOMMEND_ORDER[start:] if fits_at(q)), None)
     fits = fits_at(dtype)
     headroom = usable - want["total"]
@@ -287,7 +297,7 @@ def assess(
         f"{params / 1e9:.1f}B parameters at {dtype}: need {want['total']:.1f} GiB "
         f"(weights {want['weights']:.1f}, KV {want['kv_cache']:.1f} for {concurrency} x {context} tokens, "
         f"overhead {overhead_gib:.1f}) of {usable:.1f} GiB usable on {gpus[0]['name']}: "
-        + ("fits" if fits else ("does NOT fit" if dtype != "fp8" or fp8 is True else f"does NOT fit: {no_fp8}"))
+        + ("fits" if fits else f"does NOT fit{_unsupported(dtype, fp8, int8, no_fp8, gpus[0]['name'], caps)}")
         + verdict
     )
     return {
@@ -299,6 +309,15 @@ def assess(
         "recommended_quantization": recommended,
         "msg": msg,
     }
+
+
+def _unsupported(dtype: str, fp8, int8, no_fp8: str, name: str, caps: str) -> str:
+    """Why a precision the memory could hold still does not fit: the GPU lacks its tensor cores."""
+    if dtype == "fp8" and fp8 is not True:
+        return f": {no_fp8}"
+    if dtype.startswith("int8") and int8 is not True:
+        return f": {name} (compute capability {caps}) has no int8 tensor cores (it needs 7.5 or newer)"
+    return ""
 
 
 def recommend_tensor_parallel(gpus: list, need_gib: dict, usable_gib: float, heads: tuple = ()) -> int | None:

@@ -15,6 +15,10 @@ sys.path.insert(0, str(ROOT / "runtime"))
 HOSTS = {
     "defaults": {},
     "tuned": {"inference_runtime_host_kv_cache_gb": 48, "inference_runtime_compile_cache_dir": ""},
+    "spec": {"inference_runtime_speculative": {"method": "ngram", "num_speculative_tokens": 3}},
+    # What playbooks/assess.yml publishes on an A100 where bf16 and fp8 do not fit, and where bf16 fits.
+    "a100": {"inference_runtime_device": "cuda", "gpu_assess_recommended_quantization": "int8_weight_only"},
+    "roomy": {"inference_runtime_device": "cuda", "gpu_assess_recommended_quantization": "bf16"},
 }
 
 
@@ -48,3 +52,18 @@ def test_the_host_tier_size_reaches_the_engine_and_the_compile_cache_can_be_turn
     assert "compile_cache_dir" not in cfg
     engine = ServerConfig(**cfg).engine_config(cfg["model"])
     assert engine.host_kv_cache_gb == 48 and engine.compile_cache_dir is None
+
+
+def test_speculative_decoding_reaches_the_engine(rendered):
+    pytest.importorskip("pydantic")
+    from inferd.server.config import ServerConfig
+
+    assert "speculative" not in rendered["defaults"]
+    cfg = rendered["spec"]
+    spec = ServerConfig(**cfg).engine_config(cfg["model"]).speculative
+    assert (spec.method, spec.num_speculative_tokens) == ("ngram", 3)
+
+
+def test_the_assessed_int8_recommendation_is_served_and_bf16_is_no_quantization(rendered):
+    assert rendered["a100"]["quantization"] == "int8_weight_only"
+    assert "quantization" not in rendered["roomy"]

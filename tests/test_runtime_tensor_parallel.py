@@ -34,11 +34,18 @@ def rendered(tmp_path_factory):
                 },
                 "refuse": {
                     "hosts": {
+                        # Speculative decoding runs on one GPU only: refused before the service starts.
+                        "tp2_speculative": {
+                            **cuda,
+                            "inference_runtime_nvidia_devices": TWO_GPUS,
+                            "inference_runtime_tensor_parallel_size": 2,
+                            "inference_runtime_speculative": {"method": "ngram"},
+                        },
                         "tp2_one_gpu": {
                             **cuda,
                             "inference_runtime_nvidia_devices": ["/dev/nvidia0"],
                             "inference_runtime_tensor_parallel_size": 2,
-                        }
+                        },
                     }
                 },
             },
@@ -77,3 +84,9 @@ def test_the_preflight_refuses_a_size_without_as_many_gpus(rendered):
     _, r = rendered
     assert r.returncode != 0
     assert "inference_runtime_tensor_parallel_size is 2" in r.stdout and "(it lists 1)" in r.stdout, r.stdout[-3000:]
+
+
+def test_the_preflight_refuses_speculative_decoding_over_several_gpus(rendered):
+    _, r = rendered
+    assert "tp2_speculative" in r.stdout and 'inference_runtime_speculative is {"method": "ngram"}' in r.stdout, r.stdout[-3000:]
+    assert "inference_runtime_tensor_parallel_size 1 (it is 2)" in r.stdout

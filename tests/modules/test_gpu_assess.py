@@ -225,13 +225,22 @@ def test_fp8_is_recommended_only_on_compute_capability_8_9_or_newer():
     # 70B at bf16 does not fit 80 GB; at fp8 it would. Hopper (9.0) gets fp8:
     r = ga.assess(H100, *shape(LLAMA_70B), "bf16", 4096, 1, 0.95, 2.0)
     assert r["fp8_supported"] is True and r["recommended_quantization"] == "fp8"
-    # Ampere (8.0) has no fp8 tensor cores: nothing the runtime serves fits, and it says why.
+    # Ampere (8.0) has no fp8 tensor cores but int8 ones: weight-only int8 (1 byte a parameter).
     r = ga.assess(A100, *shape(LLAMA_70B), "bf16", 4096, 1, 0.95, 2.0)
-    assert r["fp8_supported"] is False and r["recommended_quantization"] is None and not r["fits"]
-    assert "no quantization fits one GPU" in r["msg"] and "compute capability 8.0" in r["msg"]
+    assert r["fp8_supported"] is False and r["recommended_quantization"] == "int8_weight_only" and not r["fits"]
+    # Volta (7.0) has neither: nothing the runtime serves fits, and it says why.
+    volta = [{**A100[0], "name": "Tesla V100-SXM2-32GB", "compute_capability": "7.0", "memory_total_mib": 81920}]
+    r = ga.assess(volta, *shape(LLAMA_70B), "bf16", 4096, 1, 0.95, 2.0)
+    assert r["recommended_quantization"] is None and not r["fits"]
+    assert "no quantization fits one GPU" in r["msg"] and "compute capability 7.0" in r["msg"]
+    r = ga.assess(volta, *shape(LLAMA_8B), "int8", 4096, 1, 0.95, 2.0)
+    assert not r["fits"] and "no int8 tensor cores" in r["msg"]
+    # Pinned int8 on Hopper is sized at 1 byte a parameter, like fp8.
+    r8, rf = (ga.assess(H100, *shape(LLAMA_70B), q, 4096, 1, 0.95, 2.0) for q in ("int8", "fp8"))
+    assert r8["fits"] and r8["need_gib"] == rf["need_gib"]
     # Asked for fp8 outright, Ampere does not fit it either, whatever its memory.
     r = ga.assess(A100, *shape(LLAMA_8B), "fp8", 4096, 1, 0.95, 2.0)
-    assert not r["fits"] and r["recommended_quantization"] is None and "has no fp8" in r["msg"]
+    assert not r["fits"] and r["recommended_quantization"] == "int8_weight_only" and "has no fp8" in r["msg"]
     # One Ampere card among Hoppers rules fp8 out for the host; an unknown capability is not assumed.
     assert ga.fp8_supported(H100 + A100) is False
     assert ga.fp8_supported(H100 + [{"name": "?", "memory_total_mib": 81559}]) is None
@@ -244,14 +253,16 @@ def test_fp8_is_recommended_only_on_compute_capability_8_9_or_newer():
 
 def test_only_formats_the_runtime_serves_are_recommended():
     runtime_config = (ROOT / "runtime" / "inferd" / "config.py").read_text()
-    assert 'Quantization = Literal["fp8"]' in runtime_config  # what the runtime serves besides its dtype
-    assert set(ga.RECOMMEND_ORDER) == {"bf16", "fp8"} and set(ga.LADDER) <= {"bf16", "fp16", "fp8"}
-    # A model too big even for fp8 on an 80 GB card: int4 would fit, and is never offered.
+    # what the runtime serves besides its dtype
+    assert 'Quantization = Literal["fp8", "int8", "int8_weight_only"]' in runtime_config
+    assert set(ga.RECOMMEND_ORDER) == {"bf16", "fp8", "int8_weight_only"}
+    assert set(ga.LADDER) <= {"bf16", "fp16", "fp8", "int8", "int8_weight_only"}
+    # A model too big even for 8 bits on an 80 GB card: int4 would fit, and is never offered.
     huge = {**LLAMA_70B, "num_hidden_layers": 120}
     assert ga.need(*shape(huge), "fp8", 4096, 1, 2.0)["total"] > 81559 / 1024 * 0.95
     r = ga.assess(H100, *shape(huge), "bf16", 4096, 1, 0.95, 2.0)
     assert r["recommended_quantization"] is None and "no quantization fits one GPU" in r["msg"]
-    assert "int4" not in r["msg"] and "int8" not in r["msg"]
+    assert "int4" not in r["msg"]
 
 
 def test_compute_capability_from_the_nvidia_smi_query():
