@@ -106,6 +106,14 @@ def run_info(args) -> dict:
     return info
 
 
+def free_device_memory(device: str) -> None:
+    """What a finished phase left (cycles of modules, the caching allocator's blocks) goes back to
+    the card before the next phase sizes its KV cache from the free memory."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def copy_bandwidth(device: str) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read + written."""
     n = (1 << 30) if device.startswith("cuda") else (1 << 26)
@@ -290,15 +298,11 @@ def bench_shape(name: str, args, bandwidth: float) -> dict:
                     res[f"hf_generate_batch_{n}"] = hf_generate_batch(hf, prompts, args.output_len, device)
                 except Exception as e:  # a peer failing is a result to report, not a reason to stop
                     res[f"hf_generate_batch_{n}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                gc.collect()
-                if device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+                free_device_memory(device)
         print(json.dumps({k: v for k, v in res.items() if k.startswith("hf_")}), flush=True)  # kept if the run is cut
         state = {k: v.to("cpu") for k, v in hf.state_dict().items()}
         del hf
-        gc.collect()
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        free_device_memory(device)
         for variant in args.quantization:
             key = variant_key(variant)
             t = time.perf_counter()
@@ -340,10 +344,9 @@ def bench_shape(name: str, args, bandwidth: float) -> dict:
                     ours["x_hf_generate"] = ours["output_tok_s"] / peer["output_tok_s"]
                     ours["x_hf_generate_first_run"] = ours["output_tok_s"] / peer["runs_tok_s"][0]
             print(json.dumps({k: v for k, v in res.items() if k.startswith(key)}), flush=True)
+            engine.close()
             del engine
-            gc.collect()
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            free_device_memory(device)
         del state
     return res
 

@@ -21,7 +21,6 @@ engine runs one step ahead, so this is approximate by one step).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from bench_engine import SHAPES, copy_bandwidth, percentile, sync  # noqa: E402
+from bench_engine import SHAPES, copy_bandwidth, free_device_memory, percentile, sync  # noqa: E402
 from bench_tp import write_config  # noqa: E402
 from random_shards import RandomShardRunner  # noqa: E402
 
@@ -221,12 +220,6 @@ def build(args, tmp: str, **kw) -> LLMEngine:
     return LLMEngine(config, weights=iter(()), runner_cls=RandomShardRunner)
 
 
-def free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
@@ -299,11 +292,11 @@ def main() -> int:
                 print(json.dumps({"b_prefix_heavy": r}), flush=True)
                 save()
             del engine
-            free(args.device)
+            free_device_memory(args.device)
         if "c" in args.loads:
             r = res["c_host_tier"] = host_tier(args, tmp, rand, gpu_blocks)
             print(json.dumps({"c_host_tier": r}), flush=True)
-            free(args.device)
+            free_device_memory(args.device)
     save()
     return 0
 

@@ -17,7 +17,6 @@ epilogue), and W8A16 through the Triton kernel and through gpt-fast's eager line
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import tempfile
@@ -30,7 +29,17 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_engine import SHAPES, build_engine, build_hf_model, copy_bandwidth, graph_us, replay_ms, run_info, run_ours  # noqa: E402
+from bench_engine import (  # noqa: E402
+    SHAPES,
+    build_engine,
+    build_hf_model,
+    copy_bandwidth,
+    free_device_memory,
+    graph_us,
+    replay_ms,
+    run_info,
+    run_ours,
+)
 
 from inferd.eval import greedy, greedy_agreement, score  # noqa: E402
 from inferd.layers.int8 import (  # noqa: E402
@@ -121,7 +130,7 @@ def bench(args, bandwidth: float) -> dict:
         res["bf16_weight_bytes"] = sum(p.numel() * p.element_size() for p in hf.parameters())
         state = {k: v.to("cpu") for k, v in hf.state_dict().items()}
         del hf
-        _free(args.device)
+        free_device_memory(args.device)
         for variant in args.variants:
             t = time.perf_counter()
             engine = build_engine(
@@ -155,7 +164,7 @@ def bench(args, bandwidth: float) -> dict:
             print(json.dumps({variant: r}), flush=True)
             engine.close()
             del engine
-            _free(args.device)
+            free_device_memory(args.device)
     base = res.get("none")
     for variant in args.variants:
         if base and variant != "none":
@@ -170,12 +179,6 @@ def bench(args, bandwidth: float) -> dict:
                 "greedy_tokens": args.greedy_tokens,
             }
     return res
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
 
 
 def main() -> int:
