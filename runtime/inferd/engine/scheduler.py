@@ -11,6 +11,10 @@ priority class and, within it, of the tenant with the fewest sequences running (
 sequences, so one request with n=8 weighs eight); a victim of preemption is taken from the lowest
 class and the tenant holding the most. The waiting queue is bounded: a request that would overfill
 it is refused (QueueFull) before any of its sequences is queued.
+
+A waiting sequence whose next uncached prompt block a running sequence is computing waits for that
+block to be committed instead of computing it again (prefix_share.py); the next one in the order
+above takes its place.
 """
 
 from __future__ import annotations
