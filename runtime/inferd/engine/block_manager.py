@@ -117,6 +117,10 @@ class BlockManager:
             self.prefix_hits += seq.num_cached_tokens
         seq.num_computed_tokens = seq.num_cached_tokens
 
+    def is_cached(self, block_hash: bytes) -> bool:
+        """Whether allocate_prompt would take `block_hash` from the cache (GPU or host tier)."""
+        return block_hash in self.hash_to_block or (self.host_cache is not None and self.host_cache.lookup(block_hash))
+
     def _restore(self, block_hash: bytes) -> int | None:
         """A GPU block holding the host tier's copy of `block_hash`, registered in the prefix
         cache; None when the host tier lacks it or no GPU block is free."""

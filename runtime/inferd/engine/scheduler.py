@@ -11,6 +11,10 @@ priority class and, within it, of the tenant with the fewest sequences running (
 sequences, so one request with n=8 weighs eight); a victim of preemption is taken from the lowest
 class and the tenant holding the most. The waiting queue is bounded: a request that would overfill
 it is refused (QueueFull) before any of its sequences is queued.
+
+A waiting sequence whose next uncached prompt block a running sequence is computing waits for that
+block to be committed instead of computing it again (prefix_share.py); the next one in the order
+above takes its place.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections import Counter, deque
 
 from inferd.config import EngineConfig
 from inferd.engine.block_manager import BlockManager
+from inferd.engine.prefix_share import PrefixWaits
 from inferd.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 
 
@@ -36,6 +41,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.prefix_waits = PrefixWaits(block_manager)
 
     def add(self, seq: Sequence) -> None:
         self.add_all([seq])
@@ -49,11 +55,13 @@ class Scheduler:
     def _running_per_tenant(self) -> Counter:
         return Counter(s.tenant for s in self.running)
 
-    def _next_waiting(self, held: Counter) -> Sequence:
+    def _next_waiting(self, held: Counter, deferred: set[int]) -> Sequence | None:
         """The waiting sequence that gets the next place in the batch (see the module docstring);
-        `held` counts each tenant's running sequences. Ties go to the earliest in the queue, where
-        preempted sequences are put back."""
-        return min(self.waiting, key=lambda s: (-s.priority, held[s.tenant]))
+        `held` counts each tenant's running sequences; those in `deferred` (ids) wait for a prefix
+        another sequence is computing (prefix_share.py). Ties go to the earliest in the queue,
+        where preempted sequences are put back."""
+        candidates = (s for s in self.waiting if id(s) not in deferred)
+        return min(candidates, key=lambda s: (-s.priority, held[s.tenant]), default=None)
 
     def _victim(self, candidates: list[Sequence] | None = None) -> Sequence:
         """The running sequence (of `candidates`, default all) to preempt: lowest class, then the
@@ -104,10 +112,17 @@ class Scheduler:
             batch.append(seq)
         room = self.waiting and len(self.running) < self.max_num_seqs
         held = self._running_per_tenant() if room else Counter()
+        computing = self.prefix_waits.uncommitted(self.running) if room else set()
+        deferred: set[int] = set()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self._next_waiting(held)
+            seq = self._next_waiting(held, deferred)
+            if seq is None:
+                break
             if seq.has_pending_token:
                 break  # preempted in this very schedule with its last token still on the device
+            if self.prefix_waits.must_wait(seq, computing):
+                deferred.add(id(seq))
+                continue
             bm.allocate_prompt(seq)
             chunk = min(len(seq) - seq.num_computed_tokens, budget)
             if not bm.can_allocate(bm.blocks_needed(seq, seq.num_computed_tokens + chunk)):
@@ -120,6 +135,7 @@ class Scheduler:
             self.waiting.remove(seq)
             self.running.append(seq)
             held[seq.tenant] += 1
+            computing |= self.prefix_waits.uncommitted([seq])
             batch.append(seq)
         return batch
 
