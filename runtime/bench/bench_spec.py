@@ -15,6 +15,15 @@ Plain decoding gets the roofline: weight bytes over measured device-to-device co
 
     python runtime/bench/bench_spec.py --out $OUT/spec.json                    # one H200, ~3 min
     python runtime/bench/bench_spec.py --device cpu --target tiny --draft tiny-draft --text-tokens 200 --new-tokens 24
+
+With --model DIR (a real Hugging Face model directory) it compares plain decoding with prompt lookup
+on real tasks instead, each prompt rendered by the model's own chat template: rewrite a text fixing
+its typos (the answer copies the text: where prompt lookup should shine, at k = 2, 4 and 8),
+summarise it (some copying), and a free question (no copying: the control). Acceptance here is a
+property of the model and the task, so it carries over to the GPU; ms/token does not.
+
+    python runtime/bench/bench_spec.py --model "$(scripts/demo-model.sh)" --device cpu --repeats 1 \
+        --out docs/bench/2026-11-30-cpu-spec-smollm2.json
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -100,9 +110,9 @@ def force_acceptance(engine: LLMEngine, counts: dict, oracle: list[int]) -> None
 speculative_verify = speculative.verify
 
 
-def timed_generation(engine: LLMEngine, prompt: list[int], new_tokens: int, device: str) -> dict:
+def timed_generation(engine: LLMEngine, prompt: list[int] | str, new_tokens: int, device: str, ignore_eos: bool = True) -> dict:
     """One request alone: TTFT and the decode rate after the first token."""
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=ignore_eos)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -192,8 +202,12 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--model", default=None, help="a real HF model directory: plain vs ngram on real tasks")
+    ap.add_argument("--ks", default="2,4,8", help="with --model: the k values tried on the rewrite task")
     args = ap.parse_args()
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    if args.model:
+        return main_real(args)
     result = {"info": run_info(args), "task": "edit a given text (batch 1, greedy)", "runs": {}}
     if args.device.startswith("cuda"):
         bandwidth = copy_bandwidth(args.device)
@@ -234,6 +248,111 @@ def main() -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
     return 0
+
+
+DATA = Path(__file__).resolve().parent / "data"
+REAL_TASKS = {
+    # name: (instruction before the text or None for no text, what the answer does with the text)
+    "rewrite": ("Rewrite the following text, fixing only the spelling mistakes:", "copies it"),
+    "summarise": ("Summarise the following text:", "copies some phrases"),
+    "free_question": (None, "no text to copy (control)"),
+}
+FREE_QUESTION = "Explain in a few paragraphs how a refrigerator keeps food cold."
+
+
+def real_prompt(engine: LLMEngine, task: str, text: str) -> str:
+    """The task's user message through the model's own chat template."""
+    instruction = REAL_TASKS[task][0]
+    content = f"{instruction}\n\n{text}" if instruction else FREE_QUESTION
+    return engine.tokenizer.apply_chat_template([{"role": "user", "content": content}])
+
+
+def count_verify_steps(engine: LLMEngine, counts: dict) -> None:
+    """Counts the engine's speculative steps and those that had a draft (prompt lookup finds none
+    where the newest n-gram never occurred before): the denominators of tokens per verify step."""
+    spec = engine.spec
+    real_draft, real_step = spec._draft, spec.step
+
+    def draft(batch, ks, sampler):
+        drafts, qs = real_draft(batch, ks, sampler)
+        counts["steps_with_draft"] += sum(1 for d in drafts if d)
+        return drafts, qs
+
+    def step(*a, **kw):
+        counts["verify_steps"] += 1
+        return real_step(*a, **kw)
+
+    spec._draft, spec.step = draft, step
+
+
+def real_run(args, prompt: str, k: int | None, plain_output: list[int] | None) -> dict:
+    """One request of `prompt` (greedy, stopping at the end of turn or new_tokens) with prompt lookup
+    of k drafts, or plain decoding where k is None; the best of args.repeats timed runs."""
+    spec = None if k is None else dict(method="ngram", num_speculative_tokens=k, ngram_min=1, ngram_max=4)
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_model_len=2048, speculative=spec)
+    engine = LLMEngine(config)
+    counts = {"verify_steps": 0, "steps_with_draft": 0}
+    try:
+        timed_generation(engine, "Hello", 8, args.device, ignore_eos=False)  # warm-up (allocator, kernels)
+        if k is not None:
+            count_verify_steps(engine, counts)
+        before = engine.stats()
+        runs = [timed_generation(engine, prompt, args.new_tokens, args.device, ignore_eos=False) for _ in range(args.repeats)]
+        best = min(runs, key=lambda r: r["ms_per_token"])
+        output = best.pop("token_ids")
+        best["all_ms_per_token"] = [r["ms_per_token"] for r in runs]
+        best["output_text"] = engine.tokenizer.decode(output)
+        if plain_output is None:
+            best["token_ids"] = output
+            return best
+        best["same_output_as_plain"] = output == plain_output
+        stats, steps = engine.stats(), max(counts["verify_steps"], 1)
+        drafted = stats.spec_draft_tokens - before.spec_draft_tokens
+        accepted = stats.spec_accepted_tokens - before.spec_accepted_tokens
+        best.update(
+            drafted=drafted,
+            accepted=accepted,
+            acceptance_rate=accepted / max(drafted, 1),
+            verify_steps=counts["verify_steps"],
+            steps_with_draft=counts["steps_with_draft"],
+            mean_accepted_per_verify_step=accepted / steps,
+            mean_accepted_per_drafted_step=accepted / max(counts["steps_with_draft"], 1),
+            tokens_per_verify_step=(accepted + counts["verify_steps"]) / steps,
+        )
+        return best
+    finally:
+        engine.close()
+
+
+def main_real(args) -> int:
+    """Plain vs prompt lookup on a real model: per task, acceptance and ms/token."""
+    text = (DATA / "spec_typos.txt").read_text().strip()
+    probe = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_model_len=2048))
+    prompts = {task: real_prompt(probe, task, text) for task in REAL_TASKS}
+    prompt_tokens = {task: len(probe.tokenizer.encode(p)) for task, p in prompts.items()}
+    probe.close()
+    ks = [int(k) for k in args.ks.split(",")]
+    result = {
+        "info": run_info(args) | {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "model": args.model,
+        "text": "runtime/bench/data/spec_typos.txt",
+        "setup": f"batch 1, greedy, at most {args.new_tokens} new tokens (stops at end of turn), ngram_min 1, ngram_max 4",
+        "tasks": {},
+    }
+    for task, (_, kind) in REAL_TASKS.items():
+        runs = {"plain": real_run(args, prompts[task], None, None)}
+        plain_output = runs["plain"].pop("token_ids")
+        for k in ks if task == "rewrite" else [4]:
+            r = real_run(args, prompts[task], k, plain_output)
+            r["speedup_vs_plain"] = runs["plain"]["ms_per_token"] / r["ms_per_token"]
+            runs[f"ngram_k{k}"] = r
+            print(task, k, json.dumps({n: v for n, v in r.items() if n != "output_text"}), flush=True)
+        result["tasks"][task] = {"answer": kind, "prompt_tokens": prompt_tokens[task], "runs": runs}
+        if args.out:  # kept if the run is cut short
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0 if all(r.get("same_output_as_plain", True) for t in result["tasks"].values() for r in t["runs"].values()) else 1
 
 
 if __name__ == "__main__":
