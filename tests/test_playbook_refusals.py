@@ -48,15 +48,19 @@ def test_assess_stops_the_play_when_the_pinned_precision_does_not_fit(fake_nvidi
     assert "fits; lowest-loss quantization that fits: fp8" in r.stdout
 
 
-def test_assess_takes_fp8_where_bf16_does_not_fit_and_the_gpu_has_it(fake_nvidia_smi):
+def test_assess_takes_fp8_where_bf16_does_not_fit_and_the_gpu_has_it_else_int8(fake_nvidia_smi):
     # Quantization left to the assessment (the device inventory does not set it): fp8 is taken.
     r = run_assess(fake_nvidia_smi("9.0"), assess_dtype="bf16", **SEVENTY_B)
     assert r.returncode == 0, r.stdout
     assert "does NOT fit; lowest-loss quantization that fits: fp8" in r.stdout and "precision fp8" in r.stdout
-    # The same memory on a GPU without fp8 (compute capability 8.0): nothing the runtime serves fits.
+    # The same memory on a GPU without fp8 but with int8 (compute capability 8.0, an A100): int8 weights.
     r = run_assess(fake_nvidia_smi("8.0"), assess_dtype="bf16", **SEVENTY_B)
+    assert r.returncode == 0, r.stdout
+    assert "lowest-loss quantization that fits: int8_weight_only" in r.stdout and "precision int8_weight_only" in r.stdout
+    # Without either (compute capability 7.0): nothing the runtime serves fits.
+    r = run_assess(fake_nvidia_smi("7.0"), assess_dtype="bf16", **SEVENTY_B)
     assert r.returncode != 0
-    assert "no quantization fits one GPU" in r.stdout and "compute capability 8.0" in r.stdout
+    assert "no quantization fits one GPU" in r.stdout and "compute capability 7.0" in r.stdout
     assert "Use a larger GPU" in r.stdout
 
 
