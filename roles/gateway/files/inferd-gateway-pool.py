@@ -6,9 +6,9 @@ every backend's GET /ready, rewrites the upstream file with a failing backend ma
 reloads nginx gracefully (streams in flight finish on the old workers) only when the set changed.
 A backend that answers /ready again is put back the same way.
 
-Which ports of a host take traffic: every port of `ports`, weight 1, unless WEIGHTS_DIR/NAME.json
-({"PORT": weight}, written by roles/release while it switches colours) names them; a port of
-weight 0 there takes no new requests (it is draining, or stopped).
+Which ports of a host take traffic: every port of `ports`, weight 100, unless WEIGHTS_DIR/NAME.json
+({"PORT": weight}, written by roles/release while it switches colours, its weights summing to 100
+per host) names them; a port of weight 0 there takes no new requests (it is draining, or stopped).
 
 Usage: inferd-gateway-pool.py CONFIG [--once | --interval SECONDS]
   --once prints a JSON line {"changed": bool, "backends": [...]} and exits (0, or 1 when nginx
@@ -28,13 +28,17 @@ import urllib.request
 from pathlib import Path
 
 REQUIRED = ("upstream_file", "weights_dir", "backends")
+# A host's share: roles/release splits 100 between its colours during a canary window.
+DEFAULT_WEIGHT = 100
 
 
 def load_config(path: str) -> dict:
     try:
         cfg = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read the pool config {path}: {e}; the gateway role writes it (gateway_pool_hosts)")
+        raise SystemExit(
+            f"error: cannot read the pool config {path}: {e}; the gateway role writes it (gateway_pool_hosts)"
+        ) from None
     missing = [k for k in REQUIRED if k not in cfg]
     bad = [b for b in cfg.get("backends", []) if not b.get("name") or not b.get("address") or not b.get("ports")]
     if missing or bad:
@@ -46,12 +50,12 @@ def weights(cfg: dict, backend: dict) -> dict[int, int]:
     """The ports of a backend that take traffic, with their weights."""
     f = Path(cfg["weights_dir"]) / f"{backend['name']}.json"
     if not f.exists():
-        return {int(p): 1 for p in backend["ports"]}
+        return {int(p): DEFAULT_WEIGHT for p in backend["ports"]}
     try:
         given = {int(p): int(w) for p, w in json.loads(f.read_text()).items()}
     except (OSError, ValueError) as e:  # a broken file must not empty the pool: every port, as without one
         print(f"warning: {f} unreadable ({e}); probing every port of {backend['name']}", file=sys.stderr)
-        return {int(p): 1 for p in backend["ports"]}
+        return {int(p): DEFAULT_WEIGHT for p in backend["ports"]}
     return {p: w for p, w in given.items() if w > 0}
 
 
