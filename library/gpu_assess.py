@@ -20,6 +20,9 @@ description:
     fits, bf16 (no quantization) then fp8. fp8 is recommended only where every GPU has compute
     capability 8.9 or newer (Ada, Hopper and later); where neither fits the result says no
     quantization fits.
+  - DeepSeek-V2/V3 configs (Multi-head Latent Attention, mixture of experts) are sized as the
+    runtime serves them (all experts' weights in memory, a KV cache of one compressed latent per
+    token and layer of kv_lora_rank + qk_rope_head_dim values), and the active parameters reported.
   - Changes nothing on the host; safe in check mode.
   - On a host without an NVIDIA GPU it returns C(gpus=[]), C(fits=false) and a message that says
     so; it does not fail. The play decides (see C(playbooks/assess.yml)).
@@ -73,6 +76,12 @@ EXAMPLES = r"""
     concurrency: 16
   register: assessment
 
+- name: Assess DeepSeek-V2-Lite (15.7B parameters, 2.4B active, a 31,104-byte latent per token)
+  gpu_assess:
+    model_config: /var/lib/inferd/models/current/config.json
+    context_length: 8192
+    concurrency: 64
+
 - name: Assess a 70B model by size alone, served in fp8
   gpu_assess:
     params_billion: 70.6
@@ -105,6 +114,14 @@ source:
   description: Where the GPU facts came from (nvml, nvidia-smi, or none).
   returned: always
   type: str
+model:
+  description: >-
+    The model's sizes: C(params) (all), C(active_params) (read per token: a mixture of experts
+    reads only its chosen experts) and C(kv_bytes_per_token) (16-bit). Active is null when the
+    model was given by size alone.
+  returned: always
+  type: dict
+  sample: {params: 15706484224, active_params: 2451435008, kv_bytes_per_token: 31104}
 fits:
   description: Whether the model fits one GPU at I(dtype) (and, for fp8, the GPUs support fp8).
   returned: always
@@ -123,6 +140,14 @@ recommended_quantization:
     null if none does. fp8 only where every GPU has compute capability 8.9 or newer.
   returned: always
   type: str
+recommended_tensor_parallel_size:
+  description: >-
+    GPUs to split the model over at I(dtype) (the runtime's inference_runtime_tensor_parallel_size):
+    1 where one GPU holds it, else the smallest of 2, 4, 8 that this host has, that divides the
+    model's attention and KV heads (when I(model_config) gives them) and whose per-GPU share of the
+    weights and KV cache fits; null when none does.
+  returned: when a GPU was found
+  type: int
 fp8_supported:
   description: Whether every GPU has compute capability 8.9 or newer (null when a GPU's is unknown).
   returned: when a GPU was found
@@ -169,7 +194,10 @@ def fp8_supported(gpus: list) -> bool | None:
 
 # ---- model sizing --------------------------------------------------------------------------
 def model_shape(config: dict) -> dict:
-    """Parameter count and KV bytes per token (16-bit) from a Hugging Face config."""
+    """Parameters (all, and active: what one token's forward pass reads, less the one embedding
+    row it looks up) and KV-cache bytes per token (16-bit) from a Hugging Face config."""
+    if config.get("kv_lora_rank"):
+        return deepseek_shape(config)
     h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
@@ -179,7 +207,34 @@ def model_shape(config: dict) -> dict:
     mlp = 3 * h * inter
     embed = vocab * h * (1 if config.get("tie_word_embeddings") else 2)
     params = layers * (attn + mlp + 2 * h) + embed + h
-    return {"params": params, "kv_bytes_per_token": 2 * layers * kv_heads * head_dim * 2}
+    active = params - (0 if config.get("tie_word_embeddings") else vocab * h)
+    return {"params": params, "active_params": active, "kv_bytes_per_token": 2 * layers * kv_heads * head_dim * 2}
+
+
+def deepseek_shape(config: dict) -> dict:
+    """DeepSeek-V2/V3 (MLA and a mixture of experts). The cache holds one latent per token and
+    layer, kv_lora_rank + qk_rope_head_dim values (576 for V2/V3), not expanded keys and values.
+    The multi-token-prediction layers (V3's num_nextn_predict_layers) are not counted: the
+    runtime does not load them."""
+    h, layers, heads = config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]
+    vocab = config["vocab_size"]
+    q_lora, kv_lora = config.get("q_lora_rank"), config["kv_lora_rank"]
+    nope, rope, v = config.get("qk_nope_head_dim", 128), config.get("qk_rope_head_dim", 64), config.get("v_head_dim", 128)
+    q = h * heads * (nope + rope) if not q_lora else h * q_lora + q_lora + q_lora * heads * (nope + rope)
+    attn = q + h * (kv_lora + rope) + kv_lora + kv_lora * heads * (nope + v) + heads * v * h
+    experts, k = config.get("n_routed_experts") or 0, config.get("num_experts_per_tok") or 0
+    expert = 3 * h * config.get("moe_intermediate_size", 0)
+    router = experts * h + (experts if config.get("topk_method") == "noaux_tc" else 0)
+    shared = (config.get("n_shared_experts") or 0) * expert
+    dense_mlp = 3 * h * config["intermediate_size"]
+    freq, first_dense = config.get("moe_layer_freq") or 1, config.get("first_k_dense_replace") or 0
+    moe_layers = sum(1 for i in range(layers) if experts and i >= first_dense and i % freq == 0)
+    dense_layers = layers - moe_layers
+    embed = vocab * h * (1 if config.get("tie_word_embeddings") else 2)
+    base = layers * (attn + 2 * h) + dense_layers * dense_mlp + h
+    params = base + moe_layers * (router + shared + experts * expert) + embed
+    active = base + moe_layers * (router + shared + k * expert) + embed - (0 if config.get("tie_word_embeddings") else vocab * h)
+    return {"params": params, "active_params": active, "kv_bytes_per_token": layers * (kv_lora + rope) * 2}
 
 
 def need(params: float, kv_bytes_per_token: int, dtype: str, context: int, concurrency: int, overhead_gib: float) -> dict:
@@ -244,6 +299,24 @@ def assess(
         "recommended_quantization": recommended,
         "msg": msg,
     }
+
+
+def recommend_tensor_parallel(gpus: list, need_gib: dict, usable_gib: float, heads: tuple = ()) -> int | None:
+    """Weights and KV cache split evenly over the ranks (by heads); the overhead is per GPU."""
+    for tp in (1, 2, 4, 8):
+        if tp > len(gpus) or any(h % tp for h in heads):
+            continue
+        if (need_gib["weights"] + need_gib["kv_cache"]) / tp + need_gib["overhead"] <= usable_gib:
+            return tp
+    return None
+
+
+def _heads(path: str) -> tuple:
+    """The attention and KV heads a tensor-parallel size must divide."""
+    with open(path) as f:
+        config = json.load(f)
+    heads = config.get("num_attention_heads")
+    return tuple(h for h in (heads, config.get("num_key_value_heads") or heads) if h)
 
 
 # ---- GPU facts -----------------------------------------------------------------------------
@@ -411,7 +484,7 @@ def main():
         with open(p["model_config"]) as f:
             shape = model_shape(json.load(f))
     else:
-        shape = {"params": p["params_billion"] * 1e9, "kv_bytes_per_token": p["kv_bytes_per_token"]}
+        shape = {"params": p["params_billion"] * 1e9, "active_params": None, "kv_bytes_per_token": p["kv_bytes_per_token"]}
     gpus, source = discover()
     result = assess(
         gpus,
@@ -423,7 +496,12 @@ def main():
         p["gpu_memory_utilization"],
         p["overhead_gib"],
     )
-    module.exit_json(changed=False, gpus=gpus, source=source, **result)
+    if gpus:
+        heads = _heads(p["model_config"]) if p["model_config"] else ()
+        result["recommended_tensor_parallel_size"] = recommend_tensor_parallel(
+            gpus, result["need_gib"], result["usable_gib"], heads
+        )
+    module.exit_json(changed=False, gpus=gpus, source=source, model=shape, **result)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,15 @@ def dashboards() -> dict[str, dict]:
                 [q(f"rate({m.AUDIT_RECORDS}[5m])", "written/s"), q(m.AUDIT_RING_DEPTH, "queued"), q(m.AUDIT_DROPPED, "dropped")],
             ),
             ("Rate-limited requests", "reqps", [q(f"sum by (reason) (rate({m.RATE_LIMITED}[5m]))", "{{reason}}")]),
+            # In-place upgrades (POST /admin/model/swap): how many, how they ended, how long serving paused.
+            (
+                "In-place model swaps",
+                "short",
+                [
+                    q(f"sum by (result) (increase({m.MODEL_SWAPS}[1h]))", "{{result}} (1h)"),
+                    q(m.MODEL_SWAP_PAUSE, "last pause (s)"),
+                ],
+            ),
             # Which release serves (playbooks/upgrade.yml): one line per model digest and runtime version.
             (
                 "Serving release",

@@ -7,16 +7,10 @@ assessment."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
+from runtime_role import LOCAL, ROOT, preflight_play, render_play, role_vars, run_playbook
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-ROLE = ROOT / "roles/inference_runtime"
 ASSESSED = {"gpu_assess_numa_node": "1", "gpu_assess_local_cpus": "52-103,156-207", "gpu_assess_recommended_quantization": "fp8"}
 HOSTS = {
     # host: (host vars, expected quantization, expected CPUAffinity, expected NUMAMask)
@@ -61,12 +55,6 @@ def rendered(tmp_path_factory):
     xml = ROOT / "tests/modules/fixtures/nvidia-smi-q-h200.xml"
     smi.write_text(f'#!/bin/sh\ncase "$1" in --query-gpu=*) echo "00000000:00:06.0, 9.0" ;; *) cat {xml} ;; esac\n')
     smi.chmod(0o755)
-    local = {"ansible_connection": "local", "ansible_python_interpreter": "{{ ansible_playbook_python }}"}
-    # The role's defaults and its vars, as the role itself would see them.
-    defaults = {
-        **yaml.safe_load((ROLE / "defaults/main.yml").read_text()),
-        **yaml.safe_load((ROLE / "vars/main.yml").read_text()),
-    }
     seventy_b = {
         "assess_params_billion": 70.55,
         "assess_kv_bytes_per_token": 327680,
@@ -75,7 +63,7 @@ def rendered(tmp_path_factory):
     }
     inventory = {
         "all": {
-            "vars": {**defaults, **local},
+            "vars": {**role_vars(), **LOCAL},
             "children": {
                 # Assessed for real (the role's defaults leave all three to the assessment).
                 "gpu_servers": {
@@ -97,38 +85,12 @@ def rendered(tmp_path_factory):
             },
         }
     }
-    (tmp / "inventory.yml").write_text(yaml.safe_dump(inventory))
-    render = {
-        "name": "Render the runtime's templates",
-        "hosts": "gpu_servers:given",
-        "gather_facts": False,
-        "tasks": [
-            {
-                "ansible.builtin.template": {
-                    "src": f"{ROLE}/templates/{{{{ item }}}}.j2",
-                    "dest": f"{tmp}/{{{{ inventory_hostname }}}}-{{{{ item }}}}",
-                    "mode": "0600",
-                },
-                "loop": ["inferd.service", "config.yaml"],
-            }
-        ],
-    }
-    refuse = {
-        "name": "Run the role's preflight without an assessment",
-        "hosts": "unassessed",
-        "gather_facts": False,
-        "tasks": [{"ansible.builtin.include_role": {"name": "inference_runtime", "tasks_from": "preflight"}}],
-    }
-    play = tmp / "play.yml"
-    play.write_text(yaml.safe_dump([{"ansible.builtin.import_playbook": str(ROOT / "playbooks/assess.yml")}, render, refuse]))
-    r = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", str(tmp / "inventory.yml"), str(play)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={"PATH": f"{smi.parent}:{BIN}:/usr/bin:/bin", "HOME": str(tmp), "ANSIBLE_ROLES_PATH": str(ROOT / "roles")},
-    )
-    return tmp, r
+    plays = [
+        {"ansible.builtin.import_playbook": str(ROOT / "playbooks/assess.yml")},
+        render_play("gpu_servers:given", tmp),
+        preflight_play("Run the role's preflight without an assessment", "unassessed"),
+    ]
+    return tmp, run_playbook(tmp, inventory, plays, path=f"{smi.parent}:")
 
 
 def unit_line(text: str, key: str) -> str | None:

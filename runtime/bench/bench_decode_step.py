@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import SHAPES, build_engine, build_hf_model, copy_bandwidth, graph_us, variant_key  # noqa: E402
+from bench_engine import SHAPES, build_engine, build_hf_model, copy_bandwidth, graph_us, run_info, variant_key  # noqa: E402
 
 from inferd.sampling_params import SamplingParams  # noqa: E402
 
@@ -243,12 +243,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.loads = [tuple(int(x) for x in load.split("x")) for load in args.loads]
-    info = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "args": vars(args),
-    }
+    info = run_info(args)
     bw = copy_bandwidth(args.device)
     info["copy_bandwidth_GB_s"] = bw / 1e9
     print(json.dumps(info), flush=True)

@@ -88,6 +88,24 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def run_info(args) -> dict:
+    """The header of a bench's results: when, on what (device, torch, transformers where it is
+    installed) and with which arguments."""
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "args": vars(args),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
 def copy_bandwidth(device: str) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read + written."""
     n = (1 << 30) if device.startswith("cuda") else (1 << 26)
@@ -353,18 +371,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="profile 16 steps of the smallest concurrent load")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    info = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "args": vars(args),
-    }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    info = run_info(args)
     bw = copy_bandwidth(args.device)
     info["copy_bandwidth_GB_s"] = bw / 1e9
     print(json.dumps(info), flush=True)

@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--device")
+    serve.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        help="GPUs to split the model over, one process each (overrides the config's tensor_parallel_size)",
+    )
     serve.add_argument("--data-dir", help="where keys, the audit log and results live")
     serve.add_argument(
         "--allow-unsigned",
@@ -51,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["low", "normal", "high"],
         default="normal",
         help="the key's class under load: higher classes are scheduled first (add; default normal)",
+    )
+    keys.add_argument(
+        "--tenant",
+        default="",
+        help="the key's tenant (add): keys of one tenant share prefix-cache entries and a fair share; "
+        "default: the key is its own tenant",
     )
 
     pack = sub.add_parser(
@@ -117,7 +128,7 @@ def _keys(args) -> int:
     store.require_valid()  # a corrupt file is named and never written over (main prints it, exit 2)
     if args.action == "list":
         for k in store.keys:
-            print(f"{k.name}\t{k.role}\t{k.priority}\t{'revoked' if k.revoked else 'active'}\t{k.key_id}")
+            print(f"{k.name}\t{k.role}\t{k.priority}\t{k.tenant or '-'}\t{'revoked' if k.revoked else 'active'}\t{k.key_id}")
         return 0
     if not args.name:
         print("inferd: error: --name is required", file=sys.stderr)
@@ -126,7 +137,7 @@ def _keys(args) -> int:
         if not args.role:
             print("inferd: error: --role is required (admin, ops or user)", file=sys.stderr)
             return 2
-        key = store.add(args.name, args.role, args.priority)
+        key = store.add(args.name, args.role, args.priority, args.tenant)
         print(key)
         print(f"# stored only as a sha256 digest in {path}: this is the only time the key is shown", file=sys.stderr)
         return 0
@@ -300,6 +311,7 @@ def _serve(args) -> int:
         host=args.host,
         port=args.port,
         device=args.device,
+        tensor_parallel_size=args.tensor_parallel_size,
         data_dir=args.data_dir,
         model_allow_unsigned=args.allow_unsigned,
     )

@@ -37,6 +37,9 @@ class EngineConfig:
     quantization: str | None = None  # "fp8": fp8 weights (per channel) and activations (per token)
     kv_cache_dtype: str = "auto"  # or "fp8"
     model_key_file: str | None = None  # for encrypted packed models (else $INFERD_MODEL_KEY_FILE / credential)
+    # GPUs (one process each) the model is split over by attention heads and MLP columns; on the
+    # CPU, processes (the tests). It must divide the model's attention and KV heads.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -51,6 +54,10 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.quantization and self.device != "cpu" and self.dtype != "bfloat16":
             raise ValueError(f"fp8 on CUDA computes in bfloat16: set dtype bfloat16 (got {self.dtype})")
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int):
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError("kv_cache_fraction must be in (0, 1]")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

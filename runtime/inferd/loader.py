@@ -98,6 +98,13 @@ def load_weights(
 
     mapping: dict = getattr(model, "packed_modules_mapping", {})
     ignored = getattr(model, "ignored_checkpoint_tensors", ())
+    # Whole layers the model does not run (DeepSeek-V3's multi-token-prediction layer).
+    skipped_prefixes = getattr(model, "ignored_checkpoint_prefixes", ())
+    # A model-specific name -> (parameter, shard id) rule, e.g. routed experts into stacked tensors.
+    custom_target = getattr(model, "checkpoint_target", lambda name: None)
+    # fp8 checkpoints with block scales (DeepSeek-V3/R1): dequantized here, the CPU's form.
+    if getattr(model, "weight_block_size", None):
+        tensors = dequantize_fp8_blocks(tensors, model.weight_block_size)
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = set(dict(model.named_parameters()))
     loaded: set[str] = set()
@@ -107,12 +114,15 @@ def load_weights(
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not enabled)
     for name, tensor in tensors:
         bar.update(tensor.numel() * tensor.element_size())
-        if any(name.endswith(s) for s in ignored):
+        if any(name.endswith(s) for s in ignored) or name.startswith(skipped_prefixes):
             continue
         shard_id = None
         target = name
+        custom = custom_target(name)
+        if custom is not None:
+            target, shard_id = custom
         for fragment, (fused, shard) in mapping.items():
-            if f".{fragment}." in name:
+            if custom is None and f".{fragment}." in name:
                 target, shard_id = name.replace(f".{fragment}.", f".{fused}."), shard
                 break
         param = params.get(target)
@@ -137,3 +147,43 @@ def load_weights(
     missing = sorted(expected - loaded - aliases)
     if missing:
         raise ValueError(f"checkpoint lacks tensors for: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """An e4m3 weight [N, K] times its per-block scales [ceil(N/bn), ceil(K/bk)], in float32
+    (DeepSeek-V3's fp8 checkpoints: `weight_scale_inv` multiplies, despite its name)."""
+    n, k = weight.shape
+    bn, bk = block
+    rows, cols = (n + bn - 1) // bn, (k + bk - 1) // bk
+    if tuple(scale_inv.shape) != (rows, cols):
+        raise ValueError(
+            f"weight_scale_inv has shape {tuple(scale_inv.shape)}; a {n}x{k} weight in {bn}x{bk} blocks needs {(rows, cols)}"
+        )
+    scales = scale_inv.float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    return weight.float() * scales
+
+
+def dequantize_fp8_blocks(
+    tensors: Iterator[tuple[str, torch.Tensor]], block: tuple[int, int]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Checkpoint tensors with each fp8 `X.weight` and its `X.weight_scale_inv` joined into one
+    float32 weight (the CPU path; the pair may come in either order, or in different files)."""
+    weights: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors:
+        if name.endswith(".weight_scale_inv"):
+            base = name.removesuffix("_scale_inv")
+            if base in weights:
+                yield base, dequantize_fp8_block(weights.pop(base), tensor, block)
+            else:
+                scales[base] = tensor
+        elif tensor.dtype == torch.float8_e4m3fn:
+            if name in scales:
+                yield name, dequantize_fp8_block(tensor, scales.pop(name), block)
+            else:
+                weights[name] = tensor
+        else:
+            yield name, tensor
+    if weights or scales:
+        unpaired = sorted(weights) + sorted(f"{n}_scale_inv" for n in scales)
+        raise ValueError(f"fp8 checkpoint tensors without their weight/weight_scale_inv partner: {unpaired[:5]}")

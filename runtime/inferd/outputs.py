@@ -16,6 +16,11 @@ class TokenEvent:
     new_token_ids: list[int]
     new_text: str
     num_output_tokens: int
+    # With logprobs: the new tokens' own logprobs, and their top alternatives (id, logprob).
+    new_logprobs: list[float] | None = None
+    new_top_logprobs: list[list[tuple[int, float]]] | None = None
+    # On a request's first event, with prompt_logprobs: as RequestOutput.prompt_logprobs.
+    prompt_logprobs: list | None = None
     finished: ClassVar[bool] = False
 
 
@@ -30,6 +35,10 @@ class RequestOutput:
     text: str
     finish_reason: str
     logprobs: list[float] | None = None
+    # With top_logprobs > 0: per output token, the most likely tokens there, (id, logprob).
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    # With prompt_logprobs: per prompt token, (logprob, top alternatives); None for the first.
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
     num_cached_tokens: int = 0
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""

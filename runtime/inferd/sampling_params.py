@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 SEED_MAX = 2**64 - 1
 # Each stop string is searched for in the output after every token, in the engine thread.
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256
+# OpenAI's range for the alternatives reported with each token (chat's top_logprobs; completions
+# allow 5, a subset).
+MAX_TOP_LOGPROBS = 20
 
 
 def _is_int(x) -> bool:
@@ -48,6 +51,14 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+    # With `logprobs`: also the `top_logprobs` most likely tokens at each step, with theirs.
+    top_logprobs: int = 0
+    # Each prompt token's logprob under the model given the tokens before it (the first has
+    # none), with its `top_logprobs` alternatives: completions' `echo` scores a text this way.
+    prompt_logprobs: bool = False
+    # A JSON schema (a dict) the output must match, enforced while sampling; `{"type": "object"}`
+    # is OpenAI's json_object mode. Checked here, compiled per request by engine.structured.
+    json_schema: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -74,10 +85,20 @@ class SamplingParams:
             ),
             (isinstance(self.ignore_eos, bool), "ignore_eos must be true or false"),
             (isinstance(self.logprobs, bool), "logprobs must be true or false"),
+            (
+                _is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+                f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]",
+            ),
+            (isinstance(self.prompt_logprobs, bool), "prompt_logprobs must be true or false"),
+            (self.json_schema is None or isinstance(self.json_schema, dict), "json_schema must be a JSON object (a dict)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise InvalidRequestError(message, param=message.split()[0])  # each message starts with its field
+        if self.json_schema is not None:
+            from inferd.engine.structured import check_schema  # the grammar library only where it is used
+
+            check_schema(self.json_schema)
 
     @property
     def greedy(self) -> bool:

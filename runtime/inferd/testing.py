@@ -83,3 +83,34 @@ def make_model(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model, tokenizer
+
+
+def prefill_logits(llm, ids: list[int]) -> torch.Tensor:
+    """Teacher-forced logits of one prompt (a prefill through the engine's model), in the model's dtype,
+    on the CPU."""
+    from inferd.layers.context import AttentionContext, reset_context, set_context
+
+    runner = llm.engine.runner
+    positions = torch.arange(len(ids), device=runner.device)
+    set_context(AttentionContext(is_prefill=True, query_lens=[len(ids)], context_lens_list=[len(ids)], slot_mapping=positions))
+    try:
+        with torch.no_grad():
+            model = runner.model
+            return model.compute_logits(model(torch.tensor(ids, device=runner.device), positions)).cpu()
+    finally:
+        reset_context()
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Exactly n greedy tokens from a transformers model (no EOS stop), the reference for ours."""
+    x = torch.tensor([ids])
+    out = model.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    return out[0, len(ids) :].tolist()

@@ -105,6 +105,23 @@ def live_server(llama_dir, tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def engine(llama_dir):
+    """An engine on the tiny Llama, with the engine's defaults."""
+    from inferd.config import EngineConfig
+    from inferd.engine.llm_engine import LLMEngine
+
+    return LLMEngine(EngineConfig(model=str(llama_dir)))
+
+
+@pytest.fixture(scope="module")
+def client(live_server):
+    """The OpenAI client, as alice, against the live server."""
+    import openai
+
+    return openai.OpenAI(base_url=live_server.url + "/v1", api_key=live_server.keys["alice"], max_retries=0)
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 1 MiB tmpfs (a disk that fills up); needs root, skipped otherwise."""

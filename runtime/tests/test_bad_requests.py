@@ -81,8 +81,35 @@ CASES: list[Case] = [
             chat(logprobs=True, top_logprobs=v),
             needle="top_logprobs",
         )
-        for v in (2**70, -1, 21, 5)  # 5: valid, but the server does not return top logprobs yet
+        for v in (2**70, -1, 21, 1.5)
     ],
+    Case("response_format type unknown", "POST", CHAT, chat(response_format={"type": "xml"}), needle="response_format"),
+    Case(
+        "response_format json_schema missing", "POST", CHAT, chat(response_format={"type": "json_schema"}), needle="json_schema"
+    ),
+    Case(
+        "response_format schema not a schema",
+        "POST",
+        CHAT,
+        chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}),
+        needle="response_format",
+    ),
+    Case(
+        "response_format name with spaces",
+        "POST",
+        CHAT,
+        chat(response_format={"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}),
+        needle="name",
+    ),
+    Case(
+        "response_format on completions, bad pattern",
+        "POST",
+        COMPL,
+        compl(
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "("}}}
+        ),
+        needle="response_format",
+    ),
     Case("top_logprobs without logprobs", "POST", CHAT, chat(top_logprobs=0), needle="logprobs: true"),
     Case(
         "temperature NaN",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from inferd import LLM, SamplingParams
-from inferd.layers.context import AttentionContext, reset_context, set_context
+from inferd.testing import hf_greedy, prefill_logits
 
 PROMPTS = [
     "The quick brown fox",
@@ -14,20 +14,6 @@ PROMPTS = [
     "0123",
     "Continuous batching lets requests join and leave between steps. " * 3,
 ]
-
-
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    x = torch.tensor([ids])
-    out = model.generate(
-        x,
-        attention_mask=torch.ones_like(x),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    return out[0, len(ids) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +28,7 @@ def test_prefill_logits_match_transformers(engine_for):
     ids = tokenizer(PROMPTS[1]).input_ids
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
-        set_context(
-            AttentionContext(
-                is_prefill=True, query_lens=[len(ids)], context_lens_list=[len(ids)], slot_mapping=torch.arange(len(ids))
-            )
-        )
-        ours = llm.engine.runner.model.compute_logits(llm.engine.runner.model(torch.tensor(ids), torch.arange(len(ids))))
-        reset_context()
+    ours = prefill_logits(llm, ids)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from inferd import LLM, SamplingParams
 from inferd.layers.attention import decode_attention_reference
+from inferd.testing import prefill_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -135,6 +136,50 @@ def test_overlapped_cuda_steps_match_the_cpu_engine_in_and_beyond_the_graph_buck
     del llm.engine.runner.launch
 
 
+def test_structured_output_and_top_logprobs_run_through_cuda_graphs(llama_dir):
+    # A constrained row beside free rows: the token bitmask and the top-k logprobs are applied in
+    # the sampler, after the graph's logits, so decode still replays graphs; the documents are
+    # valid and every value equals the CPU engine's (float32, greedy).
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {"kind": {"enum": ["cat", "dog"]}, "age": {"type": "integer", "minimum": 0, "maximum": 30}},
+        "required": ["kind", "age"],
+        "additionalProperties": False,
+    }
+    prompts = ["The quick brown fox", "hello", "Banks and hospitals"]
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=5),
+        SamplingParams(max_tokens=60, temperature=0.0, json_schema=schema, logprobs=True, top_logprobs=2),
+        SamplingParams(max_tokens=60, temperature=1.0, seed=4, json_schema={"type": "object"}),
+    ]
+    cpu = LLM(str(llama_dir), device="cpu", dtype="float32").generate(prompts, params)
+    llm = LLM(str(llama_dir), device="cuda", dtype="float32", cuda_graph_max_batch=4, kv_cache_fraction=0.3)
+    replays = []
+    for bs, graph in llm.engine.runner.graphs.items():
+        graph.replay = (lambda g, b: lambda: (replays.append(b), g())[1])(graph.replay, bs)
+    gpu = llm.generate(prompts, params)
+    assert replays, "decode left the CUDA graphs"
+    assert [o.token_ids for o in gpu[:2]] == [o.token_ids for o in cpu[:2]]
+    assert json.loads(gpu[1].text)["kind"] in ("cat", "dog") and gpu[1].finish_reason == "stop"
+    assert gpu[2].finish_reason == "length" or isinstance(json.loads(gpu[2].text), dict)
+    for g, c in zip(gpu[:2], cpu[:2]):
+        assert g.logprobs == pytest.approx(c.logprobs, abs=1e-3)
+        assert [[t for t, _ in alts] for alts in g.top_logprobs] == [[t for t, _ in alts] for alts in c.top_logprobs]
+
+
+def test_prompt_logprobs_on_cuda_match_the_cpu_engine(llama_dir):
+    sp = SamplingParams(max_tokens=2, temperature=0.0, logprobs=True, top_logprobs=3, prompt_logprobs=True)
+    prompt = "Paged attention keeps the KV cache in fixed-size blocks."
+    cpu = LLM(str(llama_dir), device="cpu", dtype="float32").generate([prompt], sp)[0]
+    gpu = LLM(str(llama_dir), device="cuda", dtype="float32", kv_cache_fraction=0.3).generate([prompt], sp)[0]
+    assert gpu.prompt_logprobs[0] is None and len(gpu.prompt_logprobs) == len(cpu.prompt_logprobs)
+    for g, c in zip(gpu.prompt_logprobs[1:], cpu.prompt_logprobs[1:]):
+        assert g[0] == pytest.approx(c[0], abs=1e-3)
+        assert [t for t, _ in g[1]] == [t for t, _ in c[1]]
+
+
 def test_fp8_kv_cache_on_cuda_matches_the_cpu_engine_with_one(llama_dir):
     # The Triton store and decode kernels against the CPU reference, both over fp8 K/V, in
     # float32 compute (bf16 compute would differ from the CPU for its own reasons).
@@ -227,24 +272,9 @@ def test_fp8_engine_runs_through_cuda_graphs_close_to_bf16(llama_dir):
     outs = fp8.generate(prompts, sp)
     assert all(len(o.token_ids) == 16 for o in outs)
     bf16 = LLM(str(llama_dir), device="cuda", dtype="bfloat16", kv_cache_fraction=0.6)
-    ids = torch.arange(5, 60, device="cuda")
-
-    def logits(llm):
-        from inferd.layers.context import AttentionContext, reset_context, set_context
-
-        n = len(ids)
-        set_context(
-            AttentionContext(is_prefill=True, query_lens=[n], context_lens_list=[n], slot_mapping=torch.arange(n, device="cuda"))
-        )
-        try:
-            with torch.inference_mode():
-                m = llm.engine.runner.model
-                return m.compute_logits(m(ids, torch.arange(n, device="cuda"))).float()
-        finally:
-            reset_context()
-
-    fused = logits(fp8)
-    cosine = torch.nn.functional.cosine_similarity(fused, logits(bf16), dim=-1)
+    ids = list(range(5, 60))
+    fused = prefill_logits(fp8, ids).float()
+    cosine = torch.nn.functional.cosine_similarity(fused, prefill_logits(bf16, ids).float(), dim=-1)
     assert cosine.min() > 0.98, cosine.min()
     # The same fp8 weights with every layer doing its own quantize and scale work (the bf16
     # engine's CUDA graphs are not replayed after this): the handoffs move work between kernels,
@@ -253,7 +283,7 @@ def test_fp8_engine_runs_through_cuda_graphs_close_to_bf16(llama_dir):
     # (2026-11-30): cosine 0.9931 at the worst of 55 positions, 0.998 typical; a wrong scale or a
     # missing norm weight drops far below.
     quantize_fp8(bf16.engine.runner.model, handoffs=False)
-    cosine = torch.nn.functional.cosine_similarity(fused, logits(bf16), dim=-1)
+    cosine = torch.nn.functional.cosine_similarity(fused, prefill_logits(bf16, ids).float(), dim=-1)
     assert cosine.min() > 0.99, cosine.min()
 
 

@@ -4,6 +4,8 @@ holder; the waiting queue is bounded."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from inferd.config import EngineConfig
@@ -117,8 +119,8 @@ def test_n_beyond_a_keys_limit_is_a_400_and_a_full_queue_a_429():
     from inferd.server.metrics import Metrics
 
     class FullEngine:
-        def has_room(self, n):
-            return False
+        def reserve(self, n):
+            return None
 
     with pytest.raises(OpenAIError) as e:
         admit(Limiter(4, 100), Metrics(), "k", 8)
@@ -135,7 +137,26 @@ def test_the_engine_bounds_its_queue_and_queues_under_tenant_and_priority(llama_
 
     engine = AsyncLLMEngine.start(EngineConfig(model=str(llama_dir), max_num_seqs=2, max_num_waiting=1, max_model_len=64))
     try:
-        assert engine.has_room(3) and not engine.has_room(4)
+        # Room is held from admission until submission: a burst admitted together cannot overfill.
+        first = engine.reserve(2)
+        assert first is not None and engine.reserve(2) is None
+        second = engine.reserve(1)
+        assert second is not None and engine.reserve(1) is None
+        first.release()
+        first.release()  # twice: nothing more comes back
+        assert engine.reserve(3) is None
+        held = engine.reserve(2)
+        assert held is not None
+        second.release()
+
+        async def run_one():  # a submitted sequence takes its place from the reservation
+            async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=2), reservation=held):
+                pass
+
+        asyncio.run(asyncio.wait_for(run_one(), 60))
+        assert held.left == 1
+        held.release()
+        assert engine.reserve(3) is not None  # nothing leaked: the whole capacity is free again
         seq = engine.engine.add_request([1, 2, 3], SamplingParams(max_tokens=2), "r1", tenant="key-a", priority=1)
         assert (seq.tenant, seq.priority) == ("key-a", 1)
     finally:
@@ -153,6 +174,23 @@ def test_a_keys_priority_class_is_stored_checked_and_named(tmp_path):
         store.add("x", "user", priority="urgent")
     store.path.write_text(store.path.read_text().replace('"low"', '"urgent"'))
     with pytest.raises(KeysFileError, match="priority 'urgent'"):
+        parse_keys(store.path)
+
+
+def test_a_keys_tenant_is_stored_checked_and_shared_only_by_name(tmp_path):
+    from inferd.server.auth import KeysFileError, KeyStore, parse_keys
+
+    store = KeyStore(tmp_path / "keys.json")
+    store.add("a", "user", tenant="team-x")
+    store.add("b", "user", tenant="team-x")
+    store.add("c", "user")
+    a, b, c = parse_keys(store.path)
+    assert a.cache_tenant == b.cache_tenant == "tenant:team-x"
+    assert c.cache_tenant == f"key:{c.key_id}" != a.cache_tenant
+    with pytest.raises(ValueError, match="not a tenant name"):
+        store.add("d", "user", tenant="../x")
+    store.path.write_text(store.path.read_text().replace('"team-x"', '"team x"', 1))
+    with pytest.raises(KeysFileError, match="key 'a': tenant 'team x' is not a tenant name"):
         parse_keys(store.path)
 
 

@@ -17,13 +17,13 @@ from torch import nn
 from inferd import LLM, SamplingParams
 from inferd.config import EngineConfig
 from inferd.layers.activation import SiluAndMul
-from inferd.layers.context import AttentionContext, reset_context, set_context
 from inferd.layers.embed_head import LMHead, VocabEmbedding
 from inferd.layers.linear import Linear, MergedLinear
 from inferd.layers.norm import RMSNorm
 from inferd.layers.quant import FP8, QuantizedRows, UnscaledProduct, fp8_linear, quantize_rows, quantize_weight
 from inferd.layers.quantize import Fp8Linear, Fp8RMSNorm, Fp8RotaryEmbedding, Fp8SiluAndMul, quantize_fp8
 from inferd.server.config import ServerConfig
+from inferd.testing import prefill_logits
 
 
 def test_weight_quantization_error_is_within_e4m3_precision():
@@ -78,24 +78,10 @@ def test_the_engine_holds_fp8_weights_and_keeps_the_head_in_full_precision(fp8_l
     assert model.model.embed_tokens.weight.dtype == torch.float32
 
 
-def _prefill_logits(llm, ids):
-    model = llm.engine.runner.model
-    set_context(
-        AttentionContext(
-            is_prefill=True, query_lens=[len(ids)], context_lens_list=[len(ids)], slot_mapping=torch.arange(len(ids))
-        )
-    )
-    try:
-        with torch.inference_mode():
-            return model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids))))
-    finally:
-        reset_context()
-
-
 def test_fp8_prefill_logits_stay_close_to_full_precision(fp8_llm, llama_dir):
     full = LLM(str(llama_dir), device="cpu", dtype="float32", cpu_kv_cache_bytes=1 << 25)
     ids = list(range(5, 60))
-    a, b = _prefill_logits(fp8_llm, ids), _prefill_logits(full, ids)
+    a, b = prefill_logits(fp8_llm, ids), prefill_logits(full, ids)
     cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     assert cosine.min() > 0.99, cosine.min()
     assert not torch.equal(a, b)  # really quantized
@@ -134,7 +120,7 @@ def test_fp8_handoffs_between_fused_kernels_change_nothing(fp8_llm, llama_dir):
             m.register_forward_hook(lambda mod, args, out, seen=seen: seen.append((type(args[0]), type(out)))) for m in linears
         ]
         try:
-            logits = _prefill_logits(llm, list(range(3, 40)))
+            logits = prefill_logits(llm, list(range(3, 40)))
         finally:
             for h in hooks:
                 h.remove()
@@ -167,7 +153,8 @@ def test_model_files_know_nothing_of_fp8(path):
     # A new architecture (DeepSeek-V2/V3 next) is written against plain layers: the quantization
     # pass alone knows formats, handoffs and which modules take part.
     source = path.read_text().lower()
-    assert not [n for n in _imports(path) if n.startswith(("inferd.layers.quant", "inferd.layers.fused"))]
+    fp8_modules = ("inferd.layers.quant", "inferd.layers.fused.")  # fused.py, not fused_moe.py
+    assert not [n for n in _imports(path) if n == "inferd.layers.fused" or n.startswith(fp8_modules)]
     assert "fp8" not in source and "quant" not in source
 
 
@@ -203,7 +190,7 @@ def test_a_model_built_without_the_pass_runs_in_its_own_dtype(llama_dir):
         m.register_forward_hook(lambda mod, args, out: outputs.append(out)) for m in model.modules() if isinstance(m, Linear)
     ]
     try:
-        logits = _prefill_logits(llm, list(range(3, 20)))
+        logits = prefill_logits(llm, list(range(3, 20)))
     finally:
         for h in hooks:
             h.remove()

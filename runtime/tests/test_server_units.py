@@ -177,3 +177,94 @@ def test_audit_metrics_are_read_from_the_audit_log_at_scrape_time(tmp_path):
     assert log.written >= 2  # the start record and this one
     assert f"inferd_audit_records_total {float(log.written)}" in text and "inferd_audit_records_dropped_total 0.0" in text
     log.close()
+
+
+# ---- a stream whose client is gone before its first byte ---------------------------------------
+def test_a_stream_refused_before_its_first_byte_gives_its_slots_back_and_ends_in_the_audit(llama_dir, tmp_path):
+    """The body generator of a streaming response never starts when sending the response start fails
+    (the client left during admission): its limiter slots and its audit `end` must not wait for a
+    shutdown."""
+    import asyncio
+    import json
+
+    from inferd.server.app import create_app
+    from inferd.server.auth import KeyStore
+    from inferd.server.config import ServerConfig
+
+    cfg = ServerConfig(model=str(llama_dir), data_dir=str(tmp_path), max_model_len=64, model_allow_unsigned=True)
+    key = KeyStore(cfg.keys_path).add("alice", "user")
+    app = create_app(cfg)
+    body = b""
+
+    def scope():
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/completions",
+            "raw_path": b"/v1/completions",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [
+                (b"host", b"test"),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"authorization", f"Bearer {key}".encode()),
+            ],
+            "client": ("127.0.0.1", 5555),
+            "server": ("test", 80),
+        }
+
+    sent = []
+
+    async def receive():
+        if not sent:
+            sent.append("body")
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            raise OSError("client gone")
+
+    async def run():
+        nonlocal body
+        async with app.router.lifespan_context(app):
+            state = app.state.inferd
+            for _ in range(600):
+                if state.ready:
+                    break
+                await asyncio.sleep(0.1)
+            assert state.ready
+            body = json.dumps({"model": state.model_id, "prompt": "hi", "max_tokens": 4, "stream": True}).encode()
+            with pytest.raises(OSError, match="client gone"):
+                await app(scope(), receive, send)
+            assert sum(state.limiter.active.values()) == 0
+            for _ in range(100):  # the `end` is written behind the request
+                page = state.audit.read_page(10)
+                if any(r.get("kind") == "end" for r in page["records"]):
+                    break
+                await asyncio.sleep(0.1)
+            return page
+
+    page = asyncio.run(asyncio.wait_for(run(), 120))
+    records = page["records"]
+    begins = [r for r in records if r.get("kind") == "begin"]
+    ends = [r for r in records if r.get("kind") == "end"]
+    assert len(begins) == 1, records
+    assert [e["request_id"] for e in ends] == [begins[0]["request_id"]] and ends[0]["status"] == 499, records
+
+
+def test_every_swap_result_series_exists_from_start_up_at_zero():
+    """A labelled counter has no series until its first increment: the dashboard's increase() and
+    any alert would see nothing before the first swap (molecule/site evaluates every panel query)."""
+    from prometheus_client import generate_latest
+
+    from inferd.server.metrics import SWAP_RESULTS, Metrics
+
+    text = generate_latest(Metrics().registry).decode()
+    for result in SWAP_RESULTS:
+        assert f'inferd_model_swaps_total{{result="{result}"}} 0.0' in text
+    assert "inferd_model_swap_pause_seconds 0.0" in text

@@ -50,6 +50,137 @@ def test_model_shape_by_hand():
     assert ga.model_shape(LLAMA_70B)["kv_bytes_per_token"] == 2 * 80 * 8 * 128 * 2 == 327_680
 
 
+# DeepSeek-V2-Lite's published config.json (the fields that size it) and V3's.
+V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "hidden_size": 2048,
+    "intermediate_size": 10944,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "vocab_size": 102400,
+    "q_lora_rank": None,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "num_experts_per_tok": 6,
+    "moe_intermediate_size": 1408,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "topk_method": "greedy",
+    "tie_word_embeddings": False,
+}
+V3 = {
+    **V2_LITE,
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "vocab_size": 129280,
+    "q_lora_rank": 1536,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 2048,
+    "first_k_dense_replace": 3,
+    "topk_method": "noaux_tc",
+    "num_nextn_predict_layers": 1,
+}
+
+
+def test_deepseek_v2_lite_shape_by_hand():
+    s = ga.model_shape(V2_LITE)
+    # Attention a layer: q 2048*16*192 = 6,291,456; kv_a 2048*576 + 512 (norm) = 1,180,160;
+    # kv_b 512*16*256 = 2,097,152; o 16*128*2048 = 4,194,304: 13,763,072; + norms 4,096.
+    attn = 6_291_456 + 1_180_160 + 2_097_152 + 4_194_304 + 4096
+    # Layer 0 dense: 3*2048*10944 = 67,239,936. Layers 1-26: 64 experts of 3*2048*1408 = 8,650,752,
+    # 2 shared, a router of 64*2048 = 131,072. Embedding and head 2*102400*2048, final norm 2048.
+    expert, router, embed = 8_650_752, 131_072, 2 * 102_400 * 2048
+    base = 27 * attn + 67_239_936 + 2048
+    assert s["params"] == base + 26 * (router + 66 * expert) + embed == 15_706_484_224  # 15.7B
+    # Active: 6 routed + 2 shared experts a layer, and the head; the embedding is one row looked up.
+    assert s["active_params"] == base + 26 * (router + 8 * expert) + embed // 2 == 2_451_435_008  # 2.4B
+    # The cache holds one latent (512 + 64 values) a token and layer, in 16 bits.
+    assert s["kv_bytes_per_token"] == 27 * 576 * 2 == 31_104
+
+
+def test_deepseek_v3_shape_matches_the_published_sizes():
+    s = ga.model_shape(V3)
+    assert s["params"] / 1e9 == pytest.approx(671, abs=0.5)  # 671B without the MTP layer
+    assert s["active_params"] / 1e9 == pytest.approx(37, abs=0.5)
+    assert s["kv_bytes_per_token"] == 61 * 576 * 2 == 70_272
+
+
+def test_deepseek_params_equal_transformers_count():
+    """transformers' own model of the V2-Lite shape, built on the meta device (in a subprocess:
+    torch does not import under ansible's module patches)."""
+    pytest.importorskip("transformers")
+    fields = {k: v for k, v in V2_LITE.items() if k != "architectures"}
+    code = (
+        "import json, sys, torch, transformers\n"
+        "with torch.device('meta'):\n"
+        "    m = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**json.loads(sys.argv[1])))\n"
+        "print(sum(p.numel() for p in m.parameters()))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(fields)], capture_output=True, text=True, check=True)
+    assert ga.model_shape(V2_LITE)["params"] == int(r.stdout.split()[-1])
+
+
+def test_v2_lite_fits_one_h200_in_bf16_with_its_latent_cache():
+    h200 = [{"name": "NVIDIA H200", "memory_total_mib": 143771, "compute_capability": "9.0"}]
+    s = ga.model_shape(V2_LITE)
+    r = ga.assess(h200, s["params"], s["kv_bytes_per_token"], "bf16", 8192, 64, 0.95, 2.0)
+    assert r["fits"] and r["recommended_quantization"] == "bf16"
+    assert r["need_gib"]["kv_cache"] == pytest.approx(31_104 * 8192 * 64 / GIB, abs=0.01)  # 15.2 GiB
+    # Sized as expanded K/V (16 heads x (192 + 128)) the same load would need 9x the cache.
+    assert 27 * 16 * (192 + 128) * 2 / s["kv_bytes_per_token"] > 8.8
+
+
+def test_the_v2_lite_inventory_example_matches_the_model_and_the_runtime():
+    example = yaml.safe_load((ROOT / "inventory/examples/deepseek-v2-lite.yml").read_text())
+    s = ga.model_shape(V2_LITE)
+    assert example["assess_params_billion"] == round(s["params"] / 1e9, 2)
+    assert example["assess_kv_bytes_per_token"] == s["kv_bytes_per_token"]
+    # Every setting is a variable the runtime role or the assess play reads.
+    defaults = yaml.safe_load((ROOT / "roles/inference_runtime/defaults/main.yml").read_text())
+    assess_play = (ROOT / "playbooks/assess.yml").read_text()
+    for key in example:
+        assert key in defaults or (key.startswith("assess_") and key in assess_play), key
+    # The latent cache has no fp8 form in the runtime, and the runtime reads the architecture.
+    assert example["inference_runtime_kv_cache_dtype"] == "auto"
+    spec = importlib.util.spec_from_file_location("model_config", ROOT / "runtime/inferd/models/config.py")
+    model_config = importlib.util.module_from_spec(spec)
+    sys.modules["model_config"] = model_config  # dataclasses resolve the module by name
+    spec.loader.exec_module(model_config)
+    cfg = model_config.parse_model_config(V2_LITE)
+    assert cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim == 576
+
+
+def run_module(tmp_path, model_config: dict) -> tuple[dict, str]:
+    """The module as Ansible runs it (a subprocess fed ANSIBLE_MODULE_ARGS, check mode) on a host
+    whose PATH has no nvidia-smi: (its JSON result, its stderr)."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(model_config))
+    args = json.dumps({"ANSIBLE_MODULE_ARGS": {"model_config": str(cfg), "_ansible_check_mode": True}})
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "library" / "gpu_assess.py")],
+        input=args,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    return json.loads(r.stdout), r.stderr
+
+
+def test_module_reports_the_model_sizes(tmp_path):
+    out, _ = run_module(tmp_path, V2_LITE)
+    assert out["model"] == {"params": 15_706_484_224, "active_params": 2_451_435_008, "kv_bytes_per_token": 31_104}
+
+
 def test_need_by_hand():
     n = ga.need(8e9, 131_072, "bf16", context=8192, concurrency=16, overhead_gib=2.0)
     assert n["weights"] == pytest.approx(16e9 / GIB)
@@ -168,19 +299,9 @@ def test_parse_nvidia_smi_xml():
 
 
 def test_module_on_a_host_without_gpu(tmp_path):
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps(LLAMA_8B))
-    args = json.dumps({"ANSIBLE_MODULE_ARGS": {"model_config": str(cfg), "_ansible_check_mode": True}})
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "library" / "gpu_assess.py")],
-        input=args,
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin:/bin"},
-    )
-    out = json.loads(r.stdout)
+    out, stderr = run_module(tmp_path, LLAMA_8B)
     assert out["changed"] is False and out["gpus"] == [] and out["fits"] is False
-    assert "no NVIDIA GPU found" in out["msg"] and "Traceback" not in r.stderr
+    assert "no NVIDIA GPU found" in out["msg"] and "Traceback" not in stderr
 
 
 def test_parse_nvidia_smi_xml_recorded_on_the_h200():

@@ -91,7 +91,9 @@ class BlockManager:
         assert not seq.block_table
         prefix = tenant_salt(seq.tenant)
         seq.num_cached_tokens = 0
-        if self.enable_prefix_caching:
+        # A prompt scored token by token (prompt logprobs) is computed in full: a cached block
+        # has no logits.
+        if self.enable_prefix_caching and not seq.params.prompt_logprobs:
             self.prefix_queries += len(seq)
             full_blocks = (len(seq) - 1) // self.block_size
             for i in range(full_blocks):
@@ -145,3 +147,10 @@ class BlockManager:
         seq.block_table = []
         seq.num_hashed_blocks = 0
         seq.num_computed_tokens = 0
+
+    def forget_prefixes(self) -> None:
+        """Drop every cached prefix (the weights changed: their K/V no longer matches). Held blocks
+        keep their contents; only the hashes that would share them go."""
+        for block in self.blocks:
+            block.hash = None
+        self.hash_to_block.clear()

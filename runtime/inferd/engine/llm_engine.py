@@ -11,6 +11,8 @@ from inferd.engine.block_manager import BlockManager
 from inferd.engine.model_runner import ModelRunner, StepHandle
 from inferd.engine.scheduler import Scheduler
 from inferd.engine.sequence import Sequence
+from inferd.engine.structured import GrammarCompiler
+from inferd.engine.worker import make_runner
 from inferd.models.config import parse_model_config
 from inferd.outputs import EngineStats, RequestOutput, StepOutput, TokenEvent
 from inferd.sampling_params import InvalidRequestError, SamplingParams
@@ -21,7 +23,7 @@ log = logging.getLogger("inferd.engine")
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, weights=None):
+    def __init__(self, config: EngineConfig, weights=None, runner_cls: type[ModelRunner] = ModelRunner):
         self.config = config
         if not Path(config.model).is_dir():
             raise FileNotFoundError(f"{config.model}/config.json not found: pass a Hugging Face or packed model directory")
@@ -40,15 +42,26 @@ class LLMEngine:
                 self.eos_token_ids |= set([eos] if isinstance(eos, int) else eos)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        weight_bytes = None
+        tokenizer_json = source.read_text("tokenizer.json")
+        vocab = self.model_config.vocab_size
+        self._grammars = GrammarCompiler(tokenizer_json, vocab, self.eos_token_ids) if tokenizer_json else None
+        weight_bytes, given_weights = None, weights is not None
         if weights is None:
             weights, weight_bytes = source.iter_tensors(), source.weight_bytes()
-        self.runner = ModelRunner(config, self.model_config, self.max_model_len, weights, weight_bytes)
+        self.runner: ModelRunner = make_runner(
+            config, self.model_config, self.max_model_len, weights, weight_bytes, given_weights, runner_cls
+        )
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
         self.sequences: dict[str, Sequence] = {}
         self._detoks: dict[str, IncrementalDetokenizer] = {}
         self._inflight: tuple[list[Sequence], StepHandle] | None = None  # launched, tokens not read yet
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (they also stop when this process exits)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -91,6 +104,10 @@ class LLMEngine:
         seq = Sequence(token_ids, params, self.config.block_size, request_id, tenant=tenant, priority=priority)
         if seq.request_id in self.sequences:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
+        if params.json_schema is not None:
+            if self._grammars is None:
+                raise InvalidRequestError("structured output needs the model's tokenizer.json", "response_format")
+            seq.grammar = self._grammars.matcher(params.json_schema)
         self.scheduler.add(seq)  # first: a request the full queue refuses leaves nothing behind
         self.sequences[seq.request_id] = seq
         if self.tokenizer is not None:
@@ -143,14 +160,22 @@ class LLMEngine:
             self._inflight = (batch, handle)
         return outputs
 
+    def finish_step(self) -> list[StepOutput]:
+        """Read the step in flight, launching none: afterwards nothing runs on the device."""
+        return self._resolve() if self._inflight is not None else []
+
     def _needs_host_tokens(self) -> bool:
-        return any(s.params.needs_penalties for s in self.scheduler.running)
+        # A grammar's next mask depends on the token just sampled, as penalties do.
+        return any(s.params.needs_penalties or s.grammar is not None for s in self.scheduler.running)
 
     def _resolve(self) -> list[StepOutput]:
         """Read the step in flight's tokens into their sequences and apply the stop rules."""
         batch, handle = self._inflight
         self._inflight = None
         tokens, logprobs = self.runner.collect(handle)
+        top, prompt = self.runner.collect_scores(handle)
+        for i, first, scores in prompt:
+            batch[i].prompt_logprobs.update(enumerate(scores, first))
         outputs = []
         for j, i in enumerate(handle.complete):
             seq = batch[i]
@@ -158,6 +183,10 @@ class LLMEngine:
                 continue
             if logprobs is not None:
                 seq.output_logprobs.append(logprobs[j])
+            if top is not None and seq.params.top_logprobs:
+                seq.output_top_logprobs.append(top[j][: seq.params.top_logprobs])
+            if seq.grammar is not None:
+                seq.grammar.accept(tokens[j])
             if self.sequences.get(seq.request_id) is seq:
                 outputs.append(self._check_stop(seq))
         return outputs
@@ -168,7 +197,7 @@ class LLMEngine:
         token = seq.last_token
         reason = None
         stopped_by_token = (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
-        if stopped_by_token:
+        if stopped_by_token or (seq.grammar is not None and seq.grammar.is_terminated):
             reason = "stop"
         elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
@@ -178,7 +207,13 @@ class LLMEngine:
             new_text, hit_stop_string = detok.add_until(token, p.stop)
             reason = "stop" if hit_stop_string else reason
         if reason is None:
-            return TokenEvent(seq.request_id, [token], new_text, seq.num_output_tokens)
+            event = TokenEvent(seq.request_id, [token], new_text, seq.num_output_tokens)
+            if p.logprobs:
+                event.new_logprobs = seq.output_logprobs[-1:]
+                event.new_top_logprobs = seq.output_top_logprobs[-1:] if p.top_logprobs else None
+            if p.prompt_logprobs and seq.num_output_tokens == 1:
+                event.prompt_logprobs = [seq.prompt_logprobs.get(i) for i in range(seq.num_prompt_tokens)]
+            return event
         if detok is not None and not hit_stop_string:
             new_text += detok.flush()
         self.scheduler.finish(seq, reason)
@@ -192,6 +227,8 @@ class LLMEngine:
             text=detok.text if detok is not None else "",
             finish_reason=reason,
             logprobs=list(seq.output_logprobs) if p.logprobs else None,
+            top_logprobs=list(seq.output_top_logprobs) if p.logprobs and p.top_logprobs else None,
+            prompt_logprobs=[seq.prompt_logprobs.get(i) for i in range(seq.num_prompt_tokens)] if p.prompt_logprobs else None,
             num_cached_tokens=seq.num_cached_tokens,
             new_token_ids=[token],
             new_text=new_text,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -14,15 +14,19 @@ import torch
 from inferd.config import EngineConfig
 from inferd.engine.sequence import Sequence
 from inferd.layers.context import AttentionContext, reset_context, set_context
+from inferd.layers.distributed import broadcast_from_rank0, min_over_ranks, tp_rank
 from inferd.layers.fused import FP8
 from inferd.layers.quant import check_supported
-from inferd.layers.quantize import quantize_fp8
-from inferd.layers.sampler import Sampler
+from inferd.layers.quantize import quantize_fp8, quantize_fp8_blocks
+from inferd.layers.sampler import Sampled, Sampler
 from inferd.loader import load_weights
 from inferd.models.config import ModelConfig
 from inferd.models.registry import model_class
 
 log = logging.getLogger("inferd.runner")
+
+# Prompt positions scored (prompt logprobs) per logits slice.
+PROMPT_SCORE_ROWS = 256
 
 
 @dataclass
@@ -36,6 +40,10 @@ class StepHandle:
     tokens: torch.Tensor | None = None
     logprobs: torch.Tensor | None = None
     event: torch.cuda.Event | None = None
+    # Rows that asked for top logprobs: ids and logprobs, [rows, k] (on the host behind the step).
+    top: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Prompt logprobs of this prefill chunk: (batch row, position of the first scored token, scores).
+    prompt: list[tuple[int, int, Sampled]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -59,7 +67,7 @@ class ModelRunner:
         self.use_triton = self.is_cuda and hd >= 16 and hd & (hd - 1) == 0
         for layer in self.attn_layers:
             layer.use_triton = self.use_triton
-        self.sampler = Sampler(self.device)
+        self.sampler = Sampler(self.device, config.max_num_seqs)
         self.max_blocks_per_seq = (max_model_len + self.block_size - 1) // self.block_size
         # Host staging, two sets used in turn: while one step's copies may still be in flight, the
         # next step fills the other set. Decode inputs (rows: token id, position, slot, pending
@@ -95,6 +103,9 @@ class ModelRunner:
         load_weights(self.model, weights, total_bytes=weight_bytes)
         if self.config.quantization == "fp8":
             quantize_fp8(self.model)
+        elif getattr(self.model, "weight_block_size", None) and self.is_cuda:
+            if torch.cuda.get_device_capability(self.device) >= (8, 9):  # fp8 tensor cores: Ada, Hopper
+                quantize_fp8_blocks(self.model)  # an fp8 block checkpoint computes as fp8 blocks
         self.model.eval()
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
@@ -105,13 +116,21 @@ class ModelRunner:
         )
 
     def weight_bytes(self) -> int:
-        scales = [b for name, b in self.model.named_buffers() if name.endswith("weight_scale")]
+        scales = [b for name, b in self.model.named_buffers() if name.endswith(("weight_scale", "w13_scale", "w2_scale"))]
         return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *scales])
 
     # ---- KV cache -------------------------------------------------------------------------
+    def kv_cache_layout(self) -> tuple[int, tuple[int, ...]]:
+        """(cache tensors per layer, one token's entry shape), as the model's attention layers
+        say: K and V of [kv heads, head_dim], or MLA's one latent of kv_lora_rank + rope dims."""
+        layouts = {layer.kv_cache_layout(self.kv_dtype) for layer in self.attn_layers}
+        if len(layouts) != 1:
+            raise RuntimeError(f"attention layers with different cache layouts are not supported: {sorted(layouts)}")
+        return layouts.pop()
+
     def kv_bytes_per_block(self) -> int:
-        cfg = self.model_cfg
-        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+        tensors, entry = self.kv_cache_layout()
+        per_token = tensors * len(self.attn_layers) * int(np.prod(entry))
         return per_token * self.block_size * self.kv_dtype.itemsize
 
     @torch.inference_mode()
@@ -126,7 +145,7 @@ class ModelRunner:
         reset_context()
 
     def _allocate_kv_cache(self) -> int:
-        cfg, config = self.model_cfg, self.config
+        config = self.config
         per_block = self.kv_bytes_per_block()
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
@@ -144,24 +163,18 @@ class ModelRunner:
             # of SmolLM2-135M's shape, float32, two cores: LLM() 25 s with it, 0.4 s without; the
             # first request took 0.35 s either way).
             num_blocks = config.cpu_kv_cache_bytes // per_block
+        num_blocks = min_over_ranks(num_blocks)  # one block table serves every rank
         if num_blocks * self.block_size < self.max_model_len:
             raise RuntimeError(
                 f"the KV cache holds {max(num_blocks, 0) * self.block_size} tokens, fewer than max_model_len "
                 f"({self.max_model_len}): raise kv_cache_fraction (or cpu_kv_cache_bytes), or lower max_model_len"
             )
         # One extra block at the end: padded rows of a captured decode batch write there.
-        self.kv_cache = torch.zeros(
-            2,
-            cfg.num_hidden_layers,
-            num_blocks + 1,
-            self.block_size,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            dtype=self.kv_dtype,
-            device=self.device,
-        )
+        tensors, entry = self.kv_cache_layout()
+        shape = (tensors, len(self.attn_layers), num_blocks + 1, self.block_size, *entry)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         for i, layer in enumerate(self.attn_layers):
-            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+            layer.bind_kv_cache(*self.kv_cache[:, i])
         log.info(
             "KV cache: %d blocks of %d tokens, %s (%.2f GiB)",
             num_blocks,
@@ -256,25 +269,75 @@ class ModelRunner:
                 raise RuntimeError("a prefill chunk cannot contain a pending token")
             ids, positions, ctx, last = self.prepare_prefill(seqs)
             set_context(ctx)
-            logits = self.model.compute_logits(self.model(ids, positions)[last])
+            hidden = self.model(ids, positions)
+            logits = self.model.compute_logits(hidden[last])
+            prompt = self._score_prompt(seqs, hidden) if any(s.params.prompt_logprobs for s in seqs) else []
         else:
-            logits = self._decode(seqs, staging, prev)
+            logits, prompt = self._decode(seqs, staging, prev), []
         reset_context()
         complete = [i for i, s in enumerate(seqs) if s.num_computed_tokens + s.num_scheduled_tokens == len(s)]
-        handle = StepHandle(complete)
-        if complete:
+        handle = StepHandle(complete, prompt=prompt)
+        if complete and tp_rank() > 0:
+            # Rank 0 samples; the others take its tokens, their next step's pending inputs.
+            tokens = torch.empty(len(complete), dtype=torch.long, device=self.device)
+            handle.device_tokens = handle.tokens = broadcast_from_rank0(tokens)
+        elif complete:
             rows = logits if len(complete) == len(seqs) else logits[self._to_device(complete)]
-            tokens, logprobs = self.sampler.sample(rows, [seqs[i] for i in complete])
+            sampled = self.sampler.sample(rows, [seqs[i] for i in complete])
+            tokens, logprobs = broadcast_from_rank0(sampled.tokens.long().contiguous()), sampled.logprobs
             handle.device_tokens = handle.tokens = tokens
             handle.logprobs = logprobs
+            if sampled.top_ids is not None:
+                handle.top = (sampled.top_ids, sampled.top_logprobs)
             if self.is_cuda:
                 n = len(complete)
                 handle.tokens = staging["tokens"][:n].copy_(tokens, non_blocking=True)
                 if logprobs is not None:
                     handle.logprobs = staging["logprobs"][:n].copy_(logprobs, non_blocking=True)
+                if handle.top is not None:  # to pinned memory, behind the step (only rows that asked)
+                    handle.top = tuple(t.to("cpu", non_blocking=True) for t in handle.top)
                 handle.event = torch.cuda.Event()
                 handle.event.record()
+        if self.is_cuda and handle.prompt and handle.event is None:  # a chunk scored, nothing sampled
+            handle.event = torch.cuda.Event()
+            handle.event.record()
         return handle
+
+    def _score_prompt(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[tuple[int, int, Sampled]]:
+        """Prompt logprobs for this chunk's positions of the sequences that ask: position p
+        scores prompt token p + 1 (the last prompt position predicts the output instead)."""
+        scores, offset = [], 0
+        for i, s in enumerate(seqs):
+            start, n = s.num_computed_tokens, s.num_scheduled_tokens
+            end = min(start + n, s.num_prompt_tokens - 1)
+            # In slices: a whole chunk's float32 logits (8,192 x 129,280) would be 4 GiB the
+            # warm-up never measured.
+            for a in range(start, end if s.params.prompt_logprobs else start, PROMPT_SCORE_ROWS):
+                b = min(a + PROMPT_SCORE_ROWS, end)
+                logits = self.model.compute_logits(hidden[offset + a - start : offset + b - start])
+                sc = self.sampler.prompt_logprobs(logits, self._to_device(s.token_ids[a + 1 : b + 1]), s.params.top_logprobs)
+                if self.is_cuda:
+                    sc = Sampled(*(t.to("cpu", non_blocking=True) if t is not None else None for t in vars(sc).values()))
+                scores.append((i, a + 1, sc))
+            offset += n
+        return scores
+
+    @staticmethod
+    def collect_scores(handle: StepHandle) -> tuple[list[list[tuple[int, float]]] | None, list]:
+        """After `collect`: the rows' top logprobs ((id, logprob) lists, or None when no row asked)
+        and the prompt scores as (batch row, first position, [(logprob, top list)])."""
+        top = None
+        if handle.top is not None:
+            top = [list(zip(ids, lps)) for ids, lps in zip(handle.top[0].tolist(), handle.top[1].tolist())]
+        prompt = []
+        for row, first, sc in handle.prompt:
+            alts = (
+                [[]] * len(sc.tokens)
+                if sc.top_ids is None
+                else [list(zip(ids, lps)) for ids, lps in zip(sc.top_ids.tolist(), sc.top_logprobs.tolist())]
+            )
+            prompt.append((row, first, list(zip(sc.logprobs.tolist(), alts))))
+        return top, prompt
 
     def collect(self, handle: StepHandle) -> tuple[list[int], list[float] | None]:
         """Wait for a launched step's tokens: one per row in `handle.complete`."""

@@ -161,6 +161,20 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def hold_waiting(self) -> deque[Sequence]:
+        """Take the waiting sequences aside so that no new one starts (a weight swap drains)."""
+        held, self.waiting = self.waiting, deque()
+        return held
+
+    def preempt_all(self, held: deque[Sequence]) -> int:
+        """Put every running sequence back in the queue, in order, before the `held` ones (a
+        weight swap: their K/V came from the old weights). Returns how many were running."""
+        running = list(self.running)
+        for seq in reversed(running):
+            self._preempt(seq)
+        self.waiting.extend(s for s in held if not s.is_finished)
+        return len(running)
+
     def advance(self, batch: list[Sequence], complete: list[int]) -> None:
         """Move the sequences of a step that is now launched forward: the tokens it computes
         count as computed, and each row in `complete` (its prompt done) gets a pending token, the

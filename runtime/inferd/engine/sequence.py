@@ -19,7 +19,8 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    """Each field has one writer: the engine writes `output_logprobs`; the block manager owns
+    """Each field has one writer: the engine writes `output_logprobs`, `output_top_logprobs`,
+    `prompt_logprobs` and `grammar` (and advances the grammar); the block manager owns
     `block_table`, `num_computed_tokens`, `num_cached_tokens` and `num_hashed_blocks`; the
     scheduler owns the rest of the mutable state (`status`, `finish_reason`, `token_ids` after
     the prompt, `pending_row`, `num_scheduled_tokens`, `num_preemptions`)."""
@@ -51,6 +52,12 @@ class Sequence:
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache
         self.num_hashed_blocks = 0  # leading blocks registered in the prefix cache
         self.output_logprobs: list[float] = []
+        # Per output token, with params.top_logprobs: the most likely tokens there, (id, logprob).
+        self.output_top_logprobs: list[list[tuple[int, float]]] = []
+        # With params.prompt_logprobs, per prompt position after the first: (logprob, top list).
+        self.prompt_logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = {}
+        # With params.json_schema: the matcher that keeps the output valid (engine.structured).
+        self.grammar = None
         self.finish_reason: str | None = None
         self.num_preemptions = 0
         # Tokens this step computes (set by the scheduler; a prompt chunk or one decode token).

@@ -102,6 +102,14 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.tensor([])  # bound by the model runner
         self.use_triton = False
 
+    # The model runner sizes and binds caches through these two (models/deepseek.py's MLA has its own).
+    def kv_cache_layout(self, dtype: torch.dtype) -> tuple[int, tuple[int, ...]]:
+        """(cache tensors per layer, shape of one token's entry in each): K and V."""
+        return 2, (self.num_kv_heads, self.head_dim)
+
+    def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        self.k_cache, self.v_cache = k_cache, v_cache
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
         q = q.view(-1, self.num_heads, self.head_dim)

@@ -9,13 +9,12 @@ one still fills the GPU. Shapes are static per batch, so CUDA graphs capture bot
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from inferd.layers.fused import FP8, FP8_MAX
+from inferd.layers.mla_decode import sm_count
 
 
 @triton.jit
@@ -210,11 +209,6 @@ def num_splits(batch: int, num_kv_heads: int, sm_count: int = 132) -> int:
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -240,7 +234,7 @@ def paged_decode_attention(
     fp8_cache = k_cache.dtype == FP8
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    splits = splits or num_splits(batch, num_kv_heads, _sm_count(q.device.index or 0))
+    splits = splits or num_splits(batch, num_kv_heads, sm_count(q.device))
     tile = tile or (128 if fp8_cache and splits > 1 else 64)
     compute_dtype = compute_dtype or (torch.float16 if fp8_cache and q.dtype != torch.float32 else q.dtype)
     if widen_v_in_registers is None:

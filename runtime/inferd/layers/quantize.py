@@ -40,7 +40,9 @@ from torch.overrides import TorchFunctionMode
 
 from inferd.layers.activation import SiluAndMul, silu_and_mul_kernel
 from inferd.layers.context import AttentionContext, get_context, set_context
+from inferd.layers.fp8_block import fp8_block_linear, quantize_weight_blocks
 from inferd.layers.fused import add_rms_norm, rms_norm
+from inferd.layers.fused_moe import fused_moe
 from inferd.layers.linear import Linear
 from inferd.layers.norm import RMSNorm
 from inferd.layers.quant import QuantizedRows, can_quantize, fp8_linear, quantize_weight, unpack
@@ -271,3 +273,53 @@ def quantize_fp8(model: nn.Module, handoffs: bool = True) -> Fp8Plan:
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, new)
+
+
+# ---- fp8 128x128 blocks (DeepSeek-V3/R1 checkpoints) on the GPU ------------------------------------
+class Fp8BlockLinear(nn.Module):
+    """A linear layer computed as fp8 with 128x128 weight blocks (layers/fp8_block.py)."""
+
+    def __init__(self, linear: Linear):
+        super().__init__()
+        weight, scale = quantize_weight_blocks(linear.weight.data)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("weight_scale", scale)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = fp8_block_linear(x, self.weight, self.weight_scale)
+        return out if self.bias is None else out + self.bias
+
+
+class Fp8BlockExperts(nn.Module):
+    """Stacked routed experts (w13 [E, 2I, D], w2 [E, D, I]) as e4m3 blocks with their scales,
+    called as the model's experts module is: (x, topk_weights, topk_ids) -> [T, D]."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        for attr in ("w13", "w2"):
+            pairs = [quantize_weight_blocks(w) for w in getattr(experts, attr).data]
+            setattr(self, attr, nn.Parameter(torch.stack([q for q, _ in pairs]), requires_grad=False))
+            self.register_buffer(f"{attr}_scale", torch.stack([scale for _, scale in pairs]))
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.w13_scale, self.w2_scale)
+
+
+def quantize_fp8_blocks(model: nn.Module) -> int:
+    """The CUDA form of an fp8 block checkpoint: the loader dequantized its blocks (the CPU path),
+    and every `Linear` and stacked experts module (one with `w13` and `w2`) goes back to e4m3
+    blocks with their scales, which give the checkpoint's own values again (each block's largest
+    value was quantized to 448). Returns the number of weights swapped."""
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Linear):
+            _replace(model, name, Fp8BlockLinear(module))
+            module.weight = None
+            swapped += 1
+        elif isinstance(getattr(module, "w13", None), nn.Parameter) and isinstance(getattr(module, "w2", None), nn.Parameter):
+            _replace(model, name, Fp8BlockExperts(module))
+            module.w13 = module.w2 = None
+            swapped += 2
+    log.info("fp8 128x128 block weights on the GPU: %d weights", swapped)
+    return swapped

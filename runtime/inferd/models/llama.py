@@ -7,42 +7,55 @@ from torch import nn
 
 from inferd.layers.activation import SiluAndMul
 from inferd.layers.attention import Attention
-from inferd.layers.embed_head import LMHead, VocabEmbedding
+from inferd.layers.distributed import divide, make_all_reduce
 from inferd.layers.linear import Linear, MergedLinear, QKVLinear
 from inferd.layers.norm import RMSNorm
 from inferd.layers.rotary import RotaryEmbedding
 from inferd.models.config import ModelConfig
+from inferd.models.decoder import CausalLM, PreNormDecoderLayer
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, max_position: int):
         super().__init__()
-        self.q_size = cfg.num_attention_heads * cfg.head_dim
-        self.kv_size = cfg.num_key_value_heads * cfg.head_dim
+        # This rank's heads (all of them on one rank).
+        heads = divide(cfg.num_attention_heads, "num_attention_heads")
+        kv_heads = divide(cfg.num_key_value_heads, "num_key_value_heads")
+        self.q_size = heads * cfg.head_dim
+        self.kv_size = kv_heads * cfg.head_dim
         self.qkv_proj = QKVLinear(
-            cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, bias=cfg.attention_bias
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            bias=cfg.attention_bias,
+            parallel="column",
         )
-        self.o_proj = Linear(self.q_size, cfg.hidden_size)
+        self.o_proj = Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, parallel="row")
+        self.reduce = make_all_reduce()
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
-        self.attn = Attention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim**-0.5)
+        self.attn = Attention(heads, kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.rotary_emb(positions, self.qkv_proj(hidden), self.q_size, self.kv_size)
-        return self.o_proj(self.attn(q, k, v))
+        out = self.o_proj(self.attn(q, k, v))
+        return out if self.reduce is None else self.reduce(out)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, parallel="column")
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, parallel="row")
+        self.reduce = make_all_reduce()
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        out = self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return out if self.reduce is None else self.reduce(out)
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(PreNormDecoderLayer):
     def __init__(self, cfg: ModelConfig, max_position: int):
         super().__init__()
         self.self_attn = LlamaAttention(cfg, max_position)
@@ -50,33 +63,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
 
-
-class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int):
-        super().__init__()
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, max_position) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
-
-
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     # checkpoint name fragment -> (fused parameter fragment, shard id)
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q"),
@@ -89,18 +77,7 @@ class LlamaForCausalLM(nn.Module):
     ignored_checkpoint_tensors = ("rotary_emb.inv_freq",)
 
     def __init__(self, cfg: ModelConfig, max_position: int):
-        super().__init__()
-        self.config = cfg
-        self.model = LlamaModel(cfg, max_position)
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        super().__init__(cfg, (LlamaDecoderLayer(cfg, max_position) for _ in range(cfg.num_hidden_layers)))
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -21,6 +21,7 @@ class Principal:
     name: str
     role: str
     priority: int = 0  # the key's class (auth.PRIORITIES): how the engine shares the batch
+    tenant: str = ""  # who shares its prefix cache and fair share (ApiKey.cache_tenant)
 
 
 def _bearer_token(request: Request) -> str:
@@ -58,7 +59,7 @@ async def authorize(request: Request) -> Principal | None:
         raise OpenAIError(401, "invalid or revoked API key", "authentication_error")
     if key.role not in allowed:
         raise OpenAIError(403, f"role '{key.role}' may not call {request.method} {path}", "permission_error")
-    principal = Principal(key.key_id, key.name, key.role, PRIORITIES[key.priority])
+    principal = Principal(key.key_id, key.name, key.role, PRIORITIES[key.priority], key.cache_tenant)
     request.state.principal = principal
     return principal
 

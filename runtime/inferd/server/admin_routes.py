@@ -10,12 +10,14 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from inferd.engine.async_engine import EngineDeadError, SwapInProgress, WeightSwapError, WeightSwapRolledBack
 from inferd.server.access import audit_fields
+from inferd.server.build_info import build_info
 from inferd.server.errors import OpenAIError
-from inferd.server.protocol import LimitsUpdate, ModelLoad
+from inferd.server.protocol import LimitsUpdate, ModelLoad, ModelSwap
 from inferd.server.state import state_of
 from inferd.store.packed import is_packed
-from inferd.store.trust import ModelTrustError, check_configured
+from inferd.store.trust import ModelTrustError, check_configured, read_public_key
 
 
 # ---- anonymous ------------------------------------------------------------------------------
@@ -103,6 +105,72 @@ async def unload(request: Request):
     return {"status": "unloaded", "model": s.model_id}
 
 
+def _store_path(cfg, name: str) -> Path:
+    """The package `name` names under the store (model_store_dir): 400 for one outside it."""
+    store = Path(cfg.model_store_dir or Path(cfg.model).parent).resolve()
+    try:
+        path = (store / name).resolve()
+        is_dir = path.is_dir()
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long for the filesystem...
+        raise OpenAIError(400, f"model {name[:100]!r} cannot be opened: {e}", param="model") from None
+    if path == store or not path.is_relative_to(store):
+        raise OpenAIError(400, f"model {name[:100]!r} must name a package under the model store {store}", param="model")
+    if not is_dir:
+        raise OpenAIError(400, f"{path} does not exist: copy the package into the model store {store} first", param="model")
+    return path
+
+
+async def swap(body: ModelSwap, request: Request):
+    """Serve another package's weights in place (same architecture and shape): the process keeps
+    its compiled code and graphs, and the pause is a drain and a copy (engine/weight_swap.py)."""
+    s = state_of(request)
+    engine = s.engine
+    if engine is None or s.loading or not s.ready:
+        raise OpenAIError(409, "no model is serving (or one is loading): nothing to swap", code="nothing_to_swap")
+    path = _store_path(s.cfg, body.model)
+    old = {"model_version": s.build["model_version"], "path": s.model_path}
+    try:  # the trust rule, then staging (minutes for a large model): off the event loop
+        await asyncio.to_thread(check_configured, s.cfg, path)
+        public = read_public_key(s.cfg.model_public_key_file)
+        report = await asyncio.to_thread(engine.swap_weights, str(path), body.drain_timeout_s, public)
+    except SwapInProgress as e:
+        raise OpenAIError(409, str(e), code="swap_in_progress") from None
+    except WeightSwapRolledBack as e:
+        await _swap_failed(s, request, 500, path, str(e), "rolled_back")
+        raise OpenAIError(500, str(e), "server_error", code="swap_rolled_back") from None
+    except EngineDeadError as e:
+        await _swap_failed(s, request, 503, path, str(e), "rolled_back")
+        raise OpenAIError(503, str(e), "server_error", code="engine_failed") from None
+    except (WeightSwapError, ModelTrustError, ValueError, OSError) as e:  # refused: nothing changed
+        await _swap_failed(s, request, 400, path, f"{type(e).__name__}: {e}", "refused")
+        raise OpenAIError(400, f"swap refused, {s.model_path} still serves: {e}", param="model", code="swap_refused") from None
+    s.model_path = str(path)
+    s.build = build_info(path)
+    s.metrics.set_build_info(s.model_id, s.build)
+    s.metrics.swaps.labels("ok").inc()
+    s.metrics.swap_pause.set(report.paused_s)
+    result = {"old": old, "new": {"model_version": s.build["model_version"], "path": str(path)}, **_timings(report)}
+    await s.audit_record(**audit_fields(request, 200), change={"swap": result})
+    return {"status": "swapped", "model": s.model_id, **result}
+
+
+def _timings(report) -> dict:
+    return {
+        "pause_s": round(report.paused_s, 4),
+        "token_gap_s": None if report.token_gap_s is None else round(report.token_gap_s, 4),
+        "drain_s": round(report.drain_s, 4),
+        "copy_s": round(report.copy_s, 4),
+        "staging_s": round(report.staging_s, 4),
+        "staged_bytes": report.staged_bytes,
+        "preempted": report.preempted,
+    }
+
+
+async def _swap_failed(s, request: Request, status: int, path: Path, error: str, result: str) -> None:
+    s.metrics.swaps.labels(result).inc()
+    await s.audit_record(**audit_fields(request, status), change={"swap": str(path), "error": error[:500]})
+
+
 def register(app: FastAPI) -> None:
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/ready", ready, methods=["GET"])
@@ -113,3 +181,4 @@ def register(app: FastAPI) -> None:
     app.add_api_route("/admin/models", get_models, methods=["GET"])
     app.add_api_route("/admin/models/load", load, methods=["POST"], status_code=202)
     app.add_api_route("/admin/models/unload", unload, methods=["POST"])
+    app.add_api_route("/admin/model/swap", swap, methods=["POST"])

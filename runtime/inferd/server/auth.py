@@ -42,6 +42,7 @@ ROLE_TABLE: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/admin/models"): frozenset({"admin"}),
     ("POST", "/admin/models/load"): frozenset({"admin"}),
     ("POST", "/admin/models/unload"): frozenset({"admin"}),
+    ("POST", "/admin/model/swap"): frozenset({"admin"}),
     ("GET", "/openapi.json"): frozenset({"user", "ops", "admin"}),
 }
 
@@ -68,6 +69,16 @@ class KeysFileError(ValueError):
 # A key's priority class: under load the scheduler admits (and keeps from preemption) the higher
 # class first, and shares places within a class by sequences held (engine/scheduler.py).
 PRIORITIES = {"low": -1, "normal": 0, "high": 1}
+# A key's tenant: keys of one tenant share prefix-cache entries and one fair share of the batch; a
+# key without one is its own tenant. Names ops choose (a team, an application).
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_tenant(tenant: str) -> None:
+    if tenant and not TENANT_NAME.fullmatch(tenant):
+        raise ValueError(
+            f"tenant {tenant!r} is not a tenant name: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
 
 
 @dataclass
@@ -79,6 +90,12 @@ class ApiKey:
     created: float
     revoked: bool = False
     priority: str = "normal"
+    tenant: str = ""  # "" = the key is its own tenant
+
+    @property
+    def cache_tenant(self) -> str:
+        """Who shares this key's prefix cache and fair share: its tenant, else itself alone."""
+        return f"tenant:{self.tenant}" if self.tenant else f"key:{self.key_id}"
 
 
 class KeyStore:
@@ -130,8 +147,9 @@ class KeyStore:
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.path)
 
-    def add(self, name: str, role: str, priority: str = "normal") -> str:
+    def add(self, name: str, role: str, priority: str = "normal", tenant: str = "") -> str:
         self.require_valid()
+        check_tenant(tenant)
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
         if priority not in PRIORITIES:
@@ -140,7 +158,15 @@ class KeyStore:
             raise ValueError(f"a key named {name!r} exists: revoke it first or pick another name")
         key = KEY_PREFIX + secrets.token_hex(32)  # 256 random bits
         self.keys.append(
-            ApiKey(key_id=secrets.token_hex(8), name=name, role=role, sha256=digest(key), created=time.time(), priority=priority)
+            ApiKey(
+                key_id=secrets.token_hex(8),
+                name=name,
+                role=role,
+                sha256=digest(key),
+                created=time.time(),
+                priority=priority,
+                tenant=tenant,
+            )
         )
         self._save()
         return key
@@ -188,6 +214,10 @@ def parse_keys(path: Path) -> list[ApiKey]:
             raise KeysFileError(
                 f"keys file {path}: key {k.name!r} has priority {k.priority!r}, not one of {', '.join(PRIORITIES)}; {fix}"
             )
+        try:
+            check_tenant(k.tenant if isinstance(k.tenant, str) else "?")
+        except ValueError as e:
+            raise KeysFileError(f"keys file {path}: key {k.name!r}: {e}; {fix}") from None
         if k.key_id == name_derived_id(k.name):
             k.key_id, migrated = key_id_for(k.sha256), migrated + 1
         if k.key_id in seen:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -31,6 +32,7 @@ class ServerConfig(BaseModel):
     model_public_key_file: str | None = None  # the package signer's Ed25519 public key: store/trust.py's rule
     model_allow_unsigned: bool = False  # serve unsigned models when no public key is set (never by default)
     served_model_name: str | None = None
+    model_store_dir: str | None = None  # where POST /admin/model/swap takes packages from; default: model's parent
     model_version: str | None = None  # reported by /health; default: the packed model's manifest digest
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -55,6 +57,9 @@ class ServerConfig(BaseModel):
     body_timeout_s: float = Field(30.0, gt=0)  # a body not all in within it is a 408
     max_tokens_limit: int = Field(4096, ge=1)
     max_n: int = Field(8, ge=1)
+    # How chat answers' R1 thinking is split into reasoning_content (server/reasoning.py): auto
+    # when the chat template opens the thinking or the output starts with <think>.
+    reasoning_parser: Literal["auto", "deepseek_r1", "none"] = "auto"
     metrics_bearer_token_sha256: str | None = None
     shutdown_timeout_s: float = Field(30.0, gt=0)
     limits: LimitsConfig = LimitsConfig()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,12 +27,14 @@ from inferd.server.access import Principal, audit_fields
 from inferd.server.audit import outcome_of
 from inferd.server.errors import OpenAIError, error_body
 from inferd.server.limits import admit, queue_full
+from inferd.server.logprobs import chat_logprobs, completion_logprobs, echoed_prompt
 from inferd.server.openai_format import (
     DONE_EVENT,
+    ChatShape,
+    ChoiceParser,
     ChunkFormatter,
     choice_body,
     completion_body,
-    logprobs_body,
     sse,
     usage_body,
 )
@@ -59,15 +62,65 @@ class Generation:
     model: str
     t0: float
     first: float | None = None  # when the first token arrived
+    reservation: object = None  # the engine's Reservation: room for the sequences not yet submitted
+    closed: bool = False
+    top_logprobs: int = 0
+    echo_text: str | None = None  # completions' echo: the prompt, put before each choice's text
+    shape: ChatShape | None = None  # a chat's reasoning and tool-call parsing
+    include_usage: bool | None = None  # stream_options.include_usage
+
+    def release(self) -> None:
+        """The limiter slots and any unused queue room back."""
+        self.state.limiter.release(self.principal.key_id, len(self.params))
+        if self.reservation is not None:
+            self.reservation.release()
+
+    def close(self, status: str, completion_tokens: int = 0, finals=()) -> None:
+        """The request's last step, once whichever way it ends: the `end` record (a second end is
+        ignored by the log), its limiter slots back, its metrics."""
+        if self.closed:
+            return
+        self.closed = True
+        self.state.audit.end(self.rid, **outcome_of(GeneratorExit()), completion_tokens=completion_tokens)
+        self.release()
+        self.observe(finals)
+        self.state.metrics.requests.labels(self.record["route"], status).inc()
 
     def usage(self, finals) -> dict:
-        return usage_body(len(self.prompt_ids), len(self.params), sum(len(o.token_ids) for o in finals))
+        completion, cached = sum(len(o.token_ids) for o in finals), sum(o.num_cached_tokens for o in finals)
+        return usage_body(len(self.prompt_ids), len(self.params), completion, cached)
 
-    def choice(self, i: int, out: RequestOutput, logprobs: bool) -> dict:
+    def token_logprobs(self, ids, logprobs, top, prompt_scores=None, echo=False, offset=0) -> dict:
+        """Logprobs of output tokens (after the echoed prompt's, with `echo`) in the route's shape."""
+        texts = self.engine.token_texts
+        if self.chat:
+            return chat_logprobs(texts, ids, logprobs, top)
+        ids, logprobs = list(ids), list(logprobs)
+        top = list(top) if top is not None and self.top_logprobs else None
+        if echo:
+            p_ids, p_lps, p_top = echoed_prompt(self.prompt_ids, prompt_scores, top is not None)
+            ids, logprobs, top = p_ids + ids, p_lps + logprobs, (p_top + top if top is not None else None)
+        return completion_logprobs(texts, ids, logprobs, top, offset)
+
+    def choice(self, i: int, out: RequestOutput, logprobs: bool, parser: ChoiceParser | None = None) -> dict:
         lp = None
         if logprobs and out.logprobs is not None:
-            lp = logprobs_body(self.chat, self.engine.token_texts(out.token_ids), out.logprobs)
-        return choice_body(self.chat, i, out, lp)
+            echo = self.echo_text is not None
+            lp = self.token_logprobs(out.token_ids, out.logprobs, out.top_logprobs, out.prompt_logprobs, echo)
+        if self.echo_text is not None:
+            out = dataclasses.replace(out, text=self.echo_text + out.text)
+        return choice_body(self.chat, i, out, lp, parser or (self.shape.parser() if self.shape else None))
+
+    def event_logprobs(self, event, offset: int) -> dict | None:
+        """A stream event's share of the logprobs (its tokens'), or None when not asked."""
+        if not self.logprobs:
+            return None
+        if event.finished:
+            lps = (event.logprobs or [])[-1:]
+            top = event.top_logprobs[-1:] if event.top_logprobs else None
+        else:
+            lps, top = event.new_logprobs or [], event.new_top_logprobs
+        return self.token_logprobs(event.new_token_ids[: len(lps)], lps, top, offset=offset)
 
     def outcome(self, finals, **extra) -> dict:
         """The `end` record of a request that ran to its end."""
@@ -90,7 +143,9 @@ class Generation:
                 m.tpot.observe((end - self.first) / (len(o.token_ids) - 1))
 
 
-def sampling_params(state: ServerState, engine: AsyncLLMEngine, body, prompt_ids, max_tokens, logprobs) -> list[SamplingParams]:
+def sampling_params(
+    state: ServerState, engine: AsyncLLMEngine, body, prompt_ids, max_tokens, logprobs, options=None
+) -> list[SamplingParams]:
     """The n choices' SamplingParams, or the 400 that names the field at fault."""
     cfg = state.cfg
     if max_tokens is not None and max_tokens > cfg.max_tokens_limit:
@@ -111,6 +166,7 @@ def sampling_params(state: ServerState, engine: AsyncLLMEngine, body, prompt_ids
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
                 logprobs=logprobs,
+                **(options or {}),
             )
             for i in range(body.n)
         ]
@@ -118,15 +174,22 @@ def sampling_params(state: ServerState, engine: AsyncLLMEngine, body, prompt_ids
         raise OpenAIError(400, str(e), param=e.param) from None
 
 
-async def generate(request: Request, engine: AsyncLLMEngine, body, prompt_ids, max_tokens, *, chat, logprobs, prompt_text):
+async def generate(
+    request: Request, engine: AsyncLLMEngine, body, prompt_ids, max_tokens, *, chat, logprobs, prompt_text, **extra
+):
+    """`options`: more SamplingParams fields (top_logprobs, prompt_logprobs, json_schema);
+    `echo_text`: completions' echo, the prompt put before each choice's text; `shape`: a chat's
+    reasoning and tool-call parsing (openai_format.ChatShape)."""
     state = state_of(request)
-    params = sampling_params(state, engine, body, prompt_ids, max_tokens, logprobs)
+    params = sampling_params(state, engine, body, prompt_ids, max_tokens, logprobs, extra.get("options"))
     principal: Principal = request.state.principal
-    admit(state.limiter, state.metrics, principal.key_id, len(params), engine)
+    reservation = admit(state.limiter, state.metrics, principal.key_id, len(params), engine)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     record = audit_fields(request, 200) | {"request_id": rid, "model": state.model_id, "prompt_tokens": len(prompt_ids) * body.n}
     if state.cfg.audit_log_prompts:
         record["prompt"] = prompt_text
+    if body.user:
+        record["user"] = body.user
     g = Generation(
         state=state,
         engine=engine,
@@ -141,35 +204,40 @@ async def generate(request: Request, engine: AsyncLLMEngine, body, prompt_ids, m
         created=int(time.time()),
         model=state.model_id,
         t0=time.perf_counter(),
+        reservation=reservation,
+        top_logprobs=params[0].top_logprobs,
+        echo_text=extra.get("echo_text"),
+        shape=extra.get("shape"),
+        include_usage=body.stream_options.include_usage if body.stream_options else None,
     )
     try:  # the request's evidence is durable before generation starts
         await state.audit_wait(lambda: state.audit.begin(rid, {k: v for k, v in record.items() if k != "status"}))
     except BaseException:  # refused (503) or cancelled: the slots go back either way
-        state.limiter.release(principal.key_id, len(params))
+        g.release()
         raise
     state.metrics.prompt_tokens.inc(len(prompt_ids) * body.n)
     if body.stream:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(stream(g), media_type="text/event-stream", headers=headers)
+        return ClosingStream(stream(g), on_close=lambda: g.close("499"), media_type="text/event-stream", headers=headers)
     try:
         finals = await collect(g)
     except BaseException as e:
         state.audit.end(rid, **outcome_of(e))
         raise
     finally:
-        state.limiter.release(principal.key_id, len(params))
+        g.release()
     return await respond(g, finals)
 
 
 async def merged(g: Generation):
     """(choice index, event) from n engine streams as they come; aborts all on exit."""
     engine, prompt_ids, params = g.engine, g.prompt_ids, g.params
-    tenant, priority = g.principal.key_id, g.principal.priority
+    tenant, priority = g.principal.tenant or g.principal.key_id, g.principal.priority
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, sp):
         try:
-            async for event in engine.generate(prompt_ids, sp, tenant=tenant, priority=priority):
+            async for event in engine.generate(prompt_ids, sp, tenant=tenant, priority=priority, reservation=g.reservation):
                 await queue.put((i, event))
         except Exception as e:
             await queue.put((i, e))
@@ -228,7 +296,7 @@ async def respond(g: Generation, finals: list[RequestOutput]) -> dict:
 async def stream(g: Generation):
     """A streaming request's server-sent events. The stream ends with [DONE] only once the audit
     record is durable; an engine or audit failure ends it with an error event instead."""
-    fmt = ChunkFormatter(g.rid, g.chat, g.created, g.model)
+    fmt = ChunkFormatter(g.rid, g.chat, g.created, g.model, g.shape, null_usage=bool(g.include_usage))
     finals: dict[int, RequestOutput] = {}
     status = "499"  # until the stream completes or fails: the client went away
     tokens = collections.Counter()  # per choice, generated so far (the `end` of a stream cut short)
@@ -236,15 +304,22 @@ async def stream(g: Generation):
         if g.chat:
             for i in range(len(g.params)):
                 yield fmt.role(i)
+        offsets = collections.Counter()  # per choice, text characters streamed (completions' text_offset)
         try:
             async for i, event in merged(g):
                 g.first = g.first or time.perf_counter()
+                if g.echo_text is not None and not tokens[i]:  # the echoed prompt first
+                    lp = g.token_logprobs([], [], [], event.prompt_logprobs, echo=True) if g.logprobs else None
+                    offsets[i] += len(g.echo_text)
+                    yield fmt.delta(i, g.echo_text, logprobs=lp)
                 tokens[i] = event.num_output_tokens
+                lp = g.event_logprobs(event, offsets[i])
+                offsets[i] += len(event.new_text)
                 if event.finished:
                     finals[i] = event
-                    yield fmt.delta(i, event.new_text, event.finish_reason)
-                elif event.new_text:
-                    yield fmt.delta(i, event.new_text)
+                    yield fmt.delta(i, event.new_text, event.finish_reason, logprobs=lp)
+                elif event.new_text or lp:
+                    yield fmt.delta(i, event.new_text, logprobs=lp)
         except OpenAIError as e:  # the engine failed mid-stream: audit it, say so, and no [DONE]
             status = str(e.status)
             outcome = outcome_of(e) | {"completion_tokens": sum(tokens.values())}
@@ -254,7 +329,7 @@ async def stream(g: Generation):
             return
         outs = [finals[i] for i in range(len(g.params))]
         usage = g.usage(outs)
-        choices = [g.choice(i, o, False) for i, o in enumerate(outs)]
+        choices = [g.choice(i, o, False, fmt.parsers.get(i)) for i, o in enumerate(outs)]
         body = completion_body(g.rid, g.chat, g.created, choices, usage, g.model)
         stored = g.state.results.put(g.rid, g.principal.key_id, body)
         try:
@@ -262,11 +337,28 @@ async def stream(g: Generation):
         except OpenAIError as e:
             yield sse(error_body(e.message, e.type, code=e.code))
             return  # no [DONE]: the client sees the stream did not complete
-        yield fmt.usage(usage)
+        if g.include_usage is not False:
+            yield fmt.usage(usage)
         yield DONE_EVENT
         status = "200"
-    finally:  # a stream cut short (client gone, server stopping) still ends in the log; a second end is ignored
-        g.state.audit.end(g.rid, **outcome_of(GeneratorExit()), completion_tokens=sum(tokens.values()))
-        g.state.limiter.release(g.principal.key_id, len(g.params))
-        g.observe(finals.values())
-        g.state.metrics.requests.labels(g.record["route"], status).inc()
+    finally:  # a stream cut short (client gone, server stopping) still ends in the log
+        g.close(status, sum(tokens.values()), list(finals.values()))
+
+
+class ClosingStream(StreamingResponse):
+    """A streaming response that runs `on_close` however it ends: also when the client is gone before
+    the body begins, where the body generator never starts and so never reaches its `finally`."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # A body paused at a `yield` when the send failed ends here with what it counted; one
+            # never started just closes. on_close then finds the request closed or closes it.
+            with contextlib.suppress(RuntimeError):
+                await self.body_iterator.aclose()
+            self.on_close()

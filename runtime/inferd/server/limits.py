@@ -145,19 +145,22 @@ def queue_full(detail: str) -> OpenAIError:
     return OpenAIError(429, f"the server's queue is full: {detail}", "rate_limit_error", code="queue_full", headers=retry)
 
 
-def admit(limiter: Limiter, metrics, key_id: str, n: int = 1, engine=None) -> None:
-    """Take n of the key's sequence slots, and check that the engine's queue has room for n, or
-    refuse with 429 and Retry-After (400 when n alone exceeds the key's limits); the caller
-    releases the slots."""
+def admit(limiter: Limiter, metrics, key_id: str, n: int = 1, engine=None):
+    """Take n of the key's sequence slots and reserve room for n in the engine's queue (returned:
+    the engine's Reservation, None without an engine), or refuse with 429 and Retry-After (400 when
+    n alone exceeds the key's limits); the caller releases both."""
     if n > limiter.max_concurrent or n > limiter.per_minute:
         limit = min(limiter.max_concurrent, limiter.per_minute)
         raise OpenAIError(400, f"n is {n}; a key may hold at most {limit} sequences at a time here: lower n", param="n")
-    if engine is not None and not engine.has_room(n):
+    reservation = engine.reserve(n) if engine is not None else None
+    if engine is not None and reservation is None:
         metrics.rate_limited.labels("queue").inc()
         raise queue_full(f"retry in {QUEUE_RETRY_S} s")
     refused = limiter.acquire(key_id, n)
     if refused is None:
-        return
+        return reservation
+    if reservation is not None:
+        reservation.release()
     metrics.rate_limited.labels(refused.reason).inc()
     what = "sequences per minute" if refused.reason == "rate" else "concurrent sequences"
     raise OpenAIError(

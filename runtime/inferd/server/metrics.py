@@ -15,6 +15,9 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 
 TPOT_BUCKETS = (0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
 
 
+SWAP_RESULTS = ("ok", "refused", "rolled_back")
+
+
 class Metrics:
     """The server's own counters and histograms, plus collectors read at scrape time: the
     engine's load (`engine_stats()`: EngineStats, or None while no model is serving), the audit
@@ -30,6 +33,10 @@ class Metrics:
         self.generation_tokens = Counter(n.GENERATION_TOKENS, "Tokens generated", registry=r)
         self.load_attempts = Counter(n.MODEL_LOAD_ATTEMPTS, "Model load attempts", registry=r)
         self.load_failures = Counter(n.MODEL_LOAD_FAILURES, "Model load failures", registry=r)
+        self.swaps = Counter(n.MODEL_SWAPS, "In-place weight swaps, by result (ok, refused, rolled_back)", ["result"], registry=r)
+        for result in SWAP_RESULTS:  # every series exists from start-up at 0: increase() and alerts see the first one
+            self.swaps.labels(result)
+        self.swap_pause = Gauge(n.MODEL_SWAP_PAUSE, "The last in-place swap's pause (drain start to resume)", registry=r)
         self.ready = Gauge(n.MODEL_READY, "1 once the model is loaded and a warm-up generation ran", registry=r)
         self.build_info = Gauge(
             n.BUILD_INFO,
