@@ -4,7 +4,11 @@ the soak (playbooks/README.md): STREAMS concurrent chat streams, each read to it
 one after another until STOP_FILE exists (or --seconds pass). Writes a JSON report: requests sent,
 failed (with the reasons), the longest gap between two tokens of one stream, and the versions the
 gateway's /health reported over time. Standard library only: it runs on any host with Python 3.
-Usage: stream-load.py URL KEY_FILE REPORT STOP_FILE [--streams N] [--ca CA] [--model NAME] [--seconds S]"""
+With --log-requests the report also lists every request: [start, end, upstream, outcome], the
+upstream from the gateway's X-Inferd-Upstream header (gateway_expose_upstream) and the outcome one
+of ok, cut (answered 200, then the stream ended before [DONE]: it had started) or failed (no stream
+began); molecule/site's replica test reads it.
+Usage: stream-load.py URL KEY_FILE REPORT STOP_FILE [--streams N] [--ca CA] [--model NAME] [--seconds S] [--log-requests]"""
 
 from __future__ import annotations
 
@@ -24,14 +28,21 @@ def connect(url: urllib.parse.SplitResult, ctx: ssl.SSLContext | None) -> http.c
     return http.client.HTTPConnection(url.hostname, url.port or 80, timeout=120)
 
 
-def one_stream(url, ctx, key: str, model: str) -> float:
+class StreamCut(RuntimeError):
+    """The stream had begun (200) and ended before [DONE]."""
+
+
+def one_stream(url, ctx, key: str, model: str, seen: dict | None = None) -> float:
     """Sends one streaming chat completion and reads it to [DONE]; returns its longest token gap.
-    Anything else (a non-200 answer, a stream cut before [DONE], an error event) raises."""
+    Anything else (a non-200 answer, a stream cut before [DONE], an error event) raises. `seen`
+    gets the upstream that answered."""
     conn = connect(url, ctx)
     body = {"model": model, "messages": [{"role": "user", "content": "Count to twenty."}], "max_tokens": 24, "stream": True}
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
     resp = conn.getresponse()
+    if seen is not None:
+        seen["upstream"] = resp.getheader("X-Inferd-Upstream", "")
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read(300)!r}")
     gap, last, done = 0.0, None, False  # the wait for the first token is not a gap between two
@@ -45,10 +56,10 @@ def one_stream(url, ctx, key: str, model: str) -> float:
             done = True
             break
         if '"error"' in line:
-            raise RuntimeError(f"error event: {line[:300]}")
+            raise StreamCut(f"error event: {line[:300]}")
     conn.close()
     if not done:
-        raise RuntimeError("stream ended before [DONE]")
+        raise StreamCut("stream ended before [DONE]")
     return gap
 
 
@@ -70,26 +81,35 @@ def main() -> int:
     ap.add_argument("--ca")
     ap.add_argument("--model", default="deepseek")
     ap.add_argument("--seconds", type=float, default=1800)
+    ap.add_argument("--log-requests", action="store_true")
     a = ap.parse_args()
     url = urllib.parse.urlsplit(a.url)
     ctx = ssl.create_default_context(cafile=a.ca) if url.scheme == "https" else None
     key = Path(a.key_file).read_text().strip()
     stop, deadline = Path(a.stop_file), time.monotonic() + a.seconds
     lock = threading.Lock()
-    report = {"sent": 0, "failed": 0, "errors": [], "max_token_gap_s": 0.0, "versions": []}
+    report = {"sent": 0, "failed": 0, "cut": 0, "errors": [], "max_token_gap_s": 0.0, "versions": []}
+    if a.log_requests:
+        report["requests"] = []
 
     def worker():
         while not stop.exists() and time.monotonic() < deadline:
             with lock:
                 report["sent"] += 1
+            seen, start, outcome = {}, time.time(), "ok"
             try:
-                gap = one_stream(url, ctx, key, a.model)
+                gap = one_stream(url, ctx, key, a.model, seen)
                 with lock:
                     report["max_token_gap_s"] = max(report["max_token_gap_s"], round(gap, 3))
             except Exception as e:  # every failure is counted and named in the report
+                outcome = "cut" if isinstance(e, StreamCut) else "failed"
                 with lock:
                     report["failed"] += 1
+                    report["cut"] += outcome == "cut"
                     report["errors"].append(f"{type(e).__name__}: {e}"[:300])
+            if a.log_requests:
+                with lock:
+                    report["requests"].append([round(start, 3), round(time.time(), 3), seen.get("upstream", ""), outcome])
 
     threads = [threading.Thread(target=worker) for _ in range(a.streams)]
     for t in threads:

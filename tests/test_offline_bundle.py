@@ -170,14 +170,19 @@ def test_a_directory_without_a_manifest_is_refused(tmp_path):
 def test_the_site_scenario_is_air_gapped_with_the_bank_inventory():
     scenario = ROOT / "molecule/site"
     config = yaml.safe_load((scenario / "molecule.yml").read_text())
-    (platform,) = config["platforms"]
-    # molecule's podman driver would create a `network:` itself, with a route out.
-    assert "network" not in platform and "--network=inferd-airgap" in platform["extra_opts"]
+    # Every host (the gateway host and the second runtime host); molecule's podman driver would
+    # create a `network:` itself, with a route out.
+    assert [p["name"] for p in config["platforms"]] == ["molecule-site", "molecule-site-2"]
+    for platform in config["platforms"]:
+        assert "network" not in platform and "--network=inferd-airgap" in platform["extra_opts"]
     runner = (ROOT / "scripts/molecule-all.sh").read_text()
     assert re.search(r"podman network create --internal [^\n]*inferd-airgap", runner)
     links = config["provisioner"]["inventory"]["links"]
     assert (scenario / links["group_vars"]).resolve() == ROOT / "inventory/bank/group_vars"
-    host_vars = yaml.safe_load((scenario / links["host_vars"] / "molecule-site.yml").read_text())
+    host_vars = yaml.safe_load((scenario / links["host_vars"] / "molecule-site/main.yml").read_text())
+    # The second host takes the same settings (a link to the same file).
+    second = scenario / links["host_vars"] / "molecule-site-2/main.yml"
+    assert second.resolve() == (scenario / links["host_vars"] / "molecule-site/main.yml").resolve()
     assert host_vars["inferd_offline"] is True
     assert host_vars["inference_runtime_wheelhouse"].startswith("{{ offline_bundle_dir }}")
     assert host_vars["inference_runtime_model_src"].startswith("{{ offline_bundle_dir }}")
