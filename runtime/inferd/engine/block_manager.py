@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -92,26 +93,31 @@ class BlockManager:
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= self.num_free
 
-    def allocate_prompt(self, seq: Sequence) -> None:
-        """First scheduling of a sequence: reuse cached prefix blocks (never the block holding the
-        last prompt token, whose logits must be computed), reserve nothing else yet."""
-        assert not seq.block_table
+    def prompt_hashes(self, seq: Sequence, num_tokens: int | None = None) -> Iterator[bytes]:
+        """Chain hashes of the blocks a cache may supply to the sequence's first `num_tokens`
+        (default all) tokens, in order: every full block but the one holding the last of them
+        (whose logits must be computed)."""
         prefix = tenant_salt(seq.tenant)
+        for i in range(((len(seq) if num_tokens is None else num_tokens) - 1) // self.block_size):
+            prefix = chain_hash(seq.block(i), prefix)
+            yield prefix
+
+    def allocate_prompt(self, seq: Sequence) -> None:
+        """First scheduling of a sequence: reuse cached prefix blocks (see prompt_hashes), reserve
+        nothing else yet."""
+        assert not seq.block_table
         seq.num_cached_tokens = 0
         # A prompt scored token by token (prompt logprobs) is computed in full: a cached block
         # has no logits.
         if self.enable_prefix_caching and not seq.params.prompt_logprobs:
             self.prefix_queries += len(seq)
-            full_blocks = (len(seq) - 1) // self.block_size
-            for i in range(full_blocks):
-                h = chain_hash(seq.block(i), prefix)
+            for h in self.prompt_hashes(seq):
                 block_id = self.hash_to_block.get(h)
                 if block_id is not None:
                     self._take(block_id)
                 elif (block_id := self._restore(h)) is None:
                     break
                 seq.block_table.append(block_id)
-                prefix = h
             seq.num_cached_tokens = len(seq.block_table) * self.block_size
             seq.num_hashed_blocks = len(seq.block_table)
             self.prefix_hits += seq.num_cached_tokens

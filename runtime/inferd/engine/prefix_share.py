@@ -18,7 +18,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable
 
-from inferd.engine.block_manager import BlockManager, chain_hash, tenant_salt
+from inferd.engine.block_manager import BlockManager
 from inferd.engine.sequence import Sequence
 
 
@@ -33,14 +33,10 @@ class PrefixWaits:
         return (seq.num_prompt_tokens - 1) // self.block_manager.block_size
 
     def prompt_hashes(self, seq: Sequence) -> list[bytes]:
-        """Chain hashes of the sequence's full prompt blocks, as the block manager computes them."""
+        """Chain hashes of the sequence's full prompt blocks (BlockManager.prompt_hashes)."""
         hashes = self._hashes.get(seq)
         if hashes is None:
-            hashes, prefix = [], tenant_salt(seq.tenant)
-            for i in range(self._num_prompt_blocks(seq)):
-                prefix = chain_hash(seq.block(i), prefix)
-                hashes.append(prefix)
-            self._hashes[seq] = hashes
+            hashes = self._hashes[seq] = list(self.block_manager.prompt_hashes(seq, seq.num_prompt_tokens))
         return hashes
 
     def uncommitted(self, seqs: Iterable[Sequence]) -> set[bytes]:
