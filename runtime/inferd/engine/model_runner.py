@@ -48,6 +48,23 @@ class StepHandle:
     prompt: list[tuple[int, int, Sampled]] = field(default_factory=list)
 
 
+def release_cuda_graphs(runner, wait: bool = True) -> None:
+    """Destroy a runner's CUDA graphs. NCCL tears a communicator down (destroy and abort alike)
+    only once every CUDA graph that captured one of its collectives is gone: it waits for them,
+    forever if they outlive the call. So every rank drops its graphs before leaving the group.
+    `wait=False` when a peer died: a step waiting for it would never end (a launched graph that
+    is destroyed is freed when it ends, which the abort brings about)."""
+    graphs = getattr(runner, "graphs", None)
+    if not graphs:
+        return
+    if wait:
+        torch.cuda.synchronize(runner.device)
+    for graph in graphs.values():
+        graph.reset()
+    graphs.clear()
+    getattr(runner, "graph_outputs", {}).clear()
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int, weights, weight_bytes=None):
         self.config = config
@@ -101,12 +118,7 @@ class ModelRunner:
         """Free the device memory this runner holds (graphs, KV cache, weights) even while
         something still references it: the next engine in this process, or another process on
         the card, sizes its KV cache from the free memory. The runner is unusable afterwards."""
-        if self.is_cuda and self.graphs:
-            torch.cuda.synchronize(self.device)
-            for graph in self.graphs.values():
-                graph.reset()
-        self.graphs.clear()
-        self.__dict__.get("graph_outputs", {}).clear()
+        release_cuda_graphs(self)
         for name in ("model", "kv_cache", "attn_layers", "sampler", "_staging"):
             self.__dict__.pop(name, None)
         if self.is_cuda:

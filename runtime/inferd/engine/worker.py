@@ -36,7 +36,7 @@ import time
 import torch
 
 from inferd.config import EngineConfig
-from inferd.engine.model_runner import ModelRunner, StepHandle
+from inferd.engine.model_runner import ModelRunner, StepHandle, release_cuda_graphs
 from inferd.layers.distributed import check_no_group, destroy_tensor_parallel, init_tensor_parallel
 from inferd.models.config import ModelConfig
 
@@ -197,23 +197,6 @@ def worker_main(
         last_event.synchronize()
     release_cuda_graphs(runner)
     destroy_tensor_parallel()
-
-
-def release_cuda_graphs(runner, wait: bool = True) -> None:
-    """Destroy a runner's CUDA graphs. NCCL tears a communicator down (destroy and abort alike)
-    only once every CUDA graph that captured one of its collectives is gone: it waits for them,
-    forever if they outlive the call. So every rank drops its graphs before leaving the group.
-    `wait=False` when a peer died: a step waiting for it would never end (a launched graph that
-    is destroyed is freed when it ends, which the abort brings about)."""
-    graphs = getattr(runner, "graphs", None)
-    if not graphs:
-        return
-    if wait:
-        torch.cuda.synchronize(runner.device)
-    for graph in graphs.values():
-        graph.reset()
-    graphs.clear()
-    getattr(runner, "graph_outputs", {}).clear()
 
 
 def start_method(device: str) -> str:
