@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import yaml
+from local_http import free_port, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSIBLE = Path(sys.executable).parent / "ansible"
@@ -92,16 +91,9 @@ class Sink(BaseHTTPRequestHandler):
         pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(ALERTMANAGER is None, reason="Alertmanager is not installed here")
 def test_an_alert_reaches_the_webhook(tmp_path):
-    sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
-    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    sink = serve(Sink)
     url = f"http://127.0.0.1:{sink.server_port}/alerts"
     conf = render(tmp_path / "am.yml", {"monitoring_alertmanager_webhook_url": url, "monitoring_alertmanager_group_wait": "1s"})
     port = free_port()

@@ -11,14 +11,14 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from local_http import free_port, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -67,12 +67,6 @@ class Upstream(BaseHTTPRequestHandler):
         pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def render(tmp_path: Path, **settings) -> subprocess.CompletedProcess:
     dest = tmp_path / "inferd.conf"
     (tmp_path / "render.yml").write_text(RENDER.format(root=ROOT, dest=dest))
@@ -83,8 +77,7 @@ def render(tmp_path: Path, **settings) -> subprocess.CompletedProcess:
 @pytest.fixture
 def gateway(tmp_path):
     """Start nginx with the rendered site; yields a function making requests to it."""
-    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    upstream = serve(Upstream)
     pki = tmp_path / "pki"
     pki.mkdir()
     make_cert(pki, "server")

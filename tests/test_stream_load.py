@@ -9,9 +9,10 @@ import itertools
 import json
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+
+from local_http import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,8 +50,7 @@ def test_outcomes_and_upstreams_are_recorded(tmp_path):
         def log_message(self, *a):
             pass
 
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = serve(Gateway)
     (tmp_path / "key").write_text("k")
     report = tmp_path / "report.json"
     try:
