@@ -118,6 +118,19 @@ def test_dashboards_are_what_the_generator_makes():
     assert r.returncode == 0, r.stderr
 
 
+def test_the_runtime_is_scraped_on_every_colour_port_by_host(tmp_path):
+    """After a blue-green upgrade the runtime serves on the other colour's port: Prometheus scrapes
+    each runtime host on both (and its own target's port), labelled by host for InferdDown."""
+    targets = '{"monitoring_runtime_targets": ["10.0.0.1:8000", "10.0.0.2:9000"]}'
+    cfg = yaml.safe_load(render("monitoring", "prometheus.yml.j2", tmp_path / "p.yml", [targets]).read_text())
+    (job,) = [j for j in cfg["scrape_configs"] if j["job_name"] == "inferd"]
+    want = ["10.0.0.1:8000", "10.0.0.1:8001", "10.0.0.2:9000", "10.0.0.2:8000", "10.0.0.2:8001"]
+    assert job["static_configs"][0]["targets"] == want
+    (relabel,) = job["relabel_configs"]
+    assert re.fullmatch(relabel["regex"], "10.0.0.2:8001") and relabel["target_label"] == "host"
+    subprocess.run(["promtool", "check", "config", "--syntax-only", str(tmp_path / "p.yml")], check=True, capture_output=True)
+
+
 def test_grafana_provisioning_files_parse(tmp_path):
     ds = yaml.safe_load(render("grafana", "datasource.yml.j2", tmp_path / "ds.yml").read_text())
     (source,) = ds["datasources"]
@@ -153,7 +166,13 @@ def hist(metric: str, slow_le: str) -> list[dict]:
 
 # alert: (series when it must fire, series when it must not, eval time, labels of the firing alert)
 CASES = {
-    "InferdDown": ([(sel("up"), "0x10")], [(sel("up"), "1x10")], "3m", {"instance": "h:8000", "job": "inferd"}),
+    # Blue-green: the idle colour's port is down while the other serves (quiet); both down fires.
+    "InferdDown": (
+        [('up{host="h",instance="h:8000",job="inferd"}', "0x10"), ('up{host="h",instance="h:8001",job="inferd"}', "0x10")],
+        [('up{host="h",instance="h:8000",job="inferd"}', "0x10"), ('up{host="h",instance="h:8001",job="inferd"}', "1x10")],
+        "3m",
+        {"host": "h"},
+    ),
     "InferdNotReady": (
         [(sel("inferd_model_ready"), "0x10")],
         [(sel("inferd_model_ready"), "1x10")],
