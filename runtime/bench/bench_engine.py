@@ -228,7 +228,8 @@ def run_ours(engine: LLMEngine, prompts, new_tokens):
 
 
 def variant_key(variant: str) -> str:
-    """Result key of an engine variant: "none" -> ours, "fp8" -> ours_fp8, "fp8/fp8" -> ours_fp8_kvfp8."""
+    """Result key of an engine variant: "none" -> ours, "fp8" -> ours_fp8, "fp8/fp8" -> ours_fp8_kvfp8,
+    "plain" -> ours_plain."""
     quant, _, kv = variant.partition("/")
     key = "ours" if quant == "none" else f"ours_{quant}"
     return key + (f"_kv{kv}" if kv else "")
@@ -236,9 +237,12 @@ def variant_key(variant: str) -> str:
 
 def build_engine(variant: str, state: dict, **config) -> LLMEngine:
     """Our engine on `state`'s weights; variant "weights[/KV cache]": "fp8/fp8" is fp8 weights
-    and an fp8 KV cache."""
+    and an fp8 KV cache; "plain" is bf16 without the batch-1 GEMV kernels (cuBLAS, as before them)."""
     quant, _, kv = variant.partition("/")
-    config = EngineConfig(quantization=None if quant == "none" else quant, kv_cache_dtype=kv or "auto", **config)
+    if quant == "plain":
+        config = {**config, "fused_gemv": False}
+    quant = None if quant in ("none", "plain") else quant
+    config = EngineConfig(quantization=quant, kv_cache_dtype=kv or "auto", **config)
     return LLMEngine(config, weights=iter(state.items()))
 
 
@@ -367,7 +371,7 @@ def main() -> int:
     ap.add_argument(
         "--quantization",
         nargs="+",
-        choices=["none", "fp8", "none/fp8", "fp8/fp8"],
+        choices=["none", "plain", "fp8", "none/fp8", "fp8/fp8"],
         default=["none"],
         help="our engine's weights[/KV cache], one run each (peers stay bf16); fp8/fp8: fp8 weights and KV cache",
     )

@@ -63,6 +63,10 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # fixed size, overriding the two above (tests force preemption with it)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
+    # Batch-1 decode through the fused GEMV kernels (layers/gemv.py: norm in the prologue, SiLU in
+    # the epilogue, programmatic dependent launch on Hopper) for unquantized models on CUDA;
+    # False: cuBLAS and the separate norm / SiLU kernels (the benchmarks compare both).
+    fused_gemv: bool = True
     cuda_graph_max_batch: int = 128
     seed: int = 0
     quantization: str | None = None  # fp8 or int8: weights (per channel) and activations (per token); int8_weight_only

@@ -18,6 +18,7 @@ from inferd.engine.sequence import Sequence
 from inferd.layers.context import AttentionContext, reset_context, set_context
 from inferd.layers.distributed import broadcast_from_rank0, min_over_ranks, tp_rank
 from inferd.layers.fused import FP8
+from inferd.layers.gemv_fusion import GEMV_DTYPES, fuse_gemv
 from inferd.layers.quant import check_supported
 from inferd.layers.quantize import fp8_blocks_as_built, keeps_fp8_blocks, quantize_fp8_blocks, quantize_model
 from inferd.layers.sampler import Sampled, Sampler
@@ -144,6 +145,12 @@ class ModelRunner:
         elif getattr(self.model, "weight_block_size", None) and self.is_cuda:
             if torch.cuda.get_device_capability(self.device) >= (8, 9):  # fp8 tensor cores: Ada, Hopper
                 quantize_fp8_blocks(self.model)  # an fp8 block checkpoint computes as fp8 blocks
+        elif self.is_cuda and self.config.fused_gemv and self.dtype in GEMV_DTYPES:
+            fuse_gemv(self.model)
+        if self.is_cuda:
+            from inferd.layers.gemv import pdl_supported, set_pdl  # Triton: CUDA only
+
+            set_pdl(self.config.fused_gemv and pdl_supported(self.device))
         self.model.eval()
         if self.is_cuda:
             torch.cuda.synchronize(self.device)

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from inferd.layers.fused import FP8, FP8_MAX
+from inferd.layers.gemv import pdl, pdl_enter
 from inferd.layers.mla_decode import sm_count
 
 
@@ -56,7 +57,9 @@ def _paged_decode_kernel(
     PRECISION: tl.constexpr,
     COMPUTE: tl.constexpr,
     WIDEN_V_IN_REGISTERS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -130,9 +133,11 @@ def _store_kv_kernel(
     ROW: tl.constexpr,
     ROW_PAD: tl.constexpr,
     CLAMP: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program per new token: its K and V rows (all KV heads) into their cache slot, in the
     cache's element type (fp8 saturates at +-CLAMP)."""
+    pdl_enter(USE_PDL)
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     offs = tl.arange(0, ROW_PAD)
@@ -155,8 +160,20 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     row = num_kv_heads * head_dim
     assert k.stride(2) == 1 and k.stride(1) == head_dim and v.stride(2) == 1 and v.stride(1) == head_dim
     clamp = FP8_MAX if k_cache.dtype == FP8 else 0.0
+    on = pdl()
     _store_kv_kernel[(tokens,)](
-        k, v, k_cache, v_cache, slots, k.stride(0), v.stride(0), ROW=row, ROW_PAD=triton.next_power_of_2(row), CLAMP=clamp
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slots,
+        k.stride(0),
+        v.stride(0),
+        ROW=row,
+        ROW_PAD=triton.next_power_of_2(row),
+        CLAMP=clamp,
+        USE_PDL=on,
+        launch_pdl=on,
     )
 
 
@@ -170,32 +187,34 @@ def _merge_splits_kernel(
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SPLITS: tl.constexpr,
+    SPLITS_POW2: tl.constexpr,
+    GROUP_POW2: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
-    offs_g = tl.arange(0, GROUP_PAD)
+    # Every split's partial state in one load (a loop over the splits would wait for each in turn).
+    offs_s = tl.arange(0, SPLITS_POW2)
+    offs_g = tl.arange(0, GROUP_POW2)
     offs_d = tl.arange(0, HEAD_DIM)
-    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    denom = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-    for split in range(SPLITS):
-        row = ((seq * NUM_KV_HEADS + kv_head) * SPLITS + split) * GROUP_PAD + offs_g
-        m_s = tl.load(part_ml_ptr + row * 2)
-        l_s = tl.load(part_ml_ptr + row * 2 + 1)
-        acc_s = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :])
-        m_new = tl.maximum(m, m_s)
-        # An empty split has m_s = -inf and l_s = 0; guard the -inf - -inf case.
-        a = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
-        b = tl.where(m_new == float("-inf"), 0.0, tl.exp(m_s - m_new))
-        denom = denom * a + l_s * b
-        acc = acc * a[:, None] + acc_s * b[:, None]
-        m = m_new
+    g_mask = offs_g < GROUP
+    sg_mask = (offs_s < SPLITS)[:, None] & g_mask[None, :]
+    rows = ((seq * NUM_KV_HEADS + kv_head) * SPLITS + offs_s)[:, None] * GROUP_PAD + offs_g[None, :]  # [S, G]
+    m_s = tl.load(part_ml_ptr + rows * 2, mask=sg_mask, other=float("-inf"))
+    l_s = tl.load(part_ml_ptr + rows * 2 + 1, mask=sg_mask, other=0.0)
+    acc_s = tl.load(part_acc_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=sg_mask[:, :, None], other=0.0)
+    m = tl.max(m_s, 0)  # [G]
+    # An empty split has m_s = -inf and l_s = 0 (weight 0); a padded row has all splits empty.
+    w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m[None, :]))
+    denom = tl.sum(l_s * w, 0)
+    acc = tl.sum(acc_s * w[:, :, None], 0)
     head = kv_head * GROUP + offs_g
     out = acc / denom[:, None]
     tl.store(
         out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
-        mask=(offs_g < GROUP)[:, None],
+        mask=g_mask[:, None],
     )
 
 
@@ -247,7 +266,8 @@ def paged_decode_attention(
         part_ml = torch.empty(batch * num_kv_heads * splits * group_pad, 2, device=q.device, dtype=torch.float32)
     else:
         part_acc = part_ml = out
-    consts = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim)
+    on = pdl()
+    consts = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, USE_PDL=on, launch_pdl=on)
     _paged_decode_kernel[(batch, num_kv_heads, splits)](
         q,
         k_cache,
@@ -270,5 +290,14 @@ def paged_decode_attention(
         num_stages=num_stages,
     )
     if splits > 1:
-        _merge_splits_kernel[(batch, num_kv_heads)](out, part_acc, part_ml, **consts, SPLITS=splits, num_warps=4)
+        _merge_splits_kernel[(batch, num_kv_heads)](
+            out,
+            part_acc,
+            part_ml,
+            **consts,
+            SPLITS=splits,
+            SPLITS_POW2=triton.next_power_of_2(splits),
+            GROUP_POW2=triton.next_power_of_2(group),
+            num_warps=4,
+        )
     return out

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from inferd.layers.fused import FP8, FP8_MAX
+from inferd.layers.gemv import pdl, pdl_enter
 
 
 @triton.jit
@@ -92,7 +93,9 @@ def _qkv_rotary_kernel(
     HEAD_DIM: tl.constexpr,
     SCALED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)  # row offsets in 64 bits, as in the SiLU kernel
     HALF: tl.constexpr = HEAD_DIM // 2
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -150,6 +153,7 @@ def qkv_rotary_triton(positions, x, x_scale, weight_scale, bias, cos_sin, head_d
     assert x.stride(1) == 1 and cos_sin.is_contiguous() and head_dim % 2 == 0
     heads, kv_heads = q_size // head_dim, kv_size // head_dim
     scale_ptrs, scaled, has_bias = _scale_args(x, x_scale, weight_scale, bias)
+    on = pdl()
     _qkv_rotary_kernel[(tokens,)](
         x,
         *scale_ptrs,
@@ -167,6 +171,8 @@ def qkv_rotary_triton(positions, x, x_scale, weight_scale, bias, cos_sin, head_d
         HEAD_DIM=head_dim,
         SCALED=scaled,
         HAS_BIAS=has_bias,
+        USE_PDL=on,
+        launch_pdl=on,
         num_warps=4,
     )
     return q, k, v

@@ -1,0 +1,217 @@
+"""One-row linear layers (a decode step at batch 1) as Triton GEMV kernels that also do the work
+around them, so a decoder layer's step is a few kernels instead of a dozen (CUDA only).
+
+At batch 1 a decode step streams every weight once and is bound by memory, but the 1.5B shape
+ran at 44 % of that bound on the H200: its layers are small (a 4.7 MB o_proj), and each of the
+step's ~12 kernels per layer pays a launch, a first memory round trip and a tail that stream
+nothing (bench/bench_decode_step.py, BENCHMARKS.md). Here one kernel is
+
+    out = W @ prologue(x)  (+ bias)  (-> epilogue)
+
+- prologue `norm`: RMSNorm of x, or of x + residual (the pre-norm block's add), computed by every
+  program from the row (a few KB, read from L2), program 0 writing x + residual for the next
+  block, so the norm kernel disappears;
+- epilogue `silu`: for the merged gate/up projection, each program computes its gate rows and the
+  matching up rows and writes silu(gate) * up, so the SiLU-and-multiply kernel disappears and the
+  product is half as wide;
+- programmatic dependent launch (Hopper): each program loads its first weight tile, then waits
+  for the kernel before it (`gdc_wait`), and lets the next kernel start as early as it can
+  (`gdc_launch_dependents`): the next layer's first weight bytes are on their way while this one
+  finishes, where a plain launch leaves the memory idle between kernels.
+
+The arithmetic is the references' (fused.add_rms_norm, F.linear, fused.silu_and_mul): float32
+sums, bf16/fp16 values rounded where the eager references round them; the products' summation
+order differs from cuBLAS's, so results agree to rounding, as two GEMM kernels do.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper (compute capability 9.0) and newer."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+# Whether the decode kernels (these, and the rotary, KV store and attention kernels) launch with
+# programmatic dependent launch: set by the model runner (EngineConfig.fused_gemv on a Hopper).
+_PDL = {"on": False}
+
+
+def set_pdl(on: bool) -> None:
+    _PDL["on"] = bool(on)
+
+
+def pdl() -> bool:
+    return _PDL["on"]
+
+
+@triton.jit
+def pdl_enter(USE_PDL: tl.constexpr):
+    """At a kernel's start under programmatic dependent launch: wait for the kernel before it
+    (and so for every earlier one: each of them waited too), then let the next one start."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _row_sum(x_ptr, res_ptr, res_out_ptr, K, write, HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Sum of squares of the row x (+ residual, rounded to x's type as the eager add is); with
+    `write`, x + residual stored to res_out on the way."""
+    rk = tl.arange(0, BLOCK_K)
+    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        mask = kk < K
+        s = tl.load(x_ptr + kk, mask=mask, other=0.0)
+        if HAS_RES:
+            s = (s.to(tl.float32) + tl.load(res_ptr + kk, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+            if write:
+                tl.store(res_out_ptr + kk, s, mask=mask)
+        f = s.to(tl.float32)
+        sq += f * f
+    return tl.sum(sq, 0)
+
+
+@triton.jit
+def _input_tile(x_ptr, res_ptr, nw_ptr, kk, mask, rstd, NORM: tl.constexpr, HAS_RES: tl.constexpr):
+    """Columns kk of the GEMV's input in float32: x as stored, or RMSNorm(x (+ residual)) rounded
+    as `fused._rms` rounds (normalised row to x's type, then times the weight in x's type)."""
+    x = tl.load(x_ptr + kk, mask=mask, other=0.0)
+    if NORM:
+        dtype = x_ptr.dtype.element_ty
+        if HAS_RES:
+            x = (x.to(tl.float32) + tl.load(res_ptr + kk, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+        n = (x.to(tl.float32) * rstd).to(dtype)
+        x = (tl.load(nw_ptr + kk, mask=mask, other=0.0).to(tl.float32) * n.to(tl.float32)).to(dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    res_ptr,
+    res_out_ptr,
+    nw_ptr,
+    w_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    K,
+    stride_w,
+    up_offset,
+    eps,
+    NORM: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    SILU: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Program p: output columns [p * BLOCK_N, (p + 1) * BLOCK_N) of one row; with SILU, weight
+    rows n (gate) and up_offset + n (up) for each of them."""
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_w
+    u_rows = w_ptr + (rn + up_offset).to(tl.int64)[:, None] * stride_w
+    # The first weight tiles depend on no earlier kernel: on their way before the wait.
+    w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk[None, :] < K), other=0.0)
+    if SILU:
+        u = tl.load(u_rows + rk[None, :], mask=n_mask[:, None] & (rk[None, :] < K), other=0.0)
+    pdl_enter(USE_PDL)
+    rstd = 1.0
+    if NORM:
+        rstd = tl.rsqrt(_row_sum(x_ptr, res_ptr, res_out_ptr, K, pid == 0, HAS_RES, BLOCK_K) / K + eps)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if SILU:
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        # The next tiles are requested before this one is used: two tiles in flight per program.
+        nk = k0 + BLOCK_K + rk
+        w_next = tl.load(w_rows + nk[None, :], mask=n_mask[:, None] & (nk[None, :] < K), other=0.0)
+        if SILU:
+            u_next = tl.load(u_rows + nk[None, :], mask=n_mask[:, None] & (nk[None, :] < K), other=0.0)
+        kk = k0 + rk
+        x = _input_tile(x_ptr, res_ptr, nw_ptr, kk, kk < K, rstd, NORM, HAS_RES)
+        acc += w.to(tl.float32) * x[None, :]
+        w = w_next
+        if SILU:
+            acc_u += u.to(tl.float32) * x[None, :]
+            u = u_next
+    dtype = out_ptr.dtype.element_ty
+    out = tl.sum(acc, 1)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    out = out.to(dtype)
+    if SILU:
+        up = tl.sum(acc_u, 1)
+        if HAS_BIAS:
+            up += tl.load(bias_ptr + up_offset + rn, mask=n_mask, other=0.0).to(tl.float32)
+        g = out.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(dtype)  # F.silu, rounded as the eager op rounds
+        out = (act.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
+    tl.store(out_ptr + rn, out, mask=n_mask)
+
+
+def gemv_config(n: int, k: int, silu: bool) -> dict:
+    """Launch configuration by the weight's shape: enough programs to cover the GPU a few times
+    (narrow row blocks for the narrow 1.5B projections), tiles of 8-16 KB per step."""
+    rows = 8 if n >= 4096 else 4
+    if silu:
+        rows = max(2, rows // 2)  # two weight rows (gate, up) per output
+    return dict(BLOCK_N=rows, BLOCK_K=1024 if k >= 2048 else 512, num_warps=4)
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm: tuple | None = None,
+    silu: bool = False,
+    use_pdl: bool | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """x (1, K) @ weight (N, K)^T (+ bias) -> (1, N) in x's dtype.
+
+    `norm` (residual or None, norm_weight, eps, residual_out or None): the input is RMSNorm(x +
+    residual) (RMSNorm(x) without a residual), x + residual written to residual_out. `silu`:
+    weight stacks gate and up (2I rows): returns silu(gate) * up, (1, I). `config` overrides the
+    launch (benchmarks sweep it)."""
+    if x.shape[0] != 1 or x.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError(f"gemv takes one contiguous row and a row-major weight, got x {tuple(x.shape)}")
+    k = x.shape[1]
+    n = weight.shape[0] // 2 if silu else weight.shape[0]
+    out = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    residual, norm_weight, eps, residual_out = norm if norm is not None else (None, None, 0.0, None)
+    cfg = config or gemv_config(n, k, silu)
+    use_pdl = pdl() if use_pdl is None else use_pdl
+    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        x,
+        residual if residual is not None else x,
+        residual_out if residual_out is not None else x,
+        norm_weight if norm_weight is not None else x,
+        weight,
+        bias if bias is not None else x,
+        out,
+        n,
+        k,
+        weight.stride(0),
+        n,
+        eps,
+        NORM=norm is not None,
+        HAS_RES=residual is not None,
+        SILU=silu,
+        HAS_BIAS=bias is not None,
+        USE_PDL=use_pdl,
+        launch_pdl=use_pdl,
+        **cfg,
+    )
+    return out

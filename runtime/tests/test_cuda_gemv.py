@@ -1,0 +1,129 @@
+"""The batch-1 GEMV kernels on the GPU: bf16 against the plain kernels at the real widths, with
+and without programmatic dependent launch, a chain of them captured in a CUDA graph, and the
+engine's greedy tokens with the GEMV path against the plain path. Skipped without CUDA.
+
+    PYTHONPATH=$PWD/runtime pytest -q runtime/tests/test_cuda_gemv.py      # on the GPU machine
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from inferd import LLM, SamplingParams
+from inferd.testing import make_model, prefill_logits
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _reference(x, w, b, norm, silu):
+    """The plain path's arithmetic: the compiled norm, F.linear (cuBLAS), the SiLU kernel."""
+    from inferd.layers.fused import add_rms_norm, rms_norm
+    from inferd.layers.triton_fused import silu_and_mul_triton
+
+    if norm is not None:
+        res, nw, eps, _ = norm
+        x = rms_norm(x, None, None, None, nw, eps) if res is None else add_rms_norm(x, None, None, None, res, nw, eps)[0]
+    out = F.linear(x, w, b)
+    return silu_and_mul_triton(out) if silu else out
+
+
+@pytest.fixture(autouse=True)
+def _pdl_off_after():
+    from inferd.layers.gemv import set_pdl
+
+    yield
+    set_pdl(False)
+
+
+@pytest.mark.parametrize("n,k", [(2048, 1536), (1536, 8960), (4096, 4096), (1000, 700)])
+@pytest.mark.parametrize("prologue", [None, "norm", "add_norm"])
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gemv_equals_the_plain_kernels_in_bf16(n, k, prologue, silu, pdl):
+    from inferd.layers.gemv import gemv, pdl_supported
+
+    if pdl and not pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    rows = 2 * n if silu else n
+    x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(rows, k, device="cuda", generator=g) / k**0.5).bfloat16()
+    b = torch.randn(rows, device="cuda", generator=g).bfloat16()
+    norm = None
+    if prologue:
+        res = torch.randn(1, k, device="cuda", generator=g).bfloat16() if prologue == "add_norm" else None
+        norm = (
+            res,
+            torch.randn(k, device="cuda", generator=g).bfloat16(),
+            1e-6,
+            torch.empty_like(x) if res is not None else None,
+        )
+    got = gemv(x, w, b, norm=norm, silu=silu, use_pdl=pdl)
+    want = _reference(x, w, b, norm, silu)
+    # float32 sums of the same bf16 inputs in another order: within a few bf16 roundings
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    if prologue == "add_norm":
+        assert torch.equal(norm[3], x + norm[0])
+
+
+def test_a_chain_of_pdl_launches_in_a_cuda_graph_equals_the_same_chain_launched_plainly():
+    """Each kernel waits for the one before it: a graph of 64 dependent GEMVs, each reading the
+    last one's output and writing the residual the next one reads, gives the eager result."""
+    from inferd.layers.gemv import gemv, pdl_supported, set_pdl
+
+    if not pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    g = torch.Generator(device="cuda").manual_seed(7)
+    h = 1024
+    ws = [(torch.randn(h, h, device="cuda", generator=g) / h**0.5).bfloat16() for _ in range(64)]
+    gamma = torch.ones(h, device="cuda", dtype=torch.bfloat16)
+    x0 = torch.randn(1, h, device="cuda", generator=g).bfloat16()
+
+    def run():
+        x, res = x0, torch.zeros_like(x0)
+        for w in ws:
+            out = torch.empty_like(x)
+            x, res = gemv(x, w, None, norm=(res, gamma, 1e-6, out)), out
+        return x, res
+
+    set_pdl(False)
+    want = run()
+    set_pdl(True)
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = run()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_engine_greedy_tokens_with_the_gemv_path_follow_the_plain_path(tmp_path, arch):
+    """Batch 1 goes through the GEMV kernels (CUDA graphs on); the tokens equal the plain path's
+    except where its best two logits are within 0.05 (summation order)."""
+    from inferd.layers.gemv_fusion import DeferredRMSNorm, GemvLinear
+
+    make_model(tmp_path, arch=arch, vocab_size=512, hidden=256, layers=2, heads=2, kv_heads=1, intermediate=512)
+    small = dict(device="cuda", max_model_len=256, max_num_seqs=8, num_kv_blocks=128)
+    plain = LLM(str(tmp_path), **small, fused_gemv=False)
+    fused = LLM(str(tmp_path), **small)
+    model = fused.engine.runner.model
+    assert any(isinstance(m, GemvLinear) for m in model.modules())
+    assert any(isinstance(m, DeferredRMSNorm) for m in model.modules())
+    assert not any(isinstance(m, GemvLinear) for m in plain.engine.runner.model.modules())
+    sp = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    for prompt in ([3, 4, 5], list(range(3, 80))):
+        out = fused.generate([prompt], sp)[0]
+        seq = out.prompt_token_ids + out.token_ids
+        top2 = prefill_logits(plain, seq[:-1])[len(prompt) - 1 :].float().topk(2, dim=-1)
+        for step, token in enumerate(out.token_ids):
+            near_tie = (top2.values[step, 0] - top2.values[step, 1]).item() < 0.05
+            assert token == top2.indices[step, 0].item() or near_tie, f"step {step}"
+    # More rows than one take the plain kernels: a batch gives what each prompt gives alone there.
+    prompts = [[3, 4, 5], list(range(3, 40)), [7] * 9]
+    together = [o.token_ids for o in fused.generate(prompts, sp)]
+    assert together == [o.token_ids for o in plain.generate(prompts, sp)]
