@@ -112,6 +112,7 @@ def variant_engines(args, **config):
         for variant in args.quantization:
             engine = build_engine(variant, state, model=tmp, device=args.device, dtype=args.dtype, max_model_len=4096, **config)
             yield variant, engine
+            engine.close()  # its KV cache took most of the card: the next variant sizes its own
             del engine
             gc.collect()
             if args.device == "cuda":

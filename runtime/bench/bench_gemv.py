@@ -182,7 +182,7 @@ def chain(args, bandwidth: float) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="*", default=["sweep", "chain"], choices=["sweep", "chain"])
+    ap.add_argument("what", nargs="*", default=["sweep", "chain"], help="sweep and/or chain (default: both)")
     ap.add_argument("--shapes", nargs="+", default=["qwen-1.5b", "llama-8b"], choices=sorted(SHAPES))
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--block-n", nargs="+", type=int, default=[2, 4, 8, 16])
@@ -190,6 +190,8 @@ def main() -> int:
     ap.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if set(args.what) - {"sweep", "chain"}:
+        ap.error(f"what: sweep and/or chain, got {args.what}")
     args.device = "cuda"
     info = run_info(args)
     bw = copy_bandwidth("cuda")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from inferd import LLM, SamplingParams
 
@@ -131,3 +132,18 @@ def test_prompt_longer_than_context_is_refused(llama_dir):
     llm = LLM(str(llama_dir), device="cpu", dtype="float32", max_model_len=64)
     with pytest.raises(ValueError, match="context"):
         llm.generate([list(range(2, 80))], SamplingParams(max_tokens=4))
+
+
+def test_the_two_pass_argmax_finds_the_first_maximum_as_argmax_does():
+    from inferd.layers.sampler import first_argmax
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 128256, generator=g).bfloat16()
+    logits[1, 7] = logits[1, 90000] = 50  # a tie across chunks: the first wins
+    logits[2, 1003] = logits[2, 1004] = 50  # a tie inside one chunk
+    logits[3, -1] = 50  # the last entry
+    logits[4] = 0  # all equal: index 0
+    got = first_argmax(logits, chunked=True)
+    assert got.tolist() == logits.argmax(dim=-1).tolist() and got[1] == 7 and got[2] == 1003 and got[4] == 0
+    odd = torch.randn(2, 1009, generator=g)  # a prime vocabulary: no chunk divides it, one pass
+    assert first_argmax(odd, chunked=True).tolist() == odd.argmax(dim=-1).tolist()

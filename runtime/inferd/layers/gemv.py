@@ -8,9 +8,10 @@ nothing (bench/bench_decode_step.py, BENCHMARKS.md). Here one kernel is
 
     out = W @ prologue(x)  (+ bias)  (-> epilogue)
 
-- prologue `norm`: RMSNorm of x, or of x + residual (the pre-norm block's add), computed by every
-  program from the row (a few KB, read from L2), program 0 writing x + residual for the next
-  block, so the norm kernel disappears;
+- prologue `norm`: RMSNorm of x, or of x + residual (the pre-norm block's add), in the same pass
+  over the row as the product (every program reads the whole row, a few KB, from L2; the row's
+  1/rms scales the finished sums), program 0 writing x + residual for the next block, so the
+  norm kernel disappears;
 - epilogue `silu`: for the merged gate/up projection, each program computes its gate rows and the
   matching up rows and writes silu(gate) * up, so the SiLU-and-multiply kernel disappears and the
   product is half as wide;
@@ -19,9 +20,10 @@ nothing (bench/bench_decode_step.py, BENCHMARKS.md). Here one kernel is
   (`gdc_launch_dependents`): the next layer's first weight bytes are on their way while this one
   finishes, where a plain launch leaves the memory idle between kernels.
 
-The arithmetic is the references' (fused.add_rms_norm, F.linear, fused.silu_and_mul): float32
-sums, bf16/fp16 values rounded where the eager references round them; the products' summation
-order differs from cuBLAS's, so results agree to rounding, as two GEMM kernels do.
+The arithmetic is the references' (fused.add_rms_norm, F.linear, fused.silu_and_mul) in float32,
+rounded to bf16/fp16 where values are stored (x + residual, the output, SiLU's product); the
+normalised row itself is not rounded before the product (it never exists) and the sums run in
+another order than cuBLAS's, so results agree with the plain path to bf16 rounding.
 """
 
 from __future__ import annotations
@@ -59,36 +61,22 @@ def pdl_enter(USE_PDL: tl.constexpr):
 
 
 @triton.jit
-def _row_sum(x_ptr, res_ptr, res_out_ptr, K, write, HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Sum of squares of the row x (+ residual, rounded to x's type as the eager add is); with
-    `write`, x + residual stored to res_out on the way."""
-    rk = tl.arange(0, BLOCK_K)
-    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        mask = kk < K
-        s = tl.load(x_ptr + kk, mask=mask, other=0.0)
-        if HAS_RES:
-            s = (s.to(tl.float32) + tl.load(res_ptr + kk, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
-            if write:
-                tl.store(res_out_ptr + kk, s, mask=mask)
-        f = s.to(tl.float32)
-        sq += f * f
-    return tl.sum(sq, 0)
-
-
-@triton.jit
-def _input_tile(x_ptr, res_ptr, nw_ptr, kk, mask, rstd, NORM: tl.constexpr, HAS_RES: tl.constexpr):
-    """Columns kk of the GEMV's input in float32: x as stored, or RMSNorm(x (+ residual)) rounded
-    as `fused._rms` rounds (normalised row to x's type, then times the weight in x's type)."""
+def _input_tile(x_ptr, res_ptr, res_out_ptr, nw_ptr, kk, mask, write, NORM: tl.constexpr, HAS_RES: tl.constexpr):
+    """Columns kk of the GEMV's input in float32, and their squares' sum: x as stored, or, for the
+    norm, x (+ residual, rounded to x's type as the eager add is; written to res_out by program 0)
+    times the norm's weight. The row's 1/rms multiplies the finished sums (a scalar per row, so
+    W (gamma * s / rms) = (W (gamma * s)) / rms): the norm costs no pass of its own."""
     x = tl.load(x_ptr + kk, mask=mask, other=0.0)
+    sq = 0.0
     if NORM:
-        dtype = x_ptr.dtype.element_ty
         if HAS_RES:
-            x = (x.to(tl.float32) + tl.load(res_ptr + kk, mask=mask, other=0.0).to(tl.float32)).to(dtype)
-        n = (x.to(tl.float32) * rstd).to(dtype)
-        x = (tl.load(nw_ptr + kk, mask=mask, other=0.0).to(tl.float32) * n.to(tl.float32)).to(dtype)
-    return x.to(tl.float32)
+            x = (x.to(tl.float32) + tl.load(res_ptr + kk, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+            if write:
+                tl.store(res_out_ptr + kk, x, mask=mask)
+        f = x.to(tl.float32)
+        sq = tl.sum(f * f, 0)
+        return f * tl.load(nw_ptr + kk, mask=mask, other=0.0).to(tl.float32), sq
+    return x.to(tl.float32), sq
 
 
 @triton.jit
@@ -126,9 +114,7 @@ def _gemv_kernel(
     if SILU:
         u = tl.load(u_rows + rk[None, :], mask=n_mask[:, None] & (rk[None, :] < K), other=0.0)
     pdl_enter(USE_PDL)
-    rstd = 1.0
-    if NORM:
-        rstd = tl.rsqrt(_row_sum(x_ptr, res_ptr, res_out_ptr, K, pid == 0, HAS_RES, BLOCK_K) / K + eps)
+    sumsq = 0.0
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if SILU:
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -139,19 +125,23 @@ def _gemv_kernel(
         if SILU:
             u_next = tl.load(u_rows + nk[None, :], mask=n_mask[:, None] & (nk[None, :] < K), other=0.0)
         kk = k0 + rk
-        x = _input_tile(x_ptr, res_ptr, nw_ptr, kk, kk < K, rstd, NORM, HAS_RES)
+        x, sq = _input_tile(x_ptr, res_ptr, res_out_ptr, nw_ptr, kk, kk < K, pid == 0, NORM, HAS_RES)
+        sumsq += sq
         acc += w.to(tl.float32) * x[None, :]
         w = w_next
         if SILU:
             acc_u += u.to(tl.float32) * x[None, :]
             u = u_next
     dtype = out_ptr.dtype.element_ty
-    out = tl.sum(acc, 1)
+    rstd = 1.0
+    if NORM:
+        rstd = tl.rsqrt(sumsq / K + eps)
+    out = tl.sum(acc, 1) * rstd
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     out = out.to(dtype)
     if SILU:
-        up = tl.sum(acc_u, 1)
+        up = tl.sum(acc_u, 1) * rstd
         if HAS_BIAS:
             up += tl.load(bias_ptr + up_offset + rn, mask=n_mask, other=0.0).to(tl.float32)
         g = out.to(tl.float32)

@@ -21,6 +21,7 @@ over the batch's logprobs, at k the largest asked.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,6 +54,27 @@ class Sampled:
     logprobs: torch.Tensor | None = None
     top_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
+
+
+@functools.lru_cache(maxsize=16)
+def _argmax_chunk(vocab: int) -> int | None:
+    """A divisor of the vocabulary near 1,024 (128,256 = 128 x 1,002; 151,936 = 128 x 1,187)."""
+    return next((c for c in sorted(range(256, 4097), key=lambda c: abs(c - 1024)) if vocab % c == 0), None)
+
+
+def first_argmax(logits: torch.Tensor, chunked: bool | None = None) -> torch.Tensor:
+    """logits.argmax(-1) (the first maximum), in two passes on CUDA for a few rows: torch reduces
+    one 128k row with few thread blocks (35 us a step for the 8B shape at batch 1 on the H200,
+    BENCHMARKS.md); the maxima of ~128 chunks first, then the first chunk holding the largest."""
+    rows, vocab = logits.shape
+    if chunked is None:
+        chunked = logits.is_cuda and rows <= 8
+    chunk = _argmax_chunk(vocab) if chunked else None
+    if chunk is None:
+        return logits.argmax(dim=-1)
+    values, within = logits.view(rows, vocab // chunk, chunk).max(dim=-1)
+    best = values.argmax(dim=-1, keepdim=True)  # the first chunk with the maximum
+    return (best * chunk + within.gather(1, best)).view(rows)
 
 
 class Sampler:
@@ -123,7 +145,7 @@ class Sampler:
         if greedy and not want_logprobs and not constrained:
             # Widening to float32 is exact, so the argmax (first maximum) is the same on the
             # model's own dtype, without a float32 copy of the logits (22 us a step at 64 x 128k).
-            return Sampled(logits.argmax(dim=-1))
+            return Sampled(first_argmax(logits))
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         if constrained:
