@@ -90,8 +90,8 @@ def sweep(args, bandwidth: float) -> dict:
                     continue
                 rows.append({**cfg, "pdl": use_pdl, "us": us, "max_abs_err": err})
             timed = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
-            default = gemv_config(n_out, p["k"], p["silu"])
-            default_us = graph_us(functools.partial(gemv, x, w, b, norm=norm, silu=p["silu"], use_pdl=False), calls=20, reps=10)
+            default = gemv_config(n_out, p["k"], p["norm"], p["silu"])
+            default_us = graph_us(functools.partial(gemv, x, w, b, norm=norm, silu=p["silu"], use_pdl=True), calls=20, reps=10)
             entry = {
                 "shape": name,
                 "proj": proj,

@@ -61,22 +61,15 @@ def pdl_enter(USE_PDL: tl.constexpr):
 
 
 @triton.jit
-def _input_tile(x_ptr, res_ptr, res_out_ptr, nw_ptr, kk, mask, write, NORM: tl.constexpr, HAS_RES: tl.constexpr):
-    """Columns kk of the GEMV's input in float32, and their squares' sum: x as stored, or, for the
-    norm, x (+ residual, rounded to x's type as the eager add is; written to res_out by program 0)
-    times the norm's weight. The row's 1/rms multiplies the finished sums (a scalar per row, so
-    W (gamma * s / rms) = (W (gamma * s)) / rms): the norm costs no pass of its own."""
+def _input_tile(x_ptr, res_ptr, res_out_ptr, kk, mask, write, HAS_RES: tl.constexpr):
+    """Columns kk of the GEMV's input row in float32: x as stored, or x + residual rounded to x's
+    type as the eager add is (written to res_out by program 0, `write`)."""
     x = tl.load(x_ptr + kk, mask=mask, other=0.0)
-    sq = 0.0
-    if NORM:
-        if HAS_RES:
-            x = (x.to(tl.float32) + tl.load(res_ptr + kk, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
-            if write:
-                tl.store(res_out_ptr + kk, x, mask=mask)
-        f = x.to(tl.float32)
-        sq = tl.sum(f * f, 0)
-        return f * tl.load(nw_ptr + kk, mask=mask, other=0.0).to(tl.float32), sq
-    return x.to(tl.float32), sq
+    if HAS_RES:
+        x = (x.to(tl.float32) + tl.load(res_ptr + kk, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+        if write:
+            tl.store(res_out_ptr + kk, x, mask=mask)
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -114,7 +107,10 @@ def _gemv_kernel(
     if SILU:
         u = tl.load(u_rows + rk[None, :], mask=n_mask[:, None] & (rk[None, :] < K), other=0.0)
     pdl_enter(USE_PDL)
-    sumsq = 0.0
+    # The norm: the row's squares summed element-wise alongside the product and reduced once at
+    # the end; the norm weight multiplies the row, the row's 1/rms the finished sums (a scalar
+    # per row: W (gamma * s / rms) = (W (gamma * s)) / rms), so it costs no pass of its own.
+    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if SILU:
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -125,8 +121,10 @@ def _gemv_kernel(
         if SILU:
             u_next = tl.load(u_rows + nk[None, :], mask=n_mask[:, None] & (nk[None, :] < K), other=0.0)
         kk = k0 + rk
-        x, sq = _input_tile(x_ptr, res_ptr, res_out_ptr, nw_ptr, kk, kk < K, pid == 0, NORM, HAS_RES)
-        sumsq += sq
+        x = _input_tile(x_ptr, res_ptr, res_out_ptr, kk, kk < K, pid == 0, HAS_RES)
+        if NORM:
+            sq += x * x
+            x = x * tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * x[None, :]
         w = w_next
         if SILU:
@@ -135,7 +133,7 @@ def _gemv_kernel(
     dtype = out_ptr.dtype.element_ty
     rstd = 1.0
     if NORM:
-        rstd = tl.rsqrt(sumsq / K + eps)
+        rstd = tl.rsqrt(tl.sum(sq, 0) / K + eps)
     out = tl.sum(acc, 1) * rstd
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
@@ -150,13 +148,17 @@ def _gemv_kernel(
     tl.store(out_ptr + rn, out, mask=n_mask)
 
 
-def gemv_config(n: int, k: int, silu: bool) -> dict:
-    """Launch configuration by the weight's shape: enough programs to cover the GPU a few times
-    (narrow row blocks for the narrow 1.5B projections), tiles of 8-16 KB per step."""
-    rows = 8 if n >= 4096 else 4
-    if silu:
-        rows = max(2, rows // 2)  # two weight rows (gate, up) per output
-    return dict(BLOCK_N=rows, BLOCK_K=1024 if k >= 2048 else 512, num_warps=4)
+def gemv_config(n: int, k: int, norm: bool, silu: bool) -> dict:
+    """Launch configuration by the projection: the fastest of runtime/bench/bench_gemv.py's sweep
+    on the H200 for the 1.5B and 8B shapes (BENCHMARKS.md). Plain projections: row blocks that
+    make 384-512 programs, long K tiles; with the norm or SiLU (more registers a program) 4 warps."""
+    if silu:  # gate and up rows: two tiles in flight per step
+        return dict(BLOCK_N=8, BLOCK_K=256 if k < 2048 else 512, num_warps=4)
+    if norm:
+        return dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
+    if n >= 4096:
+        return dict(BLOCK_N=8, BLOCK_K=512, num_warps=8)
+    return dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8 if k >= 4096 else 4)
 
 
 def gemv(
@@ -181,7 +183,7 @@ def gemv(
     n = weight.shape[0] // 2 if silu else weight.shape[0]
     out = torch.empty(1, n, device=x.device, dtype=x.dtype)
     residual, norm_weight, eps, residual_out = norm if norm is not None else (None, None, 0.0, None)
-    cfg = config or gemv_config(n, k, silu)
+    cfg = config or gemv_config(n, k, norm is not None, silu)
     use_pdl = pdl() if use_pdl is None else use_pdl
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x,
