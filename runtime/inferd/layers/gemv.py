@@ -153,7 +153,7 @@ def gemv_config(n: int, k: int, norm: bool, silu: bool) -> dict:
     on the H200 for the 1.5B and 8B shapes (BENCHMARKS.md). Plain projections: row blocks that
     make 384-512 programs, long K tiles; with the norm or SiLU (more registers a program) 4 warps."""
     if silu:  # gate and up rows: two tiles in flight per step
-        return dict(BLOCK_N=8, BLOCK_K=256, num_warps=4) if k < 2048 else dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4)
+        return dict(BLOCK_N=8, BLOCK_K=256 if k < 2048 else 512, num_warps=4)
     if norm:
         return dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
     if n >= 4096:
