@@ -160,7 +160,7 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     row = num_kv_heads * head_dim
     assert k.stride(2) == 1 and k.stride(1) == head_dim and v.stride(2) == 1 and v.stride(1) == head_dim
     clamp = FP8_MAX if k_cache.dtype == FP8 else 0.0
-    on = pdl()
+    on = pdl(tokens)
     _store_kv_kernel[(tokens,)](
         k,
         v,
@@ -266,7 +266,7 @@ def paged_decode_attention(
         part_ml = torch.empty(batch * num_kv_heads * splits * group_pad, 2, device=q.device, dtype=torch.float32)
     else:
         part_acc = part_ml = out
-    on = pdl()
+    on = pdl(batch)
     consts = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, USE_PDL=on, launch_pdl=on)
     _paged_decode_kernel[(batch, num_kv_heads, splits)](
         q,

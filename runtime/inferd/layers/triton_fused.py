@@ -153,7 +153,7 @@ def qkv_rotary_triton(positions, x, x_scale, weight_scale, bias, cos_sin, head_d
     assert x.stride(1) == 1 and cos_sin.is_contiguous() and head_dim % 2 == 0
     heads, kv_heads = q_size // head_dim, kv_size // head_dim
     scale_ptrs, scaled, has_bias = _scale_args(x, x_scale, weight_scale, bias)
-    on = pdl()
+    on = pdl(tokens)
     _qkv_rotary_kernel[(tokens,)](
         x,
         *scale_ptrs,
