@@ -375,3 +375,65 @@ def test_triton_silu_and_mul_matches_the_reference(n, form, quant):
     got, want = q.float() * scale, ref_q.float() * ref_scale
     bound = 0.13 * want.abs() + 2**-9 * torch.maximum(scale, ref_scale)
     assert ((got - want).abs() <= bound).all(), ((got - want).abs() / bound).max()
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_prefill_over_a_cached_context_in_one_varlen_call_equals_the_reference_loop(cache_dtype):
+    """Chunks continuing a cached context (a prefix hit of 37 tokens, a chunk 2 of a long prompt,
+    a fresh prompt in the same batch): one gather and one FlashAttention call give what the
+    per-sequence reference gives, queries aligned to the end of their contexts."""
+    from inferd.layers.attention import prefill_attention_paged_varlen, prefill_attention_reference, store_kv
+    from inferd.layers.context import AttentionContext
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    heads, kv_heads, head_dim, block = 12, 2, 128, 16
+    query_lens, context_lens = [5, 64, 20], [42, 200, 20]
+    num_blocks = 64
+    tables = torch.randperm(num_blocks - 1, device="cuda", generator=g)[:39].view(3, 13).int()
+    k_cache = torch.zeros(num_blocks, block, kv_heads, head_dim, device="cuda", dtype=cache_dtype)
+    v_cache = torch.zeros_like(k_cache)
+    # Every context token's K/V in the cache (the chunk's own were stored by the layer already).
+    slots = [
+        tables[i, torch.arange(c, device="cuda") // block].long() * block + torch.arange(c, device="cuda") % block
+        for i, c in enumerate(context_lens)
+    ]
+    total = sum(context_lens)
+    k_all = torch.randn(total, kv_heads, head_dim, device="cuda", generator=g).bfloat16()
+    v_all = torch.randn(total, kv_heads, head_dim, device="cuda", generator=g).bfloat16()
+    store_kv(k_all, v_all, k_cache, v_cache, torch.cat(slots))
+    q = torch.randn(sum(query_lens), heads, head_dim, device="cuda", generator=g).bfloat16()
+    # The chunk's own K/V, as the layer hands them to the reference (the last query_len of each context).
+    offsets = [0, *torch.tensor(context_lens).cumsum(0).tolist()]
+    k_new = torch.cat([k_all[offsets[i + 1] - n : offsets[i + 1]] for i, n in enumerate(query_lens)])
+    v_new = torch.cat([v_all[offsets[i + 1] - n : offsets[i + 1]] for i, n in enumerate(query_lens)])
+    if cache_dtype != torch.bfloat16:  # the reference attends to the chunk as the cache holds it
+        k_new, v_new = k_new.to(cache_dtype).bfloat16(), v_new.to(cache_dtype).bfloat16()
+    ctx = AttentionContext(
+        is_prefill=True,
+        query_lens=query_lens,
+        context_lens_list=context_lens,
+        block_tables=tables,
+        cu_seqlens=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], device="cuda", dtype=torch.int32),
+        max_query_len=max(query_lens),
+        context_slots=torch.cat(slots),
+        cu_seqlens_k=torch.tensor(offsets, device="cuda", dtype=torch.int32),
+        max_context_len=max(context_lens),
+    )
+    scale = head_dim**-0.5
+    want = prefill_attention_reference(q, k_new, v_new, k_cache, v_cache, ctx, scale)
+    got = prefill_attention_paged_varlen(q, k_cache, v_cache, ctx, scale)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_prefix_cache_hits_give_the_tokens_of_a_cold_start(llama_dir):
+    """A shared prefix computed once, then hit by later prompts (prefill over a cached context,
+    the varlen path): greedy tokens equal those of an engine without the prefix cache."""
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prefix = list(range(3, 70))
+    prompts = [prefix + [100 + i, 7, 9] for i in range(6)]
+    small = dict(device="cuda", max_model_len=256, max_num_seqs=8, num_kv_blocks=256)
+    cached = LLM(str(llama_dir), **small)
+    cached.generate(prompts[:1], sp)  # the prefix is in the cache now
+    hits = [o.token_ids for o in cached.generate(prompts[1:], sp)]
+    cold = LLM(str(llama_dir), **small, enable_prefix_caching=False)
+    assert hits == [o.token_ids for o in cold.generate(prompts[1:], sp)]

@@ -262,9 +262,13 @@ class ModelRunner:
             context_lens_list=context_lens,
             block_tables=self._block_tables(seqs) if has_cached else None,
         )
-        if not has_cached and self.is_cuda:
+        if self.is_cuda:
             ctx.cu_seqlens = self._to_device(np.concatenate([[0], np.cumsum(query_lens)]), torch.int32)
             ctx.max_query_len = max(query_lens)
+            if has_cached:  # whole contexts (cached prefix + this chunk), for one varlen attention call
+                ctx.context_slots = self._to_device(np.concatenate([self._slots(s, 0, c) for s, c in zip(seqs, context_lens)]))
+                ctx.cu_seqlens_k = self._to_device(np.concatenate([[0], np.cumsum(context_lens)]), torch.int32)
+                ctx.max_context_len = max(context_lens)
         last = np.cumsum(query_lens) - 1
         return self._to_device(ids), self._to_device(np.concatenate(positions)), ctx, self._to_device(last)
 

@@ -19,10 +19,15 @@ class AttentionContext:
     # Both: [batch, max_blocks] block tables; decode: [batch] context lengths on the device.
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
-    # Prefill of fresh prompts only (no cached context): [batch + 1] int32 offsets of each
-    # sequence in the flat token batch, for one variable-length attention call on CUDA.
+    # Prefill on CUDA: [batch + 1] int32 offsets of each sequence's new tokens in the flat token
+    # batch, for one variable-length attention call.
     cu_seqlens: torch.Tensor | None = None
     max_query_len: int = 0
+    # Prefill with cached context on CUDA: every sequence's whole context as cache slots, back to
+    # back, with [batch + 1] int32 offsets: attention gathers it and runs one varlen call.
+    context_slots: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_context_len: int = 0
 
 
 _CONTEXT = AttentionContext()
