@@ -127,3 +127,50 @@ def test_engine_greedy_tokens_with_the_gemv_path_follow_the_plain_path(tmp_path,
     prompts = [[3, 4, 5], list(range(3, 40)), [7] * 9]
     together = [o.token_ids for o in fused.generate(prompts, sp)]
     assert together == [o.token_ids for o in plain.generate(prompts, sp)]
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_the_rotary_kernel_stores_k_and_v_as_the_store_kernel_does(cache_dtype):
+    from inferd.layers.paged_decode import store_kv_triton
+    from inferd.layers.rotary import RotaryEmbedding
+    from inferd.layers.triton_fused import qkv_rotary_triton
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    heads, kv_heads, head_dim, tokens = 12, 2, 128, 5
+    rope = RotaryEmbedding(head_dim, 4096, 10000.0, None).cuda()
+    x = (torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device="cuda", generator=g) * 100).bfloat16()
+    positions = torch.tensor([5, 0, 4095, 17, 300], device="cuda")
+    slots = torch.tensor([7, 2, 30, 31, 0], device="cuda")
+    args = (positions, x, None, None, None, rope.cos_sin, head_dim, heads * head_dim, kv_heads * head_dim)
+    caches = [torch.zeros(2, 16, kv_heads, head_dim, device="cuda", dtype=cache_dtype) for _ in range(4)]
+    q, k, v = qkv_rotary_triton(*args, kv_cache=(caches[0], caches[1], slots))
+    assert [torch.equal(a, b) for a, b in zip((q, k, v), qkv_rotary_triton(*args))] == [True] * 3
+    store_kv_triton(k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim), caches[2], caches[3], slots)
+    for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_batch_1_attention_merges_in_its_last_split_across_graph_replays():
+    """The fused merge's counters return to zero after every launch: replays of a captured batch-1
+    decode attention keep giving the two-kernel result."""
+    from inferd.layers.paged_decode import _COUNTERS, paged_decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    heads, kv_heads, head_dim, block = 12, 2, 128, 16
+    kc = torch.randn(64, block, kv_heads, head_dim, device="cuda", generator=g).bfloat16()
+    vc = torch.randn_like(kc)
+    q = torch.randn(1, heads, head_dim, device="cuda", generator=g).bfloat16()
+    tables = torch.randperm(64, device="cuda", generator=g)[:40].view(1, 40).int()
+    lens = torch.tensor([613], device="cuda", dtype=torch.int32)
+    want = paged_decode_attention(q, kc, vc, tables, lens, 0.08, fused_merge=False)
+    got = paged_decode_attention(q, kc, vc, tables, lens, 0.08, fused_merge=True)
+    assert torch.equal(got, want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(q, kc, vc, tables, lens, 0.08, fused_merge=True)
+    for n in (613, 20, 640):
+        lens.fill_(n)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, paged_decode_attention(q, kc, vc, tables, lens, 0.08, fused_merge=False))
+        assert int(_COUNTERS[q.device].abs().sum()) == 0
