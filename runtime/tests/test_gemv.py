@@ -66,10 +66,7 @@ def test_the_pass_fuses_both_norms_and_the_silu_of_every_layer_and_nothing_else(
     layer = model.model.layers[0]
     assert type(layer.input_layernorm) is DeferredRMSNorm and type(model.model.norm).__name__ == "RMSNorm"
     assert isinstance(layer.self_attn.qkv_proj, GemvLinear) and isinstance(layer.self_attn.qkv_proj, MergedLinear)
-    assert plan.kv_stores == {f"model.layers.{i}.self_attn.rotary_emb": f"model.layers.{i}.self_attn.attn" for i in layers}
     assert layer.mlp.gate_up_proj.silu_epilogue and not layer.mlp.down_proj.silu_epilogue
-    assert layer.self_attn.attn.kv_stored_by_rotary and type(layer.self_attn.rotary_emb).__name__ == "KVStoringRotaryEmbedding"
-    assert "kv_attention" not in dict(layer.self_attn.rotary_emb.named_children())  # not a second owner of the attention
     assert type(layer.mlp.act_fn) is ActivatedSiluAndMul
     # The classes keep their loaders: an in-place weight swap loads q, k and v through them.
     w = torch.randn_like(layer.self_attn.qkv_proj.weight[: layer.self_attn.q_size])
@@ -152,47 +149,3 @@ def test_the_gemv_kernel_refuses_more_than_one_row():
 
     with pytest.raises(ValueError, match="one contiguous row"):
         gemv(torch.zeros(2, 8), torch.zeros(4, 8))
-
-
-@needs_interpreter
-@pytest.mark.parametrize("kv_dtype", [torch.float32])  # fp8: the interpreter's casts are not torch's; test_cuda_gemv.py
-def test_the_rotary_kernel_stores_k_and_v_as_the_store_kernel_does(kv_dtype):
-    from inferd.layers.attention import store_kv
-    from inferd.layers.fused import qkv_rotary
-    from inferd.layers.rotary import RotaryEmbedding
-    from inferd.layers.triton_fused import qkv_rotary_triton
-
-    g = torch.Generator().manual_seed(1)
-    heads, kv_heads, head_dim, tokens = 4, 2, 16, 3
-    rope = RotaryEmbedding(head_dim, 64, 10000.0, None)
-    x = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g) * 100  # fp8 saturates
-    positions, slots = torch.tensor([5, 0, 63]), torch.tensor([7, 2, 30])
-    args = (positions, x, None, None, None, rope.cos_sin, head_dim, heads * head_dim, kv_heads * head_dim)
-    caches = [torch.zeros(2, 16, kv_heads, head_dim, dtype=kv_dtype) for _ in range(4)]
-    q, k, v = qkv_rotary_triton(*args, kv_cache=(caches[0], caches[1], slots))
-    want_q, want_k, want_v = qkv_rotary(*args)
-    torch.testing.assert_close((q, k, v), (want_q, want_k, want_v), rtol=1e-5, atol=1e-4)
-    # The cache holds exactly what the store kernel makes of the k and v rows the kernel returned.
-    store_kv(k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim), caches[2], caches[3], slots)
-    for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):
-        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)) if kv_dtype != torch.float32 else torch.equal(got, want)
-    assert caches[0].float().abs().amax() > 0
-
-
-@needs_interpreter
-@pytest.mark.parametrize("batch,splits", [(1, 8), (2, 3), (3, 5)])
-def test_the_last_split_to_finish_merges_and_leaves_the_counters_at_zero(batch, splits):
-    from inferd.layers.attention import decode_attention_reference
-    from inferd.layers.paged_decode import _COUNTERS, paged_decode_attention
-
-    g = torch.Generator().manual_seed(batch)
-    heads, kv_heads, head_dim, block = 6, 2, 16, 16
-    kc, vc = torch.randn(40, block, kv_heads, head_dim, generator=g), torch.randn(40, block, kv_heads, head_dim, generator=g)
-    q = torch.randn(batch, heads, head_dim, generator=g)
-    tables = torch.randperm(40, generator=g)[: batch * 8].view(batch, 8).int()
-    lens = torch.tensor([100, 37, 5][:batch]).int()
-    want = decode_attention_reference(q, kc, vc, tables, lens, 0.25)
-    for _ in range(2):  # the second launch finds the counters the first one left
-        got = paged_decode_attention(q, kc, vc, tables, lens, 0.25, splits=splits, tile=16, fused_merge=True)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        assert int(_COUNTERS[q.device].abs().sum()) == 0

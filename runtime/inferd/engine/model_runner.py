@@ -148,10 +148,9 @@ class ModelRunner:
         elif self.is_cuda and self.config.fused_gemv and self.dtype in GEMV_DTYPES:
             fuse_gemv(self.model)
         if self.is_cuda:
-            from inferd.layers.gemv import pdl_supported, set_fused_merge, set_pdl  # Triton: CUDA only
+            from inferd.layers.gemv import pdl_supported, set_pdl  # Triton: CUDA only
 
             set_pdl(self.config.fused_gemv and pdl_supported(self.device))
-            set_fused_merge(self.config.fused_gemv)
         self.model.eval()
         if self.is_cuda:
             torch.cuda.synchronize(self.device)

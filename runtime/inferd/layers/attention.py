@@ -123,12 +123,6 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.k_cache = self.v_cache = torch.tensor([])  # bound by the model runner
         self.use_triton = False
-        # Set by the decode fusion pass (gemv_fusion.py): the rotary embedding before this layer
-        # stores K/V into the cache in its own kernel wherever the Triton kernels run.
-        self.kv_stored_by_rotary = False
-
-    def stores_in_rotary(self) -> bool:
-        return self.kv_stored_by_rotary and self.use_triton and self.k_cache.numel() > 0
 
     # The model runner sizes and binds caches through these two (models/deepseek.py's MLA has its own).
     def kv_cache_layout(self, dtype: torch.dtype) -> tuple[int, tuple[int, ...]]:
@@ -143,7 +137,7 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.k_cache.numel() and not self.stores_in_rotary():
+        if self.k_cache.numel():
             if self.use_triton:
                 from inferd.layers.paged_decode import store_kv_triton
 

@@ -54,19 +54,6 @@ def pdl(rows: int = 1) -> bool:
     return _PDL["on"] and rows == 1
 
 
-# Whether the batch-1 attention merges its splits in its last program (paged_decode.py): on with
-# EngineConfig.fused_gemv, so the "plain" engine of the benchmarks is the path before all of it.
-_FUSED_MERGE = {"on": False}
-
-
-def set_fused_merge(on: bool) -> None:
-    _FUSED_MERGE["on"] = bool(on)
-
-
-def fused_merge() -> bool:
-    return _FUSED_MERGE["on"]
-
-
 @triton.jit
 def pdl_enter(USE_PDL: tl.constexpr):
     """At a kernel's start under programmatic dependent launch: wait for the kernel before it

@@ -7,10 +7,7 @@ built, loaded model so the model files stay plain. It traces who reads whose out
 2. defers an RMSNorm whose every reader is a GEMV linear: on one row it returns the
    `PendingNorm` (its input, residual and weight) and its readers do the norm in their prologue;
 3. gives a merged gate/up projection read only by SiLU-and-multiply the `silu` epilogue: on one
-   row it returns the `ActivatedProduct`, which SiLU-and-multiply passes on as it is;
-4. lets a rotary embedding whose output goes to one `Attention` write K and V into that
-   attention's cache in its own kernel (triton_fused.qkv_rotary_triton), at every batch size on
-   the Triton path: the KV store kernel disappears.
+   row it returns the `ActivatedProduct`, which SiLU-and-multiply passes on as it is.
 
 Each module decides by its own input (one row on CUDA, the model's dtype), so a deferred norm is
 only ever read by a module that finishes it; a reader that cannot (an odd shape) finishes it with
@@ -28,12 +25,9 @@ import torch
 from torch import nn
 
 from inferd.layers.activation import SiluAndMul
-from inferd.layers.attention import Attention
-from inferd.layers.context import get_context
 from inferd.layers.fused import add_rms_norm, rms_norm
 from inferd.layers.linear import Linear, MergedLinear
 from inferd.layers.norm import RMSNorm
-from inferd.layers.rotary import RotaryEmbedding
 
 log = logging.getLogger("inferd.gemv")
 
@@ -107,18 +101,6 @@ class DeferredRMSNorm(RMSNorm):
         return PendingNorm(x, residual, self.weight, self.eps, residual_out), residual_out
 
 
-class KVStoringRotaryEmbedding(RotaryEmbedding):
-    """A rotary embedding whose output goes to one `Attention`: its kernel also writes K and V
-    into that attention's cache (which then skips its own store kernel)."""
-
-    def forward(self, positions: torch.Tensor, qkv, q_size: int, kv_size: int):
-        attention = self.__dict__["kv_attention"]  # not a submodule: the model owns it elsewhere
-        if not attention.stores_in_rotary():
-            return super().forward(positions, qkv, q_size, kv_size)
-        kv_cache = (attention.k_cache, attention.v_cache, get_context().slot_mapping)
-        return self.rotate(positions, qkv, None, None, None, q_size, kv_size, kv_cache=kv_cache)
-
-
 class ActivatedSiluAndMul(SiluAndMul):
     def forward(self, x):
         return x.value if isinstance(x, ActivatedProduct) else super().forward(x)
@@ -141,8 +123,6 @@ class GemvPlan:
     linears: list[str] = field(default_factory=list)
     deferred_norms: list[str] = field(default_factory=list)
     silu_epilogues: list[str] = field(default_factory=list)
-    # rotary embedding -> the attention its output goes to, which it stores K/V for
-    kv_stores: dict[str, str] = field(default_factory=dict)
     traced: bool = False
 
 
@@ -179,12 +159,6 @@ def plan_gemv(model: nn.Module) -> GemvPlan:
         and len(modules[n].output_sizes) == 2
         and read_only_as(n, lambda r, arg: type(modules[r]) is SiluAndMul and arg == "x")
     ]
-    for n, m in modules.items():
-        readers = reads.get(n, [])
-        if type(m) is RotaryEmbedding and len(readers) == 1 and readers[0][0] is not None:
-            reader, argument = readers[0]
-            if type(modules[reader]) is Attention and argument == "q":
-                plan.kv_stores[n] = reader
     return plan
 
 
@@ -201,16 +175,10 @@ def fuse_gemv(model: nn.Module) -> GemvPlan:
     for module in model.modules():
         if type(module) is SiluAndMul:
             module.__class__ = ActivatedSiluAndMul
-    for rotary_name, attention_name in plan.kv_stores.items():
-        rotary, attention = model.get_submodule(rotary_name), model.get_submodule(attention_name)
-        rotary.__class__ = KVStoringRotaryEmbedding
-        rotary.__dict__["kv_attention"] = attention
-        attention.kv_stored_by_rotary = True
     log.info(
-        "batch-1 GEMV: %d linear layers, %d norms in their prologues, %d SiLU epilogues; K/V stored by %d rotary kernels",
+        "batch-1 GEMV: %d linear layers, %d norms in their prologues, %d SiLU epilogues",
         len(plan.linears),
         len(plan.deferred_norms),
         len(plan.silu_epilogues),
-        len(plan.kv_stores),
     )
     return plan

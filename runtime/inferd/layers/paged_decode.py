@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from inferd.layers.fused import FP8, FP8_MAX
-from inferd.layers.gemv import fused_merge as fused_merge_on
 from inferd.layers.gemv import pdl, pdl_enter
 from inferd.layers.mla_decode import sm_count
 
@@ -58,10 +57,6 @@ def _paged_decode_kernel(
     PRECISION: tl.constexpr,
     COMPUTE: tl.constexpr,
     WIDEN_V_IN_REGISTERS: tl.constexpr,
-    counter_ptr,
-    FUSED_MERGE: tl.constexpr,
-    SPLITS_POW2: tl.constexpr,
-    GROUP_POW2: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
@@ -124,29 +119,6 @@ def _paged_decode_kernel(
         tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc)
         tl.store(part_ml_ptr + row * 2, m)
         tl.store(part_ml_ptr + row * 2 + 1, denom)
-        if FUSED_MERGE:
-            # The last split of this (sequence, KV head) to finish merges them all, and resets
-            # the counter for the next launch: no merge kernel. The barrier orders every thread's
-            # stores before the counter's release, and the merge's loads after its acquire.
-            tl.debug_barrier()
-            done = tl.atomic_add(counter_ptr + seq * NUM_KV_HEADS + kv_head, 1, sem="acq_rel", scope="gpu")
-            tl.debug_barrier()
-            if done == SPLITS - 1:
-                _merge(
-                    out_ptr,
-                    part_acc_ptr,
-                    part_ml_ptr,
-                    seq,
-                    kv_head,
-                    NUM_KV_HEADS,
-                    GROUP,
-                    GROUP_PAD,
-                    HEAD_DIM,
-                    SPLITS,
-                    SPLITS_POW2,
-                    GROUP_POW2,
-                )
-                tl.atomic_xchg(counter_ptr + seq * NUM_KV_HEADS + kv_head, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -206,52 +178,6 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
 
 
 @triton.jit
-def _merge(
-    out_ptr,
-    part_acc_ptr,
-    part_ml_ptr,
-    seq,
-    kv_head,
-    NUM_KV_HEADS: tl.constexpr,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    SPLITS: tl.constexpr,
-    SPLITS_POW2: tl.constexpr,
-    GROUP_POW2: tl.constexpr,
-):
-    """The partial softmaxes of one (sequence, KV head)'s splits -> its output rows. Every split's
-    partial state in one load (a loop over the splits would wait for each in turn), read from L2
-    (.cg): other programs wrote them."""
-    offs_s = tl.arange(0, SPLITS_POW2)
-    offs_g = tl.arange(0, GROUP_POW2)
-    offs_d = tl.arange(0, HEAD_DIM)
-    g_mask = offs_g < GROUP
-    sg_mask = (offs_s < SPLITS)[:, None] & g_mask[None, :]
-    rows = ((seq * NUM_KV_HEADS + kv_head) * SPLITS + offs_s)[:, None] * GROUP_PAD + offs_g[None, :]  # [S, G]
-    m_s = tl.load(part_ml_ptr + rows * 2, mask=sg_mask, other=float("-inf"), cache_modifier=".cg")
-    l_s = tl.load(part_ml_ptr + rows * 2 + 1, mask=sg_mask, other=0.0, cache_modifier=".cg")
-    acc_s = tl.load(
-        part_acc_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-        mask=sg_mask[:, :, None],
-        other=0.0,
-        cache_modifier=".cg",
-    )
-    m = tl.max(m_s, 0)  # [G]
-    # An empty split has m_s = -inf and l_s = 0 (weight 0); a padded row has all splits empty.
-    w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m[None, :]))
-    denom = tl.sum(l_s * w, 0)
-    acc = tl.sum(acc_s * w[:, :, None], 0)
-    head = kv_head * GROUP + offs_g
-    out = acc / denom[:, None]
-    tl.store(
-        out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=g_mask[:, None],
-    )
-
-
-@triton.jit
 def _merge_splits_kernel(
     out_ptr,
     part_acc_ptr,
@@ -266,39 +192,30 @@ def _merge_splits_kernel(
     USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
-    _merge(
-        out_ptr,
-        part_acc_ptr,
-        part_ml_ptr,
-        tl.program_id(0),
-        tl.program_id(1),
-        NUM_KV_HEADS,
-        GROUP,
-        GROUP_PAD,
-        HEAD_DIM,
-        SPLITS,
-        SPLITS_POW2,
-        GROUP_POW2,
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    # Every split's partial state in one load (a loop over the splits would wait for each in turn).
+    offs_s = tl.arange(0, SPLITS_POW2)
+    offs_g = tl.arange(0, GROUP_POW2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_mask = offs_g < GROUP
+    sg_mask = (offs_s < SPLITS)[:, None] & g_mask[None, :]
+    rows = ((seq * NUM_KV_HEADS + kv_head) * SPLITS + offs_s)[:, None] * GROUP_PAD + offs_g[None, :]  # [S, G]
+    m_s = tl.load(part_ml_ptr + rows * 2, mask=sg_mask, other=float("-inf"))
+    l_s = tl.load(part_ml_ptr + rows * 2 + 1, mask=sg_mask, other=0.0)
+    acc_s = tl.load(part_acc_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=sg_mask[:, :, None], other=0.0)
+    m = tl.max(m_s, 0)  # [G]
+    # An empty split has m_s = -inf and l_s = 0 (weight 0); a padded row has all splits empty.
+    w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m[None, :]))
+    denom = tl.sum(l_s * w, 0)
+    acc = tl.sum(acc_s * w[:, :, None], 0)
+    head = kv_head * GROUP + offs_g
+    out = acc / denom[:, None]
+    tl.store(
+        out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=g_mask[:, None],
     )
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []
-
-
-def _merge_counters(device: torch.device, needed: int) -> torch.Tensor | None:
-    """Zeroed int32 counters, one per (sequence, KV head), that the fused merge counts finished
-    splits in; each merge leaves its counter at zero again, so one buffer per device serves every
-    layer and step. None while a CUDA graph is being captured and no buffer exists yet (the
-    buffer must outlive the graph: it is made outside, by the warm-up run before capture)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < needed:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        if buf is not None:
-            _RETIRED.append(buf)  # graphs captured with it still use it
-        buf = _COUNTERS[device] = torch.zeros(max(needed, 1024), dtype=torch.int32, device=device)
-    return buf
 
 
 def num_splits(batch: int, num_kv_heads: int, sm_count: int = 132) -> int:
@@ -325,7 +242,6 @@ def paged_decode_attention(
     num_stages: int = 4,
     compute_dtype: torch.dtype | None = None,
     widen_v_in_registers: bool | None = None,
-    fused_merge: bool | None = None,
 ) -> torch.Tensor:
     """q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, W]; context_lens [B].
     The keyword arguments override the launch configuration (bench/bench_decode_step.py sweeps them).
@@ -333,12 +249,7 @@ def paged_decode_attention(
     An fp8 cache is widened to fp16, not to q's bf16, for the products (exact for e4m3 values,
     and the conversion is cheaper: 41 against 62 us for 64 sequences of 640 tokens on the H200),
     V in registers (35 us), in 64-token tiles when the sequences fill the GPU alone and in
-    128-token tiles when their contexts are split (the sweeps in BENCHMARKS.md).
-
-    At batch 1 (`fused_merge`; by default with EngineConfig.fused_gemv) the last split program of
-    each KV head to finish merges the splits itself (a counter per KV head, `_merge_counters`):
-    one kernel instead of two in the batch-1 decode step.
-    """
+    128-token tiles when their contexts are split (the sweeps in BENCHMARKS.md)."""
     fp8_cache = k_cache.dtype == FP8
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -355,9 +266,6 @@ def paged_decode_attention(
         part_ml = torch.empty(batch * num_kv_heads * splits * group_pad, 2, device=q.device, dtype=torch.float32)
     else:
         part_acc = part_ml = out
-    if fused_merge is None:
-        fused_merge = batch == 1 and fused_merge_on()
-    counters = _merge_counters(q.device, batch * num_kv_heads) if splits > 1 and fused_merge else None
     on = pdl(batch)
     consts = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, USE_PDL=on, launch_pdl=on)
     _paged_decode_kernel[(batch, num_kv_heads, splits)](
@@ -378,14 +286,10 @@ def paged_decode_attention(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         COMPUTE=_TL_DTYPES[compute_dtype],
         WIDEN_V_IN_REGISTERS=widen_v_in_registers,
-        counter_ptr=counters if counters is not None else context_lens,
-        FUSED_MERGE=counters is not None,
-        SPLITS_POW2=triton.next_power_of_2(splits),
-        GROUP_POW2=triton.next_power_of_2(group),
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if splits > 1 and counters is None:
+    if splits > 1:
         _merge_splits_kernel[(batch, num_kv_heads)](
             out,
             part_acc,

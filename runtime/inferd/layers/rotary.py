@@ -42,13 +42,12 @@ class RotaryEmbedding(nn.Module):
         """The fused q/k/v projection's output -> rotated q, k and v."""
         return self.rotate(positions, qkv, None, None, None, q_size, kv_size)
 
-    def rotate(self, positions, x, x_scale, weight_scale, bias, q_size: int, kv_size: int, kv_cache=None):
+    def rotate(self, positions, x, x_scale, weight_scale, bias, q_size: int, kv_size: int):
         """`fused.qkv_rotary` (a Triton kernel on CUDA) on a projection given as (x, x_scale,
-        weight_scale, bias); `kv_cache` (CUDA): (k_cache, v_cache, slots) that k and v are also
-        stored into."""
+        weight_scale, bias)."""
         args = (positions, x, x_scale, weight_scale, bias, self.cos_sin, self.head_dim, q_size, kv_size)
         if self.cos_sin.is_cuda:
             from inferd.layers.triton_fused import qkv_rotary_triton
 
-            return qkv_rotary_triton(*args, kv_cache=kv_cache)
+            return qkv_rotary_triton(*args)
         return qkv_rotary(*args)

@@ -54,13 +54,8 @@ def _rotate(
     SCALED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ROTATE: tl.constexpr,
-    cache_ptr,
-    slot,
-    STORE: tl.constexpr,
-    CLAMP: tl.constexpr,
 ):
-    """HEADS heads starting at column col0 of the projection row: finish, rotate, store (and, with
-    STORE, into the cache row `slot`)."""
+    """HEADS heads starting at column col0 of the projection row: finish, rotate, store."""
     HALF: tl.constexpr = HEAD_DIM // 2
     offs_h = tl.arange(0, HEADS_PAD)
     offs_j = tl.arange(0, HALF)
@@ -74,18 +69,8 @@ def _rotate(
     else:
         o1, o2 = x1, x2
     out = out_ptr + t * out_stride_t + offs_h[:, None] * HEAD_DIM + offs_j[None, :]
-    o1, o2 = o1.to(out_ptr.dtype.element_ty), o2.to(out_ptr.dtype.element_ty)
-    tl.store(out, o1, mask=mask)
-    tl.store(out + HALF, o2, mask=mask)
-    if STORE:  # the row into its KV cache slot too, as store_kv_triton writes it
-        cache = cache_ptr + slot * (HEADS * HEAD_DIM) + offs_h[:, None] * HEAD_DIM + offs_j[None, :]
-        if CLAMP > 0:
-            c1 = tl.minimum(tl.maximum(o1.to(tl.float32), -CLAMP), CLAMP)
-            c2 = tl.minimum(tl.maximum(o2.to(tl.float32), -CLAMP), CLAMP)
-        else:
-            c1, c2 = o1, o2
-        tl.store(cache, c1.to(cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(cache + HALF, c2.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(out, o1.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -99,9 +84,6 @@ def _qkv_rotary_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
-    slots_ptr,
     stride_x,
     max_pos,
     NUM_HEADS: tl.constexpr,
@@ -111,8 +93,6 @@ def _qkv_rotary_kernel(
     HEAD_DIM: tl.constexpr,
     SCALED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    STORE: tl.constexpr,
-    CLAMP: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
@@ -130,53 +110,9 @@ def _qkv_rotary_kernel(
     row = x_ptr + t * stride_x
     q_size: tl.constexpr = NUM_HEADS * HEAD_DIM
     kv_size: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
-    if STORE:
-        slot = tl.load(slots_ptr + t).to(tl.int64)
-    else:
-        slot = 0
+    _rotate(row, q_ptr, ws_ptr, bias_ptr, xs, 0, cos, sin, q_size, t, NUM_HEADS, HEADS_PAD, HEAD_DIM, SCALED, HAS_BIAS, True)
     _rotate(
-        row,
-        q_ptr,
-        ws_ptr,
-        bias_ptr,
-        xs,
-        0,
-        cos,
-        sin,
-        q_size,
-        t,
-        NUM_HEADS,
-        HEADS_PAD,
-        HEAD_DIM,
-        SCALED,
-        HAS_BIAS,
-        True,
-        q_ptr,
-        slot,
-        False,
-        0.0,
-    )
-    _rotate(
-        row,
-        k_ptr,
-        ws_ptr,
-        bias_ptr,
-        xs,
-        q_size,
-        cos,
-        sin,
-        kv_size,
-        t,
-        NUM_KV_HEADS,
-        KV_PAD,
-        HEAD_DIM,
-        SCALED,
-        HAS_BIAS,
-        True,
-        k_cache_ptr,
-        slot,
-        STORE,
-        CLAMP,
+        row, k_ptr, ws_ptr, bias_ptr, xs, q_size, cos, sin, kv_size, t, NUM_KV_HEADS, KV_PAD, HEAD_DIM, SCALED, HAS_BIAS, True
     )
     _rotate(
         row,
@@ -195,10 +131,6 @@ def _qkv_rotary_kernel(
         SCALED,
         HAS_BIAS,
         False,
-        v_cache_ptr,
-        slot,
-        STORE,
-        CLAMP,
     )
 
 
@@ -210,12 +142,8 @@ def _scale_args(x, x_scale, weight_scale, bias):
     return (x_scale if scaled else x, weight_scale if scaled else x, bias if has_bias else x), scaled, has_bias
 
 
-def qkv_rotary_triton(
-    positions, x, x_scale, weight_scale, bias, cos_sin, head_dim: int, q_size: int, kv_size: int, kv_cache=None
-):
-    """Same contract as `fused.qkv_rotary`: (q [T, q_size], k [T, kv_size], v [T, kv_size]).
-    `kv_cache` (k_cache, v_cache, slots): k and v also go into the caches at `slots`, as
-    paged_decode.store_kv_triton would put them (one kernel fewer a layer)."""
+def qkv_rotary_triton(positions, x, x_scale, weight_scale, bias, cos_sin, head_dim: int, q_size: int, kv_size: int):
+    """Same contract as `fused.qkv_rotary`: (q [T, q_size], k [T, kv_size], v [T, kv_size])."""
     tokens = x.shape[0]
     q = torch.empty(tokens, q_size, device=x.device, dtype=x.dtype)
     k = torch.empty(tokens, kv_size, device=x.device, dtype=x.dtype)
@@ -234,7 +162,6 @@ def qkv_rotary_triton(
         q,
         k,
         v,
-        *(kv_cache or (q, q, positions)),
         x.stride(0),
         cos_sin.shape[1],
         NUM_HEADS=heads,
@@ -244,8 +171,6 @@ def qkv_rotary_triton(
         HEAD_DIM=head_dim,
         SCALED=scaled,
         HAS_BIAS=has_bias,
-        STORE=kv_cache is not None,
-        CLAMP=FP8_MAX if kv_cache is not None and kv_cache[0].dtype == FP8 else 0.0,
         USE_PDL=on,
         launch_pdl=on,
         num_warps=4,
