@@ -9,24 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_gemv import plain_path
 
 from inferd import LLM, SamplingParams
 from inferd.testing import make_model, prefill_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _reference(x, w, b, norm, silu):
-    """The plain path's arithmetic: the compiled norm, F.linear (cuBLAS), the SiLU kernel."""
-    from inferd.layers.fused import add_rms_norm, rms_norm
-    from inferd.layers.triton_fused import silu_and_mul_triton
-
-    if norm is not None:
-        res, nw, eps, _ = norm
-        x = rms_norm(x, None, None, None, nw, eps) if res is None else add_rms_norm(x, None, None, None, res, nw, eps)[0]
-    out = F.linear(x, w, b)
-    return silu_and_mul_triton(out) if silu else out
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +49,7 @@ def test_gemv_equals_the_plain_kernels_in_bf16(n, k, prologue, silu, pdl):
             torch.empty_like(x) if res is not None else None,
         )
     got = gemv(x, w, b, norm=norm, silu=silu, use_pdl=pdl)
-    want = _reference(x, w, b, norm, silu)
+    want = plain_path(x, w, b, norm, silu)
     # float32 sums of the same bf16 inputs in another order: within a few bf16 roundings
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     if prologue == "add_norm":

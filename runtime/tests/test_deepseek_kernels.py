@@ -13,41 +13,13 @@ and is tested everywhere.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from triton_interpreter import INTERPRETER, _interpreter_scalars, needs_interpreter  # noqa: F401  (autouse fixture)
 
 from inferd.layers.fp8_block import FP8, act_quant_reference, fp8_block_linear_reference
 from inferd.layers.fused_moe import align_by_expert, fused_moe, fused_moe_reference
 from inferd.layers.mla_decode import mla_decode_reference
-
-try:
-    import triton  # noqa: F401
-
-    _INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-except ImportError:
-    _INTERPRETER = False
-
-needs_interpreter = pytest.mark.skipif(not _INTERPRETER, reason="needs triton with TRITON_INTERPRET=1")
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_scalars(monkeypatch):
-    """Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound with
-    int(array), which NumPy 2.4 refuses; take its one element instead."""
-    if not _INTERPRETER:
-        return
-    import numpy as np
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
 
 
 def _latent_case(batch=3, heads=5, kv_lora=64, rope=16, block_size=4, num_blocks=24, lens=(1, 13, 24)):
@@ -361,7 +333,7 @@ def _ptxas_spills(kernel, tmp_path) -> str:
     return next(line for line in run.stderr.splitlines() if "spill" in line)
 
 
-@pytest.mark.skipif(_INTERPRETER, reason="compiles the kernels themselves, not their interpreted twins")
+@pytest.mark.skipif(INTERPRETER, reason="compiles the kernels themselves, not their interpreted twins")
 def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     """Triton compiles for sm_90 here (its bundled ptxas), so a kernel that does not build fails
     before the GPU machine: the launches the engine makes for V3's shapes."""
@@ -519,7 +491,7 @@ def test_mla_wide_launch_table_buckets_and_refusals(monkeypatch):
         module.check_wide_config({k: v for k, v in _WIDE.items() if k != "max_splits"})
 
 
-@pytest.mark.skipif(_INTERPRETER, reason="compiles the kernels themselves, not their interpreted twins")
+@pytest.mark.skipif(INTERPRETER, reason="compiles the kernels themselves, not their interpreted twins")
 def test_mla_wide_kernel_compiles_for_hopper_on_wgmma_within_shared_memory(tmp_path):
     """The table's launches at V3's shapes, compiled for sm_90a with the 16-byte divisibility a real
     launch gets for its pointers and strides (without it the loads are not pipelined and the query

@@ -9,11 +9,11 @@ else correctly; test_cuda_gemv.py checks bf16 and the engine on the GPU).
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import _interpreter_scalars, needs_interpreter  # noqa: F401  (autouse fixture)
 
 from inferd.layers.fused import add_rms_norm, rms_norm, silu_and_mul
 from inferd.layers.gemv_fusion import (
@@ -29,16 +29,6 @@ from inferd.layers.linear import Linear, MergedLinear
 from inferd.models.config import parse_model_config
 from inferd.models.registry import model_class
 from inferd.testing import make_model
-
-try:
-    import triton  # noqa: F401
-
-    _INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-except ImportError:
-    _INTERPRETER = False
-needs_interpreter = pytest.mark.skipif(not _INTERPRETER, reason="needs triton with TRITON_INTERPRET=1")
-if _INTERPRETER:
-    from test_deepseek_kernels import _interpreter_scalars  # noqa: F401  (autouse fixture)
 
 
 def _model(tmp_path, arch: str):
@@ -112,7 +102,8 @@ def test_a_reader_that_cannot_take_the_row_finishes_the_norm_with_the_plain_kern
 
 
 # ---- the kernel, under the interpreter -----------------------------------------------------------
-def _reference(x, w, b, norm, silu):
+def plain_path(x, w, b, norm, silu):
+    """What the model computes without the GEMV pass (the compiled norm on CUDA, F.linear, SiLU)."""
     if norm is not None:
         res, nw, eps, _ = norm
         x = rms_norm(x, None, None, None, nw, eps) if res is None else add_rms_norm(x, None, None, None, res, nw, eps)[0]
@@ -138,7 +129,7 @@ def test_the_gemv_kernel_computes_norm_product_bias_and_silu(n, k, bias, prologu
         res_out = torch.full_like(x, float("nan")) if res is not None else None
         norm = (res, torch.randn(k, generator=g), 1e-6, res_out)
     got = gemv(x, w, b, norm=norm, silu=silu, use_pdl=False)
-    torch.testing.assert_close(got, _reference(x, w, b, norm, silu), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, plain_path(x, w, b, norm, silu), rtol=1e-5, atol=1e-5)
     if prologue == "add_norm":
         assert torch.equal(norm[3], x + norm[0])  # program 0 wrote x + residual for the next block
 

@@ -8,11 +8,10 @@ under the interpreter, and the engine on tiny Llama / Qwen2 models against float
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch import nn
+from triton_interpreter import _interpreter_scalars, needs_interpreter  # noqa: F401  (autouse fixture)
 
 from inferd import LLM, SamplingParams
 from inferd.config import EngineConfig
@@ -29,16 +28,6 @@ from inferd.layers.int8 import (
 from inferd.layers.linear import Linear
 from inferd.layers.quantize import quantize_int8
 from inferd.testing import make_model, prefill_logits
-
-try:
-    import triton  # noqa: F401
-
-    _INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-except ImportError:
-    _INTERPRETER = False
-needs_interpreter = pytest.mark.skipif(not _INTERPRETER, reason="needs triton with TRITON_INTERPRET=1")
-if _INTERPRETER:
-    from test_deepseek_kernels import _interpreter_scalars  # noqa: F401  (autouse fixture)
 
 
 # ---- the quantizers -------------------------------------------------------------------------------
