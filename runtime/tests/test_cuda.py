@@ -382,7 +382,7 @@ def test_prefill_over_a_cached_context_in_one_varlen_call_equals_the_reference_l
     """Chunks continuing a cached context (a prefix hit of 37 tokens, a chunk 2 of a long prompt,
     a fresh prompt in the same batch): one gather and one FlashAttention call give what the
     per-sequence reference gives, queries aligned to the end of their contexts."""
-    from inferd.layers.attention import prefill_attention_paged_varlen, prefill_attention_reference, store_kv
+    from inferd.layers.attention import ContextGroup, prefill_attention_paged_varlen, prefill_attention_reference, store_kv
     from inferd.layers.context import AttentionContext
 
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -408,21 +408,21 @@ def test_prefill_over_a_cached_context_in_one_varlen_call_equals_the_reference_l
     v_new = torch.cat([v_all[offsets[i + 1] - n : offsets[i + 1]] for i, n in enumerate(query_lens)])
     if cache_dtype != torch.bfloat16:  # the reference attends to the chunk as the cache holds it
         k_new, v_new = k_new.to(cache_dtype).bfloat16(), v_new.to(cache_dtype).bfloat16()
-    ctx = AttentionContext(
-        is_prefill=True,
-        query_lens=query_lens,
-        context_lens_list=context_lens,
-        block_tables=tables,
-        cu_seqlens=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], device="cuda", dtype=torch.int32),
-        max_query_len=max(query_lens),
-        context_slots=torch.cat(slots),
-        cu_seqlens_k=torch.tensor(offsets, device="cuda", dtype=torch.int32),
-        max_context_len=max(context_lens),
-    )
+    q_offsets = [0, *torch.tensor(query_lens).cumsum(0).tolist()]
+    ctx = AttentionContext(is_prefill=True, query_lens=query_lens, context_lens_list=context_lens, block_tables=tables)
     scale = head_dim**-0.5
     want = prefill_attention_reference(q, k_new, v_new, k_cache, v_cache, ctx, scale)
-    got = prefill_attention_paged_varlen(q, k_cache, v_cache, ctx, scale)
-    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    for groups in ([(0, 3)], [(0, 1), (1, 3)]):  # one call, and in two groups (a gather budget)
+        ctx.context_groups = []
+        for a, b in groups:
+            q_cu = torch.tensor([x - q_offsets[a] for x in q_offsets[a : b + 1]], device="cuda", dtype=torch.int32)
+            k_cu = torch.tensor([x - offsets[a] for x in offsets[a : b + 1]], device="cuda", dtype=torch.int32)
+            group = ContextGroup(
+                q_offsets[a], q_offsets[b], torch.cat(slots[a:b]), q_cu, k_cu, max(query_lens[a:b]), max(context_lens[a:b])
+            )
+            ctx.context_groups.append(group)
+        got = prefill_attention_paged_varlen(q, k_cache, v_cache, ctx, scale)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_prefix_cache_hits_give_the_tokens_of_a_cold_start(llama_dir):

@@ -64,7 +64,9 @@ def test_the_pass_fuses_both_norms_and_the_silu_of_every_layer_and_nothing_else(
     assert torch.equal(layer.self_attn.qkv_proj.weight[: layer.self_attn.q_size], w)
 
 
-def test_on_the_cpu_a_fused_model_computes_what_the_plain_one_does(tmp_path):
+def test_on_the_cpu_a_fused_model_falls_back_to_the_plain_path(tmp_path):
+    """Smoke test of the fallbacks: off CUDA no module takes its fused path (the GPU test compares
+    the fused path itself)."""
     model = _model(tmp_path, "qwen2")
     torch.manual_seed(0)
     for p in model.parameters():
@@ -140,3 +142,34 @@ def test_the_gemv_kernel_refuses_more_than_one_row():
 
     with pytest.raises(ValueError, match="one contiguous row"):
         gemv(torch.zeros(2, 8), torch.zeros(4, 8))
+
+
+def test_cached_contexts_are_attended_in_groups_within_the_gather_budget():
+    from inferd.layers.attention import PAGED_PREFILL_BYTES, group_contexts
+
+    assert group_contexts([], 100) == []
+    assert group_contexts([40, 40, 40], 100) == [(0, 2), (2, 3)]
+    assert group_contexts([40, 60, 1], 100) == [(0, 2), (2, 3)]
+    assert group_contexts([500, 10, 10], 100) == [(0, 1), (1, 3)]  # a context over the budget goes alone
+    per_token = 2 * 8 * 128 * 2  # K and V of one 8B layer in bf16
+    assert group_contexts([1600] * 82, PAGED_PREFILL_BYTES // per_token) == [(0, 82)]  # a measured prefill step: one call
+    assert len(group_contexts([8192] * 256, PAGED_PREFILL_BYTES // per_token)) == 8
+    lens = [7, 300, 12, 99, 100, 1, 1, 250]
+    groups = group_contexts(lens, 120)
+    assert [i for a, b in groups for i in range(a, b)] == list(range(len(lens)))
+    assert all(sum(lens[a:b]) <= 120 or b - a == 1 for a, b in groups)
+
+
+def test_a_residual_without_a_place_for_the_sum_is_refused():
+    pytest.importorskip("triton")
+    from inferd.layers.gemv import gemv
+
+    x = torch.zeros(1, 8)
+    with pytest.raises(ValueError, match="residual_out"):
+        gemv(x, torch.zeros(4, 8), norm=(torch.zeros(1, 8), torch.ones(8), 1e-6, None))
+
+
+def test_a_deferred_norm_answers_shape_and_dtype_as_its_row():
+    x = torch.zeros(1, 8, dtype=torch.bfloat16)
+    p = PendingNorm(x, None, torch.ones(8), 1e-6, None)
+    assert (p.shape, p.dtype, p.device) == (x.shape, x.dtype, x.device)

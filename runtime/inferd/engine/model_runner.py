@@ -15,6 +15,7 @@ import torch
 from inferd.config import EngineConfig
 from inferd.engine.compile_cache import open_compile_cache
 from inferd.engine.sequence import Sequence
+from inferd.layers.attention import PAGED_PREFILL_BYTES, ContextGroup, group_contexts
 from inferd.layers.context import AttentionContext, reset_context, set_context
 from inferd.layers.distributed import broadcast_from_rank0, min_over_ranks, tp_rank
 from inferd.layers.fused import FP8
@@ -145,14 +146,19 @@ class ModelRunner:
         elif getattr(self.model, "weight_block_size", None) and self.is_cuda:
             if torch.cuda.get_device_capability(self.device) >= (8, 9):  # fp8 tensor cores: Ada, Hopper
                 quantize_fp8_blocks(self.model)  # an fp8 block checkpoint computes as fp8 blocks
-        elif self.is_cuda and self.config.fused_gemv and self.dtype in GEMV_DTYPES and self.model_cfg.mla is None:
+        fused = False
+        if self.is_cuda and self.config.fused_gemv and not self.config.quantization and self.dtype in GEMV_DTYPES:
             # Llama and Qwen2 (the distills), whose GPU tests ran with it; DeepSeek-V2/V3 keep the
             # plain kernels until test_cuda_deepseek.py has run with the pass.
-            fuse_gemv(self.model)
+            fused = self.model_cfg.mla is None and not getattr(self.model, "weight_block_size", None)
+            if fused:
+                fuse_gemv(self.model)
         if self.is_cuda:
             from inferd.layers.gemv import pdl_supported, set_pdl  # Triton: CUDA only
 
-            set_pdl(self.config.fused_gemv and pdl_supported(self.device))
+            # One flag per process: the runner built last decides (engines in one process are built
+            # with one setting, except in the benchmarks' comparisons, which build one at a time).
+            set_pdl(fused and pdl_supported(self.device))
         self.model.eval()
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
@@ -267,12 +273,32 @@ class ModelRunner:
         if self.is_cuda:
             ctx.cu_seqlens = self._to_device(np.concatenate([[0], np.cumsum(query_lens)]), torch.int32)
             ctx.max_query_len = max(query_lens)
-            if has_cached:  # whole contexts (cached prefix + this chunk), for one varlen attention call
-                ctx.context_slots = self._to_device(np.concatenate([self._slots(s, 0, c) for s, c in zip(seqs, context_lens)]))
-                ctx.cu_seqlens_k = self._to_device(np.concatenate([[0], np.cumsum(context_lens)]), torch.int32)
-                ctx.max_context_len = max(context_lens)
+            if has_cached and self.use_triton and self.dtype in (torch.bfloat16, torch.float16) and self.model_cfg.mla is None:
+                ctx.context_groups = self._context_groups(seqs, query_lens, context_lens)
         last = np.cumsum(query_lens) - 1
         return self._to_device(ids), self._to_device(np.concatenate(positions)), ctx, self._to_device(last)
+
+    def _context_groups(self, seqs: list[Sequence], query_lens: list[int], context_lens: list[int]) -> list[ContextGroup]:
+        """The whole contexts (cached prefix + this chunk) of a prefill over cached contexts, in
+        groups whose gathered K and V of one layer fit PAGED_PREFILL_BYTES."""
+        per_token = 2 * self.attn_layers[0].num_kv_heads * self.model_cfg.head_dim * self.dtype.itemsize
+        q_offsets = np.concatenate([[0], np.cumsum(query_lens)])
+        groups = []
+        for first, last in group_contexts(context_lens, PAGED_PREFILL_BYTES // per_token):
+            q, c = query_lens[first:last], context_lens[first:last]
+            slots = np.concatenate([self._slots(s, 0, n) for s, n in zip(seqs[first:last], c)])
+            groups.append(
+                ContextGroup(
+                    int(q_offsets[first]),
+                    int(q_offsets[last]),
+                    self._to_device(slots),
+                    self._to_device(np.concatenate([[0], np.cumsum(q)]), torch.int32),
+                    self._to_device(np.concatenate([[0], np.cumsum(c)]), torch.int32),
+                    max(q),
+                    max(c),
+                )
+            )
+        return groups
 
     def _decode_inputs(self, seqs: list[Sequence], rows: int, staging: dict) -> int:
         """Fill the staging arrays with `rows` decode rows: the sequences, then padding rows that

@@ -8,6 +8,8 @@ new attention class with the same interface: forward(q, k, v) reading the step's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,19 +97,70 @@ def decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, 
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)
 
 
+# What one gather of cached contexts may take (K and V of one layer, in the model's dtype), beside
+# the KV cache's 10 % of headroom: a batch whose contexts hold more is attended in groups
+# (`group_contexts`). The prefix-heavy load's prefill steps (about 80 hits of 1,600 tokens on the
+# 8B shape) gather 0.54 GB, one group; 256 contexts of 8,192 tokens would take 8.
+PAGED_PREFILL_BYTES = 1 << 30
+
+
+@dataclass
+class ContextGroup:
+    """Sequences [first, last) of a prefill over cached contexts, attended in one call: their query
+    rows [q_start, q_end) of the flat batch, their whole contexts as cache slots back to back, and
+    both offset arrays ([n + 1] int32) and maxima."""
+
+    q_start: int
+    q_end: int
+    slots: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_query_len: int
+    max_context_len: int
+
+
+def group_contexts(context_lens: list[int], max_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive sequences whose contexts sum to at most max_tokens (a longer one alone)."""
+    groups, first, total = [], 0, 0
+    for i, n in enumerate(context_lens):
+        if i > first and total + n > max_tokens:
+            groups.append((first, i))
+            first, total = i, 0
+        total += n
+    return groups + [(first, len(context_lens))] if context_lens else groups
+
+
 def prefill_attention_paged_varlen(q, k_cache, v_cache, ctx, scale: float) -> torch.Tensor:
     """Causal attention for prompt chunks that continue a cached context (a prefix-cache hit, a
-    chunked prompt) in one FlashAttention call (CUDA, half precision): each sequence's whole
-    context, the chunk's own K/V included (stored before this runs), is gathered from the paged
-    cache by slot, one index_select per cache, and each chunk's queries are aligned to the end of
-    their context (FlashAttention's causal mask for fewer queries than keys). Equal to the
-    reference loop, which launches a few kernels per sequence and layer: a prefill of 256
+    chunked prompt) in one FlashAttention call per `ContextGroup` (CUDA, half precision): each
+    sequence's whole context, the chunk's own K/V included (stored before this runs), is gathered
+    from the paged cache by slot, one index_select per cache, and each chunk's queries are aligned
+    to the end of their context (FlashAttention's causal mask for fewer queries than keys). Equal
+    to the reference loop, which launches a few kernels per sequence and layer: a prefill of 256
     prefix-cache hits spent 1.8 s a step there (BENCHMARKS.md)."""
     num_kv_heads, head_dim = k_cache.shape[2:]
-    keys, values = (_gather_slots(cache, ctx.context_slots, num_kv_heads, head_dim, q.dtype) for cache in (k_cache, v_cache))
-    return torch.ops.aten._flash_attention_forward(
-        q, keys, values, ctx.cu_seqlens, ctx.cu_seqlens_k, ctx.max_query_len, ctx.max_context_len, 0.0, True, False, scale=scale
-    )[0]
+    out = None
+    for g in ctx.context_groups:
+        keys, values = (_gather_slots(cache, g.slots, num_kv_heads, head_dim, q.dtype) for cache in (k_cache, v_cache))
+        o = torch.ops.aten._flash_attention_forward(
+            q[g.q_start : g.q_end],
+            keys,
+            values,
+            g.cu_seqlens_q,
+            g.cu_seqlens_k,
+            g.max_query_len,
+            g.max_context_len,
+            0.0,
+            True,
+            False,
+            scale=scale,
+        )[0]
+        if len(ctx.context_groups) == 1:
+            return o
+        if out is None:
+            out = torch.empty_like(q)
+        out[g.q_start : g.q_end] = o
+    return out
 
 
 def _gather_slots(cache: torch.Tensor, slots: torch.Tensor, num_kv_heads: int, head_dim: int, dtype) -> torch.Tensor:
@@ -150,9 +203,9 @@ class Attention(nn.Module):
             k = to_cache_dtype(k, self.k_cache.dtype).to(q.dtype)
             v = to_cache_dtype(v, self.v_cache.dtype).to(q.dtype)
         varlen = ctx.is_prefill and ctx.cu_seqlens is not None and self.use_triton and q.dtype in (torch.bfloat16, torch.float16)
-        if varlen and ctx.context_slots is not None and self.k_cache.numel():
+        if varlen and ctx.context_groups is not None and self.k_cache.numel():
             o = prefill_attention_paged_varlen(q, self.k_cache, self.v_cache, ctx, self.scale)
-        elif varlen and ctx.context_slots is None:
+        elif varlen and ctx.context_groups is None and ctx.block_tables is None:
             o = prefill_attention_varlen(q, k, v, ctx, self.scale)
         elif ctx.is_prefill:
             o = prefill_attention_reference(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)

@@ -23,11 +23,9 @@ class AttentionContext:
     # batch, for one variable-length attention call.
     cu_seqlens: torch.Tensor | None = None
     max_query_len: int = 0
-    # Prefill with cached context on CUDA: every sequence's whole context as cache slots, back to
-    # back, with [batch + 1] int32 offsets: attention gathers it and runs one varlen call.
-    context_slots: torch.Tensor | None = None
-    cu_seqlens_k: torch.Tensor | None = None
-    max_context_len: int = 0
+    # Prefill with cached context on CUDA (half precision, the Triton path): the sequences in
+    # groups (attention.ContextGroup), each group's whole contexts gathered for one varlen call.
+    context_groups: list | None = None
 
 
 _CONTEXT = AttentionContext()

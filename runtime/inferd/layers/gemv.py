@@ -182,6 +182,8 @@ def gemv(
     launch (benchmarks sweep it)."""
     if x.shape[0] != 1 or x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError(f"gemv takes one contiguous row and a row-major weight, got x {tuple(x.shape)}")
+    if norm is not None and norm[0] is not None and (norm[3] is None or not norm[0].is_contiguous()):
+        raise ValueError("gemv's norm with a residual needs a contiguous residual and a residual_out to write x + residual to")
     k = x.shape[1]
     n = weight.shape[0] // 2 if silu else weight.shape[0]
     out = torch.empty(1, n, device=x.device, dtype=x.dtype)

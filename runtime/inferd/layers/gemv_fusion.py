@@ -45,6 +45,19 @@ class PendingNorm(NamedTuple):
     eps: float
     residual_out: torch.Tensor | None
 
+    # What code between modules may ask of an output without reading it (the trace does not see it).
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
 
 class ActivatedProduct(NamedTuple):
     """silu(gate) * up, computed in the gate/up projection's epilogue."""
