@@ -146,13 +146,18 @@ class ModelRunner:
         elif getattr(self.model, "weight_block_size", None) and self.is_cuda:
             if torch.cuda.get_device_capability(self.device) >= (8, 9):  # fp8 tensor cores: Ada, Hopper
                 quantize_fp8_blocks(self.model)  # an fp8 block checkpoint computes as fp8 blocks
-        fused = False
-        if self.is_cuda and self.config.fused_gemv and not self.config.quantization and self.dtype in GEMV_DTYPES:
-            # Llama and Qwen2 (the distills), whose GPU tests ran with it; DeepSeek-V2/V3 keep the
-            # plain kernels until test_cuda_deepseek.py has run with the pass.
-            fused = self.model_cfg.mla is None and not getattr(self.model, "weight_block_size", None)
-            if fused:
-                fuse_gemv(self.model)
+        # Llama and Qwen2 (the distills), whose GPU tests ran with it; DeepSeek-V2/V3 keep the plain
+        # kernels until test_cuda_deepseek.py has run with the pass.
+        fused = (
+            self.is_cuda
+            and self.config.fused_gemv
+            and not self.config.quantization
+            and self.dtype in GEMV_DTYPES
+            and self.model_cfg.mla is None
+            and not getattr(self.model, "weight_block_size", None)
+        )
+        if fused:
+            fuse_gemv(self.model)
         if self.is_cuda:
             from inferd.layers.gemv import pdl_supported, set_pdl  # Triton: CUDA only
 
@@ -270,19 +275,20 @@ class ModelRunner:
             context_lens_list=context_lens,
             block_tables=self._block_tables(seqs) if has_cached else None,
         )
+        q_offsets = np.concatenate([[0], np.cumsum(query_lens)])
         if self.is_cuda:
-            ctx.cu_seqlens = self._to_device(np.concatenate([[0], np.cumsum(query_lens)]), torch.int32)
+            ctx.cu_seqlens = self._to_device(q_offsets, torch.int32)
             ctx.max_query_len = max(query_lens)
             if has_cached and self.use_triton and self.dtype in (torch.bfloat16, torch.float16) and self.model_cfg.mla is None:
-                ctx.context_groups = self._context_groups(seqs, query_lens, context_lens)
-        last = np.cumsum(query_lens) - 1
-        return self._to_device(ids), self._to_device(np.concatenate(positions)), ctx, self._to_device(last)
+                ctx.context_groups = self._context_groups(seqs, query_lens, context_lens, q_offsets)
+        return self._to_device(ids), self._to_device(np.concatenate(positions)), ctx, self._to_device(q_offsets[1:] - 1)
 
-    def _context_groups(self, seqs: list[Sequence], query_lens: list[int], context_lens: list[int]) -> list[ContextGroup]:
+    def _context_groups(
+        self, seqs: list[Sequence], query_lens: list[int], context_lens: list[int], q_offsets
+    ) -> list[ContextGroup]:
         """The whole contexts (cached prefix + this chunk) of a prefill over cached contexts, in
         groups whose gathered K and V of one layer fit PAGED_PREFILL_BYTES."""
         per_token = 2 * self.attn_layers[0].num_kv_heads * self.model_cfg.head_dim * self.dtype.itemsize
-        q_offsets = np.concatenate([[0], np.cumsum(query_lens)])
         groups = []
         for first, last in group_contexts(context_lens, PAGED_PREFILL_BYTES // per_token):
             q, c = query_lens[first:last], context_lens[first:last]

@@ -139,8 +139,8 @@ def prefill_attention_paged_varlen(q, k_cache, v_cache, ctx, scale: float) -> to
     to the reference loop, which launches a few kernels per sequence and layer: a prefill of 256
     prefix-cache hits spent 1.8 s a step there (BENCHMARKS.md)."""
     num_kv_heads, head_dim = k_cache.shape[2:]
-    out = None
-    for g in ctx.context_groups:
+    outs = []
+    for g in ctx.context_groups:  # consecutive, covering every query row in order
         keys, values = (_gather_slots(cache, g.slots, num_kv_heads, head_dim, q.dtype) for cache in (k_cache, v_cache))
         o = torch.ops.aten._flash_attention_forward(
             q[g.q_start : g.q_end],
@@ -155,12 +155,8 @@ def prefill_attention_paged_varlen(q, k_cache, v_cache, ctx, scale: float) -> to
             False,
             scale=scale,
         )[0]
-        if len(ctx.context_groups) == 1:
-            return o
-        if out is None:
-            out = torch.empty_like(q)
-        out[g.q_start : g.q_end] = o
-    return out
+        outs.append(o)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _gather_slots(cache: torch.Tensor, slots: torch.Tensor, num_kv_heads: int, head_dim: int, dtype) -> torch.Tensor:

@@ -140,7 +140,7 @@ class GemvPlan:
 
 
 def plan_gemv(model: nn.Module) -> GemvPlan:
-    from inferd.layers.quantize import trace_reads  # the fp8 pass's tracer
+    from inferd.layers.quantize import read_only_as, trace_reads  # the fp8 pass's tracer
 
     modules = dict(model.named_modules())
     plan = GemvPlan(
@@ -157,12 +157,10 @@ def plan_gemv(model: nn.Module) -> GemvPlan:
         return plan
     plan.traced = True
     gemv_linears = set(plan.linears)
-
-    def read_only_as(writer: str, accepted) -> bool:
-        return bool(reads.get(writer)) and all(r is not None and accepted(r, arg) for r, arg in reads[writer])
-
     plan.deferred_norms = [
-        n for n, m in modules.items() if type(m) is RMSNorm and read_only_as(n, lambda r, arg: r in gemv_linears and arg == "x")
+        n
+        for n, m in modules.items()
+        if type(m) is RMSNorm and read_only_as(reads, n, lambda r, arg: r in gemv_linears and arg == "x")
     ]
     plan.silu_epilogues = [
         n
@@ -170,7 +168,7 @@ def plan_gemv(model: nn.Module) -> GemvPlan:
         if isinstance(modules[n], MergedLinear)
         and len(set(modules[n].output_sizes)) == 1
         and len(modules[n].output_sizes) == 2
-        and read_only_as(n, lambda r, arg: type(modules[r]) is SiluAndMul and arg == "x")
+        and read_only_as(reads, n, lambda r, arg: type(modules[r]) is SiluAndMul and arg == "x")
     ]
     return plan
 

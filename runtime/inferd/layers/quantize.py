@@ -229,18 +229,21 @@ def plan_fp8(model: nn.Module, handoffs: bool = True) -> Fp8Plan:
     plan.traced = True
     fp8 = set(plan.fp8)
 
-    def read_only_as(writer: str, accepted) -> bool:
-        return bool(reads.get(writer)) and all(r is not None and accepted(modules[r], r, arg) for r, arg in reads[writer])
+    def finishes(reader: str, arg: str) -> bool:
+        return PRODUCT_READERS.get(type(modules[reader])) == arg
 
-    def finishes(module, name, arg) -> bool:
-        return PRODUCT_READERS.get(type(module)) == arg
-
-    plan.hands_product = [n for n in plan.fp8 if read_only_as(n, finishes)]
+    plan.hands_product = [n for n in plan.fp8 if read_only_as(reads, n, finishes)]
     plan.finishes_product = sorted({r for n in plan.hands_product for r, _ in reads[n]})
     plan.hands_rows = [
-        n for n, m in modules.items() if type(m) in ROW_WRITERS and read_only_as(n, lambda _, r, arg: r in fp8 and arg == "x")
+        n for n, m in modules.items() if type(m) in ROW_WRITERS and read_only_as(reads, n, lambda r, arg: r in fp8 and arg == "x")
     ]
     return plan
+
+
+def read_only_as(reads: dict, writer: str, accepted) -> bool:
+    """Whether `writer`'s output is read, and only by module calls that `accepted(reader, argument)`
+    (of `trace_reads`' result; the passes hand a format on only where every reader takes it)."""
+    return bool(reads.get(writer)) and all(r is not None and accepted(r, arg) for r, arg in reads[writer])
 
 
 def quantize_fp8(model: nn.Module, handoffs: bool = True) -> Fp8Plan:
