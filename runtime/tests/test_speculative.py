@@ -154,6 +154,43 @@ def test_sampled_spec_requests_run_and_seeds_repeat(llama_dir, near_twin):
         assert llm.engine.block_manager.num_free == llm.engine.block_manager.num_blocks
 
 
+def test_without_an_ngram_match_steps_are_launched_ahead_and_output_is_unchanged(llama_dir, plain):
+    """Prompt lookup speculates only while the newest tokens occur earlier: a prompt of distinct
+    tokens decodes with plain steps launched ahead (a step in flight while the host reads the one
+    before), and drafts resume once the output repeats something."""
+    llm = spec_llm(llama_dir, method="ngram", num_speculative_tokens=4)
+    prompt = random.Random(21).sample(range(2, 512), 40)  # no token twice: nothing to look up
+    launched = []
+    launch = llm.engine.runner.launch
+
+    def recording(batch, is_prefill, prev):
+        launched.append((is_prefill, prev is not None))
+        return launch(batch, is_prefill, prev)
+
+    llm.engine.runner.launch = recording
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    got = llm.generate([prompt], params)[0]
+    assert got.token_ids == plain.generate([prompt], params)[0].token_ids
+    assert (False, True) in launched, "no decode step was launched ahead of the previous one's tokens"
+    assert llm.engine.stats().spec_draft_tokens > 0, "the output's repeats were never drafted from"
+
+
+def test_the_lookup_check_skips_the_token_still_in_flight():
+    from inferd.engine.speculative import SpecDecoder
+    from inferd.engine.sequence import PENDING_TOKEN
+
+    spec = SpecDecoder(SpeculativeConfig(method="ngram", ngram_min=2, ngram_max=3), None, 4096)
+    seq = Sequence([5, 6, 7, 5, 6], SamplingParams(max_tokens=8), 16)
+    assert spec.wants([seq])  # "5 6" occurred before
+    seq.token_ids.append(PENDING_TOKEN)
+    seq.pending_row = 0
+    assert spec.wants([seq])  # still judged on what the host has
+    seq.token_ids[-1], seq.pending_row = 9, None
+    assert not spec.wants([seq])  # "6 9" never did
+    done = Sequence([5, 6, 7, 5, 6], SamplingParams(max_tokens=1), 16)
+    assert not spec.wants([done])  # no room left for a draft
+
+
 def test_requests_needing_the_plain_sampler_fall_back_to_plain_steps(llama_dir, plain):
     llm = spec_llm(llama_dir, method="ngram")
     prompt = repetitive_prompts(1, seed=6)[0]

@@ -61,6 +61,7 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self._detoks: dict[str, IncrementalDetokenizer] = {}
         self._inflight: tuple[list[Sequence], StepHandle] | None = None  # launched, tokens not read yet
+        self._speculating = self.spec is not None  # the next decode step drafts (SpecDecoder.wants)
 
     def close(self) -> None:
         """Free the runner's device memory and stop the tensor-parallel workers, if any (they also
@@ -155,12 +156,13 @@ class LLMEngine:
         each sequence's newest token is pending (the device takes it from the previous step's
         sampled tokens), and a sequence that turns out to have stopped on it computes one token
         too many, which is dropped. Requests with repetition, presence or frequency penalties
-        need every token on the host to sample, so while one runs the steps do not overlap."""
+        need every token on the host to sample, so while one runs the steps do not overlap;
+        neither do speculative steps (the drafts are made from the newest tokens)."""
         outputs: list[StepOutput] = []
         if self._inflight is not None and self._needs_host_tokens():
             outputs = self._resolve()
         batch, is_prefill = self.scheduler.schedule()
-        if self.spec is not None and batch and not is_prefill and self.spec.takes(batch):
+        if self._speculating and batch and not is_prefill and self.spec.takes(batch):
             return outputs + self._speculate(batch)
         prev = self._inflight[1] if self._inflight is not None else None
         handle = self.runner.launch(batch, is_prefill, prev) if batch else None
@@ -178,7 +180,7 @@ class LLMEngine:
     def _needs_host_tokens(self) -> bool:
         # A grammar's next mask depends on the token just sampled, as penalties do, and drafts
         # are made from the newest tokens.
-        return self.spec is not None or any(s.params.needs_penalties or s.grammar is not None for s in self.scheduler.running)
+        return self._speculating or any(s.params.needs_penalties or s.grammar is not None for s in self.scheduler.running)
 
     def _resolve(self) -> list[StepOutput]:
         """Read the step in flight's tokens into their sequences and apply the stop rules."""
@@ -201,7 +203,12 @@ class LLMEngine:
                 seq.grammar.accept(tokens[j])
             if self.sequences.get(seq.request_id) is seq:
                 outputs.append(self._check_stop(seq))
+        self._check_speculating()
         return outputs
+
+    def _check_speculating(self) -> None:
+        if self.spec is not None:
+            self._speculating = self.spec.wants(self.scheduler.running)
 
     def _speculate(self, batch: list[Sequence]) -> list[StepOutput]:
         """One speculative decode step, run to the end (engine/speculative.py): each sequence's
@@ -217,6 +224,7 @@ class LLMEngine:
                     break
             if not seq.is_finished:
                 self.block_manager.keep_verified(seq, len(seq) - 1 - seq.num_computed_tokens)
+        self._check_speculating()
         return outputs
 
     def _check_stop(self, seq: Sequence) -> StepOutput:

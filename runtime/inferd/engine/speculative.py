@@ -22,8 +22,11 @@ paged cache, one catch-up chunk then single-token steps that replay its CUDA gra
 
 Requests that need logprobs, penalties or a grammar follow the sampler one token at a time: a
 decode batch holding one of them takes a plain step (their requests are served, not refused).
-The step is synchronous (the drafts are made on the host from the newest tokens), so while
-speculation is on, plain steps do not overlap the host's work with the device's either.
+A speculative step is synchronous (the drafts are made on the host from the newest tokens). With
+prompt lookup the engine speculates only while some sequence's newest tokens occur earlier in it
+(`SpecDecoder.wants`); otherwise it takes plain steps launched ahead, as without speculation, and
+checks again each time a step's tokens reach the host (the check then lacks the one token still
+in flight: a match that begins with it is found one step later).
 """
 
 from __future__ import annotations
@@ -303,6 +306,15 @@ class SpecDecoder:
         """Whether a decode batch runs speculatively: logprobs, penalties and grammars are applied
         by the sampler token by token, so a batch holding such a request takes a plain step."""
         return all(not s.params.logprobs and not s.params.needs_penalties and s.grammar is None for s in batch)
+
+    def wants(self, seqs: list[Sequence]) -> bool:
+        """Whether the next decode step should draft: always with a draft model; with prompt
+        lookup while some sequence's last tokens occur earlier in it (a draft would be made)."""
+        if self.drafter is not None:
+            return True
+        lo, hi = self.spec.ngram_min, self.spec.ngram_max
+        known = (s.token_ids[:-1] if s.has_pending_token else s.token_ids for s in seqs if self._budget(s))
+        return any(propose_ngram(t, 1, lo, hi) for t in known)
 
     def _budget(self, seq: Sequence) -> int:
         """Drafts that fit: the step adds up to k + 1 tokens within max_tokens and the context."""
