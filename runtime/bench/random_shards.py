@@ -62,7 +62,7 @@ class RandomShardRunner(ModelRunner):
                 module = model.get_submodule(name)
                 module.__class__ = FP8_VARIANTS[type(module)]
                 if name in plan.hands_rows:
-                    module.hands_rows = True
+                    module.hands_rows = "fp8"
         self.model = model.eval()
         torch.cuda.synchronize(dev) if self.is_cuda else None
         log.info("random shard: %.2f GB on %s in %.1fs", self.weight_bytes() / 1e9, dev, time.perf_counter() - start)

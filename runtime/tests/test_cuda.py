@@ -338,7 +338,7 @@ def test_triton_qkv_rotary_matches_the_reference(heads, kv_heads, head_dim, form
 
 @pytest.mark.parametrize("n", [64, 8960, 14336])  # a tiny model, the 1.5B and the 8B shapes
 @pytest.mark.parametrize("form", ["plain", "fp8-product", "fp8-product-bias"])
-@pytest.mark.parametrize("quant", [False, True])
+@pytest.mark.parametrize("quant", [None, "fp8", "int8"])
 def test_triton_silu_and_mul_matches_the_reference(n, form, quant):
     from inferd.layers.fused import FP8, silu_and_mul
     from inferd.layers.triton_fused import silu_and_mul_triton
@@ -360,9 +360,17 @@ def test_triton_silu_and_mul_matches_the_reference(n, form, quant):
         torch.testing.assert_close(out.float().cpu(), ref.float(), atol=1e-5, rtol=1.6e-2)  # a bf16 step or less
         return
     (q, scale), (ref_q, ref_scale) = out, ref
-    assert q.dtype == FP8 and q.shape == (rows, n) and scale.shape == (rows, 1)
+    assert q.dtype == (FP8 if quant == "fp8" else torch.int8) and q.shape == (rows, n) and scale.shape == (rows, 1)
     q, scale = q.cpu(), scale.cpu()
     torch.testing.assert_close(scale, ref_scale, rtol=1.6e-2, atol=0)  # the row maxima a bf16 step apart at most
+    if quant == "int8":
+        # Dequantized within a step and a half of the two scales (a bf16 step in the input, a
+        # division within 2 ulp at a .5 tie); a row whose maximum came out the same: one code.
+        got, want = q.float() * scale, ref_q.float() * ref_scale
+        assert ((got - want).abs() <= 1.5 * torch.maximum(scale, ref_scale) + 0.02 * want.abs()).all()
+        same = (scale == ref_scale).view(-1)
+        assert (q[same].int() - ref_q[same].int()).abs().max() <= 1
+        return
     # Where a row's maximum came out the same, its elements round to fp8 alike, bar the odd one
     # whose bf16 value was one step apart (a row whose maximum moved rounds all its elements anew;
     # on the H200 about half the rows' maxima differ by a bf16 step).

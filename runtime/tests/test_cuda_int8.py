@@ -93,6 +93,10 @@ def test_engine_greedy_tokens_follow_bf16(model_dir, quantization):
     quant = LLM(str(model_dir), **small, quantization=quantization)
     linears = [m for m in quant.engine.runner.model.modules() if isinstance(m, Int8Linear)]
     assert linears and all(m.weight.dtype == torch.int8 for m in linears)
+    layer = quant.engine.runner.model.model.layers[0]
+    writers = (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp.act_fn)
+    want_rows = "int8" if quantization == "int8" else None  # W8A8: the norms and SiLU hand int8 rows
+    assert all(getattr(w, "hands_rows", None) == want_rows for w in writers)
     sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     prompts = [list(range(3, 3 + n)) for n in (5, 40, 17, 90)]
     alone = [quant.generate([p], sp)[0].token_ids for p in prompts]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from triton_interpreter import _interpreter_scalars, needs_interpreter  # noqa: F401  (autouse fixture)
+from triton_interpreter import INTERPRETER, _interpreter_scalars, needs_interpreter  # noqa: F401  (autouse fixture)
 
 from inferd import LLM, SamplingParams
 from inferd.config import EngineConfig
@@ -114,7 +114,80 @@ def test_the_pass_keeps_layers_whose_shape_int8_does_not_allow():
     assert model.ok.weight.dtype == torch.int8 and not model.ok.weight_only
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_w8a8_norms_and_silu_hand_their_projections_int8_rows_with_the_same_tokens(arch, tmp_path):
+    """W8A8's row handoffs: the norms before q/k/v and gate/up and the SiLU before down quantize
+    their own output (one kernel instead of two); the final norm (read by the float LM head) does
+    not. The arithmetic is the projection's own quantization, so the logits are unchanged."""
+    from inferd.layers.fused import QuantizedRows
+    from inferd.layers.quantize import Fp8RMSNorm, Fp8SiluAndMul
+
+    make_model(tmp_path, arch=arch, heads=4, kv_heads=2)
+    fused, alone = _llm(tmp_path, quantization="int8"), _llm(tmp_path, quantization="int8")
+    plain_model = alone.engine.runner.model
+    for m in plain_model.modules():  # the same weights, each projection quantizing its own input
+        if isinstance(m, (Fp8RMSNorm, Fp8SiluAndMul)):
+            m.hands_rows = None
+    model = fused.engine.runner.model
+    for layer in model.model.layers:
+        for writer in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp.act_fn):
+            assert isinstance(writer, (Fp8RMSNorm, Fp8SiluAndMul)) and writer.hands_rows == "int8"
+    assert not getattr(model.model.norm, "hands_rows", None)
+    rows = model.model.layers[0].input_layernorm(torch.randn(3, model.config.hidden_size))
+    assert isinstance(rows, QuantizedRows) and rows.q.dtype == torch.int8 and rows.scale.shape == (3, 1)
+
+    ids = list(range(5, 60))
+    assert torch.equal(prefill_logits(fused, ids), prefill_logits(alone, ids))
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [list(range(3, 3 + n)) for n in (5, 40)]
+    assert [o.token_ids for o in fused.generate(prompts, sp)] == [o.token_ids for o in alone.generate(prompts, sp)]
+
+
+def test_weight_only_int8_and_the_untraceable_keep_plain_norms():
+    model = nn.Module()
+    model.ok = Linear(64, 32)
+    quantize_int8(model, weight_only=True)
+    assert isinstance(model.ok, Int8Linear)  # nothing to trace: no norm changed class, no crash
+
+
 # ---- the Triton kernels, under the interpreter -------------------------------------------------------
+@needs_interpreter
+@pytest.mark.parametrize("n", [64, 40])  # a power of two, and a masked row
+def test_triton_silu_and_mul_hands_the_int8_rows_the_reference_makes(n):
+    from inferd.layers.fused import silu_and_mul
+    from inferd.layers.triton_fused import silu_and_mul_triton
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(7, 2 * n, generator=g) * 3
+    q, scale = silu_and_mul_triton(x, quant="int8")
+    want_q, want_scale = silu_and_mul(x, quant="int8")
+    assert q.dtype == torch.int8 and scale.shape == (7, 1)
+    torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
+    # Triton's division is within 2 ulp of IEEE's: a quotient at a .5 tie may round the other way.
+    assert (q.int() - want_q.int()).abs().max() <= 1 and (q != want_q).float().mean() < 0.01
+    assert q.abs().max() == 127  # each row's largest magnitude maps to the top code
+
+
+if INTERPRETER:  # a kernel's helpers resolve in its module's globals
+    import triton
+    import triton.language as tl
+
+    from inferd.layers.triton_fused import _round_half_even
+
+    @triton.jit
+    def _rounding(x_ptr, out_ptr, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(out_ptr + offs, _round_half_even(tl.load(x_ptr + offs)))
+
+
+@needs_interpreter
+def test_the_int8_rounding_breaks_ties_to_even_as_torch_round():
+    x = torch.tensor([-127.0, -2.5, -1.5, -0.5, -0.49, 0.0, 0.5, 0.51, 1.5, 2.5, 3.5, 126.5, 2.4999, -3.7, 7.5, 8.5])
+    out = torch.empty_like(x)
+    _rounding[(1,)](x, out, N=x.numel())
+    assert torch.equal(out, torch.round(x))
+
+
 @needs_interpreter
 @pytest.mark.parametrize("m", [1, 5, 17, 70])  # GEMV tiles, the middle and the large ones, all masked
 @pytest.mark.parametrize("bias", [False, True])

@@ -176,8 +176,8 @@ def test_without_an_ngram_match_steps_are_launched_ahead_and_output_is_unchanged
 
 
 def test_the_lookup_check_skips_the_token_still_in_flight():
-    from inferd.engine.speculative import SpecDecoder
     from inferd.engine.sequence import PENDING_TOKEN
+    from inferd.engine.speculative import SpecDecoder
 
     spec = SpecDecoder(SpeculativeConfig(method="ngram", ngram_min=2, ngram_max=3), None, 4096)
     seq = Sequence([5, 6, 7, 5, 6], SamplingParams(max_tokens=8), 16)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from inferd.layers.quantize import quantize_fp8, quantize_model
+from inferd.layers.quantize import quantize_model
 from inferd.loader import load_weights
 from inferd.models.config import parse_model_config
 from inferd.models.registry import model_class
@@ -138,12 +138,9 @@ def _build_twin(engine, source) -> torch.nn.Module:
     finally:
         torch.set_default_dtype(default_dtype)
     load_weights(twin, source.iter_tensors(), total_bytes=source.weight_bytes(), progress=False)
-    if engine.config.quantization == "fp8":
-        # Without handoffs: they change module classes, not tensors, and planning them traces a
-        # forward pass through the process-wide attention context the serving engine is using.
-        quantize_fp8(twin, handoffs=False)
-    elif engine.config.quantization:
-        quantize_model(twin, engine.config.quantization)  # int8 has no handoffs to plan
+    # Without handoffs: they change module classes, not tensors, and planning them traces a
+    # forward pass through the process-wide attention context the serving engine is using.
+    quantize_model(twin, engine.config.quantization, handoffs=False)
     return twin
 
 

@@ -6,7 +6,7 @@ from torch import nn
 from inferd.layers.fused import silu_and_mul
 
 
-def silu_and_mul_kernel(x, x_scale, weight_scale, bias, quant: bool):
+def silu_and_mul_kernel(x, x_scale, weight_scale, bias, quant: str | None):
     """`fused.silu_and_mul`, as the Triton kernel on CUDA."""
     if x.is_cuda:
         from inferd.layers.triton_fused import silu_and_mul_triton
@@ -19,4 +19,4 @@ class SiluAndMul(nn.Module):
     """silu(gate) * up on the fused gate_up projection's output (a Triton kernel on CUDA)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul_kernel(x, None, None, None, False)
+        return silu_and_mul_kernel(x, None, None, None, None)

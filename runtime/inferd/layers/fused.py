@@ -9,6 +9,7 @@ reference the fast path is tested against."""
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +38,26 @@ def cuda_compiled(fn):
     return wrapper
 
 
-# ---- fp8 handoffs between kernels ---------------------------------------------------------------
-# With fp8 weights a linear layer needs its input quantized per token, and its product still
-# needs the token and channel scales (and the bias). Both are elementwise passes over the
-# activations, so they can be done inside the neighbouring kernels below: each takes a product as
-# the flat (x, x_scale, weight_scale, bias) (x_scale None: x is a plain tensor) and, with `quant`,
-# hands the next layer quantized rows. Which kernel does which is decided in one place, the
-# quantization pass (quantize.py).
+# ---- quantized handoffs between kernels ---------------------------------------------------------
+# With fp8 or int8 (W8A8) weights a linear layer needs its input quantized per token, and an fp8
+# product still needs the token and channel scales (and the bias). Both are elementwise passes
+# over the activations, so they can be done inside the neighbouring kernels below: each takes a
+# product as the flat (x, x_scale, weight_scale, bias) (x_scale None: x is a plain tensor) and,
+# with `quant` ("fp8" or "int8"), hands the next layer quantized rows. Which kernel does which is
+# decided in one place, the quantization pass (quantize.py).
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+# int8 codes are symmetric, [-127, 127] (int8.py says why -128 is left out).
+INT8_MAX = 127
+# Each row format: its element type and the largest magnitude a scaled row is mapped to.
+ROW_FORMATS = {"fp8": (FP8, FP8_MAX), "int8": (torch.int8, INT8_MAX)}
+
+
+class QuantizedRows(NamedTuple):
+    """Activations quantized per token (fp8 or int8): q (M, K) and float32 scales (M, 1)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
 
 
 def finish(x: torch.Tensor, x_scale, weight_scale, bias) -> torch.Tensor:
@@ -58,15 +70,20 @@ def finish(x: torch.Tensor, x_scale, weight_scale, bias) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) activations -> fp8 (M, K) and float32 scales (M, 1), one per token."""
+def quantize(x: torch.Tensor, fmt: str = "fp8") -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) activations -> (M, K) in `fmt` and float32 scales (M, 1), one per token: fp8 e4m3
+    (the cast rounds), or int8 rounded half to even (as Triton kernels' `rint` does)."""
+    dtype, top = ROW_FORMATS[fmt]
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / top
+    scaled = xf / scale
+    if fmt == "int8":
+        scaled = torch.round(scaled)
+    return scaled.clamp(-top, top).to(dtype), scale
 
 
-def _output(h: torch.Tensor, quant: bool):
-    return quantize(h) if quant else h
+def _output(h: torch.Tensor, quant: str | None):
+    return quantize(h, quant) if quant else h
 
 
 # ---- decoder-layer kernels ----------------------------------------------------------------------
@@ -77,12 +94,14 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @cuda_compiled
-def rms_norm(x, x_scale, weight_scale, bias, weight: torch.Tensor, eps: float, quant: bool = False):
+def rms_norm(x, x_scale, weight_scale, bias, weight: torch.Tensor, eps: float, quant: str | None = None):
     return _output(_rms(finish(x, x_scale, weight_scale, bias), weight, eps), quant)
 
 
 @cuda_compiled
-def add_rms_norm(x, x_scale, weight_scale, bias, residual: torch.Tensor, weight: torch.Tensor, eps: float, quant: bool = False):
+def add_rms_norm(
+    x, x_scale, weight_scale, bias, residual: torch.Tensor, weight: torch.Tensor, eps: float, quant: str | None = None
+):
     x = finish(x, x_scale, weight_scale, bias) + residual
     return _output(_rms(x, weight, eps), quant), x
 
@@ -106,7 +125,7 @@ def qkv_rotary(
     return q.flatten(1), k.flatten(1), v.contiguous()
 
 
-def silu_and_mul(x, x_scale=None, weight_scale=None, bias=None, quant: bool = False):
+def silu_and_mul(x, x_scale=None, weight_scale=None, bias=None, quant: str | None = None):
     """silu(gate) * up from the fused gate/up product, optionally as quantized rows (the
     reference; CUDA runs triton_fused.silu_and_mul_triton)."""
     gate, up = finish(x, x_scale, weight_scale, bias).chunk(2, dim=-1)

@@ -29,9 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from inferd.layers.fused import cuda_compiled
+from inferd.layers.fused import INT8_MAX, QuantizedRows, cuda_compiled, quantize
 
-INT8_MAX = 127
 INT8_QUANTIZATIONS = ("int8", "int8_weight_only")
 # torch._int_mm's CUDA limits (cuBLASLt's int8 kernels): rows > 16, inner and output sizes % 8.
 INT_MM_MIN_ROWS = 17
@@ -68,9 +67,7 @@ def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) activations -> int8 (M, K) and float32 scales (M, 1), one per token (round half to
     even, as `torch.round` and Triton's `rint` do)."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / INT8_MAX
-    return torch.round(xf / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+    return quantize(x, "int8")
 
 
 def scale_int32(acc: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor, bias, out_dtype: torch.dtype):
@@ -82,8 +79,8 @@ def scale_int32(acc: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Te
 
 
 _quantize_rows = cuda_compiled(quantize_rows_int8)
-# cuda_compiled takes tensors only (a dtype would be a guard each call): the output dtype is the bias's
-# or the activation's, passed as a tensor.
+# cuda_compiled takes tensors only (a dtype would be a guard each call): the output dtype comes as an
+# empty tensor of it.
 _scale_int32 = cuda_compiled(lambda acc, xs, ws, bias, like: scale_int32(acc, xs, ws, bias, like.dtype))
 
 
@@ -96,17 +93,20 @@ def int8_mm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(xq, wq.t())
 
 
-def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., K) in its float dtype, wq (N, K) int8, w_scale (1, N) -> (..., N) in x's dtype."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    xq, x_scale = _quantize_rows(x2)
+def w8a8_linear(x, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype=None) -> torch.Tensor:
+    """x (..., K) in a float dtype, or (M, K) rows a fused kernel already quantized to int8
+    (`QuantizedRows`); wq (N, K) int8, w_scale (1, N) -> (..., N) in `out_dtype` (default x's)."""
+    if isinstance(x, QuantizedRows):
+        shape, (xq, x_scale) = x.q.shape, x
+    else:
+        shape, out_dtype = x.shape, out_dtype or x.dtype
+        xq, x_scale = _quantize_rows(x.reshape(-1, shape[-1]))
     if xq.is_cuda and xq.shape[0] <= TRITON_W8A8_MAX_ROWS:
         from inferd.layers.int8_kernels import w8a8_matmul
 
-        out = w8a8_matmul(xq, x_scale, wq, w_scale, bias, x2.dtype)
+        out = w8a8_matmul(xq, x_scale, wq, w_scale, bias, out_dtype)
     else:
-        out = _scale_int32(int8_mm(xq, wq), x_scale, w_scale, bias, x2)
+        out = _scale_int32(int8_mm(xq, wq), x_scale, w_scale, bias, w_scale.new_empty(0, dtype=out_dtype))
     return out.view(*shape[:-1], wq.shape[0])
 
 
@@ -140,10 +140,13 @@ class Int8Linear(torch.nn.Module):
         bias = linear.bias
         self.bias = None if bias is None else torch.nn.Parameter(bias.data, requires_grad=False)
         self.weight_only = weight_only
+        self.out_dtype = linear.weight.dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        linear = w8a16_linear if self.weight_only else w8a8_linear
-        return linear(x, self.weight, self.weight_scale, self.bias)
+    def forward(self, x) -> torch.Tensor:
+        """x: activations, or (W8A8) rows the preceding norm or SiLU already quantized."""
+        if self.weight_only:
+            return w8a16_linear(x, self.weight, self.weight_scale, self.bias)
+        return w8a8_linear(x, self.weight, self.weight_scale, self.bias, self.out_dtype)
 
     def extra_repr(self) -> str:
         n, k = self.weight.shape

@@ -20,18 +20,11 @@ from typing import NamedTuple
 
 import torch
 
-from inferd.layers.fused import FP8, FP8_MAX, cuda_compiled, finish, quantize
+from inferd.layers.fused import FP8, FP8_MAX, QuantizedRows, cuda_compiled, finish, quantize
 from inferd.layers.int8 import INT8_QUANTIZATIONS, check_int8_supported
 
 ROWWISE_MIN_ROWS = 512  # from this many tokens on, row-wise scales in the GEMM's epilogue
 _ONE: dict[torch.device, torch.Tensor] = {}
-
-
-class QuantizedRows(NamedTuple):
-    """Activations quantized to fp8 per token: q (M, K) and float32 scales (M, 1)."""
-
-    q: torch.Tensor
-    scale: torch.Tensor
 
 
 class UnscaledProduct(NamedTuple):
@@ -72,7 +65,7 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.contiguous()
 
 
-quantize_rows = cuda_compiled(quantize)
+quantize_rows = cuda_compiled(quantize)  # fp8 (the default format)
 scale_product = cuda_compiled(finish)
 
 

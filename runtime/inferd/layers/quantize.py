@@ -75,13 +75,14 @@ class Fp8Linear(nn.Module):
 
 # The variants below add no state but a flag: a loaded module becomes one by taking its class, and
 # keeps its parameters and buffers. Each reads an `UnscaledProduct` where the plain module reads
-# its input; `hands_rows`: its output leaves as `QuantizedRows`.
-def _rows(out, quantized: bool):
+# its input; `hands_rows` ("fp8" or "int8"): its output leaves as `QuantizedRows` of that format
+# (the int8 pass uses the norm and SiLU variants for its row handoffs alone).
+def _rows(out, quantized: str | None):
     return QuantizedRows(*out) if quantized else out
 
 
 class Fp8RMSNorm(RMSNorm):
-    hands_rows = False
+    hands_rows: str | None = None
 
     def forward(self, x, residual: torch.Tensor | None = None):
         if residual is None:
@@ -91,7 +92,7 @@ class Fp8RMSNorm(RMSNorm):
 
 
 class Fp8SiluAndMul(SiluAndMul):
-    hands_rows = False
+    hands_rows: str | None = None
 
     def forward(self, x):
         return _rows(silu_and_mul_kernel(*unpack(x), self.hands_rows), self.hands_rows)
@@ -234,10 +235,18 @@ def plan_fp8(model: nn.Module, handoffs: bool = True) -> Fp8Plan:
 
     plan.hands_product = [n for n in plan.fp8 if read_only_as(reads, n, finishes)]
     plan.finishes_product = sorted({r for n in plan.hands_product for r, _ in reads[n]})
-    plan.hands_rows = [
-        n for n, m in modules.items() if type(m) in ROW_WRITERS and read_only_as(reads, n, lambda r, arg: r in fp8 and arg == "x")
-    ]
+    plan.hands_rows = row_writers(modules, reads, fp8)
     return plan
+
+
+def row_writers(modules: dict[str, nn.Module], reads: dict, quantized: set[str]) -> list[str]:
+    """The norms and SiLU-and-multiplies whose every reader is one of the `quantized` linear
+    layers (their input `x`): they can hand those layers quantized rows."""
+
+    def takes_rows(reader: str, argument: str) -> bool:
+        return reader in quantized and argument == "x"
+
+    return [n for n, m in modules.items() if type(m) in ROW_WRITERS and read_only_as(reads, n, takes_rows)]
 
 
 def read_only_as(reads: dict, writer: str, accepted) -> bool:
@@ -262,7 +271,7 @@ def quantize_fp8(model: nn.Module, handoffs: bool = True) -> Fp8Plan:
         module = model.get_submodule(name)
         module.__class__ = FP8_VARIANTS[type(module)]
         if name in plan.hands_rows:
-            module.hands_rows = True
+            module.hands_rows = "fp8"
     log.info(
         "fp8 weights: %d of %d linear layers (%d kept in %s: shape not divisible by 16); handoffs: %d products, %d row writers",
         len(plan.fp8),
@@ -467,36 +476,45 @@ def quantize_fp8_blocks(model: nn.Module, linears: bool = True) -> int:
 
 
 # ---- int8 (W8A8, or weights only) ------------------------------------------------------------------
-def quantize_int8(model: nn.Module, weight_only: bool = False) -> list[str]:
+def quantize_int8(model: nn.Module, weight_only: bool = False, handoffs: bool = True) -> list[str]:
     """Swap every `Linear` whose shape int8 allows (int8.py) for an `Int8Linear`; the others keep
-    the model's dtype. No handoffs between kernels as fp8 has: each layer quantizes its own input
-    (a per-token pass compiled into one kernel). Returns the names of the swapped layers."""
-    swapped, kept = [], []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, Linear):
-            continue
-        out_features, in_features = module.weight.shape
-        if not can_quantize_int8(in_features, out_features):
-            kept.append(name)
-            continue
-        _replace(model, name, Int8Linear(module, weight_only))
-        module.weight = None  # freed now, layer by layer, as in quantize_fp8
-        swapped.append(name)
+    the model's dtype. W8A8 (with `handoffs`): a norm or SiLU-and-multiply whose every reader is
+    such a layer quantizes its output rows in its own kernel (fp8's row handoffs, traced the same
+    way); the other layers quantize their input themselves. Returns the names of the swapped layers."""
+    modules = dict(model.named_modules())
+    swapped = [n for n, m in modules.items() if isinstance(m, Linear) and can_quantize_int8(m.weight.shape[1], m.weight.shape[0])]
+    kept = sum(isinstance(m, Linear) for m in modules.values()) - len(swapped)
+    writers = []
+    if handoffs and not weight_only and swapped:
+        try:
+            writers = row_writers(modules, trace_reads(model), set(swapped))
+        except Exception as e:  # the model's code, on the meta device: anything may fail there
+            log.warning("int8: the model could not be traced on the meta device (%s): no row handoffs", e)
+    for name in swapped:
+        linear = modules[name]
+        _replace(model, name, Int8Linear(linear, weight_only))
+        linear.weight = None  # freed now, layer by layer, as in quantize_fp8
+    for name in writers:
+        module = modules[name]
+        module.__class__ = FP8_VARIANTS[type(module)]
+        module.hands_rows = "int8"
     log.info(
-        "int8 weights (%s): %d of %d linear layers (%d kept: shape not divisible by 8)",
+        "int8 weights (%s): %d of %d linear layers (%d kept: shape not divisible by 8); %d row handoffs",
         "W8A16" if weight_only else "W8A8",
         len(swapped),
-        len(swapped) + len(kept),
-        len(kept),
+        len(swapped) + kept,
+        kept,
+        len(writers),
     )
     return swapped
 
 
-def quantize_model(model: nn.Module, quantization: str | None) -> None:
-    """The quantization pass EngineConfig.quantization names, on a built and loaded model."""
+def quantize_model(model: nn.Module, quantization: str | None, handoffs: bool = True) -> None:
+    """The quantization pass EngineConfig.quantization names, on a built and loaded model;
+    `handoffs=False`: weights alone, no module changes class (a weight swap's twin)."""
     if quantization == "fp8":
-        quantize_fp8(model)
+        quantize_fp8(model, handoffs)
     elif quantization in INT8_QUANTIZATIONS:
-        quantize_int8(model, weight_only=quantization == "int8_weight_only")
+        quantize_int8(model, weight_only=quantization == "int8_weight_only", handoffs=handoffs)
     elif quantization is not None:
         raise ValueError(f"unknown quantization {quantization!r}")

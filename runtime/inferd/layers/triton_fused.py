@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from inferd.layers.fused import FP8, FP8_MAX
+from inferd.layers.fused import ROW_FORMATS
 from inferd.layers.gemv import pdl, pdl_enter
 
 
@@ -179,6 +179,16 @@ def qkv_rotary_triton(positions, x, x_scale, weight_scale, bias, cos_sin, head_d
 
 
 @triton.jit
+def _round_half_even(x):
+    """torch.round's rounding (ties to even) from floor alone, exact in float32 for the int8 range
+    (libdevice's rint has no Triton-interpreter twin for the CPU tests)."""
+    r = tl.floor(x)
+    d = x - r
+    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), r + 1.0, r)
+
+
+@triton.jit
 def _silu_and_mul_kernel(
     x_ptr,
     xs_ptr,
@@ -193,9 +203,11 @@ def _silu_and_mul_kernel(
     SCALED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     QUANT: tl.constexpr,
-    FP8_MAX: tl.constexpr,
+    INT8: tl.constexpr,
+    QMAX: tl.constexpr,
 ):
-    """One row: silu(gate) * up from the fused gate/up product ([gate | up], 2N wide)."""
+    """One row: silu(gate) * up from the fused gate/up product ([gate | up], 2N wide); with QUANT
+    the row quantized (fp8, or int8 with INT8) with its scale (largest magnitude / QMAX)."""
     t = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -211,10 +223,13 @@ def _silu_and_mul_kernel(
     h = (act.to(tl.float32) * u).to(dtype).to(tl.float32)
     out = out_ptr + t.to(tl.int64) * stride_out + offs
     if QUANT:
-        scale = tl.maximum(tl.max(tl.where(mask, tl.abs(h), 0.0), 0), 1e-12) / FP8_MAX
+        scale = tl.maximum(tl.max(tl.where(mask, tl.abs(h), 0.0), 0), 1e-12) / QMAX
         # Triton's "/" (div.full.f32, within 2 ulp) as in torch.compile's quantize kernels, not
         # an IEEE div_rn.
-        q = tl.minimum(tl.maximum(h / scale, -FP8_MAX), FP8_MAX)
+        q = h / scale
+        if INT8:
+            q = _round_half_even(q)
+        q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
         tl.store(out, q.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(out_scale_ptr + t, scale)
     else:
@@ -229,11 +244,13 @@ def _silu_warps(rows: int, block: int) -> int:
     return 4 if rows >= 512 else max(1, min(32, block // 512))
 
 
-def silu_and_mul_triton(x, x_scale=None, weight_scale=None, bias=None, quant: bool = False, num_warps: int | None = None):
-    """Same contract as `fused.silu_and_mul`: (M, 2N) -> (M, N), or with `quant` the fp8 rows
-    and their float32 scales (M, 1). `num_warps` overrides the launch (benchmarks sweep it)."""
+def silu_and_mul_triton(x, x_scale=None, weight_scale=None, bias=None, quant: str | None = None, num_warps: int | None = None):
+    """Same contract as `fused.silu_and_mul`: (M, 2N) -> (M, N), or with `quant` ("fp8", "int8")
+    the quantized rows and their float32 scales (M, 1). `num_warps` overrides the launch
+    (benchmarks sweep it)."""
     rows, n = x.shape[0], x.shape[1] // 2
-    out = torch.empty(rows, n, device=x.device, dtype=FP8 if quant else x.dtype)
+    qdtype, qmax = ROW_FORMATS[quant] if quant else (x.dtype, 1.0)
+    out = torch.empty(rows, n, device=x.device, dtype=qdtype)
     scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32) if quant else out
     if rows:
         assert x.stride(1) == 1
@@ -250,8 +267,9 @@ def silu_and_mul_triton(x, x_scale=None, weight_scale=None, bias=None, quant: bo
             BLOCK=block,
             SCALED=scaled,
             HAS_BIAS=has_bias,
-            QUANT=quant,
-            FP8_MAX=FP8_MAX,
+            QUANT=bool(quant),
+            INT8=quant == "int8",
+            QMAX=qmax,
             num_warps=num_warps or _silu_warps(rows, block),
         )
     return (out, scale) if quant else out
