@@ -104,6 +104,7 @@ def force_acceptance(engine: LLMEngine, counts: dict, oracle: list[int]) -> None
         return [d + [at(s.num_output_tokens + len(d))] for s, d in zip(seqs, drafts)]
 
     spec._draft = draft
+    spec.wants = lambda seqs: True  # every step drafts (prompt lookup would skip steps without a match)
     speculative.verify = verify
 
 
