@@ -9,7 +9,11 @@ with probability min(1, p(d) / q(d)); on rejection the token is drawn from norm(
 the step ends there; when all are accepted, a bonus token is drawn from p at the last position.
 Prompt lookup drafts deterministically (q is a point mass on d): accept with probability p(d), or
 draw from p with d removed. Greedy requests accept a draft when it is the target's argmax, so
-their output is the plain decoder's token for token.
+their output is the plain decoder's token for token wherever the verify pass computes the logits
+a plain step computes: on the CPU, and on the GPU up to rounding. There a verify pass's k + 1 rows
+run the multi-row kernels while a plain step at batch 1 runs the GEMV kernels (layers/gemv.py),
+and the two round bf16 differently: where the best two logits are that close, the token can
+differ (measured on the H200: bench/spec_exactness.py, BENCHMARKS.md).
 
 The paged cache is rolled back on rejection: the verify pass writes K/V for every draft, but only
 the accepted ones are counted as computed (and only blocks full of verified tokens get their
