@@ -153,7 +153,7 @@ def build(args, target_dir: Path, draft_dir: Path, method: str | None) -> LLMEng
         max_model_len=args.text_tokens + args.new_tokens + 64,
         num_kv_blocks=(args.text_tokens + args.new_tokens + 64) // 16 * 2 + 8,
         speculative=spec,
-        enforce_eager=getattr(args, "enforce_eager", False),
+        fused_gemv=getattr(args, "fused_gemv", True),
     )
     return LLMEngine(config, weights=iter(()), runner_cls=RandomShardRunner)
 

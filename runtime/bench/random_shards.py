@@ -63,6 +63,8 @@ class RandomShardRunner(ModelRunner):
                 module.__class__ = FP8_VARIANTS[type(module)]
                 if name in plan.hands_rows:
                     module.hands_rows = "fp8"
-        self.model = model.eval()
+        self.model = model
+        self._fuse_for_batch_one()  # as the engine's own loading does (the GEMV kernels at one row)
+        self.model.eval()
         torch.cuda.synchronize(dev) if self.is_cuda else None
         log.info("random shard: %.2f GB on %s in %.1fs", self.weight_bytes() / 1e9, dev, time.perf_counter() - start)

@@ -146,6 +146,19 @@ class ModelRunner:
         elif getattr(self.model, "weight_block_size", None) and self.is_cuda:
             if torch.cuda.get_device_capability(self.device) >= (8, 9):  # fp8 tensor cores: Ada, Hopper
                 quantize_fp8_blocks(self.model)  # an fp8 block checkpoint computes as fp8 blocks
+        self._fuse_for_batch_one()
+        self.model.eval()
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        gb = self.weight_bytes() / 1e9
+        log.info(
+            "model %s loaded: %.2f GB of weights in %.1fs (%.2f GB/s)", self.config.model, gb, seconds, gb / max(seconds, 1e-9)
+        )
+
+    def _fuse_for_batch_one(self) -> None:
+        """The batch-1 GEMV pass on the loaded (and quantized) model, where it applies; sets the
+        process's programmatic-dependent-launch flag either way."""
         # Llama and Qwen2 (the distills), whose GPU tests ran with it; DeepSeek-V2/V3 keep the plain
         # kernels until test_cuda_deepseek.py has run with the pass.
         fused = (
@@ -164,14 +177,6 @@ class ModelRunner:
             # One flag per process: the runner built last decides (engines in one process are built
             # with one setting, except in the benchmarks' comparisons, which build one at a time).
             set_pdl(fused and pdl_supported(self.device))
-        self.model.eval()
-        if self.is_cuda:
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
-        gb = self.weight_bytes() / 1e9
-        log.info(
-            "model %s loaded: %.2f GB of weights in %.1fs (%.2f GB/s)", self.config.model, gb, seconds, gb / max(seconds, 1e-9)
-        )
 
     def weight_bytes(self) -> int:
         scales = [b for name, b in self.model.named_buffers() if name.endswith(("weight_scale", "w13_scale", "w2_scale"))]
