@@ -143,6 +143,27 @@ def test_w8a8_norms_and_silu_hand_their_projections_int8_rows_with_the_same_toke
     assert [o.token_ids for o in fused.generate(prompts, sp)] == [o.token_ids for o in alone.generate(prompts, sp)]
 
 
+def test_w8a8_on_a_dense_deepseek_model_hands_rows_to_mla_whose_code_reads_their_shape(tmp_path):
+    """MLA reads its input's shape (the token count) besides projecting it: the input norm still
+    hands int8 rows on (the trace ignores metadata reads), and the rows answer `.shape`."""
+    from test_deepseek import VARIANTS, make_deepseek
+
+    from inferd.layers.quantize import Fp8RMSNorm
+
+    make_deepseek(tmp_path, "v2", **(VARIANTS["v2-lite-greedy-yarn"][1] | {"first_k_dense_replace": 3}))
+    quant, alone = _llm(tmp_path, quantization="int8"), _llm(tmp_path, quantization="int8")
+    norm = quant.engine.runner.model.model.layers[0].input_layernorm
+    assert isinstance(norm, Fp8RMSNorm) and norm.hands_rows == "int8"
+    for m in alone.engine.runner.model.modules():
+        if getattr(m, "hands_rows", None):
+            m.hands_rows = None
+    ids = list(range(3, 40))
+    assert torch.equal(prefill_logits(quant, ids), prefill_logits(alone, ids))
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    out = quant.generate([list(range(3, 20)), list(range(5, 9))], sp)
+    assert [o.token_ids for o in out] == [o.token_ids for o in alone.generate([list(range(3, 20)), list(range(5, 9))], sp)]
+
+
 def test_weight_only_int8_and_the_untraceable_keep_plain_norms():
     model = nn.Module()
     model.ok = Linear(64, 32)

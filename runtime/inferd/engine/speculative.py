@@ -316,9 +316,10 @@ class SpecDecoder:
         lookup while some sequence's last tokens occur earlier in it (a draft would be made)."""
         if self.drafter is not None:
             return True
-        lo, hi = self.spec.ngram_min, self.spec.ngram_max
+        # A longer n-gram occurring earlier means its last ngram_min tokens do: one length to look for.
+        n = self.spec.ngram_min
         known = (s.token_ids[:-1] if s.has_pending_token else s.token_ids for s in seqs if self._budget(s))
-        return any(propose_ngram(t, 1, lo, hi) for t in known)
+        return any(propose_ngram(t, 1, n, n) for t in known)
 
     def _budget(self, seq: Sequence) -> int:
         """Drafts that fit: the step adds up to k + 1 tokens within max_tokens and the context."""

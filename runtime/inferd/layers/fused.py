@@ -59,6 +59,12 @@ class QuantizedRows(NamedTuple):
     q: torch.Tensor
     scale: torch.Tensor
 
+    @property
+    def shape(self) -> torch.Size:
+        """The activations' shape: model code may read it (the passes' trace lets a module hand
+        quantized rows on where other code reads only its output's metadata)."""
+        return self.q.shape
+
 
 def finish(x: torch.Tensor, x_scale, weight_scale, bias) -> torch.Tensor:
     """The layer output itself: scales and bias applied in float32, rounded to the product's dtype."""

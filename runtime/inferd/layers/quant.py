@@ -36,6 +36,11 @@ class UnscaledProduct(NamedTuple):
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
 
+    @property
+    def shape(self) -> torch.Size:
+        """The layer output's shape (model code may read it, as `QuantizedRows.shape`)."""
+        return self.product.shape
+
 
 def unpack(x) -> tuple:
     """A layer output as the flat (value, x_scale, weight_scale, bias) the fused kernels take."""
