@@ -114,6 +114,22 @@ def test_the_pass_keeps_layers_whose_shape_int8_does_not_allow():
     assert model.ok.weight.dtype == torch.int8 and not model.ok.weight_only
 
 
+def _w8a8_with_and_without_handoffs(path):
+    """Two W8A8 engines on the same weights: as built (row handoffs), and with every handoff
+    taken out again (each projection quantizing its own input)."""
+    fused, alone = _llm(path, quantization="int8"), _llm(path, quantization="int8")
+    for m in alone.engine.runner.model.modules():
+        if getattr(m, "hands_rows", None):
+            m.hands_rows = None
+    return fused, alone
+
+
+def _assert_same_logits_and_tokens(a, b, ids: list[int], prompts: list[list[int]], max_tokens: int) -> None:
+    assert torch.equal(prefill_logits(a, ids), prefill_logits(b, ids))
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in a.generate(prompts, sp)] == [o.token_ids for o in b.generate(prompts, sp)]
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_w8a8_norms_and_silu_hand_their_projections_int8_rows_with_the_same_tokens(arch, tmp_path):
     """W8A8's row handoffs: the norms before q/k/v and gate/up and the SiLU before down quantize
@@ -123,11 +139,7 @@ def test_w8a8_norms_and_silu_hand_their_projections_int8_rows_with_the_same_toke
     from inferd.layers.quantize import Fp8RMSNorm, Fp8SiluAndMul
 
     make_model(tmp_path, arch=arch, heads=4, kv_heads=2)
-    fused, alone = _llm(tmp_path, quantization="int8"), _llm(tmp_path, quantization="int8")
-    plain_model = alone.engine.runner.model
-    for m in plain_model.modules():  # the same weights, each projection quantizing its own input
-        if isinstance(m, (Fp8RMSNorm, Fp8SiluAndMul)):
-            m.hands_rows = None
+    fused, alone = _w8a8_with_and_without_handoffs(tmp_path)
     model = fused.engine.runner.model
     for layer in model.model.layers:
         for writer in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp.act_fn):
@@ -136,11 +148,7 @@ def test_w8a8_norms_and_silu_hand_their_projections_int8_rows_with_the_same_toke
     rows = model.model.layers[0].input_layernorm(torch.randn(3, model.config.hidden_size))
     assert isinstance(rows, QuantizedRows) and rows.q.dtype == torch.int8 and rows.scale.shape == (3, 1)
 
-    ids = list(range(5, 60))
-    assert torch.equal(prefill_logits(fused, ids), prefill_logits(alone, ids))
-    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    prompts = [list(range(3, 3 + n)) for n in (5, 40)]
-    assert [o.token_ids for o in fused.generate(prompts, sp)] == [o.token_ids for o in alone.generate(prompts, sp)]
+    _assert_same_logits_and_tokens(fused, alone, list(range(5, 60)), [list(range(3, 3 + n)) for n in (5, 40)], 12)
 
 
 def test_w8a8_on_a_dense_deepseek_model_hands_rows_to_mla_whose_code_reads_their_shape(tmp_path):
@@ -151,17 +159,10 @@ def test_w8a8_on_a_dense_deepseek_model_hands_rows_to_mla_whose_code_reads_their
     from inferd.layers.quantize import Fp8RMSNorm
 
     make_deepseek(tmp_path, "v2", **(VARIANTS["v2-lite-greedy-yarn"][1] | {"first_k_dense_replace": 3}))
-    quant, alone = _llm(tmp_path, quantization="int8"), _llm(tmp_path, quantization="int8")
+    quant, alone = _w8a8_with_and_without_handoffs(tmp_path)
     norm = quant.engine.runner.model.model.layers[0].input_layernorm
     assert isinstance(norm, Fp8RMSNorm) and norm.hands_rows == "int8"
-    for m in alone.engine.runner.model.modules():
-        if getattr(m, "hands_rows", None):
-            m.hands_rows = None
-    ids = list(range(3, 40))
-    assert torch.equal(prefill_logits(quant, ids), prefill_logits(alone, ids))
-    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    out = quant.generate([list(range(3, 20)), list(range(5, 9))], sp)
-    assert [o.token_ids for o in out] == [o.token_ids for o in alone.generate([list(range(3, 20)), list(range(5, 9))], sp)]
+    _assert_same_logits_and_tokens(quant, alone, list(range(3, 40)), [list(range(3, 20)), list(range(5, 9))], 8)
 
 
 def test_weight_only_int8_and_the_untraceable_keep_plain_norms():
