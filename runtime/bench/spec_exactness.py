@@ -17,8 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import SHAPES  # noqa: E402
 from bench_spec import build, edit_prompt, write_config  # noqa: E402
@@ -26,6 +24,7 @@ from bench_spec import build, edit_prompt, write_config  # noqa: E402
 from inferd import SamplingParams  # noqa: E402
 from inferd.engine import speculative  # noqa: E402
 from inferd.engine.speculative import Chunk  # noqa: E402
+from inferd.testing import compare_verify_rows  # noqa: E402
 
 
 def plain_output(args, target: Path, prompt: list[int]) -> list[int]:
@@ -46,36 +45,72 @@ def compare_rows(args, target: Path, prompt: list[int], oracle: list[int], gemv:
     `gemv`: the engine's batch-1 GEMV kernels where they apply (CUDA, bf16), else cuBLAS alone."""
     args.fused_gemv = gemv
     engine = build(args, target, target, "ngram")
+    try:
+        stats = compare_verify_rows(engine, prompt, oracle, args.steps * (args.k + 1))
+        stats["verify_graphs"] = sorted(engine.runner.verify_graphs)
+        return stats
+    finally:
+        engine.close()
+
+
+def time_passes(args, target: Path, prompt: list[int], oracle: list[int], repeats: int = 50) -> dict:
+    """Milliseconds (host to host, the graphs replayed) of one 1-row decode step and of a verify
+    pass of k + 1 rows of one sequence, its rows computed as one (the verify graphs) and as a
+    plain decode batch (the padded batch graph), at the position the first verify pass reaches."""
+    import time
+
+    args.fused_gemv = True
+    engine = build(args, target, target, "ngram")
     runner, spec = engine.runner, engine.spec
-    stats = {"rows": 0, "bitwise_equal": 0, "argmax_differs": 0, "max_abs_diff": 0.0, "max_logit": 0.0}
+    times = {}
     real_verify = speculative.verify
 
-    def draft(batch, ks, sampler):
-        return [[oracle[min(s.num_output_tokens + j, len(oracle) - 1)] for j in range(k)] for s, k in zip(batch, ks)], None
-
     def verify(logits, seqs, drafts, qs, sampler):
-        for s, d in zip(seqs, drafts):
+        if not times:
+            s, d = seqs[0], drafts[0]
             tokens = s.token_ids + d
-            for j in range(len(d) + 1):
-                one = runner.step_logits([Chunk(tokens[: len(s) + j], s.block_table, len(s) + j - 1, 1)], is_prefill=False)[0]
-                row = logits[j].to(one.dtype)
-                stats["rows"] += 1
-                stats["bitwise_equal"] += int(torch.equal(one, row))
-                stats["argmax_differs"] += int(one.argmax().item() != row.argmax().item())
-                stats["max_abs_diff"] = max(stats["max_abs_diff"], (one.float() - row.float()).abs().max().item())
-                stats["max_logit"] = max(stats["max_logit"], one.float().abs().max().item())
+            rows = [Chunk(tokens[: len(s) + j], s.block_table, len(s) + j - 1, 1) for j in range(len(d) + 1)]
+            passes = (("step_1_row", rows[:1], False), ("verify_as_one", rows, True), ("verify_batch", rows, False))
+            for name, views, as_one in passes:
+                runner.step_logits(views, is_prefill=False, as_one=as_one)
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    runner.step_logits(views, is_prefill=False, as_one=as_one)
+                times[name + "_ms"] = (time.perf_counter() - start) / repeats * 1e3
+            times["rows"] = len(rows)
         return real_verify(logits, seqs, drafts, qs, sampler)
 
-    spec._draft, spec.wants = draft, (lambda seqs: True)
+    def draft(batch, ks, sampler):
+        return [[oracle[min(b.num_output_tokens + j, len(oracle) - 1)] for j in range(k)] for b, k in zip(batch, ks)], None
+
+    spec._draft = draft
+    spec.wants = lambda seqs: True
     speculative.verify = verify
     try:
-        engine.add_request(prompt, SamplingParams(max_tokens=args.steps * (args.k + 1), temperature=0.0, ignore_eos=True))
+        engine.add_request(prompt, SamplingParams(max_tokens=2 * (args.k + 1), temperature=0.0, ignore_eos=True))
         while engine.has_unfinished_requests():
             engine.step()
     finally:
         speculative.verify = real_verify
         engine.close()
-    return stats
+    return times
+
+
+def spec_output(args, target: Path, prompt: list[int]) -> tuple[list[int], float]:
+    """Greedy output of the engine with prompt lookup as it runs (drafting while a match is found)
+    and its acceptance rate."""
+    args.fused_gemv = True
+    engine = build(args, target, target, "ngram")
+    try:
+        engine.add_request(prompt, SamplingParams(max_tokens=args.steps * (args.k + 1), temperature=0.0, ignore_eos=True))
+        done = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                done = out if out.finished else done
+        stats = engine.stats()
+        return done.token_ids, stats.spec_accepted_tokens / max(1, stats.spec_draft_tokens)
+    finally:
+        engine.close()
 
 
 def main() -> int:
@@ -98,6 +133,12 @@ def main() -> int:
         result["plain_first_difference"] = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), None)
         result["gemv_kernels"] = compare_rows(args, target, prompt, first, gemv=True)
         result["plain_kernels"] = compare_rows(args, target, prompt, first, gemv=False)
+        output, acceptance = spec_output(args, target, prompt)
+        result["prompt_lookup_output_equals_plain"] = output == first
+        result["prompt_lookup_first_difference"] = next((i for i, (a, b) in enumerate(zip(first, output)) if a != b), None)
+        result["prompt_lookup_acceptance"] = acceptance
+        if args.device == "cuda":
+            result["timing"] = time_passes(args, target, prompt, first)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -114,3 +114,47 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
         pad_token_id=None,
     )
     return out[0, len(ids) :].tolist()
+
+
+def compare_verify_rows(engine, prompt: list[int], oracle: list[int], max_tokens: int) -> dict:
+    """Speculative decoding's verify passes against plain decoding, row by row: greedy `prompt`
+    for `max_tokens` in an engine with speculation, every step drafting the next tokens of
+    `oracle` (a plain greedy output of the prompt, so drafts are mostly accepted and the passes
+    cover its positions). Each verify row's logits are compared with those of the 1-row decode
+    step plain decoding takes at the same position, in the same cache. Returns counts: rows,
+    bitwise_equal, argmax_differs, and max_abs_diff / max_logit."""
+    from inferd import SamplingParams
+    from inferd.engine import speculative
+    from inferd.engine.speculative import Chunk
+
+    runner, spec = engine.runner, engine.spec
+    stats = {"rows": 0, "bitwise_equal": 0, "argmax_differs": 0, "max_abs_diff": 0.0, "max_logit": 0.0}
+    real_verify = speculative.verify
+
+    def draft(batch, ks, sampler):
+        return [[oracle[min(s.num_output_tokens + j, len(oracle) - 1)] for j in range(k)] for s, k in zip(batch, ks)], None
+
+    def verify(logits, seqs, drafts, qs, sampler):
+        for s, d in zip(seqs, drafts):
+            tokens = s.token_ids + d
+            for j in range(len(d) + 1):
+                one = runner.step_logits([Chunk(tokens[: len(s) + j], s.block_table, len(s) + j - 1, 1)], is_prefill=False)[0]
+                row = logits[j].to(one.dtype)
+                stats["rows"] += 1
+                stats["bitwise_equal"] += int(torch.equal(one, row))
+                stats["argmax_differs"] += int(one.argmax().item() != row.argmax().item())
+                stats["max_abs_diff"] = max(stats["max_abs_diff"], (one.float() - row.float()).abs().max().item())
+                stats["max_logit"] = max(stats["max_logit"], one.float().abs().max().item())
+        return real_verify(logits, seqs, drafts, qs, sampler)
+
+    real_draft, real_wants = spec._draft, spec.wants
+    spec._draft, spec.wants = draft, (lambda seqs: True)
+    speculative.verify = verify
+    try:
+        engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        speculative.verify = real_verify
+        spec._draft, spec.wants = real_draft, real_wants
+    return stats

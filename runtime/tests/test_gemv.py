@@ -21,6 +21,7 @@ from inferd.layers.gemv_fusion import (
     ActivatedSiluAndMul,
     DeferredRMSNorm,
     GemvLinear,
+    GemvLMHead,
     PendingNorm,
     fuse_gemv,
     plan_gemv,
@@ -47,6 +48,7 @@ def test_the_pass_fuses_both_norms_and_the_silu_of_every_layer_and_nothing_else(
         f"model.layers.{i}.{n}" for i in layers for n in ("input_layernorm", "post_attention_layernorm")
     )  # the final norm feeds the LM head, which the runner calls: it stays a norm
     assert plan.silu_epilogues == [f"model.layers.{i}.mlp.gate_up_proj" for i in layers]
+    assert plan.heads == ["lm_head"]
     assert sorted(plan.linears) == sorted(
         f"model.layers.{i}.{m}"
         for i in layers
@@ -58,6 +60,7 @@ def test_the_pass_fuses_both_norms_and_the_silu_of_every_layer_and_nothing_else(
     assert isinstance(layer.self_attn.qkv_proj, GemvLinear) and isinstance(layer.self_attn.qkv_proj, MergedLinear)
     assert layer.mlp.gate_up_proj.silu_epilogue and not layer.mlp.down_proj.silu_epilogue
     assert type(layer.mlp.act_fn) is ActivatedSiluAndMul
+    assert type(model.lm_head) is GemvLMHead
     # The classes keep their loaders: an in-place weight swap loads q, k and v through them.
     w = torch.randn_like(layer.self_attn.qkv_proj.weight[: layer.self_attn.q_size])
     layer.self_attn.qkv_proj.weight.weight_loader(layer.self_attn.qkv_proj.weight, w, "q")
@@ -137,11 +140,43 @@ def test_the_gemv_kernel_computes_norm_product_bias_and_silu(n, k, bias, prologu
 
 
 @needs_interpreter
-def test_the_gemv_kernel_refuses_more_than_one_row():
+@pytest.mark.parametrize("prologue", [None, "add_norm"])
+@pytest.mark.parametrize("silu", [False, True])
+def test_the_gemv_kernel_computes_each_of_several_rows_as_a_one_row_call(prologue, silu):
+    """Rows computed as one (a verify pass): row r of a call over R rows is what the 1-row call on
+    row r gives, and each row's x + residual is written for it. The input rows are strided."""
     from inferd.layers.gemv import gemv
 
-    with pytest.raises(ValueError, match="one contiguous row"):
-        gemv(torch.zeros(2, 8), torch.zeros(4, 8))
+    g = torch.Generator().manual_seed(3)
+    n, k, rows = 24, 80, 5
+    x = torch.randn(rows, 2 * k, generator=g)[:, :k]  # a row stride of 2k
+    w = torch.randn(2 * n if silu else n, k, generator=g) / k**0.5
+    b = torch.randn(w.shape[0], generator=g)
+    res = torch.randn(rows, k, generator=g) if prologue else None
+    nw = torch.randn(k, generator=g)
+
+    def call(xs, rs):
+        out = torch.full_like(xs, float("nan")) if rs is not None else None
+        norm = (rs, nw, 1e-6, out) if prologue else None
+        return gemv(xs, w, b, norm=norm, silu=silu, use_pdl=False), out
+
+    got, got_res = call(x, res)
+    assert got.shape == (rows, n)
+    for r in range(rows):
+        one, one_res = call(x[r : r + 1], res[r : r + 1] if prologue else None)
+        assert torch.equal(got[r : r + 1], one), f"row {r}"
+        if prologue:
+            assert torch.equal(got_res[r : r + 1], one_res)
+    want = plain_path(x, w, b, None if prologue is None else (res, nw, 1e-6, None), silu)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_interpreter
+def test_the_gemv_kernel_refuses_a_strided_row():
+    from inferd.layers.gemv import gemv
+
+    with pytest.raises(ValueError, match="contiguous elements"):
+        gemv(torch.zeros(8, 2).t(), torch.zeros(4, 8))
 
 
 def test_cached_contexts_are_attended_in_groups_within_the_gather_budget():

@@ -56,19 +56,34 @@ def release_cuda_graphs(runner, wait: bool = True) -> None:
     forever if they outlive the call. So every rank drops its graphs before leaving the group.
     `wait=False` when a peer died: a step waiting for it would never end (a launched graph that
     is destroyed is freed when it ends, which the abort brings about)."""
-    graphs = getattr(runner, "graphs", None)
-    if not graphs:
+    sets = [g for g in (getattr(runner, "graphs", None), getattr(runner, "verify_graphs", None)) if g]
+    if not sets:
         return
     if wait:
         torch.cuda.synchronize(runner.device)
-    for graph in graphs.values():
-        graph.reset()
-    graphs.clear()
+    for graphs in sets:
+        for graph in graphs.values():
+            graph.reset()
+        graphs.clear()
     getattr(runner, "graph_outputs", {}).clear()
+    getattr(runner, "verify_outputs", {}).clear()
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int, weights, weight_bytes=None):
+    fused_gemv = False  # the batch-1 GEMV pass is installed (_fuse_for_batch_one)
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_cfg: ModelConfig,
+        max_model_len: int,
+        weights,
+        weight_bytes=None,
+        *,
+        verifies: bool = True,
+    ):
+        """`verifies`: this runner runs speculative decoding's verify passes (the target's; a
+        draft model's runner does not)."""
         self.config = config
         self.model_cfg = model_cfg
         self.max_model_len = max_model_len
@@ -98,6 +113,12 @@ class ModelRunner:
         if config.speculative is not None:  # a verify pass runs k + 1 decode rows per sequence
             n *= 1 + config.speculative.num_speculative_tokens
         self.max_decode_rows = n
+        # A verify pass of one sequence computes its rows as one (AttentionContext.rows_as_one) where
+        # the batch-1 GEMV pass is installed: the rows then equal plain batch-1 steps bit for bit.
+        # On CUDA with graphs, one graph per row count, captured without padding rows.
+        self.verify_rows: list[int] = []
+        if verifies and config.speculative is not None and self.fused_gemv:
+            self.verify_rows = list(range(2, config.speculative.num_speculative_tokens + 2))
         self._staging = [
             {
                 "ints": torch.zeros(5, n, dtype=torch.long, pin_memory=pin),
@@ -111,6 +132,9 @@ class ModelRunner:
         self._turn = 0
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.verify_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_outputs: dict[int, torch.Tensor] = {}
+        self.verify_outputs: dict[int, torch.Tensor] = {}
         if self.is_cuda and not config.enforce_eager:
             self._capture_cuda_graphs()
         if self.compile_cache is not None:
@@ -161,7 +185,7 @@ class ModelRunner:
         process's programmatic-dependent-launch flag either way."""
         # Llama and Qwen2 (the distills), whose GPU tests ran with it; DeepSeek-V2/V3 keep the plain
         # kernels until test_cuda_deepseek.py has run with the pass.
-        fused = (
+        self.fused_gemv = fused = (
             self.is_cuda
             and self.config.fused_gemv
             and not self.config.quantization
@@ -392,12 +416,13 @@ class ModelRunner:
         return handle
 
     @torch.inference_mode()
-    def step_logits(self, seqs: list, is_prefill: bool, all_positions: bool = False) -> torch.Tensor:
+    def step_logits(self, seqs: list, is_prefill: bool, all_positions: bool = False, as_one: bool = False) -> torch.Tensor:
         """One step's logits, unsampled (speculative decoding samples and verifies them itself):
         a decode step replays its captured graph and gives a row per sequence; a prefill step (a
         chunk after cached context: a verify pass) gives each sequence's last position, or with
         `all_positions` every scheduled one. A decode step waits for the device: nothing else
-        tells when its staging set may be refilled."""
+        tells when its staging set may be refilled. `as_one`: decode rows computed as batch-1
+        steps (`verify_rows`; the caller checks they are supported)."""
         if is_prefill:
             ids, positions, ctx, last = self.prepare_prefill(seqs)
             set_context(ctx)
@@ -406,7 +431,7 @@ class ModelRunner:
         else:
             staging = self._staging[self._turn]
             self._turn ^= 1
-            out = self._decode(seqs, staging, None).clone()  # a graph's output is overwritten by its next replay
+            out = self._decode(seqs, staging, None, as_one).clone()  # a graph's output is overwritten by its next replay
             if self.is_cuda:
                 torch.cuda.current_stream(self.device).synchronize()
         reset_context()
@@ -457,9 +482,15 @@ class ModelRunner:
         logprobs = handle.logprobs.tolist() if handle.logprobs is not None else None
         return handle.tokens.tolist(), logprobs
 
-    def _decode(self, seqs: list[Sequence], staging: dict, prev: StepHandle | None) -> torch.Tensor:
+    def _decode(self, seqs: list[Sequence], staging: dict, prev: StepHandle | None, as_one: bool = False) -> torch.Tensor:
         bs = len(seqs)
-        bucket = next((b for b in sorted(self.graphs) if b >= bs), None)
+        as_one = as_one and bs > 1  # one row is a batch-1 step
+        if as_one:  # graphs of exactly bs rows: a padding row would only cost
+            graphs, outputs = self.verify_graphs, self.verify_outputs
+            bucket = bs if bs in graphs else None
+        else:
+            graphs, outputs = self.graphs, self.graph_outputs
+            bucket = next((b for b in sorted(graphs) if b >= bs), None)
         pending = self._decode_inputs(seqs, bucket or bs, staging)
         ints = staging["ints"]
         # Whole pinned rows are copied and sliced on the device: a strided slice of pinned memory
@@ -476,6 +507,7 @@ class ModelRunner:
                     slot_mapping=step[2],
                     context_lens=staging["lens"][:bs].to(dev, non_blocking=True),
                     block_tables=staging["tables"][:bs].to(dev, non_blocking=True)[:, :width],
+                    rows_as_one=as_one,
                 )
             )
             return self.model.compute_logits(self.model(ids, step[1]))
@@ -487,8 +519,8 @@ class ModelRunner:
         g["block_tables"][:bucket].copy_(staging["tables"][:bucket], non_blocking=True)
         if pending:
             self._fill_pending(g["input_ids"], ints[3:5].to(self.device, non_blocking=True)[:, :pending], prev)
-        self.graphs[bucket].replay()
-        return self.graph_outputs[bucket][:bs]
+        graphs[bucket].replay()
+        return outputs[bucket][:bs]
 
     def graph_buckets(self) -> list[int]:
         top = min(self.config.max_num_seqs, self.config.cuda_graph_max_batch)
@@ -499,7 +531,7 @@ class ModelRunner:
     def _capture_cuda_graphs(self) -> None:
         start = time.perf_counter()
         buckets = self.graph_buckets()
-        top = max(buckets)
+        top = max(buckets + self.verify_rows)
         dev = self.device
         g = self.graph_vars = {
             "input_ids": torch.zeros(top, dtype=torch.long, device=dev),
@@ -508,14 +540,14 @@ class ModelRunner:
             "context_lens": torch.ones(top, dtype=torch.int32, device=dev),
             "block_tables": torch.full((top, self.max_blocks_per_seq), self.num_blocks, dtype=torch.int32, device=dev),
         }
-        self.graph_outputs: dict[int, torch.Tensor] = {}
         pool = None
-        for bs in reversed(buckets):
+        for bs, as_one in [(b, False) for b in reversed(buckets)] + [(r, True) for r in reversed(self.verify_rows)]:
             ctx = AttentionContext(
                 is_prefill=False,
                 slot_mapping=g["slot_mapping"][:bs],
                 context_lens=g["context_lens"][:bs],
                 block_tables=g["block_tables"][:bs],
+                rows_as_one=as_one,
             )
             set_context(ctx)
             # Warm up outside the graph (Triton autotuning/compilation, cuBLAS handles).
@@ -525,8 +557,13 @@ class ModelRunner:
                 out = self.model.compute_logits(self.model(g["input_ids"][:bs], g["positions"][:bs]))
             if pool is None:
                 pool = graph.pool()  # the smaller graphs reuse the largest one's memory
-            self.graphs[bs] = graph
-            self.graph_outputs[bs] = out
+            (self.verify_graphs if as_one else self.graphs)[bs] = graph
+            (self.verify_outputs if as_one else self.graph_outputs)[bs] = out
             torch.cuda.synchronize()
         reset_context()
-        log.info("captured %d CUDA graphs in %.1fs", len(buckets), time.perf_counter() - start)
+        log.info(
+            "captured %d CUDA graphs (%d for verify passes) in %.1fs",
+            len(buckets) + len(self.verify_rows),
+            len(self.verify_rows),
+            time.perf_counter() - start,
+        )

@@ -213,7 +213,7 @@ class DraftModel:
         # `speculative` stays: it sizes the draft's decode staging for catch-up rows as the target's.
         draft_config = dataclasses.replace(config, model=spec.draft_model, num_kv_blocks=blocks)
         # Read lazily (a runner that makes its own weights, a benchmark's, never opens them).
-        self.runner = runner_cls(draft_config, model_cfg, max_model_len, source.iter_tensors())
+        self.runner = runner_cls(draft_config, model_cfg, max_model_len, source.iter_tensors(), verifies=False)
         self.block_size = config.block_size
         self.free = list(range(self.runner.num_blocks))
         self.states: dict[int, _DraftState] = {}
@@ -345,7 +345,9 @@ class SpecDecoder:
             for s, d in zip(batch, drafts):
                 tokens = s.token_ids + d
                 views.extend(Chunk(tokens[: len(s) + j], s.block_table, len(s) + j - 1, 1) for j in range(len(d) + 1))
-            return runner.step_logits(views, is_prefill=False)
+            # One sequence, where the runner can: its rows computed as batch-1 steps, bit for bit.
+            as_one = len(batch) == 1 and bool(runner.verify_rows)
+            return runner.step_logits(views, is_prefill=False, as_one=as_one)
         views = [Chunk(s.token_ids + d, s.block_table, len(s) - 1, len(d) + 1) for s, d in zip(batch, drafts)]
         return runner.step_logits(views, is_prefill=True, all_positions=True)
 

@@ -206,9 +206,13 @@ class Attention(nn.Module):
         elif ctx.is_prefill:
             o = prefill_attention_reference(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
         elif self.use_triton:
-            from inferd.layers.paged_decode import paged_decode_attention
+            from inferd.layers.paged_decode import num_splits, paged_decode_attention, sm_count
 
-            o = paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)
+            # Rows computed as one: each context split as a batch-1 step splits it (the same sums).
+            splits = num_splits(1, self.num_kv_heads, sm_count(q.device)) if ctx.rows_as_one else None
+            o = paged_decode_attention(
+                q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale, splits=splits
+            )
         else:
             o = decode_attention_reference(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)
         return o.reshape(-1, self.num_heads * self.head_dim)

@@ -26,6 +26,11 @@ class AttentionContext:
     # Prefill with cached context on CUDA (half precision, the Triton path): the sequences in
     # groups (attention.ContextGroup), each group's whole contexts gathered for one varlen call.
     context_groups: list | None = None
+    # Decode: every row is computed as a batch-1 step computes it, with the same kernels and the
+    # same arithmetic (the verify pass of one sequence: speculative greedy output is then plain
+    # decoding's, bit for bit). The GEMV kernels take the rows, attention splits each context as
+    # it would for one sequence. Only where the batch-1 GEMV pass is installed (gemv_fusion).
+    rows_as_one: bool = False
 
 
 _CONTEXT = AttentionContext()

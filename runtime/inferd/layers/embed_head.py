@@ -41,7 +41,10 @@ class VocabEmbedding(nn.Module):
 
 class LMHead(VocabEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        return self.gather(F.linear(hidden, self.weight))
+
+    def gather(self, logits: torch.Tensor) -> torch.Tensor:
+        """This rank's logits -> the whole vocabulary's."""
         if tp_size() == 1:
             return logits
         return all_gather_last_dim(logits)[..., : self.vocab_size]

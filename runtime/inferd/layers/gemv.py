@@ -20,6 +20,10 @@ nothing (bench/bench_decode_step.py, BENCHMARKS.md). Here one kernel is
   (`gdc_launch_dependents`): the next layer's first weight bytes are on their way while this one
   finishes, where a plain launch leaves the memory idle between kernels.
 
+The same kernel takes several rows computed as one (AttentionContext.rows_as_one: a speculative
+verify pass of one sequence): one program per row and column block, each row summed exactly as
+a 1-row call sums it, so those rows' logits are bit for bit what batch-1 decoding computes.
+
 The arithmetic is the references' (fused.add_rms_norm, F.linear, fused.silu_and_mul) in float32,
 rounded to bf16/fp16 where values are stored (x + residual, the output, SiLU's product); the
 normalised row itself is not rounded before the product (it never exists) and the sums run in
@@ -31,6 +35,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from inferd.layers.context import get_context
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -51,7 +57,9 @@ def set_pdl(on: bool) -> None:
 
 
 def pdl(rows: int = 1) -> bool:
-    return _PDL["on"] and rows == 1
+    """Whether a kernel over `rows` rows launches with programmatic dependent launch: one row, or
+    rows computed as one (a verify pass: AttentionContext.rows_as_one)."""
+    return _PDL["on"] and (rows == 1 or get_context().rows_as_one)
 
 
 @triton.jit
@@ -86,6 +94,7 @@ def _gemv_kernel(
     out_ptr,
     N,
     K,
+    stride_x,
     stride_w,
     up_offset,
     eps,
@@ -97,9 +106,17 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Program p: output columns [p * BLOCK_N, (p + 1) * BLOCK_N) of one row; with SILU, weight
-    rows n (gate) and up_offset + n (up) for each of them."""
-    pid = tl.program_id(0)
+    """Program (r, p): output columns [p * BLOCK_N, (p + 1) * BLOCK_N) of row r; with SILU, weight
+    rows n (gate) and up_offset + n (up) for each of them. Every row is computed as if it were
+    alone (the same tiles, the same order of sums): a row's result does not depend on the others.
+    The rows of one tile are neighbouring programs, so they run together and all but the first
+    find the weight tile in L2."""
+    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    x_ptr += row * stride_x
+    res_ptr += row * K
+    res_out_ptr += row * K
+    out_ptr += row * N
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     rk = tl.arange(0, BLOCK_K)
@@ -174,23 +191,26 @@ def gemv(
     use_pdl: bool | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """x (1, K) @ weight (N, K)^T (+ bias) -> (1, N) in x's dtype.
+    """x (R, K) @ weight (N, K)^T (+ bias) -> (R, N) in x's dtype, each row computed as a 1-row
+    call would compute it (R is 1 at a batch-1 step; more for rows computed as one).
 
     `norm` (residual or None, norm_weight, eps, residual_out or None): the input is RMSNorm(x +
     residual) (RMSNorm(x) without a residual), x + residual written to residual_out. `silu`:
-    weight stacks gate and up (2I rows): returns silu(gate) * up, (1, I). `config` overrides the
+    weight stacks gate and up (2I rows): returns silu(gate) * up, (R, I). `config` overrides the
     launch (benchmarks sweep it)."""
-    if x.shape[0] != 1 or x.stride(-1) != 1 or weight.stride(-1) != 1:
-        raise ValueError(f"gemv takes one contiguous row and a row-major weight, got x {tuple(x.shape)}")
+    if x.dim() != 2 or x.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError(f"gemv takes rows of contiguous elements and a row-major weight, got x {tuple(x.shape)}")
     if norm is not None and norm[0] is not None and (norm[3] is None or not norm[0].is_contiguous()):
         raise ValueError("gemv's norm with a residual needs a contiguous residual and a residual_out to write x + residual to")
-    k = x.shape[1]
+    rows, k = x.shape
     n = weight.shape[0] // 2 if silu else weight.shape[0]
-    out = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
+    if rows == 0:
+        return out
     residual, norm_weight, eps, residual_out = norm if norm is not None else (None, None, 0.0, None)
     cfg = config or gemv_config(n, k, norm is not None, silu)
-    use_pdl = pdl() if use_pdl is None else use_pdl
-    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+    use_pdl = pdl(rows) if use_pdl is None else use_pdl
+    _gemv_kernel[(rows, triton.cdiv(n, cfg["BLOCK_N"]))](
         x,
         residual if residual is not None else x,
         residual_out if residual_out is not None else x,
@@ -200,6 +220,7 @@ def gemv(
         out,
         n,
         k,
+        x.stride(0),
         weight.stride(0),
         n,
         eps,

@@ -7,7 +7,8 @@ built, loaded model so the model files stay plain. It traces who reads whose out
 2. defers an RMSNorm whose every reader is a GEMV linear: on one row it returns the
    `PendingNorm` (its input, residual and weight) and its readers do the norm in their prologue;
 3. gives a merged gate/up projection read only by SiLU-and-multiply the `silu` epilogue: on one
-   row it returns the `ActivatedProduct`, which SiLU-and-multiply passes on as it is.
+   row it returns the `ActivatedProduct`, which SiLU-and-multiply passes on as it is;
+4. makes the LM head a GEMV head (its norm stays: the runner, not the model, calls the head).
 
 Each module decides by its own input (one row on CUDA, the model's dtype), so a deferred norm is
 only ever read by a module that finishes it; a reader that cannot (an odd shape) finishes it with
@@ -25,6 +26,8 @@ import torch
 from torch import nn
 
 from inferd.layers.activation import SiluAndMul
+from inferd.layers.context import get_context
+from inferd.layers.embed_head import LMHead
 from inferd.layers.fused import add_rms_norm, rms_norm
 from inferd.layers.linear import Linear, MergedLinear
 from inferd.layers.norm import RMSNorm
@@ -66,12 +69,14 @@ class ActivatedProduct(NamedTuple):
 
 
 def one_row(x) -> bool:
-    """Whether the GEMV kernels take x: one contiguous row of a half-precision type on CUDA."""
+    """Whether the GEMV kernels take x: rows of a half-precision type on CUDA with contiguous
+    elements, one of them (a batch-1 step) or any number computed as one (the step context's
+    `rows_as_one`: a verify pass of one sequence)."""
     return (
         isinstance(x, torch.Tensor)
         and x.is_cuda
         and x.dim() == 2
-        and x.shape[0] == 1
+        and (x.shape[0] == 1 or get_context().rows_as_one)
         and x.dtype in GEMV_DTYPES
         and x.stride(-1) == 1
     )
@@ -104,9 +109,21 @@ class GemvLinear:
         return ActivatedProduct(out) if self.silu_epilogue else out
 
 
+class GemvLMHead(LMHead):
+    """The LM head through the GEMV kernel where it takes the rows (a verify pass's rows then get
+    the batch-1 step's logits: cuBLAS rounds differently at one row and at several)."""
+
+    def forward(self, hidden):
+        if not (one_row(hidden) and self.weight.dtype == hidden.dtype):
+            return super().forward(hidden)
+        from inferd.layers.gemv import gemv  # Triton: CUDA only
+
+        return self.gather(gemv(hidden, self.weight))
+
+
 class DeferredRMSNorm(RMSNorm):
     def forward(self, x, residual: torch.Tensor | None = None):
-        if not one_row(x) or (residual is not None and not one_row(residual)):
+        if not one_row(x) or (residual is not None and not (one_row(residual) and residual.is_contiguous())):
             return super().forward(x, residual)
         if residual is None:
             return PendingNorm(x, None, self.weight, self.eps, None)
@@ -136,6 +153,7 @@ class GemvPlan:
     linears: list[str] = field(default_factory=list)
     deferred_norms: list[str] = field(default_factory=list)
     silu_epilogues: list[str] = field(default_factory=list)
+    heads: list[str] = field(default_factory=list)
     traced: bool = False
 
 
@@ -146,7 +164,8 @@ def plan_gemv(model: nn.Module) -> GemvPlan:
     plan = GemvPlan(
         linears=[
             n for n, m in modules.items() if isinstance(m, Linear) and type(m).forward is Linear.forward and m.weight is not None
-        ]
+        ],
+        heads=[n for n, m in modules.items() if type(m) is LMHead],
     )
     if not plan.linears:
         return plan
@@ -183,13 +202,16 @@ def fuse_gemv(model: nn.Module) -> GemvPlan:
         module.silu_epilogue = name in epilogues
     for name in plan.deferred_norms:
         model.get_submodule(name).__class__ = DeferredRMSNorm
+    for name in plan.heads:
+        model.get_submodule(name).__class__ = GemvLMHead
     for module in model.modules():
         if type(module) is SiluAndMul:
             module.__class__ = ActivatedSiluAndMul
     log.info(
-        "batch-1 GEMV: %d linear layers, %d norms in their prologues, %d SiLU epilogues",
+        "batch-1 GEMV: %d linear layers, %d norms in their prologues, %d SiLU epilogues, %d LM heads",
         len(plan.linears),
         len(plan.deferred_norms),
         len(plan.silu_epilogues),
+        len(plan.heads),
     )
     return plan
