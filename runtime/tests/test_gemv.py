@@ -21,8 +21,8 @@ from inferd.layers.gemv_fusion import (
     ActivatedSiluAndMul,
     DeferredRMSNorm,
     GemvLinear,
-    GemvLMHead,
     PendingNorm,
+    RowwiseLMHead,
     fuse_gemv,
     plan_gemv,
 )
@@ -60,7 +60,7 @@ def test_the_pass_fuses_both_norms_and_the_silu_of_every_layer_and_nothing_else(
     assert isinstance(layer.self_attn.qkv_proj, GemvLinear) and isinstance(layer.self_attn.qkv_proj, MergedLinear)
     assert layer.mlp.gate_up_proj.silu_epilogue and not layer.mlp.down_proj.silu_epilogue
     assert type(layer.mlp.act_fn) is ActivatedSiluAndMul
-    assert type(model.lm_head) is GemvLMHead
+    assert type(model.lm_head) is RowwiseLMHead
     # The classes keep their loaders: an in-place weight swap loads q, k and v through them.
     w = torch.randn_like(layer.self_attn.qkv_proj.weight[: layer.self_attn.q_size])
     layer.self_attn.qkv_proj.weight.weight_loader(layer.self_attn.qkv_proj.weight, w, "q")

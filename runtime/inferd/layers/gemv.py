@@ -21,8 +21,9 @@ nothing (bench/bench_decode_step.py, BENCHMARKS.md). Here one kernel is
   finishes, where a plain launch leaves the memory idle between kernels.
 
 The same kernel takes several rows computed as one (AttentionContext.rows_as_one: a speculative
-verify pass of one sequence): one program per row and column block, each row summed exactly as
-a 1-row call sums it, so those rows' logits are bit for bit what batch-1 decoding computes.
+verify pass of one sequence): each program takes the rows in turn through the same code, each
+row summed exactly as a 1-row call sums it, so those rows' logits are bit for bit what batch-1
+decoding computes.
 
 The arithmetic is the references' (fused.add_rms_norm, F.linear, fused.silu_and_mul) in float32,
 rounded to bf16/fp16 where values are stored (x + residual, the output, SiLU's product); the
@@ -83,7 +84,7 @@ def _input_tile(x_ptr, res_ptr, res_out_ptr, kk, mask, write, HAS_RES: tl.conste
     return x.to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])  # one binary for one row and for several
 def _gemv_kernel(
     x_ptr,
     res_ptr,
@@ -92,6 +93,7 @@ def _gemv_kernel(
     w_ptr,
     bias_ptr,
     out_ptr,
+    rows,
     N,
     K,
     stride_x,
@@ -106,66 +108,65 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Program (r, p): output columns [p * BLOCK_N, (p + 1) * BLOCK_N) of row r; with SILU, weight
-    rows n (gate) and up_offset + n (up) for each of them. Every row is computed as if it were
-    alone (the same tiles, the same order of sums): a row's result does not depend on the others.
-    The rows of one tile are neighbouring programs, so they run together and all but the first
-    find the weight tile in L2."""
-    row = tl.program_id(0).to(tl.int64)
-    pid = tl.program_id(1)
-    x_ptr += row * stride_x
-    res_ptr += row * K
-    res_out_ptr += row * K
-    out_ptr += row * N
+    """Program p: output columns [p * BLOCK_N, (p + 1) * BLOCK_N) of each of the `rows` rows in
+    turn; with SILU, weight rows n (gate) and up_offset + n (up) for each of them. Every row is
+    computed as if it were alone (the same code, the same order of sums): a row's result does not
+    depend on the others, and after the first row the program's weight slice comes from L1/L2."""
+    pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     rk = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_w
     u_rows = w_ptr + (rn + up_offset).to(tl.int64)[:, None] * stride_w
     # The first weight tiles depend on no earlier kernel: on their way before the wait.
-    w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk[None, :] < K), other=0.0)
+    w0 = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk[None, :] < K), other=0.0)
+    u0 = w0
     if SILU:
-        u = tl.load(u_rows + rk[None, :], mask=n_mask[:, None] & (rk[None, :] < K), other=0.0)
+        u0 = tl.load(u_rows + rk[None, :], mask=n_mask[:, None] & (rk[None, :] < K), other=0.0)
     pdl_enter(USE_PDL)
-    # The norm: the row's squares summed element-wise alongside the product and reduced once at
-    # the end; the norm weight multiplies the row, the row's 1/rms the finished sums (a scalar
-    # per row: W (gamma * s / rms) = (W (gamma * s)) / rms), so it costs no pass of its own.
-    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if SILU:
-        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        # The next tiles are requested before this one is used: two tiles in flight per program.
-        nk = k0 + BLOCK_K + rk
-        w_next = tl.load(w_rows + nk[None, :], mask=n_mask[:, None] & (nk[None, :] < K), other=0.0)
-        if SILU:
-            u_next = tl.load(u_rows + nk[None, :], mask=n_mask[:, None] & (nk[None, :] < K), other=0.0)
-        kk = k0 + rk
-        x = _input_tile(x_ptr, res_ptr, res_out_ptr, kk, kk < K, pid == 0, HAS_RES)
-        if NORM:
-            sq += x * x
-            x = x * tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * x[None, :]
-        w = w_next
-        if SILU:
-            acc_u += u.to(tl.float32) * x[None, :]
-            u = u_next
     dtype = out_ptr.dtype.element_ty
-    rstd = 1.0
-    if NORM:
-        rstd = tl.rsqrt(tl.sum(sq, 0) / K + eps)
-    out = tl.sum(acc, 1) * rstd
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    out = out.to(dtype)
-    if SILU:
-        up = tl.sum(acc_u, 1) * rstd
+    for row in range(rows):
+        x_row = x_ptr + row * stride_x
+        res_row = res_ptr + row * K
+        res_out_row = res_out_ptr + row * K
+        w, u = w0, u0
+        # The norm: the row's squares summed element-wise alongside the product and reduced once at
+        # the end; the norm weight multiplies the row, the row's 1/rms the finished sums (a scalar
+        # per row: W (gamma * s / rms) = (W (gamma * s)) / rms), so it costs no pass of its own.
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            # The next tiles are requested before this one is used: two tiles in flight per program.
+            nk = k0 + BLOCK_K + rk
+            w_next = tl.load(w_rows + nk[None, :], mask=n_mask[:, None] & (nk[None, :] < K), other=0.0)
+            if SILU:
+                u_next = tl.load(u_rows + nk[None, :], mask=n_mask[:, None] & (nk[None, :] < K), other=0.0)
+            kk = k0 + rk
+            x = _input_tile(x_row, res_row, res_out_row, kk, kk < K, pid == 0, HAS_RES)
+            if NORM:
+                sq += x * x
+                x = x * tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
+            w = w_next
+            if SILU:
+                acc_u += u.to(tl.float32) * x[None, :]
+                u = u_next
+        rstd = 1.0
+        if NORM:
+            rstd = tl.rsqrt(tl.sum(sq, 0) / K + eps)
+        out = tl.sum(acc, 1) * rstd
         if HAS_BIAS:
-            up += tl.load(bias_ptr + up_offset + rn, mask=n_mask, other=0.0).to(tl.float32)
-        g = out.to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(dtype)  # F.silu, rounded as the eager op rounds
-        out = (act.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
-    tl.store(out_ptr + rn, out, mask=n_mask)
+            out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        out = out.to(dtype)
+        if SILU:
+            up = tl.sum(acc_u, 1) * rstd
+            if HAS_BIAS:
+                up += tl.load(bias_ptr + up_offset + rn, mask=n_mask, other=0.0).to(tl.float32)
+            g = out.to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(dtype)  # F.silu, rounded as the eager op rounds
+            out = (act.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
+        tl.store(out_ptr + row * N + rn, out, mask=n_mask)
 
 
 def gemv_config(n: int, k: int, norm: bool, silu: bool) -> dict:
@@ -210,7 +211,7 @@ def gemv(
     residual, norm_weight, eps, residual_out = norm if norm is not None else (None, None, 0.0, None)
     cfg = config or gemv_config(n, k, norm is not None, silu)
     use_pdl = pdl(rows) if use_pdl is None else use_pdl
-    _gemv_kernel[(rows, triton.cdiv(n, cfg["BLOCK_N"]))](
+    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x,
         residual if residual is not None else x,
         residual_out if residual_out is not None else x,
@@ -218,6 +219,7 @@ def gemv(
         weight,
         bias if bias is not None else x,
         out,
+        rows,
         n,
         k,
         x.stride(0),

@@ -8,7 +8,7 @@ built, loaded model so the model files stay plain. It traces who reads whose out
    `PendingNorm` (its input, residual and weight) and its readers do the norm in their prologue;
 3. gives a merged gate/up projection read only by SiLU-and-multiply the `silu` epilogue: on one
    row it returns the `ActivatedProduct`, which SiLU-and-multiply passes on as it is;
-4. makes the LM head a GEMV head (its norm stays: the runner, not the model, calls the head).
+4. makes the LM head take rows computed as one (a verify pass) one at a time (`RowwiseLMHead`).
 
 Each module decides by its own input (one row on CUDA, the model's dtype), so a deferred norm is
 only ever read by a module that finishes it; a reader that cannot (an odd shape) finishes it with
@@ -109,16 +109,15 @@ class GemvLinear:
         return ActivatedProduct(out) if self.silu_epilogue else out
 
 
-class GemvLMHead(LMHead):
-    """The LM head through the GEMV kernel where it takes the rows (a verify pass's rows then get
-    the batch-1 step's logits: cuBLAS rounds differently at one row and at several)."""
+class RowwiseLMHead(LMHead):
+    """Rows computed as one (a verify pass) go through the LM head one at a time, as the batch-1
+    step's single row does (cuBLAS rounds differently at one row and at several). The head stays
+    cuBLAS's: the GEMV kernel measured slower on it (BENCHMARKS.md)."""
 
     def forward(self, hidden):
-        if not (one_row(hidden) and self.weight.dtype == hidden.dtype):
+        if not (get_context().rows_as_one and hidden.dim() == 2 and hidden.shape[0] > 1):
             return super().forward(hidden)
-        from inferd.layers.gemv import gemv  # Triton: CUDA only
-
-        return self.gather(gemv(hidden, self.weight))
+        return torch.cat([super(RowwiseLMHead, self).forward(hidden[r : r + 1]) for r in range(hidden.shape[0])])
 
 
 class DeferredRMSNorm(RMSNorm):
@@ -203,7 +202,7 @@ def fuse_gemv(model: nn.Module) -> GemvPlan:
     for name in plan.deferred_norms:
         model.get_submodule(name).__class__ = DeferredRMSNorm
     for name in plan.heads:
-        model.get_submodule(name).__class__ = GemvLMHead
+        model.get_submodule(name).__class__ = RowwiseLMHead
     for module in model.modules():
         if type(module) is SiluAndMul:
             module.__class__ = ActivatedSiluAndMul
