@@ -10,10 +10,12 @@ the step ends there; when all are accepted, a bonus token is drawn from p at the
 Prompt lookup drafts deterministically (q is a point mass on d): accept with probability p(d), or
 draw from p with d removed. Greedy requests accept a draft when it is the target's argmax, so
 their output is the plain decoder's token for token wherever the verify pass computes the logits
-a plain step computes: on the CPU, and on the GPU up to rounding. There a verify pass's k + 1 rows
-run the multi-row kernels while a plain step at batch 1 runs the GEMV kernels (layers/gemv.py),
-and the two round bf16 differently: where the best two logits are that close, the token can
-differ (measured on the H200: bench/spec_exactness.py, BENCHMARKS.md).
+a plain step computes. On the CPU it does. On the GPU a verify pass of one sequence computes
+each of its k + 1 rows as the batch-1 step does (AttentionContext.rows_as_one: the GEMV kernels
+over the rows, attention split as for one sequence, the LM head row by row; its own CUDA graphs
+per row count), so in bf16/fp16 with the GEMV pass its rows are the plain steps' logits bit for
+bit (bench/spec_exactness.py, BENCHMARKS.md). With several sequences, or quantized weights, the
+rows run the batch kernels: equal up to rounding, as plain decoding's own output at that batch.
 
 The paged cache is rolled back on rejection: the verify pass writes K/V for every draft, but only
 the accepted ones are counted as computed (and only blocks full of verified tokens get their
