@@ -27,15 +27,19 @@ from inferd.engine.speculative import Chunk  # noqa: E402
 from inferd.testing import compare_verify_rows  # noqa: E402
 
 
-def plain_output(args, target: Path, prompt: list[int]) -> list[int]:
-    engine = build(args, target, target, None)
+def greedy_output(args, target: Path, prompt: list[int], method: str | None = None) -> tuple[list[int], float]:
+    """Greedy output of the engine (the batch-1 GEMV kernels), plainly or with `method` as it runs
+    (prompt lookup drafting while a match is found), and the acceptance rate."""
+    args.fused_gemv = True
+    engine = build(args, target, target, method)
     try:
         engine.add_request(prompt, SamplingParams(max_tokens=args.steps * (args.k + 1), temperature=0.0, ignore_eos=True))
         done = None
         while engine.has_unfinished_requests():
             for out in engine.step():
                 done = out if out.finished else done
-        return done.token_ids
+        stats = engine.stats()
+        return done.token_ids, stats.spec_accepted_tokens / max(1, stats.spec_draft_tokens)
     finally:
         engine.close()
 
@@ -96,23 +100,6 @@ def time_passes(args, target: Path, prompt: list[int], oracle: list[int], repeat
     return times
 
 
-def spec_output(args, target: Path, prompt: list[int]) -> tuple[list[int], float]:
-    """Greedy output of the engine with prompt lookup as it runs (drafting while a match is found)
-    and its acceptance rate."""
-    args.fused_gemv = True
-    engine = build(args, target, target, "ngram")
-    try:
-        engine.add_request(prompt, SamplingParams(max_tokens=args.steps * (args.k + 1), temperature=0.0, ignore_eos=True))
-        done = None
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                done = out if out.finished else done
-        stats = engine.stats()
-        return done.token_ids, stats.spec_accepted_tokens / max(1, stats.spec_draft_tokens)
-    finally:
-        engine.close()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -128,12 +115,12 @@ def main() -> int:
     result = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "k": args.k}
     with tempfile.TemporaryDirectory() as tmp:
         target = write_config(SHAPES[args.shape], Path(tmp) / "target")
-        first, second = plain_output(args, target, prompt), plain_output(args, target, prompt)
+        first, second = greedy_output(args, target, prompt)[0], greedy_output(args, target, prompt)[0]
         result["plain_deterministic"] = first == second
         result["plain_first_difference"] = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), None)
         result["gemv_kernels"] = compare_rows(args, target, prompt, first, gemv=True)
         result["plain_kernels"] = compare_rows(args, target, prompt, first, gemv=False)
-        output, acceptance = spec_output(args, target, prompt)
+        output, acceptance = greedy_output(args, target, prompt, "ngram")
         result["prompt_lookup_output_equals_plain"] = output == first
         result["prompt_lookup_first_difference"] = next((i for i, (a, b) in enumerate(zip(first, output)) if a != b), None)
         result["prompt_lookup_acceptance"] = acceptance
