@@ -24,7 +24,7 @@ from bench_spec import build, edit_prompt, write_config  # noqa: E402
 from inferd import SamplingParams  # noqa: E402
 from inferd.engine import speculative  # noqa: E402
 from inferd.engine.speculative import Chunk  # noqa: E402
-from inferd.testing import compare_verify_rows  # noqa: E402
+from inferd.testing import compare_verify_rows, force_drafts  # noqa: E402
 
 
 def greedy_output(args, target: Path, prompt: list[int], method: str | None = None) -> tuple[list[int], float]:
@@ -84,11 +84,7 @@ def time_passes(args, target: Path, prompt: list[int], oracle: list[int], repeat
             times["rows"] = len(rows)
         return real_verify(logits, seqs, drafts, qs, sampler)
 
-    def draft(batch, ks, sampler):
-        return [[oracle[min(b.num_output_tokens + j, len(oracle) - 1)] for j in range(k)] for b, k in zip(batch, ks)], None
-
-    spec._draft = draft
-    spec.wants = lambda seqs: True
+    force_drafts(spec, oracle)
     speculative.verify = verify
     try:
         engine.add_request(prompt, SamplingParams(max_tokens=2 * (args.k + 1), temperature=0.0, ignore_eos=True))

@@ -116,6 +116,16 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
+def force_drafts(spec, oracle: list[int]) -> None:
+    """Make a speculative decoder draft on every step, its drafts the next tokens of `oracle` (a
+    plain greedy output of the request: mostly accepted)."""
+
+    def draft(batch, ks, sampler):
+        return [[oracle[min(s.num_output_tokens + j, len(oracle) - 1)] for j in range(k)] for s, k in zip(batch, ks)], None
+
+    spec._draft, spec.wants = draft, (lambda seqs: True)
+
+
 def compare_verify_rows(engine, prompt: list[int], oracle: list[int], max_tokens: int) -> dict:
     """Speculative decoding's verify passes against plain decoding, row by row: greedy `prompt`
     for `max_tokens` in an engine with speculation, every step drafting the next tokens of
@@ -131,9 +141,6 @@ def compare_verify_rows(engine, prompt: list[int], oracle: list[int], max_tokens
     stats = {"rows": 0, "bitwise_equal": 0, "argmax_differs": 0, "max_abs_diff": 0.0, "max_logit": 0.0}
     real_verify = speculative.verify
 
-    def draft(batch, ks, sampler):
-        return [[oracle[min(s.num_output_tokens + j, len(oracle) - 1)] for j in range(k)] for s, k in zip(batch, ks)], None
-
     def verify(logits, seqs, drafts, qs, sampler):
         for s, d in zip(seqs, drafts):
             tokens = s.token_ids + d
@@ -148,7 +155,7 @@ def compare_verify_rows(engine, prompt: list[int], oracle: list[int], max_tokens
         return real_verify(logits, seqs, drafts, qs, sampler)
 
     real_draft, real_wants = spec._draft, spec.wants
-    spec._draft, spec.wants = draft, (lambda seqs: True)
+    force_drafts(spec, oracle)
     speculative.verify = verify
     try:
         engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))

@@ -41,10 +41,7 @@ class VocabEmbedding(nn.Module):
 
 class LMHead(VocabEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.gather(F.linear(hidden, self.weight))
-
-    def gather(self, logits: torch.Tensor) -> torch.Tensor:
-        """This rank's logits -> the whole vocabulary's."""
+        logits = F.linear(hidden, self.weight)
         if tp_size() == 1:
             return logits
         return all_gather_last_dim(logits)[..., : self.vocab_size]

@@ -117,7 +117,7 @@ class RowwiseLMHead(LMHead):
     def forward(self, hidden):
         if not (get_context().rows_as_one and hidden.dim() == 2 and hidden.shape[0] > 1):
             return super().forward(hidden)
-        return torch.cat([super(RowwiseLMHead, self).forward(hidden[r : r + 1]) for r in range(hidden.shape[0])])
+        return torch.cat([LMHead.forward(self, row) for row in hidden.split(1)])
 
 
 class DeferredRMSNorm(RMSNorm):
