@@ -24,8 +24,10 @@ class FullDisk:
         return getattr(self.db, name)
 
 
-def test_a_full_results_disk_still_returns_the_answer(llama_dir, tmp_path):
+def test_a_full_results_disk_still_returns_the_answer(llama_dir, tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
+
+    import inferd.server.results as results_module
 
     from inferd.server.app import create_app
     from inferd.server.audit import read_records
@@ -49,6 +51,10 @@ def test_a_full_results_disk_still_returns_the_answer(llama_dir, tmp_path):
         stored = client.post("/v1/completions", json=body, headers=user)
         assert stored.status_code == 200
         client.app.state.inferd.results.db = FullDisk(client.app.state.inferd.results.db)
+        # The disk stays full when the store reopens after a failed write (at most every REOPEN_S: a
+        # slow run reaches it between the two requests below).
+        opened = results_module.Rdict
+        monkeypatch.setattr(results_module, "Rdict", lambda *a, **kw: FullDisk(opened(*a, **kw)))
         for stream in (False, True):
             r = client.post("/v1/completions", json=body | {"stream": stream}, headers=user)
             assert r.status_code == 200, r.text
