@@ -5,7 +5,11 @@
    and the SiLU epilogue; down_proj plain), over launch configurations, against F.linear (plus
    the separate norm / SiLU kernels the plain path launches); microseconds in a CUDA graph and
    the weight bytes per second.
-2. `chain`: the linear part of a whole decode step (every layer's four projections with their
+2. `rows`: each projection over the rows of a verify pass computed as one (`--rows`, as the
+   speculative decoder's batch-1 verify pass runs them), against the same call at one row, the
+   rows taken one group at a time, and cuBLAS over the rows; every row checked bit for bit
+   against its 1-row call.
+3. `chain`: the linear part of a whole decode step (every layer's four projections with their
    norms and SiLU, no attention) in one CUDA graph: cuBLAS + separate kernels, the GEMV kernels
    with the default configuration, and with programmatic dependent launch.
 
@@ -66,12 +70,48 @@ def plain_call(w, x, b, norm, silu):
     return silu_and_mul_triton(out) if silu else out
 
 
+def _compile_configs(name: str, proj: str, dtype: str, configs: list, rows: int) -> int:
+    """In a worker process: build each configuration's kernels (1 row, and `rows` rows) into
+    Triton's on-disk cache, so the timing process finds them compiled."""
+    p = projections(SHAPES[name])[proj]
+    w, x, b, norm = tensors(p, getattr(torch, dtype))
+    xr = x.expand(rows, -1).contiguous()
+    normr = None if norm is None else (norm[0].expand(rows, -1).contiguous(), norm[1], norm[2], torch.empty_like(xr))
+    built = 0
+    for cfg in configs:
+        for xs, nm in ((x, norm), (xr, normr)) if rows > 1 else ((x, norm),):
+            try:
+                gemv(xs, w, b, norm=nm, silu=p["silu"], use_pdl=True, config=cfg)
+                built += 1
+            except Exception:  # the timing process records it
+                pass
+    torch.cuda.synchronize()
+    return built
+
+
+def precompile(name: str, proj: str, dtype: str, configs: list, rows: int, workers: int = 12) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    parts = [configs[i::workers] for i in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_compile_configs, *zip(*[(name, proj, dtype, part, rows) for part in parts if part])))
+
+
 def sweep(args, bandwidth: float) -> dict:
+    """Each projection at one row over launch configurations (programmatic dependent launch on);
+    with --rows > 1 each configuration also over that many rows computed as one (a verify pass
+    and the batch-1 step share a configuration: that is what keeps their rows bit for bit equal)."""
     dtype = getattr(torch, args.dtype)
     results = []
+    grid = itertools.product(args.block_n, args.block_k, args.warps)
+    configs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=wp) for bn, bk, wp in grid]
     for name in args.shapes:
         for proj, p in projections(SHAPES[name]).items():
+            precompile(name, proj, args.dtype, configs, args.rows)
             w, x, b, norm = tensors(p, dtype)
+            xr = torch.randn(args.rows, p["k"], device="cuda", dtype=dtype)
+            normr = None if norm is None else (torch.randn_like(xr), norm[1], norm[2], torch.empty_like(xr))
             nbytes = w.numel() * w.element_size()
             ideal_us = nbytes / bandwidth * 1e6
             cublas_us = graph_us(functools.partial(F.linear, x, w, b), calls=20, reps=10)
@@ -79,16 +119,19 @@ def sweep(args, bandwidth: float) -> dict:
             want = plain_call(w, x, b, norm, p["silu"]).float()
             n_out = p["n"] // 2 if p["silu"] else p["n"]
             rows = []
-            for bn, bk, warps, use_pdl in itertools.product(args.block_n, args.block_k, args.warps, (False, True)):
-                cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
-                call = functools.partial(gemv, x, w, b, norm=norm, silu=p["silu"], use_pdl=use_pdl, config=cfg)
+            for cfg in configs:
+                call = functools.partial(gemv, x, w, b, norm=norm, silu=p["silu"], use_pdl=True, config=cfg)
                 try:
                     err = (call().float() - want).abs().max().item()
                     us = graph_us(call, calls=20, reps=10)
+                    rows_us = None
+                    if args.rows > 1:
+                        call_rows = functools.partial(gemv, xr, w, b, norm=normr, silu=p["silu"], use_pdl=True, config=cfg)
+                        rows_us = graph_us(call_rows, calls=20, reps=10)
                 except Exception as e:  # a configuration that does not build is a result
-                    rows.append({**cfg, "pdl": use_pdl, "error": str(e)[:160]})
+                    rows.append({**cfg, "error": str(e)[:160]})
                     continue
-                rows.append({**cfg, "pdl": use_pdl, "us": us, "max_abs_err": err})
+                rows.append({**cfg, "us": us, "rows_us": rows_us, "max_abs_err": err})
             timed = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
             default = gemv_config(n_out, p["k"], p["norm"], p["silu"])
             default_us = graph_us(functools.partial(gemv, x, w, b, norm=norm, silu=p["silu"], use_pdl=True), calls=20, reps=10)
@@ -106,11 +149,50 @@ def sweep(args, bandwidth: float) -> dict:
                 "default_pct_bw": 100 * ideal_us / default_us,
                 "best": timed[0] if timed else None,
                 "best_pct_bw": 100 * ideal_us / timed[0]["us"] if timed else None,
-                "sweep": timed[:10],
+                "sweep": timed,
             }
             print(json.dumps({k: v for k, v in entry.items() if k != "sweep"}), flush=True)
             results.append(entry)
     return {"sweep": results}
+
+
+def rows_entry(p: dict, r: int, dtype, bandwidth: float) -> dict:
+    """One projection over r rows computed as one (see the module's docstring)."""
+    w, x1, b, norm1 = tensors(p, dtype)
+    x = torch.randn(r, p["k"], device="cuda", dtype=dtype)
+    norm = None if norm1 is None else (torch.randn_like(x), norm1[1], norm1[2], torch.empty_like(x))
+    default = gemv_config(p["n"] // 2 if p["silu"] else p["n"], p["k"], p["norm"], p["silu"])
+
+    def call(xs, nm, **cfg):
+        return gemv(xs, w, b, norm=nm, silu=p["silu"], use_pdl=True, config=default | cfg)
+
+    def row_norm(i):
+        return None if norm is None else (norm[0][i : i + 1], norm[1], norm[2], torch.empty_like(x1))
+
+    together = call(x, norm)
+    equal = sum(torch.equal(together[i : i + 1], call(x[i : i + 1], row_norm(i))) for i in range(r))
+    return {
+        **p,
+        "rows": r,
+        "config": default,
+        "ideal_us": w.numel() * w.element_size() / bandwidth * 1e6,
+        "one_row_us": graph_us(functools.partial(call, x1, norm1), calls=20, reps=10),
+        "rows_together_us": graph_us(functools.partial(call, x, norm), calls=20, reps=10),
+        "rows_in_turn_us": graph_us(functools.partial(call, x, norm, rows_together=1), calls=20, reps=10),
+        "cublas_rows_us": graph_us(functools.partial(plain_call, w, x, b, norm, p["silu"]), calls=20, reps=10),
+        "rows_bitwise_equal_to_one_row_calls": equal,
+    }
+
+
+def rows(args, bandwidth: float) -> dict:
+    dtype = getattr(torch, args.dtype)
+    results = []
+    for name in args.shapes:
+        for proj, p in projections(SHAPES[name]).items():
+            entry = {"shape": name, "proj": proj, **rows_entry(p, args.rows, dtype, bandwidth)}
+            print(json.dumps(entry), flush=True)
+            results.append(entry)
+    return {"rows": results}
 
 
 def plain_chain(weights, x0, bias, gamma, h):
@@ -182,7 +264,8 @@ def chain(args, bandwidth: float) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="*", default=["sweep", "chain"], help="sweep and/or chain (default: both)")
+    ap.add_argument("what", nargs="*", default=["sweep", "chain"], help="sweep, rows and/or chain (default: sweep and chain)")
+    ap.add_argument("--rows", type=int, default=5, help="rows (and sweep): the rows computed as one (k + 1 of a verify pass)")
     ap.add_argument("--shapes", nargs="+", default=["qwen-1.5b", "llama-8b"], choices=sorted(SHAPES))
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--block-n", nargs="+", type=int, default=[2, 4, 8, 16])
@@ -190,8 +273,8 @@ def main() -> int:
     ap.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if set(args.what) - {"sweep", "chain"}:
-        ap.error(f"what: sweep and/or chain, got {args.what}")
+    if set(args.what) - {"sweep", "rows", "chain"}:
+        ap.error(f"what: sweep, rows and/or chain, got {args.what}")
     args.device = "cuda"
     info = run_info(args)
     bw = copy_bandwidth("cuda")
@@ -200,7 +283,7 @@ def main() -> int:
     res: dict = {}
     t = time.perf_counter()
     for what in args.what:
-        res |= {"sweep": sweep, "chain": chain}[what](args, bw)
+        res |= {"sweep": sweep, "rows": rows, "chain": chain}[what](args, bw)
     info["seconds"] = time.perf_counter() - t
     if args.out:
         Path(args.out).write_text(json.dumps({"info": info, **res}, indent=2))

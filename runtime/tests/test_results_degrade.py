@@ -28,7 +28,6 @@ def test_a_full_results_disk_still_returns_the_answer(llama_dir, tmp_path, monke
     from fastapi.testclient import TestClient
 
     import inferd.server.results as results_module
-
     from inferd.server.app import create_app
     from inferd.server.audit import read_records
     from inferd.server.auth import KeyStore

@@ -21,9 +21,13 @@ nothing (bench/bench_decode_step.py, BENCHMARKS.md). Here one kernel is
   finishes, where a plain launch leaves the memory idle between kernels.
 
 The same kernel takes several rows computed as one (AttentionContext.rows_as_one: a speculative
-verify pass of one sequence): each program takes the rows in turn through the same code, each
-row summed exactly as a 1-row call sums it, so those rows' logits are bit for bit what batch-1
-decoding computes.
+verify pass of one sequence): each program reads its weight tile once for up to ROWS_TOGETHER
+rows and keeps one accumulator per row, each row summed exactly as a 1-row call sums it (the sum
+order depends on the launch configuration and the tile layout, never on the other rows), so those
+rows' logits are bit for bit what batch-1 decoding computes. What makes this cheap is the order
+of sums both share: a thread first sums its G consecutive products (one 16-byte load of weights)
+and adds that to a per-row accumulator a G-th of the tile's size, so several rows' accumulators
+fit in registers.
 
 The arithmetic is the references' (fused.add_rms_norm, F.linear, fused.silu_and_mul) in float32,
 rounded to bf16/fp16 where values are stored (x + residual, the output, SiLU's product); the
@@ -74,8 +78,8 @@ def pdl_enter(USE_PDL: tl.constexpr):
 
 @triton.jit
 def _input_tile(x_ptr, res_ptr, res_out_ptr, kk, mask, write, HAS_RES: tl.constexpr):
-    """Columns kk of the GEMV's input row in float32: x as stored, or x + residual rounded to x's
-    type as the eager add is (written to res_out by program 0, `write`)."""
+    """Columns kk of one input row in float32: x as stored, or x + residual rounded to x's type as
+    the eager add is (written to res_out by program 0, `write`)."""
     x = tl.load(x_ptr + kk, mask=mask, other=0.0)
     if HAS_RES:
         x = (x.to(tl.float32) + tl.load(res_ptr + kk, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
@@ -84,7 +88,13 @@ def _input_tile(x_ptr, res_ptr, res_out_ptr, kk, mask, write, HAS_RES: tl.conste
     return x.to(tl.float32)
 
 
-@triton.jit  # one row specialised (the loop unrolled away: the batch-1 step as before); same sums either way
+@triton.jit
+def _zeros_per_row(shape: tl.constexpr, ROWS: tl.constexpr):
+    """One float32 accumulator of `shape` for each of ROWS rows (a tuple)."""
+    return (tl.zeros(shape, dtype=tl.float32),) * ROWS
+
+
+@triton.jit  # rows == 1 specialised (the group loop of one iteration compiles away: the batch-1 step)
 def _gemv_kernel(
     x_ptr,
     res_ptr,
@@ -105,14 +115,22 @@ def _gemv_kernel(
     SILU: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     USE_PDL: tl.constexpr,
+    ROWS: tl.constexpr,
+    G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Program p: output columns [p * BLOCK_N, (p + 1) * BLOCK_N) of each of the `rows` rows in
-    turn; with SILU, weight rows n (gate) and up_offset + n (up) for each of them. Every row is
-    computed as if it were alone (the same code, the same order of sums): a row's result does not
-    depend on the others, and after the first row the program's weight slice comes from L1/L2."""
+    """Program p: output columns [p * BLOCK_N, (p + 1) * BLOCK_N) of every row; with SILU, weight
+    rows n (gate) and up_offset + n (up). The rows go in groups of ROWS, each group in one pass over
+    the program's weight slice (the first from HBM, later groups' from cache).
+
+    A weight tile is [BLOCK_N, BLOCK_K // G, G]: G consecutive columns a thread (one 16-byte load).
+    Each row's products over those G columns are summed inside the thread and added to the row's
+    own [BLOCK_N, BLOCK_K // G] accumulator, which is summed across the threads once at the end. A
+    row's order of sums is the same whatever the other rows are, and the same as at one row: rows
+    computed together are each bit for bit a 1-row call."""
     pid = tl.program_id(0)
+    KG: tl.constexpr = BLOCK_K // G
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     rk = tl.arange(0, BLOCK_K)
@@ -125,17 +143,14 @@ def _gemv_kernel(
         u0 = tl.load(u_rows + rk[None, :], mask=n_mask[:, None] & (rk[None, :] < K), other=0.0)
     pdl_enter(USE_PDL)
     dtype = out_ptr.dtype.element_ty
-    for row in range(rows):
-        x_row = x_ptr + row * stride_x
-        res_row = res_ptr + row * K
-        res_out_row = res_out_ptr + row * K
+    for first in range(0, rows, ROWS):
         w, u = w0, u0
-        # The norm: the row's squares summed element-wise alongside the product and reduced once at
-        # the end; the norm weight multiplies the row, the row's 1/rms the finished sums (a scalar
-        # per row: W (gamma * s / rms) = (W (gamma * s)) / rms), so it costs no pass of its own.
-        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        # The norm: each row's squares summed alongside its products and reduced once at the end;
+        # the norm weight multiplies the row, the row's 1/rms the finished sums (a scalar per row:
+        # W (gamma * s / rms) = (W (gamma * s)) / rms), so it costs no pass of its own.
+        sq = _zeros_per_row([KG], ROWS)
+        acc = _zeros_per_row([BLOCK_N, KG], ROWS)
+        acc_u = _zeros_per_row([BLOCK_N, KG], ROWS)
         for k0 in range(0, K, BLOCK_K):
             # The next tiles are requested before this one is used: two tiles in flight per program.
             nk = k0 + BLOCK_K + rk
@@ -143,43 +158,68 @@ def _gemv_kernel(
             if SILU:
                 u_next = tl.load(u_rows + nk[None, :], mask=n_mask[:, None] & (nk[None, :] < K), other=0.0)
             kk = k0 + rk
-            x = _input_tile(x_row, res_row, res_out_row, kk, kk < K, pid == 0, HAS_RES)
             if NORM:
-                sq += x * x
-                x = x * tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            acc += w.to(tl.float32) * x[None, :]
+                gamma = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            # [BLOCK_N, KG, G]: a thread's G consecutive columns (as loaded) on the last axis.
+            wf = tl.reshape(w.to(tl.float32), [BLOCK_N, KG, G])
+            uf = tl.reshape(u.to(tl.float32), [BLOCK_N, KG, G])
+            sq_next = ()
+            acc_next = ()
+            acc_u_next = ()
+            for r in tl.static_range(ROWS):
+                row = first + r
+                x_row, res_row, res_out_row = x_ptr + row * stride_x, res_ptr + row * K, res_out_ptr + row * K
+                x = _input_tile(x_row, res_row, res_out_row, kk, (kk < K) & (row < rows), pid == 0, HAS_RES)
+                if NORM:
+                    sq_next = sq_next + (sq[r] + tl.sum(tl.reshape(x * x, [KG, G]), 1),)
+                    x = x * gamma
+                x = tl.reshape(x, [KG, G])[None, :, :]
+                acc_next = acc_next + (acc[r] + tl.sum(wf * x, 2),)
+                if SILU:
+                    acc_u_next = acc_u_next + (acc_u[r] + tl.sum(uf * x, 2),)
+            if NORM:
+                sq = sq_next
+            acc = acc_next
             w = w_next
             if SILU:
-                acc_u += u.to(tl.float32) * x[None, :]
+                acc_u = acc_u_next
                 u = u_next
-        rstd = 1.0
-        if NORM:
-            rstd = tl.rsqrt(tl.sum(sq, 0) / K + eps)
-        out = tl.sum(acc, 1) * rstd
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-        out = out.to(dtype)
-        if SILU:
-            up = tl.sum(acc_u, 1) * rstd
+        for r in tl.static_range(ROWS):
+            row = first + r
+            rstd = 1.0
+            if NORM:
+                rstd = tl.rsqrt(tl.sum(sq[r], 0) / K + eps)
+            out = tl.sum(acc[r], 1) * rstd
             if HAS_BIAS:
-                up += tl.load(bias_ptr + up_offset + rn, mask=n_mask, other=0.0).to(tl.float32)
-            g = out.to(tl.float32)
-            act = (g / (1.0 + tl.exp(-g))).to(dtype)  # F.silu, rounded as the eager op rounds
-            out = (act.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
-        tl.store(out_ptr + row * N + rn, out, mask=n_mask)
+                out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+            out = out.to(dtype)
+            if SILU:
+                up = tl.sum(acc_u[r], 1) * rstd
+                if HAS_BIAS:
+                    up += tl.load(bias_ptr + up_offset + rn, mask=n_mask, other=0.0).to(tl.float32)
+                g = out.to(tl.float32)
+                act = (g / (1.0 + tl.exp(-g))).to(dtype)  # F.silu, rounded as the eager op rounds
+                out = (act.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
+            tl.store(out_ptr + row * N + rn, out, mask=n_mask & (row < rows))
+
+
+# Rows computed together in one pass over a program's weight slice (more go in further passes,
+# the weights then from cache): 8 takes a verify pass of up to 7 drafted tokens in one.
+ROWS_TOGETHER = 8
 
 
 def gemv_config(n: int, k: int, norm: bool, silu: bool) -> dict:
-    """Launch configuration by the projection: the fastest of runtime/bench/bench_gemv.py's sweep
-    on the H200 for the 1.5B and 8B shapes (BENCHMARKS.md). Plain projections: row blocks that
-    make 384-512 programs, long K tiles; with the norm or SiLU (more registers a program) 4 warps."""
+    """Launch configuration by the projection: the fastest at one row of runtime/bench/bench_gemv.py's
+    sweep on the H200 for the 1.5B and 8B shapes, preferring among near-equals the one faster over
+    5 rows computed as one (BENCHMARKS.md, fifth pass). A verify pass's rows and the batch-1 step
+    use the same configuration: that is part of what keeps them bit for bit equal."""
     if silu:  # gate and up rows: two tiles in flight per step
-        return dict(BLOCK_N=8, BLOCK_K=256 if k < 2048 else 512, num_warps=4)
+        return dict(BLOCK_N=4, BLOCK_K=256, num_warps=4) if k < 2048 else dict(BLOCK_N=8, BLOCK_K=512, num_warps=4)
     if norm:
-        return dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
+        return dict(BLOCK_N=8, BLOCK_K=512 if k >= 4096 else 1024, num_warps=4)
     if n >= 4096:
-        return dict(BLOCK_N=8, BLOCK_K=512, num_warps=8)
-    return dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8 if k >= 4096 else 4)
+        return dict(BLOCK_N=8, BLOCK_K=2048, num_warps=8)
+    return dict(BLOCK_N=4, BLOCK_K=2048, num_warps=8) if k >= 4096 else dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4)
 
 
 def gemv(
@@ -198,7 +238,7 @@ def gemv(
     `norm` (residual or None, norm_weight, eps, residual_out or None): the input is RMSNorm(x +
     residual) (RMSNorm(x) without a residual), x + residual written to residual_out. `silu`:
     weight stacks gate and up (2I rows): returns silu(gate) * up, (R, I). `config` overrides the
-    launch (benchmarks sweep it)."""
+    launch (benchmarks sweep it; its `rows_together` the rows a program takes in one pass)."""
     if x.dim() != 2 or x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError(f"gemv takes rows of contiguous elements and a row-major weight, got x {tuple(x.shape)}")
     if norm is not None and norm[0] is not None and (norm[3] is None or not norm[0].is_contiguous()):
@@ -209,8 +249,9 @@ def gemv(
     if rows == 0:
         return out
     residual, norm_weight, eps, residual_out = norm if norm is not None else (None, None, 0.0, None)
-    cfg = config or gemv_config(n, k, norm is not None, silu)
+    cfg = dict(config or gemv_config(n, k, norm is not None, silu))
     use_pdl = pdl(rows) if use_pdl is None else use_pdl
+    group = min(rows, cfg.pop("rows_together", ROWS_TOGETHER))
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x,
         residual if residual is not None else x,
@@ -231,6 +272,8 @@ def gemv(
         SILU=silu,
         HAS_BIAS=bias is not None,
         USE_PDL=use_pdl,
+        ROWS=group,
+        G=16 // x.element_size(),
         launch_pdl=use_pdl,
         **cfg,
     )
