@@ -98,12 +98,11 @@ def precompile(name: str, proj: str, dtype: str, configs: list, rows: int, worke
         list(pool.map(_compile_configs, *zip(*[(name, proj, dtype, part, rows) for part in parts if part])))
 
 
-def sweep(args, bandwidth: float) -> dict:
+def sweep(args, bandwidth: float, results: list, checkpoint) -> None:
     """Each projection at one row over launch configurations (programmatic dependent launch on);
     with --rows > 1 each configuration also over that many rows computed as one (a verify pass
     and the batch-1 step share a configuration: that is what keeps their rows bit for bit equal)."""
     dtype = getattr(torch, args.dtype)
-    results = []
     grid = itertools.product(args.block_n, args.block_k, args.warps)
     configs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=wp) for bn, bk, wp in grid]
     for name in args.shapes:
@@ -153,7 +152,7 @@ def sweep(args, bandwidth: float) -> dict:
             }
             print(json.dumps({k: v for k, v in entry.items() if k != "sweep"}), flush=True)
             results.append(entry)
-    return {"sweep": results}
+            checkpoint()
 
 
 def rows_entry(p: dict, r: int, dtype, bandwidth: float) -> dict:
@@ -184,15 +183,14 @@ def rows_entry(p: dict, r: int, dtype, bandwidth: float) -> dict:
     }
 
 
-def rows(args, bandwidth: float) -> dict:
+def rows(args, bandwidth: float, results: list, checkpoint) -> None:
     dtype = getattr(torch, args.dtype)
-    results = []
     for name in args.shapes:
         for proj, p in projections(SHAPES[name]).items():
             entry = {"shape": name, "proj": proj, **rows_entry(p, args.rows, dtype, bandwidth)}
             print(json.dumps(entry), flush=True)
             results.append(entry)
-    return {"rows": results}
+            checkpoint()
 
 
 def plain_chain(weights, x0, bias, gamma, h):
@@ -219,12 +217,11 @@ def gemv_chain(weights, x0, bias, gamma, h):
     return hidden
 
 
-def chain(args, bandwidth: float) -> dict:
+def chain(args, bandwidth: float, results: list, checkpoint) -> None:
     """The linear part of a decode step: per layer the four projections with their norms and SiLU."""
     from inferd.layers.gemv import set_pdl
 
     dtype = getattr(torch, args.dtype)
-    out = []
     for name in args.shapes:
         shape = SHAPES[name]
         layers = shape["num_hidden_layers"]
@@ -256,10 +253,10 @@ def chain(args, bandwidth: float) -> dict:
             got = entry.pop(f"{label}_out")
             entry[f"{label}_rel_err"] = ((got - ref).norm() / ref.norm()).item()
         print(json.dumps(entry), flush=True)
-        out.append(entry)
+        results.append(entry)
+        checkpoint()
         del weights, args_
         torch.cuda.empty_cache()
-    return {"chain": out}
 
 
 def main() -> int:
@@ -280,13 +277,17 @@ def main() -> int:
     bw = copy_bandwidth("cuda")
     info["copy_bandwidth_GB_s"] = bw / 1e9
     print(json.dumps(info), flush=True)
-    res: dict = {}
+    res: dict = {what: [] for what in args.what}
+
+    def checkpoint():  # after every entry: a run cut short by a time limit keeps what it measured
+        if args.out:
+            Path(args.out).write_text(json.dumps({"info": info, **res}, indent=2))
+
     t = time.perf_counter()
     for what in args.what:
-        res |= {"sweep": sweep, "rows": rows, "chain": chain}[what](args, bw)
+        {"sweep": sweep, "rows": rows, "chain": chain}[what](args, bw, res[what], checkpoint)
     info["seconds"] = time.perf_counter() - t
-    if args.out:
-        Path(args.out).write_text(json.dumps({"info": info, **res}, indent=2))
+    checkpoint()
     return 0
 
 

@@ -12,7 +12,7 @@ import torch
 from inferd import LLM, SamplingParams
 from inferd.config import EngineConfig, SpeculativeConfig
 from inferd.engine.sequence import Sequence
-from inferd.engine.speculative import propose_ngram, verify
+from inferd.engine.speculative import SpecDecoder, propose_ngram, verify
 from inferd.layers.sampler import Sampler
 from inferd.testing import make_model
 
@@ -177,7 +177,6 @@ def test_without_an_ngram_match_steps_are_launched_ahead_and_output_is_unchanged
 
 def test_the_lookup_check_skips_the_token_still_in_flight():
     from inferd.engine.sequence import PENDING_TOKEN
-    from inferd.engine.speculative import SpecDecoder
 
     spec = SpecDecoder(SpeculativeConfig(method="ngram", ngram_min=2, ngram_max=3), None, 4096)
     seq = Sequence([5, 6, 7, 5, 6], SamplingParams(max_tokens=8), 16)
@@ -189,6 +188,28 @@ def test_the_lookup_check_skips_the_token_still_in_flight():
     assert not spec.wants([seq])  # "6 9" never did
     done = Sequence([5, 6, 7, 5, 6], SamplingParams(max_tokens=1), 16)
     assert not spec.wants([done])  # no room left for a draft
+
+
+def test_only_a_lone_greedy_sequence_pays_for_rows_computed_as_one():
+    """Bit-for-bit verify rows (the GPU's rows_as_one, 2.2 plain steps a pass against 1.4) serve
+    greedy output's equality with plain decoding; a sampled request's draws differ from plain
+    decoding's anyway, so its verify pass takes the batch kernels."""
+    from types import SimpleNamespace
+
+    asked = []
+    runner = SimpleNamespace(max_decode_rows=64, verify_rows=[2, 3, 4, 5])
+    runner.step_logits = lambda views, is_prefill, as_one: asked.append((len(views), is_prefill, as_one))
+
+    def seq(**kw):
+        return Sequence([5, 6, 7], SamplingParams(max_tokens=8, **kw), 16)
+
+    greedy, sampled = seq(temperature=0.0), seq(temperature=0.7, seed=1)
+    SpecDecoder._verify_logits(runner, [greedy], [[1, 2, 3, 4]])
+    SpecDecoder._verify_logits(runner, [sampled], [[1, 2, 3, 4]])
+    SpecDecoder._verify_logits(runner, [greedy, seq(temperature=0.0)], [[1, 2], [3]])
+    runner.verify_rows = []  # a runner without verify graphs (no GEMV pass, CPU)
+    SpecDecoder._verify_logits(runner, [greedy], [[1, 2, 3, 4]])
+    assert asked == [(5, False, True), (5, False, False), (5, False, False), (5, False, False)]
 
 
 def test_requests_needing_the_plain_sampler_fall_back_to_plain_steps(llama_dir, plain):

@@ -10,12 +10,15 @@ the step ends there; when all are accepted, a bonus token is drawn from p at the
 Prompt lookup drafts deterministically (q is a point mass on d): accept with probability p(d), or
 draw from p with d removed. Greedy requests accept a draft when it is the target's argmax, so
 their output is the plain decoder's token for token wherever the verify pass computes the logits
-a plain step computes. On the CPU it does. On the GPU a verify pass of one sequence computes
-each of its k + 1 rows as the batch-1 step does (AttentionContext.rows_as_one: the GEMV kernels
-over the rows, attention split as for one sequence, the LM head row by row; its own CUDA graphs
-per row count), so in bf16/fp16 with the GEMV pass its rows are the plain steps' logits bit for
-bit (bench/spec_exactness.py, BENCHMARKS.md). With several sequences, or quantized weights, the
-rows run the batch kernels: equal up to rounding, as plain decoding's own output at that batch.
+a plain step computes. On the CPU it does. On the GPU a verify pass of one greedy sequence
+computes each of its k + 1 rows as the batch-1 step does (AttentionContext.rows_as_one: the GEMV
+kernels over the rows, attention split as for one sequence, the LM head row by row; its own CUDA
+graphs per row count), so in bf16/fp16 with the GEMV pass its rows are the plain steps' logits bit
+for bit (bench/spec_exactness.py, BENCHMARKS.md). That costs 2.2 plain steps a pass of 5 rows
+against 1.4 for the batch kernels, and buys a sampled request nothing: its draws differ from plain
+decoding's anyway, and the acceptance rule keeps the target's distribution with either kernels. So
+a sampled sequence's rows, several sequences' rows and quantized weights' rows run the batch
+kernels: equal up to rounding, as plain decoding's own output at that batch.
 
 The paged cache is rolled back on rejection: the verify pass writes K/V for every draft, but only
 the accepted ones are counted as computed (and only blocks full of verified tokens get their
@@ -340,15 +343,15 @@ class SpecDecoder:
         position is a decode row of its own (its context ends at it; the rows of a sequence share
         its block table, and every row's K/V is stored before any attends): the decode kernels and,
         within a graph bucket, the decode CUDA graph, computing what plain decoding computes for
-        the same token. A batch with more rows than the decode staging holds takes the chunked
-        prefill path (k + 1 query tokens per sequence after its cached context)."""
+        the same token; one greedy sequence's rows computed as batch-1 steps where the runner can
+        (bit for bit: the module's docstring). A batch with more rows than the decode staging holds
+        takes the chunked prefill path (k + 1 query tokens per sequence after its cached context)."""
         if sum(len(d) + 1 for d in drafts) <= runner.max_decode_rows:
             views = []
             for s, d in zip(batch, drafts):
                 tokens = s.token_ids + d
                 views.extend(Chunk(tokens[: len(s) + j], s.block_table, len(s) + j - 1, 1) for j in range(len(d) + 1))
-            # One sequence, where the runner can: its rows computed as batch-1 steps, bit for bit.
-            as_one = len(batch) == 1 and bool(runner.verify_rows)
+            as_one = len(batch) == 1 and batch[0].params.greedy and bool(runner.verify_rows)
             return runner.step_logits(views, is_prefill=False, as_one=as_one)
         views = [Chunk(s.token_ids + d, s.block_table, len(s) - 1, len(d) + 1) for s, d in zip(batch, drafts)]
         return runner.step_logits(views, is_prefill=True, all_positions=True)
