@@ -22,6 +22,7 @@ import argparse
 import functools
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -107,7 +108,10 @@ def sweep(args, bandwidth: float, results: list, checkpoint) -> None:
     configs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=wp) for bn, bk, wp in grid]
     for name in args.shapes:
         for proj, p in projections(SHAPES[name]).items():
-            precompile(name, proj, args.dtype, configs, args.rows)
+            try:
+                precompile(name, proj, args.dtype, configs, args.rows)
+            except Exception as e:  # only a head start: the timing below compiles what is missing
+                print(f"precompiling {name} {proj} failed ({e}); compiling while timing", flush=True)
             w, x, b, norm = tensors(p, dtype)
             xr = torch.randn(args.rows, p["k"], device="cuda", dtype=dtype)
             normr = None if norm is None else (torch.randn_like(xr), norm[1], norm[2], torch.empty_like(xr))
@@ -117,21 +121,24 @@ def sweep(args, bandwidth: float, results: list, checkpoint) -> None:
             plain_us = graph_us(functools.partial(plain_call, w, x, b, norm, p["silu"]), calls=20, reps=10)
             want = plain_call(w, x, b, norm, p["silu"]).float()
             n_out = p["n"] // 2 if p["silu"] else p["n"]
-            rows = []
+            timings = []
             for cfg in configs:
                 call = functools.partial(gemv, x, w, b, norm=norm, silu=p["silu"], use_pdl=True, config=cfg)
                 try:
                     err = (call().float() - want).abs().max().item()
                     us = graph_us(call, calls=20, reps=10)
-                    rows_us = None
-                    if args.rows > 1:
-                        call_rows = functools.partial(gemv, xr, w, b, norm=normr, silu=p["silu"], use_pdl=True, config=cfg)
-                        rows_us = graph_us(call_rows, calls=20, reps=10)
                 except Exception as e:  # a configuration that does not build is a result
-                    rows.append({**cfg, "error": str(e)[:160]})
+                    timings.append({**cfg, "error": str(e)[:160]})
                     continue
-                rows.append({**cfg, "us": us, "rows_us": rows_us, "max_abs_err": err})
-            timed = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
+                timing = {**cfg, "us": us, "max_abs_err": err}
+                if args.rows > 1:
+                    call_rows = functools.partial(gemv, xr, w, b, norm=normr, silu=p["silu"], use_pdl=True, config=cfg)
+                    try:
+                        timing["rows_us"] = graph_us(call_rows, calls=20, reps=10)
+                    except Exception as e:
+                        timing["rows_error"] = str(e)[:160]
+                timings.append(timing)
+            timed = sorted((r for r in timings if "us" in r), key=lambda r: r["us"])
             default = gemv_config(n_out, p["k"], p["norm"], p["silu"])
             default_us = graph_us(functools.partial(gemv, x, w, b, norm=norm, silu=p["silu"], use_pdl=True), calls=20, reps=10)
             entry = {
@@ -281,7 +288,9 @@ def main() -> int:
 
     def checkpoint():  # after every entry: a run cut short by a time limit keeps what it measured
         if args.out:
-            Path(args.out).write_text(json.dumps({"info": info, **res}, indent=2))
+            part = Path(f"{args.out}.part")
+            part.write_text(json.dumps({"info": info, **res}, indent=2))
+            os.replace(part, args.out)  # never a half-written file under the name
 
     t = time.perf_counter()
     for what in args.what:

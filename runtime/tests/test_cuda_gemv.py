@@ -1,6 +1,7 @@
 """The batch-1 GEMV kernels on the GPU: bf16 against the plain kernels at the real widths, with
-and without programmatic dependent launch, a chain of them captured in a CUDA graph, and the
-engine's greedy tokens with the GEMV path against the plain path. Skipped without CUDA.
+and without programmatic dependent launch, several rows computed as one against 1-row calls, a
+chain of them captured in a CUDA graph, and the engine's greedy tokens with the GEMV path against
+the plain path. Skipped without CUDA.
 
     PYTHONPATH=$PWD/runtime pytest -q runtime/tests/test_cuda_gemv.py      # on the GPU machine
 """
@@ -54,6 +55,38 @@ def test_gemv_equals_the_plain_kernels_in_bf16(n, k, prologue, silu, pdl):
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     if prologue == "add_norm":
         assert torch.equal(norm[3], x + norm[0])
+
+
+@pytest.mark.parametrize("n,k", [(2048, 1536), (1536, 8960), (4096, 14336), (1000, 700)])
+@pytest.mark.parametrize("prologue", [None, "add_norm"])
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("rows,together", [(5, None), (11, None), (11, 4)])
+def test_rows_computed_as_one_are_each_the_one_row_call_bit_for_bit(n, k, prologue, silu, rows, together):
+    """The compiled kernels at one row and at several (a verify pass: one group, groups of 8 made
+    even, groups of 4 and a partial one) at the real widths: each row equal to its 1-row call, its
+    x + residual too. The CPU test runs the interpreter, whose arithmetic does not depend on the
+    layout; here the compiler's choices (layouts, fused multiply-adds) are what is checked."""
+    from inferd.layers.gemv import gemv, gemv_config
+
+    g = torch.Generator(device="cuda").manual_seed(n + k + rows)
+    x = torch.randn(rows, k, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(2 * n if silu else n, k, device="cuda", generator=g) / k**0.5).bfloat16()
+    b = torch.randn(w.shape[0], device="cuda", generator=g).bfloat16()
+    res = torch.randn(rows, k, device="cuda", generator=g).bfloat16() if prologue else None
+    gamma = torch.randn(k, device="cuda", generator=g).bfloat16()
+    config = gemv_config(n, k, bool(prologue), silu) | ({"rows_together": together} if together else {})
+
+    def call(xs, rs):
+        out = torch.empty_like(xs) if rs is not None else None
+        norm = (rs, gamma, 1e-6, out) if prologue else None
+        return gemv(xs, w, b, norm=norm, silu=silu, use_pdl=True, config=config), out
+
+    got, got_res = call(x, res)
+    for r in range(rows):
+        one, one_res = call(x[r : r + 1], res[r : r + 1] if prologue else None)
+        assert torch.equal(got[r : r + 1], one), f"row {r}"
+        if prologue:
+            assert torch.equal(got_res[r : r + 1], one_res), f"row {r}'s x + residual"
 
 
 def test_a_chain_of_pdl_launches_in_a_cuda_graph_equals_the_same_chain_launched_plainly():

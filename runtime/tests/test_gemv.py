@@ -142,14 +142,20 @@ def test_the_gemv_kernel_computes_norm_product_bias_and_silu(n, k, bias, prologu
 @needs_interpreter
 @pytest.mark.parametrize("prologue", [None, "add_norm"])
 @pytest.mark.parametrize("silu", [False, True])
-@pytest.mark.parametrize("rows,together", [(5, None), (11, 4)])  # one group of rows; two full groups and a partial one
-def test_the_gemv_kernel_computes_each_of_several_rows_as_a_one_row_call(prologue, silu, rows, together):
+@pytest.mark.parametrize(
+    "n,k,block_k,rows,together",
+    [
+        (24, 80, None, 5, None),  # one group of rows, one K tile
+        (26, 100, 32, 11, 4),  # groups of 4, 4 and 3; several K tiles, the last partial; masked columns
+        (26, 100, 32, 9, 8),  # groups as even as they go (5 and 4)
+    ],
+)
+def test_the_gemv_kernel_computes_each_of_several_rows_as_a_one_row_call(prologue, silu, n, k, block_k, rows, together):
     """Rows computed as one (a verify pass): row r of a call over R rows is what the 1-row call on
     row r gives, and each row's x + residual is written for it. The input rows are strided."""
     from inferd.layers.gemv import gemv, gemv_config
 
     g = torch.Generator().manual_seed(3)
-    n, k = 24, 80
     x = torch.randn(rows, 2 * k, generator=g)[:, :k]  # a row stride of 2k
     w = torch.randn(2 * n if silu else n, k, generator=g) / k**0.5
     b = torch.randn(w.shape[0], generator=g)
@@ -160,6 +166,7 @@ def test_the_gemv_kernel_computes_each_of_several_rows_as_a_one_row_call(prologu
         out = torch.full_like(xs, float("nan")) if rs is not None else None
         norm = (rs, nw, 1e-6, out) if prologue else None
         config = gemv_config(n, k, bool(prologue), silu) | ({"rows_together": together} if together else {})
+        config |= {"BLOCK_K": block_k} if block_k else {}
         return gemv(xs, w, b, norm=norm, silu=silu, use_pdl=False, config=config), out
 
     got, got_res = call(x, res)

@@ -25,9 +25,9 @@ verify pass of one sequence): each program reads its weight tile once for up to 
 rows and keeps one accumulator per row, each row summed exactly as a 1-row call sums it (the sum
 order depends on the launch configuration and the tile layout, never on the other rows), so those
 rows' logits are bit for bit what batch-1 decoding computes. What makes this cheap is the order
-of sums both share: a thread first sums its G consecutive products (one 16-byte load of weights)
-and adds that to a per-row accumulator a G-th of the tile's size, so several rows' accumulators
-fit in registers.
+of sums both share: a thread first sums its G consecutive products (one 16-byte load of weights
+where a weight row's bytes are a multiple of 16, as in every model here) and adds that to a
+per-row accumulator a G-th of the tile's size, so several rows' accumulators fit in registers.
 
 The arithmetic is the references' (fused.add_rms_norm, F.linear, fused.silu_and_mul) in float32,
 rounded to bf16/fp16 where values are stored (x + residual, the output, SiLU's product); the
@@ -124,11 +124,12 @@ def _gemv_kernel(
     rows n (gate) and up_offset + n (up). The rows go in groups of ROWS, each group in one pass over
     the program's weight slice (the first from HBM, later groups' from cache).
 
-    A weight tile is [BLOCK_N, BLOCK_K // G, G]: G consecutive columns a thread (one 16-byte load).
-    Each row's products over those G columns are summed inside the thread and added to the row's
-    own [BLOCK_N, BLOCK_K // G] accumulator, which is summed across the threads once at the end. A
-    row's order of sums is the same whatever the other rows are, and the same as at one row: rows
-    computed together are each bit for bit a 1-row call."""
+    A weight tile is [BLOCK_N, BLOCK_K // G, G]: G consecutive columns a thread (one 16-byte load
+    where a weight row's bytes are a multiple of 16; otherwise the compiler may spread them over
+    threads, the same way at every row count). Each row's products over those G columns are summed
+    and added to the row's own [BLOCK_N, BLOCK_K // G] accumulator, which is summed across the
+    threads once at the end. A row's order of sums is the same whatever the other rows are, and the
+    same as at one row: rows computed together are each bit for bit a 1-row call."""
     pid = tl.program_id(0)
     KG: tl.constexpr = BLOCK_K // G
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -201,6 +202,11 @@ def _gemv_kernel(
                 act = (g / (1.0 + tl.exp(-g))).to(dtype)  # F.silu, rounded as the eager op rounds
                 out = (act.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
             tl.store(out_ptr + row * N + rn, out, mask=n_mask & (row < rows))
+        # The next group's first tiles (from cache), loaded only now so that the first ones are not
+        # held in registers through this group's loop (at one row the loop runs once: no load).
+        w0 = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk[None, :] < K), other=0.0)
+        if SILU:
+            u0 = tl.load(u_rows + rk[None, :], mask=n_mask[:, None] & (rk[None, :] < K), other=0.0)
 
 
 # Rows computed together in one pass over a program's weight slice (more go in further passes,
@@ -210,9 +216,10 @@ ROWS_TOGETHER = 8
 
 def gemv_config(n: int, k: int, norm: bool, silu: bool) -> dict:
     """Launch configuration by the projection: the fastest at one row of runtime/bench/bench_gemv.py's
-    sweep on the H200 for the 1.5B and 8B shapes, preferring among near-equals the one faster over
-    5 rows computed as one (BENCHMARKS.md, fifth pass). A verify pass's rows and the batch-1 step
-    use the same configuration: that is part of what keeps them bit for bit equal."""
+    sweep on the H200 for the 1.5B and 8B shapes (BENCHMARKS.md, fifth pass); the batch-1 step
+    comes first, so a few choices are slower over the 5 rows of a verify pass (the 8B qkv). A
+    verify pass's rows and the batch-1 step use the same configuration: that is part of what keeps
+    them bit for bit equal."""
     if silu:  # gate and up rows: two tiles in flight per step
         return dict(BLOCK_N=4, BLOCK_K=256, num_warps=4) if k < 2048 else dict(BLOCK_N=8, BLOCK_K=512, num_warps=4)
     if norm:
@@ -241,17 +248,20 @@ def gemv(
     launch (benchmarks sweep it; its `rows_together` the rows a program takes in one pass)."""
     if x.dim() != 2 or x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError(f"gemv takes rows of contiguous elements and a row-major weight, got x {tuple(x.shape)}")
-    if norm is not None and norm[0] is not None and (norm[3] is None or not norm[0].is_contiguous()):
-        raise ValueError("gemv's norm with a residual needs a contiguous residual and a residual_out to write x + residual to")
+    residual, norm_weight, eps, residual_out = norm if norm is not None else (None, None, 0.0, None)
+    if residual is not None and not (residual_out is not None and residual.is_contiguous() and residual_out.is_contiguous()):
+        raise ValueError("gemv's norm with a residual needs a contiguous residual and a contiguous residual_out for x + residual")
     rows, k = x.shape
     n = weight.shape[0] // 2 if silu else weight.shape[0]
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     if rows == 0:
         return out
-    residual, norm_weight, eps, residual_out = norm if norm is not None else (None, None, 0.0, None)
     cfg = dict(config or gemv_config(n, k, norm is not None, silu))
     use_pdl = pdl(rows) if use_pdl is None else use_pdl
-    group = min(rows, cfg.pop("rows_together", ROWS_TOGETHER))
+    together = cfg.pop("rows_together", ROWS_TOGETHER)
+    if together < 1:
+        raise ValueError(f"gemv's rows_together must be at least 1, got {together}")
+    group = triton.cdiv(rows, triton.cdiv(rows, together))  # groups as even as they go: 9 rows as 5 + 4
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x,
         residual if residual is not None else x,
