@@ -36,11 +36,15 @@ def image() -> str:
     base = base_image()
     subprocess.run([ROOT / "scripts/testhost-image.sh"], check=True, capture_output=True)
     subprocess.run([ROOT / "scripts/demo-assets.sh", DEMO], check=True, capture_output=True)
+    before = podman("image", "inspect", "--format", "{{.Id}}", IMAGE, check=False).stdout.strip()
     build = podman(
         "build", "--format", "docker", "-f", str(ROOT / "runtime/Containerfile"),
         "--build-arg", f"BASE={base}", "-t", IMAGE, str(DEMO / "wheelhouse"), check=False,
     )  # fmt: skip
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    after = podman("image", "inspect", "--format", "{{.Id}}", IMAGE).stdout.strip()
+    if before and before != after:  # the image the tag left: 1.5 GB a run on a CI machine's disk otherwise
+        podman("rmi", before, check=False)  # kept while a container still uses it
     return IMAGE
 
 
