@@ -31,13 +31,14 @@ demo-down:
 	@scripts/testhost-down.sh $(DEMO_HOST)
 
 # Every check, each stage timed so drift shows. CI runs exactly this (.ci/run). The two pytest
-# suites run on two workers (pytest-xdist): most of their time is servers and subprocesses waiting.
+# suites run on two workers (pytest-xdist): most of their time is servers and subprocesses waiting;
+# each lists its 15 slowest tests.
 test: setup
 	@mkdir -p .cache && rm -f $(STAGE_TIMES)
 	@$(STAGE) ruff         'ruff check . && ruff format --check .'
 	@$(STAGE) ansible-lint ansible-lint --profile production
-	@$(STAGE) repo         pytest -q -n 2 tests --ignore=tests/modules --ignore=tests/image
-	@$(STAGE) runtime      pytest -q -n 2 runtime/tests
+	@$(STAGE) repo         pytest -q -n 2 --durations=15 tests --ignore=tests/modules --ignore=tests/image
+	@$(STAGE) runtime      pytest -q -n 2 --durations=15 runtime/tests
 	@if compgen -G 'library/*.py' >/dev/null; then $(STAGE) modules pytest -q tests/modules; fi
 	@$(STAGE) image        pytest -q tests/image
 	@$(STAGE) molecule     scripts/molecule-all.sh
