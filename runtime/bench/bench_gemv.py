@@ -7,7 +7,7 @@
    the weight bytes per second.
 2. `rows`: each projection over the rows of a verify pass computed as one (`--rows`, as the
    speculative decoder's batch-1 verify pass runs them), against the same call at one row, the
-   rows taken one group at a time, and cuBLAS over the rows; every row checked bit for bit
+   rows taken one at a time, and cuBLAS over the rows; every row checked bit for bit
    against its 1-row call.
 3. `chain`: the linear part of a whole decode step (every layer's four projections with their
    norms and SiLU, no attention) in one CUDA graph: cuBLAS + separate kernels, the GEMV kernels
