@@ -71,6 +71,7 @@ def release_cuda_graphs(runner, wait: bool = True) -> None:
 
 class ModelRunner:
     fused_gemv = False  # the batch-1 GEMV pass is installed (_fuse_for_batch_one)
+    gemv_plan = None  # what it did (gemv_fusion.GemvPlan)
 
     def __init__(
         self,
@@ -194,7 +195,7 @@ class ModelRunner:
             and not getattr(self.model, "weight_block_size", None)
         )
         if fused:
-            fuse_gemv(self.model)
+            self.gemv_plan = fuse_gemv(self.model)
         if self.is_cuda:
             from inferd.layers.gemv import pdl_supported, set_pdl  # Triton: CUDA only
 
