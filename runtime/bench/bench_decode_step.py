@@ -8,14 +8,10 @@
 3. `prefill`: the same for prefill steps of N fresh prompts (N x 512 tokens, one step when that
    fits max_num_batched_tokens), with the step's linear-layer TFLOP/s (2 x linear weights x tokens
    over the step's wall time).
-4. `prefetch`: the batch-1 step (bf16, GEMV kernels) with each of --budgets-mb of L2 prefetch
-   (gemv_fusion.set_prefetch; graphs recaptured each time): graph replay and tokens/s against the
-   roofline, and whether the greedy tokens stay those of no prefetch.
 
     python runtime/bench/bench_decode_step.py attention --out attention.json
     python runtime/bench/bench_decode_step.py step --shape llama-8b --quantization none fp8 --out step.json
     python runtime/bench/bench_decode_step.py prefill --batch 16 --quantization none fp8 --out prefill.json
-    python runtime/bench/bench_decode_step.py prefetch --shape qwen-1.5b --budgets-mb 0 16 32 0 --out prefetch.json
 """
 
 from __future__ import annotations
@@ -35,17 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import (  # noqa: E402
-    SHAPES,
-    build_engine,
-    build_hf_model,
-    copy_bandwidth,
-    graph_us,
-    replay_ms,
-    run_info,
-    run_ours,
-    variant_key,
-)
+from bench_engine import SHAPES, build_engine, build_hf_model, copy_bandwidth, graph_us, run_info, variant_key  # noqa: E402
 
 from inferd.sampling_params import SamplingParams  # noqa: E402
 
@@ -238,44 +224,9 @@ def prefill_profile(args) -> dict:
     return {"prefill": out}
 
 
-def prefetch_sweep(args, bandwidth: float) -> dict:
-    from inferd.engine.model_runner import release_cuda_graphs
-    from inferd.layers.gemv_fusion import set_prefetch
-
-    shape = SHAPES[args.shape]
-    g = torch.Generator().manual_seed(1)
-    prompt = [torch.randint(3, shape["vocab_size"], (128,), generator=g).tolist()]
-    args.quantization = ["none"]
-    rows, first_tokens = [], None
-    for _, engine in variant_engines(args, max_num_seqs=1):
-        runner = engine.runner
-        roofline_ms = runner.weight_bytes() / bandwidth * 1000
-        for mb in args.budgets_mb:
-            set_prefetch(runner.model, runner.gemv_plan, int(mb * (1 << 20)))
-            release_cuda_graphs(runner)
-            runner._capture_cuda_graphs()
-            replay = min(replay_ms(runner.graphs[1]) for _ in range(5))
-            run_ours(engine, prompt, 8)  # warm-up
-            b1 = run_ours(engine, prompt, 256)
-            sp = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-            tokens = engine.generate([prompt[0]], sp)[0].token_ids
-            first_tokens = first_tokens or tokens
-            row = {
-                "budget_mb": mb,
-                "replay_ms": replay,
-                "tpot_ms_p50": b1["tpot_ms_p50"],
-                "pct_of_roofline": 100 * roofline_ms / b1["tpot_ms_p50"],
-                "replay_pct_of_roofline": 100 * roofline_ms / replay,
-                "tokens_as_without": tokens == first_tokens,
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    return {"prefetch": {"shape": args.shape, "roofline_ms": roofline_ms, "rows": rows}}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["attention", "step", "prefill", "prefetch"])
+    ap.add_argument("what", choices=["attention", "step", "prefill"])
     ap.add_argument("--loads", nargs="+", default=["64x640", "16x640", "1x4096", "64x2048"], help="BATCHxCONTEXT")
     ap.add_argument("--tiles", nargs="+", type=int, default=[32, 64, 128])
     ap.add_argument("--warps", nargs="+", type=int, default=[4, 8])
@@ -290,7 +241,6 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--warm-steps", type=int, default=24)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--budgets-mb", nargs="+", type=float, default=[0, 8, 16, 24, 32, 48, 0])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.loads = [tuple(int(x) for x in load.split("x")) for load in args.loads]
@@ -298,12 +248,7 @@ def main() -> int:
     bw = copy_bandwidth(args.device)
     info["copy_bandwidth_GB_s"] = bw / 1e9
     print(json.dumps(info), flush=True)
-    run = {
-        "attention": lambda: attention(args, bw),
-        "step": lambda: step_profile(args),
-        "prefill": lambda: prefill_profile(args),
-        "prefetch": lambda: prefetch_sweep(args, bw),
-    }
+    run = {"attention": lambda: attention(args, bw), "step": lambda: step_profile(args), "prefill": lambda: prefill_profile(args)}
     res = run[args.what]()
     if args.out:
         Path(args.out).write_text(json.dumps({"info": info, **res}, indent=2))

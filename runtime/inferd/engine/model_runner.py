@@ -71,7 +71,6 @@ def release_cuda_graphs(runner, wait: bool = True) -> None:
 
 class ModelRunner:
     fused_gemv = False  # the batch-1 GEMV pass is installed (_fuse_for_batch_one)
-    gemv_plan = None  # what it did (gemv_fusion.GemvPlan)
 
     def __init__(
         self,
@@ -195,7 +194,7 @@ class ModelRunner:
             and not getattr(self.model, "weight_block_size", None)
         )
         if fused:
-            self.gemv_plan = fuse_gemv(self.model)
+            fuse_gemv(self.model)
         if self.is_cuda:
             from inferd.layers.gemv import pdl_supported, set_pdl  # Triton: CUDA only
 

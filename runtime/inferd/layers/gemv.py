@@ -94,53 +94,6 @@ def _zeros_per_row(shape: tl.constexpr, ROWS: tl.constexpr):
     return (tl.zeros(shape, dtype=tl.float32),) * ROWS
 
 
-# L2 prefetch (`l2_prefetch`): 128-byte lines, PREFETCH_BLOCK of them per loop of a program.
-LINE = 128
-PREFETCH_BLOCK = tl.constexpr(512)
-
-
-@triton.jit
-def _prefetch_l2(ptr, lines, BLOCK: tl.constexpr):
-    """Ask L2 for this program's share of `lines` 128-byte lines from ptr on, to be kept over
-    lines loaded normally (evict_last), without waiting for them."""
-    pid = tl.program_id(0)
-    per = tl.cdiv(lines, tl.num_programs(0))
-    lo = pid * per
-    hi = tl.minimum(lo + per, lines)
-    base = ptr.to(tl.pointer_type(tl.int8))
-    for start in range(lo, hi, BLOCK):
-        line = tl.minimum(start + tl.arange(0, BLOCK), hi - 1)  # past the end: the last line again
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;",
-            "=r,l",
-            [base + line.to(tl.int64) * 128],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-
-
-@triton.jit
-def _l2_prefetch_kernel(p0, n0, p1, n1, p2, n2, REGIONS: tl.constexpr):
-    _prefetch_l2(p0, n0, PREFETCH_BLOCK)
-    if REGIONS >= 2:
-        _prefetch_l2(p1, n1, PREFETCH_BLOCK)
-    if REGIONS >= 3:
-        _prefetch_l2(p2, n2, PREFETCH_BLOCK)
-
-
-def l2_prefetch(tensors: tuple[torch.Tensor, ...], programs: int = 264) -> None:
-    """Ask L2 for up to three contiguous CUDA tensors (a hint: it changes no value), from
-    `programs` programs of 4 warps (two per SM of an H200), on the current stream."""
-    if len(tensors) > 3 or not all(t.is_cuda and t.is_contiguous() for t in tensors):
-        raise ValueError(f"l2_prefetch takes up to three contiguous CUDA tensors, got {len(tensors)}")
-    regions = [(t, triton.cdiv(t.numel() * t.element_size(), LINE)) for t in tensors if t.numel()]
-    if not regions:
-        return
-    args = [a for t, lines in regions for a in (t, lines)] + [regions[0][0], 0] * (3 - len(regions))
-    _l2_prefetch_kernel[(programs,)](*args, REGIONS=len(regions), num_warps=4)
-
-
 @triton.jit  # rows == 1 specialised (the group loop of one iteration compiles away: the batch-1 step)
 def _gemv_kernel(
     x_ptr,

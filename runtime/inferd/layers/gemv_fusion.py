@@ -8,14 +8,7 @@ built, loaded model so the model files stay plain. It traces who reads whose out
    `PendingNorm` (its input, residual and weight) and its readers do the norm in their prologue;
 3. gives a merged gate/up projection read only by SiLU-and-multiply the `silu` epilogue: on one
    row it returns the `ActivatedProduct`, which SiLU-and-multiply passes on as it is;
-4. makes the LM head take rows computed as one (a verify pass) one at a time (`RowwiseLMHead`);
-5. after a linear whose output goes to other kernels (the q/k/v projection, read by rotary and
-   attention, which move little memory), asks L2 for the next linears' weights, up to
-   PREFETCH_BYTES, from a kernel on a side stream (`gemv.l2_prefetch`), so the o projection's
-   and the first rows of the gate/up projection's (gate and up alike) come from L2 while the
-   memory would sit idle. The side stream joins the step again before the first linear it did
-   not prefetch. (Issued by the GEMV kernel itself, the prefetch delayed every later kernel:
-   a kernel ends only once its memory requests have.)
+4. makes the LM head take rows computed as one (a verify pass) one at a time (`RowwiseLMHead`).
 
 Each module decides by its own input (one row on CUDA, the model's dtype), so a deferred norm is
 only ever read by a module that finishes it; a reader that cannot (an odd shape) finishes it with
@@ -43,10 +36,6 @@ log = logging.getLogger("inferd.gemv")
 
 # The row types the GEMV kernels take (bf16/fp16 weights and activations).
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
-
-# What a linear before other kernels asks L2 for (of its 50 MB on the H100/H200): the next
-# linears' weights (BENCHMARKS.md, sixth pass).
-PREFETCH_BYTES = 0  # measured slower at every size tried (BENCHMARKS.md): off
 
 
 class PendingNorm(NamedTuple):
@@ -106,8 +95,6 @@ class GemvLinear:
     """Mixed into a `Linear` class by the pass (`_variant`)."""
 
     silu_epilogue = False
-    prefetch_plan: tuple = ()  # (module, first row, end row): weight rows to ask L2 for after this one
-    joins_prefetch = False  # the side stream's prefetch joins the step before this one
 
     def forward(self, x):
         weight = self.weight
@@ -118,35 +105,8 @@ class GemvLinear:
         from inferd.layers.gemv import gemv  # Triton: CUDA only
 
         norm = None if pending is None else (pending.residual, pending.weight, pending.eps, pending.residual_out)
-        if self.joins_prefetch:
-            _join_prefetch()
         out = gemv(row, weight, self.bias, norm=norm, silu=self.silu_epilogue)
-        if self.prefetch_plan:
-            _fork_prefetch(tuple(m.weight[lo:hi] for m, lo, hi in self.prefetch_plan))
         return ActivatedProduct(out) if self.silu_epilogue else out
-
-
-# The side stream of each device, and the one with a prefetch not yet joined (one thread steps).
-_SIDE_STREAMS: dict = {}
-_FORKED: list = []
-
-
-def _fork_prefetch(tensors: tuple) -> None:
-    from inferd.layers.gemv import l2_prefetch  # Triton: CUDA only
-
-    _join_prefetch()  # one at a time (a join that did not happen: a fallback path)
-    main = torch.cuda.current_stream(tensors[0].device)
-    side = _SIDE_STREAMS.setdefault(tensors[0].device, torch.cuda.Stream(tensors[0].device))
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        l2_prefetch(tensors)
-    _FORKED.append((main, side))
-
-
-def _join_prefetch() -> None:
-    while _FORKED:
-        main, side = _FORKED.pop()
-        main.wait_stream(side)
 
 
 class RowwiseLMHead(LMHead):
@@ -193,7 +153,6 @@ class GemvPlan:
     deferred_norms: list[str] = field(default_factory=list)
     silu_epilogues: list[str] = field(default_factory=list)
     heads: list[str] = field(default_factory=list)
-    before_other_kernels: list[str] = field(default_factory=list)  # linears that ask L2 for the next weights
     traced: bool = False
 
 
@@ -229,35 +188,7 @@ def plan_gemv(model: nn.Module) -> GemvPlan:
         and len(modules[n].output_sizes) == 2
         and read_only_as(reads, n, lambda r, arg: type(modules[r]) is SiluAndMul and arg == "x")
     ]
-    fused_readers = gemv_linears | set(plan.deferred_norms)
-    plan.before_other_kernels = [
-        n
-        for n in plan.linears[:-1]
-        if not read_only_as(reads, n, lambda r, arg: r in fused_readers or type(modules[r]) is SiluAndMul)
-    ]
     return plan
-
-
-def prefetch_regions(modules: dict, following: list[str], silu: set[str], budget: int) -> list[tuple[str, int, int]]:
-    """Up to three (linear, first row, end row) of the `following` linears' weights, in order, in
-    `budget` bytes: whole weights, then the first rows of one that does not fit (of a gate/up
-    projection with the SiLU epilogue, the first gate rows and as many up rows: it reads them in pairs)."""
-    regions = []
-    for name in following:
-        weight = modules[name].weight
-        row_bytes = weight.shape[1] * weight.element_size()
-        rows = weight.shape[0]
-        if rows * row_bytes <= budget:
-            regions.append((name, 0, rows))
-            budget -= rows * row_bytes
-            continue
-        if name in silu:
-            half = min(rows // 2, budget // (2 * row_bytes))
-            regions += [(name, 0, half), (name, rows // 2, rows // 2 + half)] if half else []
-        elif budget // row_bytes:
-            regions.append((name, 0, budget // row_bytes))
-        break
-    return regions[:3]
 
 
 def fuse_gemv(model: nn.Module) -> GemvPlan:
@@ -268,7 +199,6 @@ def fuse_gemv(model: nn.Module) -> GemvPlan:
         module = model.get_submodule(name)
         module.__class__ = _variant(type(module))
         module.silu_epilogue = name in epilogues
-    set_prefetch(model, plan)
     for name in plan.deferred_norms:
         model.get_submodule(name).__class__ = DeferredRMSNorm
     for name in plan.heads:
@@ -277,28 +207,10 @@ def fuse_gemv(model: nn.Module) -> GemvPlan:
         if type(module) is SiluAndMul:
             module.__class__ = ActivatedSiluAndMul
     log.info(
-        "batch-1 GEMV: %d linear layers, %d norms in their prologues, %d SiLU epilogues, %d LM heads, %d L2 prefetches",
+        "batch-1 GEMV: %d linear layers, %d norms in their prologues, %d SiLU epilogues, %d LM heads",
         len(plan.linears),
         len(plan.deferred_norms),
         len(plan.silu_epilogues),
         len(plan.heads),
-        len(plan.before_other_kernels),
     )
     return plan
-
-
-def set_prefetch(model: nn.Module, plan: GemvPlan, budget: int = PREFETCH_BYTES) -> None:
-    """Have the plan's linears before other kernels ask L2 for `budget` bytes of the next
-    linears' weights (0: nothing), as `prefetch_regions` picks them; the others for nothing. A
-    captured CUDA graph keeps what it was captured with."""
-    modules = dict(model.named_modules())
-    silu, before = set(plan.silu_epilogues), set(plan.before_other_kernels)
-    for name in plan.linears:
-        modules[name].prefetch_plan, modules[name].joins_prefetch = (), False
-    for i, name in enumerate(plan.linears):
-        regions = prefetch_regions(modules, plan.linears[i + 1 :], silu, budget) if name in before else []
-        regions = [(t, lo, hi) for t, lo, hi in regions if hi > lo]
-        last = max((plan.linears.index(t) for t, _, _ in regions), default=len(plan.linears))
-        if last + 1 < len(plan.linears):  # a linear after the prefetched ones joins the side stream
-            modules[name].prefetch_plan = tuple((modules[t], lo, hi) for t, lo, hi in regions)
-            modules[plan.linears[last + 1]].joins_prefetch = True
