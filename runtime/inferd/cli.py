@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--speculative-ngram-min", type=int, help="shortest n-gram prompt lookup matches (default 1)")
     spec.add_argument("--speculative-ngram-max", type=int, help="longest n-gram prompt lookup matches (default 4)")
     spec.add_argument("--speculative-draft-model", help="the draft model's directory (method draft_model)")
+    spec.add_argument(
+        "--speculative-adaptive",
+        action=argparse.BooleanOptionalAction,
+        help="pause speculation while it measures slower than plain decoding (default on)",
+    )
     serve.add_argument(
         "--host-kv-cache-gb", type=float, help="pinned host memory for KV blocks the GPU evicts (overrides host_kv_cache_gb)"
     )
@@ -377,6 +382,7 @@ def _speculative_flags(args) -> dict | None:
         "ngram_min": args.speculative_ngram_min,
         "ngram_max": args.speculative_ngram_max,
         "draft_model": args.speculative_draft_model,
+        "adaptive": args.speculative_adaptive,
     }
     given = {k: v for k, v in given.items() if v is not None}
     return given or None

@@ -26,13 +26,15 @@ class SpeculativeConfig:
     """Speculative decoding (engine/speculative.py): `num_speculative_tokens` drafted per step and
     verified in one target pass, by prompt lookup ("ngram": the sequence's own prompt and output,
     matching its last `ngram_max` down to `ngram_min` tokens) or by a smaller model sharing the
-    target's tokenizer ("draft_model": a model directory)."""
+    target's tokenizer ("draft_model": a model directory). `adaptive`: speculation pauses while it
+    measures slower than plain decoding (engine/speculative.py, `SpecGate`)."""
 
     method: str
     num_speculative_tokens: int = 4
     ngram_min: int = 1
     ngram_max: int = 4
     draft_model: str | None = None
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:
@@ -43,6 +45,8 @@ class SpeculativeConfig:
         lo, hi = self.ngram_min, self.ngram_max
         if not all(isinstance(n, int) and not isinstance(n, bool) for n in (lo, hi)) or not 1 <= lo <= hi:
             raise ValueError(f"speculative needs integers 1 <= ngram_min <= ngram_max, got {lo!r} and {hi!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"speculative.adaptive must be true or false, got {self.adaptive!r}")
         if (self.method == "draft_model") != (self.draft_model is not None):
             raise ValueError("speculative.draft_model (a model directory) goes with method draft_model, and only with it")
 

@@ -69,3 +69,4 @@ class EngineStats:
     host_cache_bytes: int = 0  # bytes of the blocks it holds now
     spec_draft_tokens: int = 0  # speculative decoding: drafts verified, and accepted, since start
     spec_accepted_tokens: int = 0
+    spec_paused_steps: int = 0  # decode steps taken plain while speculation measured slower (SpecGate)

@@ -36,7 +36,7 @@ def test_greedy_spec_on_cuda_is_the_plain_cuda_output(llama_dir, method):
     extra = {"draft_model": str(llama_dir)} if method == "draft_model" else {}
     llm = LLM(
         str(llama_dir), device="cuda", dtype="float32", num_kv_blocks=512, cuda_graph_max_batch=32,
-        speculative={"method": method, "num_speculative_tokens": 4, **extra},
+        speculative={"method": method, "num_speculative_tokens": 4, "adaptive": False, **extra},
     )  # fmt: skip
     if method == "draft_model":
         assert llm.engine.spec.drafter.runner.graphs, "the draft model's decode graphs were not captured"
@@ -50,7 +50,7 @@ def test_greedy_spec_on_cuda_is_the_plain_cuda_output(llama_dir, method):
 def test_sampled_bf16_spec_runs_on_cuda(llama_dir):
     llm = LLM(
         str(llama_dir), device="cuda", dtype="bfloat16", num_kv_blocks=512, cuda_graph_max_batch=32,
-        speculative={"method": "draft_model", "draft_model": str(llama_dir), "num_speculative_tokens": 3},
+        speculative={"method": "draft_model", "draft_model": str(llama_dir), "num_speculative_tokens": 3, "adaptive": False},
     )  # fmt: skip
     params = SamplingParams(max_tokens=30, temperature=0.9, top_k=50, seed=3, ignore_eos=True)
     a = [o.token_ids for o in llm.generate(prompts(), params)]
@@ -69,7 +69,7 @@ def test_bf16_verify_rows_are_the_batch_one_steps_bit_for_bit(llama_dir, eager):
     prompt = prompts()[0]
     oracle = plain.generate([prompt], GREEDY)[0].token_ids
     plain.engine.close()
-    llm = LLM(str(llama_dir), **small, speculative={"method": "ngram", "num_speculative_tokens": 4})
+    llm = LLM(str(llama_dir), **small, speculative={"method": "ngram", "num_speculative_tokens": 4, "adaptive": False})
     runner = llm.engine.runner
     assert runner.fused_gemv and runner.verify_rows == [2, 3, 4, 5]
     assert sorted(runner.verify_graphs) == ([] if eager else [2, 3, 4, 5])
@@ -87,6 +87,6 @@ def test_bf16_greedy_spec_at_batch_one_is_the_plain_output(llama_dir, method):
     want = [plain.generate([p], params)[0].token_ids for p in prompts()]
     plain.engine.close()
     extra = {"draft_model": str(llama_dir)} if method == "draft_model" else {}
-    llm = LLM(str(llama_dir), **small, speculative={"method": method, "num_speculative_tokens": 4, **extra})
+    llm = LLM(str(llama_dir), **small, speculative={"method": method, "num_speculative_tokens": 4, "adaptive": False, **extra})
     assert [llm.generate([p], params)[0].token_ids for p in prompts()] == want
     assert llm.engine.stats().spec_accepted_tokens > 0

@@ -4,6 +4,7 @@ acceptance rule keeps the target's sampling distribution, and the server streams
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from inferd import LLM, SamplingParams
 from inferd.config import EngineConfig, SpeculativeConfig
 from inferd.engine.sequence import Sequence
-from inferd.engine.speculative import SpecDecoder, propose_ngram, verify
+from inferd.engine.speculative import SpecDecoder, SpecGate, propose_ngram, verify
 from inferd.layers.sampler import Sampler
 from inferd.testing import make_model
 
@@ -52,7 +53,9 @@ def near_twin(llama_dir, tmp_path_factory):
 
 
 def spec_llm(llama_dir, **spec) -> LLM:
-    return LLM(str(llama_dir), speculative=spec)
+    """These tests count drafts: the gate, whose pauses follow this machine's timing, is off
+    (its own tests below drive it with a clock of their own)."""
+    return LLM(str(llama_dir), speculative={"adaptive": False, **spec})
 
 
 def test_prompt_lookup_finds_the_latest_longest_match():
@@ -270,6 +273,83 @@ def test_a_draft_equal_to_the_target_is_always_accepted():
     assert all(g[0] == d[0] and len(g) == 2 for g, d in zip(gained, drafts))
 
 
+# ---- the gate: speculation pauses while it measures slower ---------------------------------------
+def test_the_gate_measures_plain_decoding_then_pauses_a_losing_speculation_for_ever_longer():
+    gate = SpecGate(True)
+    assert gate.allows()  # speculation starts at once
+    for _ in range(SpecGate.SPEC_WINDOW):
+        gate.record(True, 2, 1.0)  # 2 tokens/s
+    assert not gate.allows()  # plain decoding not measured yet: measured first
+    for _ in range(SpecGate.PLAIN_WINDOW):
+        gate.record(False, 1, 0.25)  # 4 tokens/s
+    assert gate.allows()
+    pauses = []
+    for _ in range(8):
+        for _ in range(SpecGate.SPEC_WINDOW):
+            gate.record(True, 2, 1.0)
+        pauses.append(gate.pause)
+        while not gate.allows():
+            gate.record(False, 1, 0.25)
+    assert pauses == [16, 32, 64, 128, 256, 512, 1024, 1024]
+    assert gate.paused_steps == SpecGate.PLAIN_WINDOW + sum(pauses)
+    for _ in range(SpecGate.SPEC_WINDOW):
+        gate.record(True, 20, 1.0)  # the drafts pay now: speculation stays on, the next pause is short again
+    assert gate.allows() and gate.next_pause == SpecGate.MIN_PAUSE
+    # A window's median decides: one slow step (an idle engine's gap) does not pause it.
+    for rate in (20, 20, 0.01, 20):
+        gate.record(True, rate, 1.0)
+    assert gate.allows()
+
+
+def test_a_gate_that_is_off_never_pauses():
+    gate = SpecGate(False)
+    for _ in range(100):
+        gate.record(True, 1, 100.0)
+        gate.record(False, 100, 1.0)
+    assert gate.allows() and gate.paused_steps == 0
+
+
+def test_a_draft_model_that_measures_slower_is_paused_and_retried_and_the_output_stays_plain(llama_dir, near_twin, plain):
+    """The engine's clock: a plain step takes 1, a speculative step 10 (the draft model's steps and
+    the verify pass). Speculation loses, so the engine pauses it for longer each time, tries it
+    again in between, and the greedy output is the plain decoder's throughout."""
+    llm = LLM(
+        str(llama_dir),
+        speculative={"method": "draft_model", "draft_model": str(near_twin), "num_speculative_tokens": 4},
+    )
+    spec = llm.engine.spec
+    clock = {"now": 0.0}
+    kinds = []
+
+    def tick():
+        clock["now"] += 1.0
+        return clock["now"]
+
+    real_step = spec.step
+
+    def slow_step(runner, bm, batch):
+        clock["now"] += 9.0
+        kinds.append("S")
+        return real_step(runner, bm, batch)
+
+    spec.gate.clock, spec.step = tick, slow_step
+    launch = llm.engine.runner.launch
+
+    def plain_launch(batch, is_prefill, prev=None):
+        kinds.append("p" if is_prefill else "P")
+        return launch(batch, is_prefill, prev)
+
+    llm.engine.runner.launch = plain_launch
+    prompt = repetitive_prompts(1, seed=21)
+    params = SamplingParams(max_tokens=160, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in llm.generate(prompt, params)] == [o.token_ids for o in plain.generate(prompt, params)]
+    runs = [(k, len(list(g))) for k, g in itertools.groupby("".join(kinds).lstrip("p"))]
+    # A window of speculative steps, plain steps to measure plain decoding, then pauses that double.
+    window = ("S", SpecGate.SPEC_WINDOW)
+    assert runs[:8] == [window, ("P", SpecGate.PLAIN_WINDOW), window, ("P", 16), window, ("P", 32), window, ("P", 64)], runs
+    assert llm.engine.stats().spec_paused_steps == spec.gate.paused_steps > 0
+
+
 # The 99.99th percentile of chi-square with 3 degrees of freedom.
 CHI2_3DF_P9999 = 21.11
 
@@ -284,7 +364,7 @@ def test_through_the_engine_a_drafted_token_follows_the_target_distribution(llam
     from inferd.testing import prefill_logits
 
     trials = 600
-    spec = {"method": "draft_model", "draft_model": str(near_twin), "num_speculative_tokens": 1}
+    spec = {"method": "draft_model", "draft_model": str(near_twin), "num_speculative_tokens": 1, "adaptive": False}
     llm = LLM(str(llama_dir), max_num_seqs=256, max_num_waiting=trials, speculative=spec)
     prompt = repetitive_prompts(1, seed=12)[0]
     params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=i, ignore_eos=True) for i in range(trials)]
@@ -309,6 +389,7 @@ def test_through_the_engine_a_drafted_token_follows_the_target_distribution(llam
         ({"method": "draft_model"}, "draft_model"),
         ({"method": "ngram", "k": 4}, "unknown setting"),
         ({"num_speculative_tokens": 4}, "needs a method"),
+        ({"method": "ngram", "adaptive": "yes"}, "adaptive must be true or false"),
     ],
 )
 def test_bad_speculative_settings_are_refused_by_name(spec, words):
@@ -339,6 +420,7 @@ def test_the_server_streams_with_prompt_lookup_and_exports_the_acceptance(llama_
     metrics = httpx.get(server.url + "/metrics", headers=server.auth("olivia")).text
     assert "inferd_spec_decode_draft_tokens_total 0.0" in metrics
     assert "inferd_spec_decode_accepted_tokens_total 0.0" in metrics
+    assert "inferd_spec_decode_paused_steps_total 0.0" in metrics
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.keys["alice"], max_retries=0)
     stream = client.completions.create(
         model="tiny", prompt=text, max_tokens=24, temperature=0.0, stream=True, extra_body={"ignore_eos": True}
@@ -360,6 +442,9 @@ def test_speculative_settings_come_from_the_server_config_and_flags(tmp_path):
     args = build_parser().parse_args(["serve", "--speculative-method", "draft_model", "--speculative-draft-model", "/d"])
     flags = _speculative_flags(args)
     assert load_config(str(cfg), speculative=flags).engine.speculative.draft_model == "/d"
+    assert load_config(str(cfg), speculative=flags).engine.speculative.adaptive is True
+    args = build_parser().parse_args(["serve", "--speculative-method", "ngram", "--no-speculative-adaptive"])
+    assert load_config(str(cfg), speculative=_speculative_flags(args)).engine.speculative.adaptive is False
     cfg.write_text("model: m\nspeculative:\n  method: ngram\n  num_speculative_tokens: 99\n")
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         load_config(str(cfg))

@@ -62,6 +62,7 @@ class LLMEngine:
         self._detoks: dict[str, IncrementalDetokenizer] = {}
         self._inflight: tuple[list[Sequence], StepHandle] | None = None  # launched, tokens not read yet
         self._speculating = self.spec is not None  # the next decode step drafts (SpecDecoder.wants)
+        self._last_decode: tuple[bool, int, float] | None = None  # (speculative, tokens, start) for SpecGate
 
     def close(self) -> None:
         """Free the runner's device memory and stop the tensor-parallel workers, if any (they also
@@ -144,6 +145,7 @@ class LLMEngine:
             **host_cache_stats(bm.host_cache),
             spec_draft_tokens=self.spec.num_draft_tokens if self.spec else 0,
             spec_accepted_tokens=self.spec.num_accepted_tokens if self.spec else 0,
+            spec_paused_steps=self.spec.gate.paused_steps if self.spec else 0,
         )
 
     # ---- stepping -------------------------------------------------------------------------
@@ -159,11 +161,16 @@ class LLMEngine:
         need every token on the host to sample, so while one runs the steps do not overlap;
         neither do speculative steps (the drafts are made from the newest tokens)."""
         outputs: list[StepOutput] = []
+        start = self._time_decode()
         if self._inflight is not None and self._needs_host_tokens():
             outputs = self._resolve()
         batch, is_prefill = self.scheduler.schedule()
         if self._speculating and batch and not is_prefill and self.spec.takes(batch):
-            return outputs + self._speculate(batch)
+            gained = self._speculate(batch)
+            self._last_decode = (True, len(gained), start)
+            return outputs + gained
+        if self.spec is not None and batch and not is_prefill:
+            self._last_decode = (False, len(batch), start)
         prev = self._inflight[1] if self._inflight is not None else None
         handle = self.runner.launch(batch, is_prefill, prev) if batch else None
         if self._inflight is not None:
@@ -172,6 +179,23 @@ class LLMEngine:
             self.scheduler.advance(batch, handle.complete)
             self._inflight = (batch, handle)
         return outputs
+
+    def _time_decode(self) -> float:
+        """Now; the decode step started last (if any) is reported to the speculative gate as
+        taking until now, and where that pauses or resumes speculation, this step already
+        follows it."""
+        if self.spec is None:
+            return 0.0
+        gate = self.spec.gate
+        now = gate.clock()
+        if self._last_decode is not None:
+            speculative, tokens, start = self._last_decode
+            allowed = gate.allows()
+            gate.record(speculative, tokens, now - start)
+            self._last_decode = None
+            if gate.allows() != allowed:
+                self._check_speculating()
+        return now
 
     def finish_step(self) -> list[StepOutput]:
         """Read the step in flight, launching none: afterwards nothing runs on the device."""

@@ -43,6 +43,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import statistics
+import time
+from collections import deque
 from typing import NamedTuple
 
 import numpy as np
@@ -300,6 +303,61 @@ def _check_same_tokenizer(path: str, draft: str | None, target: str | None) -> N
         )
 
 
+class SpecGate:
+    """Whether speculating pays, measured: the engine reports each decode step's tokens and its
+    time (from that step's start to the next's), and the gate compares the median tokens per second
+    of the latest SPEC_WINDOW speculative steps with that of the latest PLAIN_WINDOW plain ones.
+    When speculation loses, it pauses for `pause` plain steps, twice as many each time it loses
+    again (MIN_PAUSE up to MAX_PAUSE), then is tried again; a win resets the pause. Before the first
+    comparison the gate takes PLAIN_WINDOW plain steps to measure plain decoding. Time, unlike the
+    acceptance rate, counts everything a speculative step costs on this machine: the drafts, the
+    verify pass, and the step's being synchronous. A draft model that drafts nothing useful ran at
+    a quarter of plain decoding's speed without the gate (BENCHMARKS.md)."""
+
+    SPEC_WINDOW = 4
+    PLAIN_WINDOW = 8
+    MIN_PAUSE = 16
+    MAX_PAUSE = 1024
+
+    def __init__(self, enabled: bool, clock=time.perf_counter):
+        self.enabled = enabled
+        self.clock = clock
+        self.rates: dict[bool, deque] = {True: deque(maxlen=self.SPEC_WINDOW), False: deque(maxlen=self.PLAIN_WINDOW)}
+        self.pause = 0  # plain steps to take before speculating again
+        self.next_pause = self.MIN_PAUSE
+        self.paused_steps = 0  # plain decode steps the gate took (a metric)
+
+    def allows(self) -> bool:
+        return not self.enabled or self.pause == 0
+
+    def record(self, speculative: bool, tokens: int, seconds: float) -> None:
+        """A decode step's tokens (all its sequences') and seconds."""
+        if not self.enabled or tokens <= 0 or seconds <= 0:
+            return
+        rates = self.rates[speculative]
+        rates.append(tokens / seconds)
+        if not speculative:
+            if self.pause:
+                self.pause -= 1
+                self.paused_steps += 1
+            return
+        if len(rates) < self.SPEC_WINDOW:
+            return
+        spec = statistics.median(rates)
+        rates.clear()
+        plain = self.rates[False]
+        if len(plain) < self.PLAIN_WINDOW:
+            self.pause = self.PLAIN_WINDOW - len(plain)  # plain decoding not measured yet
+        elif spec < statistics.median(plain):
+            self.pause = self.next_pause
+            self.next_pause = min(2 * self.next_pause, self.MAX_PAUSE)
+            log.info(
+                "speculative decoding paused for %d steps: %.1f against %.1f tokens/s", self.pause, spec, statistics.median(plain)
+            )
+        else:
+            self.next_pause = self.MIN_PAUSE
+
+
 class SpecDecoder:
     """Runs the speculative decode steps and counts drafts and acceptances (the metrics)."""
 
@@ -309,6 +367,7 @@ class SpecDecoder:
         self.max_model_len = max_model_len
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
+        self.gate = SpecGate(spec.adaptive)
 
     @staticmethod
     def takes(batch: list[Sequence]) -> bool:
@@ -317,8 +376,11 @@ class SpecDecoder:
         return all(not s.params.logprobs and not s.params.needs_penalties and s.grammar is None for s in batch)
 
     def wants(self, seqs: list[Sequence]) -> bool:
-        """Whether the next decode step should draft: always with a draft model; with prompt
-        lookup while some sequence's last tokens occur earlier in it (a draft would be made)."""
+        """Whether the next decode step should draft: not while the gate pauses speculation;
+        otherwise always with a draft model, and with prompt lookup while some sequence's last
+        tokens occur earlier in it (a draft would be made)."""
+        if not self.gate.allows():
+            return False
         if self.drafter is not None:
             return True
         # A longer n-gram occurring earlier means its last ngram_min tokens do: one length to look for.
