@@ -12,6 +12,7 @@
     python runtime/bench/bench_decode_step.py attention --out attention.json
     python runtime/bench/bench_decode_step.py step --shape llama-8b --quantization none fp8 --out step.json
     python runtime/bench/bench_decode_step.py prefill --batch 16 --quantization none fp8 --out prefill.json
+    python runtime/bench/bench_decode_step.py ablate --shape qwen-1.5b --out ablate.json
 """
 
 from __future__ import annotations
@@ -31,7 +32,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import SHAPES, build_engine, build_hf_model, copy_bandwidth, graph_us, run_info, variant_key  # noqa: E402
+from bench_engine import (  # noqa: E402
+    SHAPES,
+    build_engine,
+    build_hf_model,
+    copy_bandwidth,
+    graph_us,
+    replay_ms,
+    run_info,
+    run_ours,
+    variant_key,
+)
 
 from inferd.sampling_params import SamplingParams  # noqa: E402
 
@@ -224,9 +235,66 @@ def prefill_profile(args) -> dict:
     return {"prefill": out}
 
 
+def _ablations():
+    """name -> a context manager that changes one part of the step while the graphs are captured."""
+    import contextlib
+
+    from inferd.layers import gemv, paged_decode
+    from inferd.layers.rotary import RotaryEmbedding
+
+    @contextlib.contextmanager
+    def patched(obj, name, value):
+        old = getattr(obj, name)
+        setattr(obj, name, value)
+        try:
+            yield
+        finally:
+            setattr(obj, name, old)
+
+    def unrotated(self, positions, qkv, q_size, kv_size):
+        return qkv.split([q_size, kv_size, kv_size], dim=-1)
+
+    return {
+        "whole step": contextlib.nullcontext,
+        "loads after the wait (no early loads)": lambda: patched(gemv, "_PDL", {**gemv._PDL, "early": False}),
+        "without rotary": lambda: patched(RotaryEmbedding, "forward", unrotated),
+        "without the KV store": lambda: patched(paged_decode, "store_kv_triton", lambda *a, **k: None),
+        "without attention (and its merge)": lambda: patched(paged_decode, "paged_decode_attention", lambda q, *a, **k: q),
+        "attention in one split (no merge)": lambda: patched(paged_decode, "num_splits", lambda *a, **k: 1),
+        "without programmatic dependent launch": lambda: patched(gemv, "_PDL", {**gemv._PDL, "on": False}),
+    }
+
+
+def ablate(args, bandwidth: float) -> dict:
+    from inferd.engine.model_runner import release_cuda_graphs
+
+    shape = SHAPES[args.shape]
+    g = torch.Generator().manual_seed(1)
+    prompt = [torch.randint(3, shape["vocab_size"], (128,), generator=g).tolist()]
+    args.quantization = ["none"]
+    rows = []
+    for _, engine in variant_engines(args, max_num_seqs=1):
+        runner = engine.runner
+        roofline_ms = runner.weight_bytes() / bandwidth * 1000
+        run_ours(engine, prompt, 8)  # the KV cache holds a context of 128 + a few tokens
+        variants = list(_ablations().items())
+        for name, change in [*variants, variants[0]]:  # the whole step again last: the drift
+            release_cuda_graphs(runner)
+            with change():
+                runner._capture_cuda_graphs()
+            replay = min(replay_ms(runner.graphs[1]) for _ in range(5))
+            row = {"variant": name, "replay_ms": replay, "replay_pct_of_roofline": 100 * roofline_ms / replay}
+            if name == "whole step" or name.startswith("loads after"):
+                b1 = run_ours(engine, prompt, 256)
+                row.update(tpot_ms_p50=b1["tpot_ms_p50"], pct_of_roofline=100 * roofline_ms / b1["tpot_ms_p50"])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return {"ablate": {"shape": args.shape, "roofline_ms": roofline_ms, "rows": rows}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["attention", "step", "prefill"])
+    ap.add_argument("what", choices=["attention", "step", "prefill", "ablate"])
     ap.add_argument("--loads", nargs="+", default=["64x640", "16x640", "1x4096", "64x2048"], help="BATCHxCONTEXT")
     ap.add_argument("--tiles", nargs="+", type=int, default=[32, 64, 128])
     ap.add_argument("--warps", nargs="+", type=int, default=[4, 8])
@@ -248,7 +316,12 @@ def main() -> int:
     bw = copy_bandwidth(args.device)
     info["copy_bandwidth_GB_s"] = bw / 1e9
     print(json.dumps(info), flush=True)
-    run = {"attention": lambda: attention(args, bw), "step": lambda: step_profile(args), "prefill": lambda: prefill_profile(args)}
+    run = {
+        "attention": lambda: attention(args, bw),
+        "step": lambda: step_profile(args),
+        "prefill": lambda: prefill_profile(args),
+        "ablate": lambda: ablate(args, bw),
+    }
     res = run[args.what]()
     if args.out:
         Path(args.out).write_text(json.dumps({"info": info, **res}, indent=2))

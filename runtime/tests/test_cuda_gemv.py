@@ -148,3 +148,59 @@ def test_engine_greedy_tokens_with_the_gemv_path_follow_the_plain_path(tmp_path,
     prompts = [[3, 4, 5], list(range(3, 40)), [7] * 9]
     together = [o.token_ids for o in fused.generate(prompts, sp)]
     assert together == [o.token_ids for o in plain.generate(prompts, sp)]
+
+
+@pytest.mark.parametrize("rows", [1, 5])  # a batch-1 step; a verify pass of 5 rows computed as one
+@pytest.mark.parametrize("context", [1, 16, 17, 64, 65, 200, 383, 1000])
+def test_early_loads_before_the_wait_give_the_late_loads_attention_bit_for_bit(rows, context):
+    """Under programmatic dependent launch the rotary, KV-store and attention kernels read what no
+    earlier kernel of the step writes (positions, slots, block tables, cached K/V) before they
+    wait; attention reads the tile with this step's new tokens again after it. A graph of rotary,
+    store and attention, whose new tokens' cache slots hold NaN before every replay, must give the
+    output of the same graph with every load after the wait."""
+    from inferd.layers import gemv
+    from inferd.layers.context import AttentionContext, reset_context, set_context
+    from inferd.layers.paged_decode import paged_decode_attention, store_kv_triton
+    from inferd.layers.rotary import RotaryEmbedding
+
+    if not gemv.pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    heads, kv_heads, dim, block = 12, 2, 128, 16
+    g = torch.Generator(device="cuda").manual_seed(context)
+    blocks = (context + rows + block) // block + 1
+    k_cache = torch.randn(blocks * 2, block, kv_heads, dim, device="cuda", generator=g).bfloat16()
+    v_cache = torch.randn_like(k_cache)
+    table = torch.randperm(blocks * 2, device="cuda", generator=g)[:blocks].int()
+    lens = torch.arange(context, context + rows, device="cuda", dtype=torch.int32)  # row j's context ends at it
+    positions = (lens - 1).long()
+    slots = (table[positions // block] * block + positions % block).long()
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, device="cuda", generator=g).bfloat16()
+    rotary = RotaryEmbedding(dim, 4096, 10000.0, None).cuda()
+    set_context(AttentionContext(rows_as_one=rows > 1))
+
+    def step():
+        q, k, v = rotary(positions, qkv, heads * dim, kv_heads * dim)
+        store_kv_triton(k.view(rows, kv_heads, dim), v.view(rows, kv_heads, dim), k_cache, v_cache, slots)
+        return paged_decode_attention(q.view(rows, heads, dim), k_cache, v_cache, table[None].expand(rows, -1), lens, dim**-0.5)
+
+    outs = {}
+    try:
+        gemv.set_pdl(True)
+        for early in (False, True):
+            gemv._PDL["early"] = early
+            step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step()
+            for _ in range(3):
+                k_cache.view(-1, kv_heads, dim)[slots] = float("nan")
+                v_cache.view(-1, kv_heads, dim)[slots] = float("nan")
+                graph.replay()
+                torch.cuda.synchronize()
+                assert not out.isnan().any()
+                outs.setdefault(early, out.clone())
+                assert torch.equal(out, outs[early])
+    finally:
+        gemv._PDL["early"] = True
+        reset_context()
+    assert torch.equal(outs[True], outs[False])

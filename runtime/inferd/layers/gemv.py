@@ -54,11 +54,17 @@ def pdl_supported(device: torch.device) -> bool:
 # on a Hopper). Only at one row: the chain of GEMVs is what it pays for, and with it on for the
 # attention kernels of larger batches the 1.5B shape's step at 64 rows took 2.62 against 2.03 ms
 # (H200, 2026-11-30, cause not yet measured).
-_PDL = {"on": False}
+_PDL = {"on": False, "early": True}
 
 
 def set_pdl(on: bool) -> None:
     _PDL["on"] = bool(on)
+
+
+def early_loads(on: bool) -> bool:
+    """Whether a kernel launched with programmatic dependent launch (`on`) reads what no earlier
+    kernel of the step writes (positions, slots, block tables, cached K/V) before it waits."""
+    return on and _PDL["early"]
 
 
 def pdl(rows: int = 1) -> bool:

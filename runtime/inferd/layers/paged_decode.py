@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from inferd.layers.fused import FP8, FP8_MAX
-from inferd.layers.gemv import pdl, pdl_enter
+from inferd.layers.gemv import early_loads, pdl, pdl_enter
 from inferd.layers.mla_decode import sm_count
 
 
@@ -36,6 +36,53 @@ def _widen_fp8_opaque(x):
 
 
 @triton.jit
+def _load_kv_tile(
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq,
+    kv_head,
+    start,
+    hi,
+    stride_bt,
+    offs_d,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    WIDEN_V_IN_REGISTERS: tl.constexpr,
+):
+    """Tokens [start, start + TILE) of the sequence (those below hi): K and V of one KV head, and
+    the tokens' mask."""
+    token_stride = NUM_KV_HEADS * HEAD_DIM
+    offs_t = start + tl.arange(0, TILE)
+    t_mask = offs_t < hi
+    blocks = tl.load(block_tables_ptr + seq * stride_bt + offs_t // BLOCK_SIZE, mask=t_mask, other=0)
+    base = blocks.to(tl.int64) * (BLOCK_SIZE * token_stride) + (offs_t % BLOCK_SIZE) * token_stride + kv_head * HEAD_DIM
+    offs = base[:, None] + offs_d[None, :]
+    k = tl.load(k_cache_ptr + offs, mask=t_mask[:, None], other=0.0).to(COMPUTE)
+    if WIDEN_V_IN_REGISTERS:
+        v = _widen_fp8_opaque(tl.load(v_cache_ptr.to(tl.pointer_type(tl.uint8)) + offs, mask=t_mask[:, None], other=0))
+    else:
+        v = tl.load(v_cache_ptr + offs, mask=t_mask[:, None], other=0.0).to(COMPUTE)
+    return k, v, t_mask
+
+
+@triton.jit
+def _attend_tile(q, k, v, t_mask, m, denom, acc, scale, PRECISION: tl.constexpr):
+    """The online softmax's state (m, denom, acc) after one more tile of keys and values."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+    s = tl.where(t_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    denom = denom * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+    return m_new, denom, acc
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -47,6 +94,7 @@ def _paged_decode_kernel(
     part_ml_ptr,
     scale,
     stride_bt,
+    new_tokens,
     NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
@@ -58,8 +106,10 @@ def _paged_decode_kernel(
     COMPUTE: tl.constexpr,
     WIDEN_V_IN_REGISTERS: tl.constexpr,
     USE_PDL: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
-    pdl_enter(USE_PDL)
+    if not EARLY:
+        pdl_enter(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -72,6 +122,48 @@ def _paged_decode_kernel(
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
+    first = lo
+    if EARLY:
+        # The split's first tile before the wait: the cache holds it from earlier steps, except
+        # this step's new tokens (the last `new_tokens` of the context, stored by the kernel
+        # before): a tile that may hold one is read again after the wait.
+        k0, v0, mask0 = _load_kv_tile(
+            k_cache_ptr,
+            v_cache_ptr,
+            block_tables_ptr,
+            seq,
+            kv_head,
+            lo,
+            hi,
+            stride_bt,
+            offs_d,
+            NUM_KV_HEADS,
+            HEAD_DIM,
+            BLOCK_SIZE,
+            TILE,
+            COMPUTE,
+            WIDEN_V_IN_REGISTERS,
+        )
+        pdl_enter(USE_PDL)
+        if lo + TILE > ctx_len - new_tokens:
+            k0, v0, mask0 = _load_kv_tile(
+                k_cache_ptr,
+                v_cache_ptr,
+                block_tables_ptr,
+                seq,
+                kv_head,
+                lo,
+                hi,
+                stride_bt,
+                offs_d,
+                NUM_KV_HEADS,
+                HEAD_DIM,
+                BLOCK_SIZE,
+                TILE,
+                COMPUTE,
+                WIDEN_V_IN_REGISTERS,
+            )
+        first = lo + TILE
     head = kv_head * GROUP + offs_g
     q_mask = offs_g < GROUP
     q = tl.load(
@@ -84,28 +176,28 @@ def _paged_decode_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-    token_stride = NUM_KV_HEADS * HEAD_DIM
-    block_stride = BLOCK_SIZE * token_stride
-
-    for start in range(lo, hi, TILE):
-        offs_t = start + tl.arange(0, TILE)
-        t_mask = offs_t < hi
-        blocks = tl.load(block_tables_ptr + seq * stride_bt + offs_t // BLOCK_SIZE, mask=t_mask, other=0)
-        base = blocks.to(tl.int64) * block_stride + (offs_t % BLOCK_SIZE) * token_stride + kv_head * HEAD_DIM
-        k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(COMPUTE)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
-        s = tl.where(t_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        denom = denom * alpha + tl.sum(p, 1)
-        v_offs = base[:, None] + offs_d[None, :]
-        if WIDEN_V_IN_REGISTERS:
-            v = _widen_fp8_opaque(tl.load(v_cache_ptr.to(tl.pointer_type(tl.uint8)) + v_offs, mask=t_mask[:, None], other=0))
-        else:
-            v = tl.load(v_cache_ptr + v_offs, mask=t_mask[:, None], other=0.0).to(COMPUTE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
-        m = m_new
+    if EARLY:
+        if lo < hi:  # an empty split keeps m = -inf, denom = 0 (the merge gives it no weight)
+            m, denom, acc = _attend_tile(q, k0, v0, mask0, m, denom, acc, scale, PRECISION)
+    for start in range(first, hi, TILE):
+        k, v, t_mask = _load_kv_tile(
+            k_cache_ptr,
+            v_cache_ptr,
+            block_tables_ptr,
+            seq,
+            kv_head,
+            start,
+            hi,
+            stride_bt,
+            offs_d,
+            NUM_KV_HEADS,
+            HEAD_DIM,
+            BLOCK_SIZE,
+            TILE,
+            COMPUTE,
+            WIDEN_V_IN_REGISTERS,
+        )
+        m, denom, acc = _attend_tile(q, k, v, t_mask, m, denom, acc, scale, PRECISION)
 
     if SPLITS == 1:
         out = acc / denom[:, None]
@@ -134,12 +226,16 @@ def _store_kv_kernel(
     ROW_PAD: tl.constexpr,
     CLAMP: tl.constexpr,
     USE_PDL: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
     """One program per new token: its K and V rows (all KV heads) into their cache slot, in the
     cache's element type (fp8 saturates at +-CLAMP)."""
-    pdl_enter(USE_PDL)
+    if not EARLY:
+        pdl_enter(USE_PDL)
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
+    if EARLY:  # the slots: no kernel of the step writes them
+        pdl_enter(USE_PDL)
     offs = tl.arange(0, ROW_PAD)
     mask = offs < ROW
     k = tl.load(k_ptr + t * stride_k + offs, mask=mask)
@@ -173,6 +269,7 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
         ROW_PAD=triton.next_power_of_2(row),
         CLAMP=clamp,
         USE_PDL=on,
+        EARLY=early_loads(on),
         launch_pdl=on,
     )
 
@@ -279,7 +376,9 @@ def paged_decode_attention(
         part_ml,
         scale,
         block_tables.stride(0),
+        batch,  # at most this many new tokens a sequence this step (rows computed as one: all of them)
         **consts,
+        EARLY=early_loads(on),
         BLOCK_SIZE=block_size,
         TILE=tile,
         SPLITS=splits,

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from inferd.layers.fused import ROW_FORMATS
-from inferd.layers.gemv import pdl, pdl_enter
+from inferd.layers.gemv import early_loads, pdl, pdl_enter
 
 
 @triton.jit
@@ -94,8 +94,10 @@ def _qkv_rotary_kernel(
     SCALED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     USE_PDL: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
-    pdl_enter(USE_PDL)
+    if not EARLY:
+        pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)  # row offsets in 64 bits, as in the SiLU kernel
     HALF: tl.constexpr = HEAD_DIM // 2
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -103,6 +105,8 @@ def _qkv_rotary_kernel(
     # cos_sin is [2, max_pos, HEAD_DIM] with both halves of a row equal; rounded as `.to(q.dtype)`.
     cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + offs_j).to(q_ptr.dtype.element_ty).to(tl.float32)
     sin = tl.load(cos_sin_ptr + (max_pos + pos) * HEAD_DIM + offs_j).to(q_ptr.dtype.element_ty).to(tl.float32)
+    if EARLY:  # positions and the table: no kernel of the step writes them
+        pdl_enter(USE_PDL)
     if SCALED:
         xs = tl.load(xs_ptr + t)
     else:
@@ -172,6 +176,7 @@ def qkv_rotary_triton(positions, x, x_scale, weight_scale, bias, cos_sin, head_d
         SCALED=scaled,
         HAS_BIAS=has_bias,
         USE_PDL=on,
+        EARLY=early_loads(on),
         launch_pdl=on,
         num_warps=4,
     )
