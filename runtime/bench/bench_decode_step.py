@@ -55,7 +55,8 @@ def time_us(fn, *args, **kwargs) -> float:
 def attention(args, bandwidth: float) -> dict:
     from inferd.layers.paged_decode import paged_decode_attention
 
-    heads, kv_heads, head_dim, block_size = 32, 8, 128, 16
+    heads, kv_heads = (int(n) for n in args.heads.split("x"))
+    head_dim, block_size = 128, 16
     results = []
     for batch, ctx in args.loads:
         blocks_per_seq = -(-ctx // block_size)
@@ -300,6 +301,7 @@ def main() -> int:
     ap.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--stages", nargs="+", type=int, default=[2, 4])
     ap.add_argument("--splits", nargs="+", type=int, default=[1, 2, 4, 8])
+    ap.add_argument("--heads", default="32x8", help="attention: query heads x KV heads (32x8: the 8B; 12x2: the 1.5B)")
     ap.add_argument("--caches", nargs="+", default=["bfloat16", "float8_e4m3fn"], help="attention: the cache types swept")
     ap.add_argument("--device", default="cuda", help="cpu: a quick check of the step profile's code")
     ap.add_argument("--dtype", default="bfloat16")
