@@ -90,7 +90,8 @@ def dashboards() -> dict[str, dict]:
                 ],
             ),
             ("Host KV tier memory", "bytes", [q(m.HOST_KV_CACHE_BYTES, "held")]),
-            # Speculative decoding (engine/speculative.py): how many drafts the target accepts; 0 when off.
+            # Speculative decoding (engine/speculative.py): how many drafts the target accepts, and the
+            # steps taken plain while speculation measured slower (SpecGate); 0 when off.
             (
                 "Speculative decoding acceptance",
                 "short",
@@ -101,6 +102,7 @@ def dashboards() -> dict[str, dict]:
                     ),
                     q(f"rate({m.SPEC_DECODE_DRAFT_TOKENS}[5m])", "drafted/s"),
                     q(f"rate({m.SPEC_DECODE_ACCEPTED_TOKENS}[5m])", "accepted/s"),
+                    q(f"rate({m.SPEC_DECODE_PAUSED_STEPS}[5m])", "steps paused (slower than plain)/s"),
                 ],
             ),
             (
