@@ -278,34 +278,55 @@ def test_the_gate_measures_plain_decoding_then_pauses_a_losing_speculation_for_e
     gate = SpecGate(True)
     assert gate.allows()  # speculation starts at once
     for _ in range(SpecGate.SPEC_WINDOW):
-        gate.record(True, 2, 1.0)  # 2 tokens/s
+        gate.record(True, 2, 1.0, 1)  # 2 tokens/s
     assert not gate.allows()  # plain decoding not measured yet: measured first
     for _ in range(SpecGate.PLAIN_WINDOW):
-        gate.record(False, 1, 0.25)  # 4 tokens/s
+        gate.record(False, 1, 0.25, 1)  # 4 tokens/s
     assert gate.allows()
     pauses = []
     for _ in range(8):
         for _ in range(SpecGate.SPEC_WINDOW):
-            gate.record(True, 2, 1.0)
+            gate.record(True, 2, 1.0, 1)
         pauses.append(gate.pause)
         while not gate.allows():
-            gate.record(False, 1, 0.25)
+            gate.record(False, 1, 0.25, 1)
     assert pauses == [16, 32, 64, 128, 256, 512, 1024, 1024]
     assert gate.paused_steps == SpecGate.PLAIN_WINDOW + sum(pauses)
     for _ in range(SpecGate.SPEC_WINDOW):
-        gate.record(True, 20, 1.0)  # the drafts pay now: speculation stays on, the next pause is short again
+        gate.record(True, 20, 1.0, 1)  # the drafts pay now: speculation stays on, the next pause is short again
     assert gate.allows() and gate.next_pause == SpecGate.MIN_PAUSE
-    # A window's median decides: one slow step (an idle engine's gap) does not pause it.
-    for rate in (20, 20, 0.01, 20):
-        gate.record(True, rate, 1.0)
+    # A window's median decides: one slow step (a long gap) does not pause it, as a mean would.
+    for rate in (5, 5, 0.01, 5):
+        gate.record(True, rate, 1.0, 1)
+    assert gate.allows()
+
+
+def test_the_gate_compares_steps_of_the_same_batch_size():
+    """Plain decoding measured at one sequence says nothing about 16: speculation at 16 first
+    waits for plain steps at 16, and is judged against those."""
+    gate = SpecGate(True)
+    for _ in range(SpecGate.PLAIN_WINDOW):
+        gate.record(False, 1, 0.25, 1)  # 4 tokens/s at batch 1
+    for _ in range(SpecGate.SPEC_WINDOW):
+        gate.record(True, 40, 1.0, 16)  # 40 tokens/s at batch 16: beats batch 1's 4, but not measured against it
+    assert gate.pause == SpecGate.PLAIN_WINDOW
+    for _ in range(SpecGate.PLAIN_WINDOW):
+        gate.record(False, 16, 0.25, 16)  # 64 tokens/s at batch 16
+    for _ in range(SpecGate.SPEC_WINDOW):
+        gate.record(True, 40, 1.0, 16)
+    assert gate.pause == SpecGate.MIN_PAUSE  # slower than plain at 16
+    for _ in range(SpecGate.MIN_PAUSE):
+        gate.record(False, 16, 0.25, 16)
+    for _ in range(SpecGate.SPEC_WINDOW):
+        gate.record(True, 3, 0.5, 1)  # 6 tokens/s at batch 1 beats 4
     assert gate.allows()
 
 
 def test_a_gate_that_is_off_never_pauses():
     gate = SpecGate(False)
     for _ in range(100):
-        gate.record(True, 1, 100.0)
-        gate.record(False, 100, 1.0)
+        gate.record(True, 1, 100.0, 1)
+        gate.record(False, 100, 1.0, 1)
     assert gate.allows() and gate.paused_steps == 0
 
 
@@ -333,6 +354,9 @@ def test_a_draft_model_that_measures_slower_is_paused_and_retried_and_the_output
         return real_step(runner, bm, batch)
 
     spec.gate.clock, spec.step = tick, slow_step
+    recorded = []
+    record = spec.gate.record
+    spec.gate.record = lambda *a: (recorded.append(a), record(*a))
     launch = llm.engine.runner.launch
 
     def plain_launch(batch, is_prefill, prev=None):
@@ -344,9 +368,17 @@ def test_a_draft_model_that_measures_slower_is_paused_and_retried_and_the_output
     params = SamplingParams(max_tokens=160, temperature=0.0, ignore_eos=True)
     assert [o.token_ids for o in llm.generate(prompt, params)] == [o.token_ids for o in plain.generate(prompt, params)]
     runs = [(k, len(list(g))) for k, g in itertools.groupby("".join(kinds).lstrip("p"))]
-    # A window of speculative steps, plain steps to measure plain decoding, then pauses that double.
+    # A window of speculative steps, plain steps to measure plain decoding, then pauses that double;
+    # one plain step more each time: the first after a speculative step is not timed (nothing ran
+    # before it, so its interval is no step of the device's).
     window = ("S", SpecGate.SPEC_WINDOW)
-    assert runs[:8] == [window, ("P", SpecGate.PLAIN_WINDOW), window, ("P", 16), window, ("P", 32), window, ("P", 64)], runs
+    want = [window, ("P", SpecGate.PLAIN_WINDOW + 1), window, ("P", 17), window, ("P", 33), window, ("P", 65)]
+    assert runs[:8] == want, runs
+    assert {a[2] for a in recorded if a[0]} == {10.0} and {a[2] for a in recorded if not a[0]} == {1.0}
+    # An idle engine between requests is no step's time.
+    clock["now"] += 3600.0
+    llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    assert max(a[2] for a in recorded) == 10.0
     assert llm.engine.stats().spec_paused_steps == spec.gate.paused_steps > 0
 
 

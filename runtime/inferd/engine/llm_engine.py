@@ -62,7 +62,10 @@ class LLMEngine:
         self._detoks: dict[str, IncrementalDetokenizer] = {}
         self._inflight: tuple[list[Sequence], StepHandle] | None = None  # launched, tokens not read yet
         self._speculating = self.spec is not None  # the next decode step drafts (SpecDecoder.wants)
-        self._last_decode: tuple[bool, int, float] | None = None  # (speculative, tokens, start) for SpecGate
+        # For SpecGate: whether the step in flight is a plain decode step, and the plain decode step
+        # launched last behind another one, (rows, start), timed until the next step starts.
+        self._inflight_decode = False
+        self._last_plain: tuple[int, float] | None = None
 
     def close(self) -> None:
         """Free the runner's device memory and stop the tensor-parallel workers, if any (they also
@@ -161,44 +164,44 @@ class LLMEngine:
         need every token on the host to sample, so while one runs the steps do not overlap;
         neither do speculative steps (the drafts are made from the newest tokens)."""
         outputs: list[StepOutput] = []
-        start = self._time_decode()
+        start = self._time_plain()
+        behind_decode = self._inflight is not None and self._inflight_decode
         if self._inflight is not None and self._needs_host_tokens():
             outputs = self._resolve()
         batch, is_prefill = self.scheduler.schedule()
         if self._speculating and batch and not is_prefill and self.spec.takes(batch):
-            gained = self._speculate(batch)
-            self._last_decode = (True, len(gained), start)
-            return outputs + gained
-        if self.spec is not None and batch and not is_prefill:
-            self._last_decode = (False, len(batch), start)
+            return outputs + self._speculate(batch)
+        decode = bool(batch) and not is_prefill
+        if self.spec is not None and decode and behind_decode:
+            self._last_plain = (len(batch), start)
         prev = self._inflight[1] if self._inflight is not None else None
         handle = self.runner.launch(batch, is_prefill, prev) if batch else None
         if self._inflight is not None:
             outputs = self._resolve()
         if handle is not None:
             self.scheduler.advance(batch, handle.complete)
-            self._inflight = (batch, handle)
+            self._inflight, self._inflight_decode = (batch, handle), decode
         return outputs
 
-    def _time_decode(self) -> float:
-        """Now; the decode step started last (if any) is reported to the speculative gate as
-        taking until now, and where that pauses or resumes speculation, this step already
-        follows it."""
+    def _time_plain(self) -> float:
+        """Now; the plain decode step timed last (if any) is reported to the speculative gate as
+        taking until now, and where that resumes speculation, this step already follows it."""
         if self.spec is None:
             return 0.0
         gate = self.spec.gate
         now = gate.clock()
-        if self._last_decode is not None:
-            speculative, tokens, start = self._last_decode
+        if self._last_plain is not None:
+            rows, start = self._last_plain
+            self._last_plain = None
             allowed = gate.allows()
-            gate.record(speculative, tokens, now - start)
-            self._last_decode = None
+            gate.record(False, rows, now - start, rows)
             if gate.allows() != allowed:
                 self._check_speculating()
         return now
 
     def finish_step(self) -> list[StepOutput]:
         """Read the step in flight, launching none: afterwards nothing runs on the device."""
+        self._last_plain = None  # the pause that follows is no step's time
         return self._resolve() if self._inflight is not None else []
 
     def _needs_host_tokens(self) -> bool:
@@ -239,6 +242,7 @@ class LLMEngine:
         verified tokens are appended and stop-checked one by one; the first that stops it drops
         the rest, and the cache keeps the K/V of the tokens kept."""
         outputs: list[StepOutput] = []
+        start = self.spec.gate.clock()
         for seq, tokens in zip(batch, self.spec.step(self.runner, self.block_manager, batch)):
             for token in tokens:
                 self.scheduler.append_verified(seq, token)
@@ -248,6 +252,7 @@ class LLMEngine:
                     break
             if not seq.is_finished:
                 self.block_manager.keep_verified(seq, len(seq) - 1 - seq.num_computed_tokens)
+        self.spec.gate.record(True, len(outputs), self.spec.gate.clock() - start, len(batch))
         self._check_speculating()
         return outputs
 

@@ -46,6 +46,7 @@ import logging
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -304,37 +305,47 @@ def _check_same_tokenizer(path: str, draft: str | None, target: str | None) -> N
 
 
 class SpecGate:
-    """Whether speculating pays, measured: the engine reports each decode step's tokens and its
-    time (from that step's start to the next's), and the gate compares the median tokens per second
-    of the latest SPEC_WINDOW speculative steps with that of the latest PLAIN_WINDOW plain ones.
-    When speculation loses, it pauses for `pause` plain steps, twice as many each time it loses
-    again (MIN_PAUSE up to MAX_PAUSE), then is tried again; a win resets the pause. Before the first
-    comparison the gate takes PLAIN_WINDOW plain steps to measure plain decoding. Time, unlike the
-    acceptance rate, counts everything a speculative step costs on this machine: the drafts, the
-    verify pass, and the step's being synchronous. A draft model that drafts nothing useful ran at
-    a quarter of plain decoding's speed without the gate (BENCHMARKS.md)."""
+    """Whether speculating pays, measured. The engine reports each decode step's tokens, time and
+    rows: a speculative step from its start to its end (it is synchronous), a plain step from its
+    start to the next step's, and only when it ran behind another plain decode step (pipelined:
+    that interval is then one step of the device's; right after a speculative or prefill step, or
+    an idle engine, it is not). By batch size (powers of two), the gate compares the median tokens
+    per second of the latest SPEC_WINDOW speculative steps with that of the latest PLAIN_WINDOW
+    plain ones. When speculation loses, it pauses for `pause` plain steps, twice as many each time
+    it loses again (MIN_PAUSE up to MAX_PAUSE), then is tried again; a win resets the pause. Where
+    plain decoding has not been measured at that batch size yet, the gate first takes the plain
+    steps it lacks. Time, unlike the acceptance rate, counts everything a speculative step costs
+    on this machine: the drafts, the verify pass, and the step's being synchronous. A draft model
+    that drafts nothing useful ran at a quarter of plain decoding's speed without the gate
+    (BENCHMARKS.md)."""
 
     SPEC_WINDOW = 4
     PLAIN_WINDOW = 8
     MIN_PAUSE = 16
     MAX_PAUSE = 1024
 
-    def __init__(self, enabled: bool, clock=time.perf_counter):
+    def __init__(self, enabled: bool, clock: Callable[[], float] = time.perf_counter):
         self.enabled = enabled
         self.clock = clock
-        self.rates: dict[bool, deque] = {True: deque(maxlen=self.SPEC_WINDOW), False: deque(maxlen=self.PLAIN_WINDOW)}
+        self.rates: dict[tuple[bool, int], deque] = {}  # (speculative, batch-size bucket) -> tokens/s
         self.pause = 0  # plain steps to take before speculating again
         self.next_pause = self.MIN_PAUSE
-        self.paused_steps = 0  # plain decode steps the gate took (a metric)
+        self.paused_steps = 0  # plain decode steps taken while paused (a metric)
 
     def allows(self) -> bool:
         return not self.enabled or self.pause == 0
 
-    def record(self, speculative: bool, tokens: int, seconds: float) -> None:
-        """A decode step's tokens (all its sequences') and seconds."""
-        if not self.enabled or tokens <= 0 or seconds <= 0:
+    def _window(self, speculative: bool, rows: int) -> deque:
+        key = (speculative, rows.bit_length())
+        if key not in self.rates:
+            self.rates[key] = deque(maxlen=self.SPEC_WINDOW if speculative else self.PLAIN_WINDOW)
+        return self.rates[key]
+
+    def record(self, speculative: bool, tokens: int, seconds: float, rows: int) -> None:
+        """A decode step of `rows` sequences: the tokens they gained and its seconds."""
+        if not self.enabled or tokens <= 0 or seconds <= 0 or rows <= 0:
             return
-        rates = self.rates[speculative]
+        rates = self._window(speculative, rows)
         rates.append(tokens / seconds)
         if not speculative:
             if self.pause:
@@ -345,15 +356,13 @@ class SpecGate:
             return
         spec = statistics.median(rates)
         rates.clear()
-        plain = self.rates[False]
+        plain = self._window(False, rows)
         if len(plain) < self.PLAIN_WINDOW:
-            self.pause = self.PLAIN_WINDOW - len(plain)  # plain decoding not measured yet
+            self.pause = self.PLAIN_WINDOW - len(plain)  # plain decoding not measured at this size yet
         elif spec < statistics.median(plain):
             self.pause = self.next_pause
             self.next_pause = min(2 * self.next_pause, self.MAX_PAUSE)
-            log.info(
-                "speculative decoding paused for %d steps: %.1f against %.1f tokens/s", self.pause, spec, statistics.median(plain)
-            )
+            log.debug("speculation paused for %d steps: %.1f against %.1f tokens/s", self.pause, spec, statistics.median(plain))
         else:
             self.next_pause = self.MIN_PAUSE
 

@@ -77,7 +77,7 @@ class EngineCollector:
         (n.HOST_KV_CACHE_BYTES, "Bytes of KV blocks the host tier holds", "host_cache_bytes"),
         (n.SPEC_DECODE_DRAFT_TOKENS, "Draft tokens speculative decoding verified", "spec_draft_tokens"),
         (n.SPEC_DECODE_ACCEPTED_TOKENS, "Draft tokens the target model accepted", "spec_accepted_tokens"),
-        (n.SPEC_DECODE_PAUSED_STEPS, "Decode steps taken plain while speculation measured slower", "spec_paused_steps"),
+        (n.SPEC_DECODE_PAUSED_STEPS, "Plain decode steps while the speculation gate held back", "spec_paused_steps"),
     )
 
     def __init__(self, engine_stats: Callable[[], EngineStats | None]):
