@@ -36,9 +36,7 @@ def _widen_fp8_opaque(x):
 
 
 @triton.jit
-def _load_kv_tile(
-    k_cache_ptr,
-    v_cache_ptr,
+def _tile_offsets(
     block_tables_ptr,
     seq,
     kv_head,
@@ -50,36 +48,41 @@ def _load_kv_tile(
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TILE: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    WIDEN_V_IN_REGISTERS: tl.constexpr,
 ):
-    """Tokens [start, start + TILE) of the sequence (those below hi): K and V of one KV head, and
-    the tokens' mask."""
+    """Where tokens [start, start + TILE) of the sequence (those below hi) keep one KV head's K
+    (and V) in the cache, and the tokens' mask."""
     token_stride = NUM_KV_HEADS * HEAD_DIM
     offs_t = start + tl.arange(0, TILE)
     t_mask = offs_t < hi
     blocks = tl.load(block_tables_ptr + seq * stride_bt + offs_t // BLOCK_SIZE, mask=t_mask, other=0)
     base = blocks.to(tl.int64) * (BLOCK_SIZE * token_stride) + (offs_t % BLOCK_SIZE) * token_stride + kv_head * HEAD_DIM
-    offs = base[:, None] + offs_d[None, :]
-    k = tl.load(k_cache_ptr + offs, mask=t_mask[:, None], other=0.0).to(COMPUTE)
+    return base[:, None] + offs_d[None, :], t_mask
+
+
+@triton.jit
+def _load_k(k_cache_ptr, offs, t_mask, COMPUTE: tl.constexpr):
+    return tl.load(k_cache_ptr + offs, mask=t_mask[:, None], other=0.0).to(COMPUTE)
+
+
+@triton.jit
+def _load_v(v_cache_ptr, offs, t_mask, COMPUTE: tl.constexpr, WIDEN_V_IN_REGISTERS: tl.constexpr):
     if WIDEN_V_IN_REGISTERS:
         v = _widen_fp8_opaque(tl.load(v_cache_ptr.to(tl.pointer_type(tl.uint8)) + offs, mask=t_mask[:, None], other=0))
     else:
         v = tl.load(v_cache_ptr + offs, mask=t_mask[:, None], other=0.0).to(COMPUTE)
-    return k, v, t_mask
+    return v
 
 
 @triton.jit
-def _attend_tile(q, k, v, t_mask, m, denom, acc, scale, PRECISION: tl.constexpr):
-    """The online softmax's state (m, denom, acc) after one more tile of keys and values."""
+def _softmax_step(q, k, t_mask, m, denom, scale, PRECISION: tl.constexpr):
+    """One tile of keys into the online softmax: its probabilities, the old state's rescale,
+    and the new maximum and denominator (the values' product is the caller's, V read after)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
     s = tl.where(t_mask[None, :], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     p = tl.exp(s - m_new[:, None])
     alpha = tl.exp(m - m_new)
-    denom = denom * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
-    return m_new, denom, acc
+    return p, alpha, m_new, denom * alpha + tl.sum(p, 1)
 
 
 @triton.jit
@@ -122,47 +125,20 @@ def _paged_decode_kernel(
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    first = lo
+    first = lo  # the loop's first tile
     if EARLY:
         # The split's first tile before the wait: the cache holds it from earlier steps, except
         # this step's new tokens (the last `new_tokens` of the context, stored by the kernel
         # before): a tile that may hold one is read again after the wait.
-        k0, v0, mask0 = _load_kv_tile(
-            k_cache_ptr,
-            v_cache_ptr,
-            block_tables_ptr,
-            seq,
-            kv_head,
-            lo,
-            hi,
-            stride_bt,
-            offs_d,
-            NUM_KV_HEADS,
-            HEAD_DIM,
-            BLOCK_SIZE,
-            TILE,
-            COMPUTE,
-            WIDEN_V_IN_REGISTERS,
+        offs0, mask0 = _tile_offsets(
+            block_tables_ptr, seq, kv_head, lo, hi, stride_bt, offs_d, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, TILE
         )
+        k0 = _load_k(k_cache_ptr, offs0, mask0, COMPUTE)
+        v0 = _load_v(v_cache_ptr, offs0, mask0, COMPUTE, WIDEN_V_IN_REGISTERS)
         pdl_enter(USE_PDL)
         if lo + TILE > ctx_len - new_tokens:
-            k0, v0, mask0 = _load_kv_tile(
-                k_cache_ptr,
-                v_cache_ptr,
-                block_tables_ptr,
-                seq,
-                kv_head,
-                lo,
-                hi,
-                stride_bt,
-                offs_d,
-                NUM_KV_HEADS,
-                HEAD_DIM,
-                BLOCK_SIZE,
-                TILE,
-                COMPUTE,
-                WIDEN_V_IN_REGISTERS,
-            )
+            k0 = _load_k(k_cache_ptr, offs0, mask0, COMPUTE)
+            v0 = _load_v(v_cache_ptr, offs0, mask0, COMPUTE, WIDEN_V_IN_REGISTERS)
         first = lo + TILE
     head = kv_head * GROUP + offs_g
     q_mask = offs_g < GROUP
@@ -178,26 +154,16 @@ def _paged_decode_kernel(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     if EARLY:
         if lo < hi:  # an empty split keeps m = -inf, denom = 0 (the merge gives it no weight)
-            m, denom, acc = _attend_tile(q, k0, v0, mask0, m, denom, acc, scale, PRECISION)
+            p, alpha, m, denom = _softmax_step(q, k0, mask0, m, denom, scale, PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PRECISION).to(tl.float32)
     for start in range(first, hi, TILE):
-        k, v, t_mask = _load_kv_tile(
-            k_cache_ptr,
-            v_cache_ptr,
-            block_tables_ptr,
-            seq,
-            kv_head,
-            start,
-            hi,
-            stride_bt,
-            offs_d,
-            NUM_KV_HEADS,
-            HEAD_DIM,
-            BLOCK_SIZE,
-            TILE,
-            COMPUTE,
-            WIDEN_V_IN_REGISTERS,
+        offs, t_mask = _tile_offsets(
+            block_tables_ptr, seq, kv_head, start, hi, stride_bt, offs_d, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, TILE
         )
-        m, denom, acc = _attend_tile(q, k, v, t_mask, m, denom, acc, scale, PRECISION)
+        k = _load_k(k_cache_ptr, offs, t_mask, COMPUTE)
+        p, alpha, m, denom = _softmax_step(q, k, t_mask, m, denom, scale, PRECISION)
+        v = _load_v(v_cache_ptr, offs, t_mask, COMPUTE, WIDEN_V_IN_REGISTERS)  # after the scores, as before
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
 
     if SPLITS == 1:
         out = acc / denom[:, None]
