@@ -183,7 +183,7 @@ def test_early_loads_before_the_wait_give_the_late_loads_attention_bit_for_bit(r
         store_kv_triton(k.view(rows, kv_heads, dim), v.view(rows, kv_heads, dim), k_cache, v_cache, slots)
         return paged_decode_attention(q.view(rows, heads, dim), k_cache, v_cache, table[None].expand(rows, -1), lens, dim**-0.5)
 
-    outs = {}
+    outs, early_before = {}, gemv._PDL["early"]
     try:
         gemv.set_pdl(True)
         for early in (False, True):
@@ -201,6 +201,6 @@ def test_early_loads_before_the_wait_give_the_late_loads_attention_bit_for_bit(r
                 outs.setdefault(early, out.clone())
                 assert torch.equal(out, outs[early])
     finally:
-        gemv._PDL["early"] = True
+        gemv._PDL["early"] = early_before
         reset_context()
     assert torch.equal(outs[True], outs[False])
