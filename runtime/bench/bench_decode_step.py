@@ -8,6 +8,12 @@
 3. `prefill`: the same for prefill steps of N fresh prompts (N x 512 tokens, one step when that
    fits max_num_batched_tokens), with the step's linear-layer TFLOP/s (2 x linear weights x tokens
    over the step's wall time).
+4. `ablate`: the batch-1 step (bf16, GEMV kernels) recaptured with one part taken out or changed
+   at a time (rotary, the KV store, attention, its context splits, programmatic dependent launch,
+   the early loads): graph replay against the whole step's, so the difference is that part's cost
+   on the critical path (outputs are wrong where parts are taken out; only time is read). The
+   replays run on the inputs the capture left in the graph's buffers: a context of one token, so
+   attention's cost there is its floor.
 
     python runtime/bench/bench_decode_step.py attention --out attention.json
     python runtime/bench/bench_decode_step.py step --shape llama-8b --quantization none fp8 --out step.json
