@@ -359,10 +359,12 @@ class SpecGate:
         plain = self._window(False, rows)
         if len(plain) < self.PLAIN_WINDOW:
             self.pause = self.PLAIN_WINDOW - len(plain)  # plain decoding not measured at this size yet
-        elif spec < statistics.median(plain):
+            return
+        plain_rate = statistics.median(plain)
+        if spec < plain_rate:
             self.pause = self.next_pause
             self.next_pause = min(2 * self.next_pause, self.MAX_PAUSE)
-            log.debug("speculation paused for %d steps: %.1f against %.1f tokens/s", self.pause, spec, statistics.median(plain))
+            log.debug("speculation paused for %d steps: %.1f against %.1f tokens/s", self.pause, spec, plain_rate)
         else:
             self.next_pause = self.MIN_PAUSE
 
