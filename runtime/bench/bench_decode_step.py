@@ -12,8 +12,8 @@
    at a time (rotary, the KV store, attention, its context splits, programmatic dependent launch,
    the early loads): graph replay against the whole step's, so the difference is that part's cost
    on the critical path (outputs are wrong where parts are taken out; only time is read). The
-   replays run on the inputs the capture left in the graph's buffers: a context of one token, so
-   attention's cost there is its floor.
+   replays run at a context of `--context` tokens (256 by default, the middle of the batch-1
+   benchmark's 128-384; 1 is attention's floor), set in the graph's input buffers.
 
     python runtime/bench/bench_decode_step.py attention --out attention.json
     python runtime/bench/bench_decode_step.py step --shape llama-8b --quantization none fp8 --out step.json
@@ -266,8 +266,8 @@ def _ablations():
         "loads after the wait (no early loads)": lambda: patched(gemv, "_PDL", {**gemv._PDL, "early": False}),
         "without rotary": lambda: patched(RotaryEmbedding, "forward", unrotated),
         "without the KV store": lambda: patched(paged_decode, "store_kv_triton", lambda *a, **k: None),
-        "without attention (and its merge)": lambda: patched(paged_decode, "paged_decode_attention", lambda q, *a, **k: q),
-        "attention in one split (no merge)": lambda: patched(paged_decode, "num_splits", lambda *a, **k: 1),
+        "without attention": lambda: patched(paged_decode, "paged_decode_attention", lambda q, *a, **k: q),
+        "attention in one split": lambda: patched(paged_decode, "num_splits", lambda *a, **k: 1),
         "without programmatic dependent launch": lambda: patched(gemv, "_PDL", {**gemv._PDL, "on": False}),
     }
 
@@ -289,8 +289,17 @@ def ablate(args, bandwidth: float) -> dict:
             release_cuda_graphs(runner)
             with change():
                 runner._capture_cuda_graphs()
+            g, blocks = runner.graph_vars, -(-args.context // runner.block_size)
+            g["block_tables"][0, :blocks] = torch.arange(blocks, device=g["block_tables"].device)
+            g["context_lens"][0] = args.context
+            g["slot_mapping"][0] = args.context - 1  # its blocks are 0, 1, ...: the last token's slot
             replay = min(replay_ms(runner.graphs[1]) for _ in range(5))
-            row = {"variant": name, "replay_ms": replay, "replay_pct_of_roofline": 100 * roofline_ms / replay}
+            row = {
+                "variant": name,
+                "context": args.context,
+                "replay_ms": replay,
+                "replay_pct_of_roofline": 100 * roofline_ms / replay,
+            }
             if name == "whole step" or name.startswith("loads after"):
                 b1 = run_ours(engine, prompt, 256)
                 row.update(tpot_ms_p50=b1["tpot_ms_p50"], pct_of_roofline=100 * roofline_ms / b1["tpot_ms_p50"])
@@ -315,6 +324,7 @@ def main() -> int:
     ap.add_argument("--quantization", nargs="+", default=["none", "fp8"])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--context", type=int, default=256, help="ablate: the context the replays run at")
     ap.add_argument("--warm-steps", type=int, default=24)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=None)
