@@ -14,11 +14,14 @@
    on the critical path (outputs are wrong where parts are taken out; only time is read). The
    replays run at a context of `--context` tokens (256 by default, the middle of the batch-1
    benchmark's 128-384; 1 is attention's floor), set in the graph's input buffers.
+5. `timeline`: steady batch-1 decode under the profiler: what the device does between one step's
+   graph replay and the next (input copies, sampling, the tokens' copy) and how long it idles.
 
     python runtime/bench/bench_decode_step.py attention --out attention.json
     python runtime/bench/bench_decode_step.py step --shape llama-8b --quantization none fp8 --out step.json
     python runtime/bench/bench_decode_step.py prefill --batch 16 --quantization none fp8 --out prefill.json
     python runtime/bench/bench_decode_step.py ablate --shape qwen-1.5b --out ablate.json
+    python runtime/bench/bench_decode_step.py timeline --shape qwen-1.5b --out timeline.json
 """
 
 from __future__ import annotations
@@ -290,9 +293,10 @@ def ablate(args, bandwidth: float) -> dict:
             with change():
                 runner._capture_cuda_graphs()
             g, blocks = runner.graph_vars, -(-args.context // runner.block_size)
-            g["block_tables"][0, :blocks] = torch.arange(blocks, device=g["block_tables"].device)
-            g["context_lens"][0] = args.context
-            g["slot_mapping"][0] = args.context - 1  # its blocks are 0, 1, ...: the last token's slot
+            with torch.inference_mode():  # the graph's buffers are inference tensors
+                g["block_tables"][0, :blocks] = torch.arange(blocks, device=g["block_tables"].device)
+                g["context_lens"][0] = args.context
+                g["slot_mapping"][0] = args.context - 1  # its blocks are 0, 1, ...: the last token's slot
             replay = min(replay_ms(runner.graphs[1]) for _ in range(5))
             row = {
                 "variant": name,
@@ -308,9 +312,81 @@ def ablate(args, bandwidth: float) -> dict:
     return {"ablate": {"shape": args.shape, "roofline_ms": roofline_ms, "rows": rows}}
 
 
+def timeline(args) -> dict:
+    """Steady batch-1 decode (bf16) under the profiler: the device's work between one step's graph
+    replay and the next (input copies, the pending token's gather, sampling, the tokens' copy to
+    the host) and the idle time, against the replay's own span."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shape = SHAPES[args.shape]
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, shape["vocab_size"], (128,), generator=g).tolist()
+    args.quantization = ["none"]
+    for _, engine in variant_engines(args, max_num_seqs=1):
+        run_ours(engine, [prompt], 8)
+        engine.add_request(prompt, SamplingParams(max_tokens=args.steps + 40, temperature=0.0, ignore_eos=True))
+        for _ in range(16):  # prefill and the first decode steps
+            engine.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                engine.step()
+            torch.cuda.synchronize()
+        while engine.has_unfinished_requests():
+            engine.step()
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            prof.export_chrome_trace(f.name)
+            trace = json.loads(Path(f.name).read_text())["traceEvents"]
+    launches = {e["args"].get("correlation") for e in trace if e.get("name") == "cudaGraphLaunch"}
+    gpu = sorted(
+        (e for e in trace if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+        key=lambda e: e["ts"],
+    )
+    # Consecutive ops of one graph launch form a replay; the ops between replays are the step's rest.
+    steps, current = [], None
+    for e in gpu:
+        corr = e["args"].get("correlation")
+        in_graph = corr in launches
+        if in_graph and (current is None or current["corr"] != corr):
+            current = {"corr": corr, "start": e["ts"], "end": e["ts"] + e["dur"], "between": []}
+            steps.append(current)
+        elif in_graph:
+            current["end"] = max(current["end"], e["ts"] + e["dur"])
+        elif current is not None:
+            current["between"].append(e)
+    rows = []
+    for a, b in zip(steps, steps[1:]):
+        ops = [
+            {"name": e["name"][:80], "us": e["dur"], "at_us": e["ts"] - a["end"]} for e in a["between"] if e["ts"] < b["start"]
+        ]
+        rows.append(
+            {
+                "replay_us": a["end"] - a["start"],
+                "gap_us": b["start"] - a["end"],
+                "busy_us": sum(o["us"] for o in ops),
+                "ops": ops,
+            }
+        )
+    mid = rows[len(rows) // 2] if rows else {}
+    summary = {
+        "steps": len(rows),
+        "replay_us_median": sorted(r["replay_us"] for r in rows)[len(rows) // 2] if rows else None,
+        "gap_us_median": sorted(r["gap_us"] for r in rows)[len(rows) // 2] if rows else None,
+        "busy_us_median": sorted(r["busy_us"] for r in rows)[len(rows) // 2] if rows else None,
+        "a_gap": mid,
+    }
+    print(json.dumps(summary, indent=1), flush=True)
+    raw = [
+        [e.get("cat"), e["name"][:60], e["ts"], e.get("dur"), e.get("args", {}).get("correlation")]
+        for e in trace
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset", "cuda_runtime", "cuda_driver")
+    ]
+    return {"timeline": {"shape": args.shape, **summary, "rows": rows, "raw": raw}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["attention", "step", "prefill", "ablate"])
+    ap.add_argument("what", choices=["attention", "step", "prefill", "ablate", "timeline"])
     ap.add_argument("--loads", nargs="+", default=["64x640", "16x640", "1x4096", "64x2048"], help="BATCHxCONTEXT")
     ap.add_argument("--tiles", nargs="+", type=int, default=[32, 64, 128])
     ap.add_argument("--warps", nargs="+", type=int, default=[4, 8])
@@ -339,6 +415,7 @@ def main() -> int:
         "step": lambda: step_profile(args),
         "prefill": lambda: prefill_profile(args),
         "ablate": lambda: ablate(args, bw),
+        "timeline": lambda: timeline(args),
     }
     res = run[args.what]()
     if args.out:

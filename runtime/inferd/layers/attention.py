@@ -171,7 +171,6 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.k_cache = self.v_cache = torch.tensor([])  # bound by the model runner
-        self.split_counters = None  # the Triton decode kernel's, bound with a CUDA cache
         self.use_triton = False
 
     # The model runner sizes and binds caches through these two (models/deepseek.py's MLA has its own).
@@ -181,10 +180,6 @@ class Attention(nn.Module):
 
     def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         self.k_cache, self.v_cache = k_cache, v_cache
-        if k_cache.is_cuda:  # here, before any graph is captured (see split_counters)
-            from inferd.layers.paged_decode import split_counters
-
-            self.split_counters = split_counters(k_cache.shape[2], k_cache.device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
@@ -216,14 +211,7 @@ class Attention(nn.Module):
             # Rows computed as one: each context split as a batch-1 step splits it (the same sums).
             splits = num_splits(1, self.num_kv_heads, sm_count(q.device)) if ctx.rows_as_one else None
             o = paged_decode_attention(
-                q,
-                self.k_cache,
-                self.v_cache,
-                ctx.block_tables,
-                ctx.context_lens,
-                self.scale,
-                splits=splits,
-                counters=self.split_counters,
+                q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale, splits=splits
             )
         else:
             o = decode_attention_reference(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)

@@ -3,11 +3,8 @@
 One program per (sequence, KV head, split): it loads the query heads of that KV head's group,
 walks its share of the sequence's block table TILE tokens at a time and keeps an online softmax,
 so K/V are read once per group whatever the GQA ratio. With few sequences the context is split
-across programs (flash-decoding), so a batch of one still fills the GPU; the last split of a
-(sequence, KV head) to finish merges the partial softmaxes (a counter per pair, reset by it), so
-there is no second kernel. How many splits work depends on the context, read on the GPU: a
-context of one tile takes one split, which writes the output itself. The launch shape depends on
-the batch only, so a CUDA graph holds for any context length.
+across programs (flash-decoding) and a second kernel merges the partial softmaxes, so a batch of
+one still fills the GPU. Shapes are static per batch, so CUDA graphs capture both kernels.
 """
 
 from __future__ import annotations
@@ -89,53 +86,6 @@ def _softmax_step(q, k, t_mask, m, denom, scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _merge_partials(
-    out_ptr,
-    part_acc_ptr,
-    part_ml_ptr,
-    seq,
-    kv_head,
-    active,
-    NUM_KV_HEADS: tl.constexpr,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    GROUP_POW2: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    SPLITS: tl.constexpr,
-    SPLITS_POW2: tl.constexpr,
-):
-    """The `active` splits' partial softmaxes of (seq, kv_head) into its output rows. Every split's
-    state in one load (a loop over the splits would wait for each in turn), past L1 (.cg): other
-    programs wrote them."""
-    offs_s = tl.arange(0, SPLITS_POW2)
-    offs_g = tl.arange(0, GROUP_POW2)
-    offs_d = tl.arange(0, HEAD_DIM)
-    g_mask = offs_g < GROUP
-    sg_mask = (offs_s < active)[:, None] & g_mask[None, :]
-    rows = ((seq * NUM_KV_HEADS + kv_head) * SPLITS + offs_s)[:, None] * GROUP_PAD + offs_g[None, :]  # [S, G]
-    m_s = tl.load(part_ml_ptr + rows * 2, mask=sg_mask, other=float("-inf"), cache_modifier=".cg")
-    l_s = tl.load(part_ml_ptr + rows * 2 + 1, mask=sg_mask, other=0.0, cache_modifier=".cg")
-    acc_s = tl.load(
-        part_acc_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-        mask=sg_mask[:, :, None],
-        other=0.0,
-        cache_modifier=".cg",
-    )
-    m = tl.max(m_s, 0)  # [G]
-    # A split past the context (masked) weighs 0; so does a padded row's (ctx_len 0: every m_s -inf).
-    w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m[None, :]))
-    denom = tl.sum(l_s * w, 0)
-    acc = tl.sum(acc_s * w[:, :, None], 0)
-    head = kv_head * GROUP + offs_g
-    out = acc / denom[:, None]
-    tl.store(
-        out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=g_mask[:, None],
-    )
-
-
-@triton.jit
 def _paged_decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -145,19 +95,16 @@ def _paged_decode_kernel(
     out_ptr,
     part_acc_ptr,
     part_ml_ptr,
-    counters_ptr,
     scale,
     stride_bt,
     new_tokens,
     NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
-    GROUP_POW2: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TILE: tl.constexpr,
     SPLITS: tl.constexpr,
-    SPLITS_POW2: tl.constexpr,
     PRECISION: tl.constexpr,
     COMPUTE: tl.constexpr,
     WIDEN_V_IN_REGISTERS: tl.constexpr,
@@ -170,11 +117,9 @@ def _paged_decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx_len = tl.load(context_lens_ptr + seq)
-    # This split's token range, in whole tiles; the splits past the context's last tile (`active`
-    # work, at least one) have an empty range and take no part.
+    # This split's token range, in whole tiles.
     tiles = tl.cdiv(ctx_len, TILE)
-    per_split = tl.maximum(tl.cdiv(tiles, SPLITS), 1)
-    active = tl.maximum(tl.cdiv(tiles, per_split), 1)
+    per_split = tl.cdiv(tiles, SPLITS)
     lo = split * per_split * TILE
     hi = tl.minimum((split + 1) * per_split * TILE, ctx_len)
 
@@ -220,41 +165,18 @@ def _paged_decode_kernel(
         v = _load_v(v_cache_ptr, offs, t_mask, COMPUTE, WIDEN_V_IN_REGISTERS)  # after the scores, as before
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
 
-    if active == 1:  # one split (a short context, or SPLITS == 1): split 0 has it all
-        if split == 0:
-            out = acc / denom[:, None]
-            tl.store(
-                out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
-                out.to(out_ptr.dtype.element_ty),
-                mask=q_mask[:, None],
-            )
-    elif split < active:
+    if SPLITS == 1:
+        out = acc / denom[:, None]
+        tl.store(
+            out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=q_mask[:, None],
+        )
+    else:
         row = ((seq * NUM_KV_HEADS + kv_head) * SPLITS + split) * GROUP_PAD + offs_g
         tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc)
         tl.store(part_ml_ptr + row * 2, m)
         tl.store(part_ml_ptr + row * 2 + 1, denom)
-        # Every thread's partial stored before one thread's release (the barrier), and the merge's
-        # reads after its acquire: the last of the pair's splits to arrive merges, then resets the
-        # counter for the next launch.
-        tl.debug_barrier()
-        counter = counters_ptr + seq * NUM_KV_HEADS + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == active - 1:
-            _merge_partials(
-                out_ptr,
-                part_acc_ptr,
-                part_ml_ptr,
-                seq,
-                kv_head,
-                active,
-                NUM_KV_HEADS,
-                GROUP,
-                GROUP_PAD,
-                GROUP_POW2,
-                HEAD_DIM,
-                SPLITS,
-                SPLITS_POW2,
-            )
-            tl.store(counter, 0)
 
 
 @triton.jit
@@ -318,6 +240,47 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     )
 
 
+@triton.jit
+def _merge_splits_kernel(
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SPLITS: tl.constexpr,
+    SPLITS_POW2: tl.constexpr,
+    GROUP_POW2: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    pdl_enter(USE_PDL)
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    # Every split's partial state in one load (a loop over the splits would wait for each in turn).
+    offs_s = tl.arange(0, SPLITS_POW2)
+    offs_g = tl.arange(0, GROUP_POW2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_mask = offs_g < GROUP
+    sg_mask = (offs_s < SPLITS)[:, None] & g_mask[None, :]
+    rows = ((seq * NUM_KV_HEADS + kv_head) * SPLITS + offs_s)[:, None] * GROUP_PAD + offs_g[None, :]  # [S, G]
+    m_s = tl.load(part_ml_ptr + rows * 2, mask=sg_mask, other=float("-inf"))
+    l_s = tl.load(part_ml_ptr + rows * 2 + 1, mask=sg_mask, other=0.0)
+    acc_s = tl.load(part_acc_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=sg_mask[:, :, None], other=0.0)
+    m = tl.max(m_s, 0)  # [G]
+    # An empty split has m_s = -inf and l_s = 0 (weight 0); a padded row has all splits empty.
+    w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m[None, :]))
+    denom = tl.sum(l_s * w, 0)
+    acc = tl.sum(acc_s * w[:, :, None], 0)
+    head = kv_head * GROUP + offs_g
+    out = acc / denom[:, None]
+    tl.store(
+        out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=g_mask[:, None],
+    )
+
+
 def num_splits(batch: int, num_kv_heads: int, sm_count: int = 132) -> int:
     """Enough programs to cover the GPU about four times; one split once the batch does that
     alone (the best split counts of the H200 sweep in BENCHMARKS.md)."""
@@ -337,7 +300,6 @@ def paged_decode_attention(
     scale: float,
     *,
     splits: int | None = None,
-    counters: torch.Tensor | None = None,
     tile: int | None = None,
     num_warps: int = 4,
     num_stages: int = 4,
@@ -345,9 +307,7 @@ def paged_decode_attention(
     widen_v_in_registers: bool | None = None,
 ) -> torch.Tensor:
     """q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, W]; context_lens [B].
-    `counters`: int32 zeros, at least B * Hkv, that the splits count their arrivals in (and leave
-    zero): the caller's persistent buffer (`split_counters`), or new zeros each call. The other
-    keyword arguments override the launch configuration (bench/bench_decode_step.py sweeps them).
+    The keyword arguments override the launch configuration (bench/bench_decode_step.py sweeps them).
 
     An fp8 cache is widened to fp16, not to q's bf16, for the products (exact for e4m3 values,
     and the conversion is cheaper: 41 against 62 us for 64 sequences of 640 tokens on the H200),
@@ -367,15 +327,10 @@ def paged_decode_attention(
     if splits > 1:
         part_acc = torch.empty(batch * num_kv_heads * splits * group_pad, head_dim, device=q.device, dtype=torch.float32)
         part_ml = torch.empty(batch * num_kv_heads * splits * group_pad, 2, device=q.device, dtype=torch.float32)
-        if counters is None:
-            counters = split_counters(num_kv_heads, q.device, batch * num_kv_heads)
-        elif counters.numel() < batch * num_kv_heads or counters.dtype != torch.int32:
-            raise ValueError(
-                f"split counters: {batch * num_kv_heads} int32 zeros needed, got {counters.numel()} {counters.dtype}"
-            )
     else:
-        part_acc = part_ml = counters = out
+        part_acc = part_ml = out
     on = pdl(batch)
+    consts = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, USE_PDL=on, launch_pdl=on)
     _paged_decode_kernel[(batch, num_kv_heads, splits)](
         q,
         k_cache,
@@ -385,37 +340,29 @@ def paged_decode_attention(
         out,
         part_acc,
         part_ml,
-        counters,
         scale,
         block_tables.stride(0),
         batch,  # at most this many new tokens a sequence this step (rows computed as one: all of them)
-        NUM_KV_HEADS=num_kv_heads,
-        GROUP=group,
-        GROUP_PAD=group_pad,
-        GROUP_POW2=triton.next_power_of_2(group),
-        HEAD_DIM=head_dim,
+        **consts,
+        EARLY=early_loads(on),
         BLOCK_SIZE=block_size,
         TILE=tile,
         SPLITS=splits,
-        SPLITS_POW2=triton.next_power_of_2(splits),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         COMPUTE=_TL_DTYPES[compute_dtype],
         WIDEN_V_IN_REGISTERS=widen_v_in_registers,
-        USE_PDL=on,
-        EARLY=early_loads(on),
-        launch_pdl=on,
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if splits > 1:
+        _merge_splits_kernel[(batch, num_kv_heads)](
+            out,
+            part_acc,
+            part_ml,
+            **consts,
+            SPLITS=splits,
+            SPLITS_POW2=triton.next_power_of_2(splits),
+            GROUP_POW2=triton.next_power_of_2(group),
+            num_warps=4,
+        )
     return out
-
-
-def split_counters(num_kv_heads: int, device: torch.device | str, pairs: int | None = None) -> torch.Tensor:
-    """Zeros for the (sequence, KV head) arrival counters of split attention: `pairs` of them, by
-    default enough for any launch that splits (`num_splits` splits only while batch x KV heads is
-    at most twice the SM count; a verify pass computed as one has at most 17 rows). A layer keeps
-    its own, allocated before any graph is captured: the kernel leaves them zero after each call,
-    so one buffer serves every launch of that layer, captured or not."""
-    if pairs is None:
-        pairs = max(2 * sm_count(torch.device(device)), 17) * num_kv_heads
-    return torch.zeros(pairs, dtype=torch.int32, device=device)
