@@ -261,6 +261,8 @@ def _ablations():
         finally:
             setattr(obj, name, old)
 
+    SMALL = ("rotary", "store", "attention", "merge")
+
     def unrotated(self, positions, qkv, q_size, kv_size):
         return qkv.split([q_size, kv_size, kv_size], dim=-1)
 
@@ -272,6 +274,13 @@ def _ablations():
         "without attention": lambda: patched(paged_decode, "paged_decode_attention", lambda q, *a, **k: q),
         "attention in one split": lambda: patched(paged_decode, "num_splits", lambda *a, **k: 1),
         "without programmatic dependent launch": lambda: patched(gemv, "_PDL", {**gemv._PDL, "on": False}),
+        "the small kernels let the next launch before they wait": lambda: patched(gemv, "_PDL", {**gemv._PDL, "ahead": SMALL}),
+        "every kernel lets the next launch before it waits": lambda: patched(
+            gemv, "_PDL", {**gemv._PDL, "ahead": (*SMALL, "gemv")}
+        ),
+        "attention in 32-token tiles": lambda: patched(
+            paged_decode, "paged_decode_attention", functools.partial(paged_decode.paged_decode_attention, tile=32)
+        ),
     }
 
 
@@ -292,7 +301,7 @@ def ablate(args, bandwidth: float) -> dict:
             release_cuda_graphs(runner)
             with change():
                 runner._capture_cuda_graphs()
-            g, blocks = runner.graph_vars, -(-args.context // runner.block_size)
+            g, blocks = runner.graph_inputs[1], -(-args.context // runner.block_size)
             with torch.inference_mode():  # the graph's buffers are inference tensors
                 g["block_tables"][0, :blocks] = torch.arange(blocks, device=g["block_tables"].device)
                 g["context_lens"][0] = args.context
@@ -304,7 +313,7 @@ def ablate(args, bandwidth: float) -> dict:
                 "replay_ms": replay,
                 "replay_pct_of_roofline": 100 * roofline_ms / replay,
             }
-            if name == "whole step" or name.startswith("loads after"):
+            if name == "whole step" or name.startswith("loads after") or "before" in name:
                 b1 = run_ours(engine, prompt, 256)
                 row.update(tpot_ms_p50=b1["tpot_ms_p50"], pct_of_roofline=100 * roofline_ms / b1["tpot_ms_p50"])
             rows.append(row)

@@ -58,6 +58,27 @@ def test_fp8_v_widened_in_registers_equals_the_cast(batch):
     torch.testing.assert_close(fast.float(), cast.float(), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("vocab", [151936, 128256, 1009])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_argmax_kernels_find_the_first_maximum_as_torch_does(vocab, dtype):
+    """The two Triton passes of a few rows' greedy token (chunk winners, then the row's) against
+    torch.argmax: ties across and inside chunks (the first wins), the last column, equal rows,
+    a row of -inf, NaN (the largest, as torch counts it), a vocabulary of one partial chunk."""
+    from inferd.layers.triton_fused import argmax_rows
+
+    g = torch.Generator(device="cuda").manual_seed(vocab)
+    logits = torch.randn(8, vocab, device="cuda", generator=g).to(dtype)
+    logits[1, 7] = logits[1, vocab - 9] = 50
+    logits[2, 1000] = logits[2, 1001] = 50
+    logits[3, -1] = 50
+    logits[4] = 0
+    logits[5] = float("-inf")
+    logits[6, 500] = logits[6, vocab - 2] = float("nan")
+    for rows in (1, 3, 8):
+        assert argmax_rows(logits[:rows]).tolist() == logits[:rows].argmax(dim=-1).tolist()
+    assert argmax_rows(logits).tolist()[1:7] == [7, 1000, vocab - 1, 0, 0, 500]
+
+
 @pytest.fixture(autouse=True)
 def _free_gpu_memory():
     # Each engine takes most of the free GPU memory for its KV cache: release it between tests.

@@ -54,7 +54,7 @@ def pdl_supported(device: torch.device) -> bool:
 # on a Hopper). Only at one row: the chain of GEMVs is what it pays for, and with it on for the
 # attention kernels of larger batches the 1.5B shape's step at 64 rows took 2.62 against 2.03 ms
 # (H200, 2026-11-30, cause not yet measured).
-_PDL = {"on": False, "early": True}
+_PDL = {"on": False, "early": True, "ahead": ()}
 
 
 def set_pdl(on: bool) -> None:
@@ -67,6 +67,13 @@ def early_loads(on: bool) -> bool:
     return on and _PDL["early"]
 
 
+def launch_ahead(on: bool, kernel: str) -> bool:
+    """Whether `kernel` (rotary, store, attention, merge, gemv) launched with programmatic dependent
+    launch (`on`) lets the next kernel launch at its start, before it waits for the one before
+    it, so that the next kernel's programs are resident and load what they can early."""
+    return on and kernel in _PDL["ahead"]
+
+
 def pdl(rows: int = 1) -> bool:
     """Whether a kernel over `rows` rows launches with programmatic dependent launch: one row, or
     rows computed as one (a verify pass: AttentionContext.rows_as_one)."""
@@ -74,11 +81,21 @@ def pdl(rows: int = 1) -> bool:
 
 
 @triton.jit
-def pdl_enter(USE_PDL: tl.constexpr):
+def pdl_enter(USE_PDL: tl.constexpr, AHEAD: tl.constexpr = False):
     """At a kernel's start under programmatic dependent launch: wait for the kernel before it
-    (and so for every earlier one: each of them waited too), then let the next one start."""
+    (and so for every earlier one: each of them waited too), then let the next one start (unless
+    it was let start already: AHEAD, `pdl_ahead`)."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+        if not AHEAD:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_ahead(USE_PDL: tl.constexpr, AHEAD: tl.constexpr):
+    """At a kernel's very start (AHEAD): let the next kernel launch now. It still waits for this
+    one to finish before it reads anything this one writes (its own gdc_wait)."""
+    if USE_PDL and AHEAD:
         tl.extra.cuda.gdc_launch_dependents()
 
 
@@ -121,6 +138,7 @@ def _gemv_kernel(
     SILU: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     USE_PDL: tl.constexpr,
+    AHEAD: tl.constexpr,
     ROWS: tl.constexpr,
     G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -136,6 +154,7 @@ def _gemv_kernel(
     and added to the row's own [BLOCK_N, BLOCK_K // G] accumulator, which is summed across the
     threads once at the end. A row's order of sums is the same whatever the other rows are, and the
     same as at one row: rows computed together are each bit for bit a 1-row call."""
+    pdl_ahead(USE_PDL, AHEAD)
     pid = tl.program_id(0)
     KG: tl.constexpr = BLOCK_K // G
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,7 +167,7 @@ def _gemv_kernel(
     u0 = w0
     if SILU:
         u0 = tl.load(u_rows + rk[None, :], mask=n_mask[:, None] & (rk[None, :] < K), other=0.0)
-    pdl_enter(USE_PDL)
+    pdl_enter(USE_PDL, AHEAD)
     dtype = out_ptr.dtype.element_ty
     for first in range(0, rows, ROWS):
         w, u = w0, u0
@@ -288,6 +307,7 @@ def gemv(
         SILU=silu,
         HAS_BIAS=bias is not None,
         USE_PDL=use_pdl,
+        AHEAD=launch_ahead(use_pdl, "gemv"),
         ROWS=group,
         G=16 // x.element_size(),
         launch_pdl=use_pdl,

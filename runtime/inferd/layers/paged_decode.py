@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from inferd.layers.fused import FP8, FP8_MAX
-from inferd.layers.gemv import early_loads, pdl, pdl_enter
+from inferd.layers.gemv import early_loads, launch_ahead, pdl, pdl_ahead, pdl_enter
 from inferd.layers.mla_decode import sm_count
 
 
@@ -110,9 +110,11 @@ def _paged_decode_kernel(
     WIDEN_V_IN_REGISTERS: tl.constexpr,
     USE_PDL: tl.constexpr,
     EARLY: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
+    pdl_ahead(USE_PDL, AHEAD)
     if not EARLY:
-        pdl_enter(USE_PDL)
+        pdl_enter(USE_PDL, AHEAD)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -135,7 +137,7 @@ def _paged_decode_kernel(
         )
         k0 = _load_k(k_cache_ptr, offs0, mask0, COMPUTE)
         v0 = _load_v(v_cache_ptr, offs0, mask0, COMPUTE, WIDEN_V_IN_REGISTERS)
-        pdl_enter(USE_PDL)
+        pdl_enter(USE_PDL, AHEAD)
         if lo + TILE > ctx_len - new_tokens:
             k0 = _load_k(k_cache_ptr, offs0, mask0, COMPUTE)
             v0 = _load_v(v_cache_ptr, offs0, mask0, COMPUTE, WIDEN_V_IN_REGISTERS)
@@ -193,15 +195,17 @@ def _store_kv_kernel(
     CLAMP: tl.constexpr,
     USE_PDL: tl.constexpr,
     EARLY: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
     """One program per new token: its K and V rows (all KV heads) into their cache slot, in the
     cache's element type (fp8 saturates at +-CLAMP)."""
+    pdl_ahead(USE_PDL, AHEAD)
     if not EARLY:
-        pdl_enter(USE_PDL)
+        pdl_enter(USE_PDL, AHEAD)
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if EARLY:  # the slots: no kernel of the step writes them
-        pdl_enter(USE_PDL)
+        pdl_enter(USE_PDL, AHEAD)
     offs = tl.arange(0, ROW_PAD)
     mask = offs < ROW
     k = tl.load(k_ptr + t * stride_k + offs, mask=mask)
@@ -236,6 +240,7 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
         CLAMP=clamp,
         USE_PDL=on,
         EARLY=early_loads(on),
+        AHEAD=launch_ahead(on, "store"),
         launch_pdl=on,
     )
 
@@ -253,8 +258,10 @@ def _merge_splits_kernel(
     SPLITS_POW2: tl.constexpr,
     GROUP_POW2: tl.constexpr,
     USE_PDL: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
-    pdl_enter(USE_PDL)
+    pdl_ahead(USE_PDL, AHEAD)
+    pdl_enter(USE_PDL, AHEAD)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     # Every split's partial state in one load (a loop over the splits would wait for each in turn).
@@ -345,6 +352,7 @@ def paged_decode_attention(
         batch,  # at most this many new tokens a sequence this step (rows computed as one: all of them)
         **consts,
         EARLY=early_loads(on),
+        AHEAD=launch_ahead(on, "attention"),
         BLOCK_SIZE=block_size,
         TILE=tile,
         SPLITS=splits,
@@ -363,6 +371,7 @@ def paged_decode_attention(
             SPLITS=splits,
             SPLITS_POW2=triton.next_power_of_2(splits),
             GROUP_POW2=triton.next_power_of_2(group),
+            AHEAD=launch_ahead(on, "merge"),
             num_warps=4,
         )
     return out

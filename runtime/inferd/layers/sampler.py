@@ -65,10 +65,16 @@ def _argmax_chunk(vocab: int) -> int | None:
 def first_argmax(logits: torch.Tensor, chunked: bool | None = None) -> torch.Tensor:
     """logits.argmax(-1) (the first maximum), in two passes on CUDA for a few rows: torch reduces
     one 128k row with few thread blocks (35 us a step for the 8B shape at batch 1 on the H200,
-    BENCHMARKS.md); the maxima of ~128 chunks first, then the first chunk holding the largest."""
+    BENCHMARKS.md); the maxima of chunks first, then the first chunk holding the largest. On
+    CUDA that is two Triton kernels (triton_fused.argmax_rows); `chunked` (the CPU's tests) the
+    same passes in torch."""
     rows, vocab = logits.shape
+    if chunked is None and logits.is_cuda and rows <= 8 and logits.stride(-1) == 1:
+        from inferd.layers.triton_fused import argmax_rows
+
+        return argmax_rows(logits)
     if chunked is None:
-        chunked = logits.is_cuda and rows <= 8
+        chunked = False
     chunk = _argmax_chunk(vocab) if chunked else None
     if chunk is None:
         return logits.argmax(dim=-1)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from inferd.layers.fused import ROW_FORMATS
-from inferd.layers.gemv import early_loads, pdl, pdl_enter
+from inferd.layers.gemv import early_loads, launch_ahead, pdl, pdl_ahead, pdl_enter
 
 
 @triton.jit
@@ -95,9 +95,11 @@ def _qkv_rotary_kernel(
     HAS_BIAS: tl.constexpr,
     USE_PDL: tl.constexpr,
     EARLY: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
+    pdl_ahead(USE_PDL, AHEAD)
     if not EARLY:
-        pdl_enter(USE_PDL)
+        pdl_enter(USE_PDL, AHEAD)
     t = tl.program_id(0).to(tl.int64)  # row offsets in 64 bits, as in the SiLU kernel
     HALF: tl.constexpr = HEAD_DIM // 2
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -106,7 +108,7 @@ def _qkv_rotary_kernel(
     cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + offs_j).to(q_ptr.dtype.element_ty).to(tl.float32)
     sin = tl.load(cos_sin_ptr + (max_pos + pos) * HEAD_DIM + offs_j).to(q_ptr.dtype.element_ty).to(tl.float32)
     if EARLY:  # positions and the table: no kernel of the step writes them
-        pdl_enter(USE_PDL)
+        pdl_enter(USE_PDL, AHEAD)
     if SCALED:
         xs = tl.load(xs_ptr + t)
     else:
@@ -177,6 +179,7 @@ def qkv_rotary_triton(positions, x, x_scale, weight_scale, bias, cos_sin, head_d
         HAS_BIAS=has_bias,
         USE_PDL=on,
         EARLY=early_loads(on),
+        AHEAD=launch_ahead(on, "rotary"),
         launch_pdl=on,
         num_warps=4,
     )
@@ -278,3 +281,58 @@ def silu_and_mul_triton(x, x_scale=None, weight_scale=None, bias=None, quant: st
             num_warps=num_warps or _silu_warps(rows, block),
         )
     return (out, scale) if quant else out
+
+
+# The greedy token of a few rows (a batch-1 step's sampling): torch took five kernels and ~23 us
+# of the 1.5B step on the H200 (a chunked max, the chunks' argmax, a gather, an add, a cast;
+# bench_decode_step.py timeline); here each program takes one chunk of a row, and a second kernel
+# the chunks' winners.
+ARGMAX_CHUNK = 2048
+
+
+@triton.jit
+def _chunk_argmax_kernel(x_ptr, val_ptr, idx_ptr, stride_x, vocab, CHUNKS, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    """Program (row, c): the largest value of the row's chunk c and the first column holding it,
+    NaN counted as larger than anything (as torch.argmax counts it)."""
+    pdl_enter(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    cols = c * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("inf"), x)
+    top = tl.max(x, 0)
+    tl.store(val_ptr + row * CHUNKS + c, top)
+    tl.store(idx_ptr + row * CHUNKS + c, tl.min(tl.where(x == top, cols, vocab), 0))
+
+
+@triton.jit
+def _rows_argmax_kernel(val_ptr, idx_ptr, out_ptr, CHUNKS, vocab, CHUNKS_POW2: tl.constexpr, USE_PDL: tl.constexpr):
+    """Program row: of the chunks holding the row's largest value, the first column (the chunks
+    are in column order, so the smallest of their columns)."""
+    pdl_enter(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, CHUNKS_POW2)
+    vals = tl.load(val_ptr + row * CHUNKS + c, mask=c < CHUNKS, other=float("-inf"))
+    cols = tl.load(idx_ptr + row * CHUNKS + c, mask=c < CHUNKS, other=vocab)
+    top = tl.max(vals, 0)
+    tl.store(out_ptr + row, tl.min(tl.where(vals == top, cols, vocab), 0).to(tl.int64))
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [R, V] (rows of contiguous columns) -> [R] int64: each row's first maximum, as
+    logits.argmax(-1) (NaN the largest; a row of -inf gives column 0)."""
+    rows, vocab = logits.shape
+    if logits.stride(-1) != 1:
+        raise ValueError("argmax_rows takes rows of contiguous columns")
+    chunks = triton.cdiv(vocab, ARGMAX_CHUNK)
+    vals = torch.empty(rows, chunks, device=logits.device, dtype=torch.float32)
+    idx = torch.empty(rows, chunks, device=logits.device, dtype=torch.int32)
+    out = torch.empty(rows, device=logits.device, dtype=torch.int64)
+    on = pdl()  # the engine's setting (set where the device has it)
+    _chunk_argmax_kernel[(rows, chunks)](
+        logits, vals, idx, logits.stride(0), vocab, chunks, BLOCK=ARGMAX_CHUNK, USE_PDL=on, launch_pdl=on, num_warps=8
+    )
+    _rows_argmax_kernel[(rows,)](
+        vals, idx, out, chunks, vocab, CHUNKS_POW2=triton.next_power_of_2(chunks), USE_PDL=on, launch_pdl=on, num_warps=4
+    )
+    return out
