@@ -204,3 +204,72 @@ def test_early_loads_before_the_wait_give_the_late_loads_attention_bit_for_bit(r
         gemv._PDL["early"] = early_before
         reset_context()
     assert torch.equal(outs[True], outs[False])
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("context", [1, 16, 17, 64, 65, 200, 383, 1000])
+def test_the_attention_kernel_storing_the_new_token_equals_the_store_kernel_bit_for_bit(context, cache_dtype):
+    """A batch-1 step's graph of rotary and attention that stores the new token itself (the
+    engine's launch: new_kv, programmatic dependent launch, early loads, kernels launching ahead)
+    against rotary, the store kernel and attention with every load after the wait: the same
+    output and the same cache bytes, the new token's slot holding NaN before every replay."""
+    from inferd.layers import gemv
+    from inferd.layers.context import AttentionContext, reset_context, set_context
+    from inferd.layers.paged_decode import paged_decode_attention, store_kv_triton
+    from inferd.layers.rotary import RotaryEmbedding
+
+    if not gemv.pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    heads, kv_heads, dim, block = 12, 2, 128, 16
+    g = torch.Generator(device="cuda").manual_seed(context)
+    blocks = (context + block) // block + 1
+    k_cache = torch.randn(blocks * 2, block, kv_heads, dim, device="cuda", generator=g).to(cache_dtype)
+    v_cache = torch.randn(blocks * 2, block, kv_heads, dim, device="cuda", generator=g).to(cache_dtype)
+    table = torch.randperm(blocks * 2, device="cuda", generator=g)[:blocks].int()[None]
+    lens = torch.tensor([context], device="cuda", dtype=torch.int32)
+    positions = (lens - 1).long()
+    slots = (table[0, positions // block] * block + positions % block).long()
+    qkv = torch.randn(1, (heads + 2 * kv_heads) * dim, device="cuda", generator=g).bfloat16()
+    rotary = RotaryEmbedding(dim, 4096, 10000.0, None).cuda()
+    set_context(AttentionContext())
+
+    def separate():
+        q, k, v = rotary(positions, qkv, heads * dim, kv_heads * dim)
+        store_kv_triton(k.view(1, kv_heads, dim), v.view(1, kv_heads, dim), k_cache, v_cache, slots)
+        return paged_decode_attention(q.view(1, heads, dim), k_cache, v_cache, table, lens, dim**-0.5)
+
+    def fused():
+        q, k, v = rotary(positions, qkv, heads * dim, kv_heads * dim)
+        new_kv = (k.view(1, kv_heads, dim), v.view(1, kv_heads, dim), slots)
+        return paged_decode_attention(q.view(1, heads, dim), k_cache, v_cache, table, lens, dim**-0.5, new_kv=new_kv)
+
+    bytes_of = [c.view(torch.uint8).view(-1, kv_heads * dim * cache_dtype.itemsize) for c in (k_cache, v_cache)]
+    results, saved = {}, dict(gemv._PDL)
+    try:
+        gemv.set_pdl(True)
+        for name, step, early in (("separate", separate, False), ("fused", fused, True)):
+            gemv._PDL["early"] = early
+            step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step()
+            for _ in range(3):
+                for cache in bytes_of:  # NaN: 0x7f in e4m3, 0x7fc0 in bf16 (little-endian bytes)
+                    cache[slots] = (
+                        torch.tensor([0xC0, 0x7F] if cache_dtype.itemsize == 2 else [0x7F], device="cuda")
+                        .to(torch.uint8)
+                        .repeat(kv_heads * dim)
+                    )
+                graph.replay()
+                torch.cuda.synchronize()
+                assert not out.isnan().any()
+                stored = tuple(cache[slots].clone() for cache in bytes_of)
+                results.setdefault(name, (out.clone(), *stored))
+                assert torch.equal(out, results[name][0])
+    finally:
+        gemv._PDL.clear()
+        gemv._PDL.update(saved)
+        reset_context()
+    (o1, k1, v1), (o2, k2, v2) = results["separate"], results["fused"]
+    assert torch.equal(o1, o2)
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)

@@ -54,7 +54,10 @@ def pdl_supported(device: torch.device) -> bool:
 # on a Hopper). Only at one row: the chain of GEMVs is what it pays for, and with it on for the
 # attention kernels of larger batches the 1.5B shape's step at 64 rows took 2.62 against 2.03 ms
 # (H200, 2026-11-30, cause not yet measured).
-_PDL = {"on": False, "early": True, "ahead": ()}
+# "ahead": the kernels that let the next one launch before they wait (`launch_ahead`): the small
+# ones between the q/k/v and o projections (1.5B batch-1 step replay 1.231 -> 1.198 ms on the
+# H200; the GEMVs as well measured slower, 1.208: bench_decode_step.py ablate, BENCHMARKS.md).
+_PDL = {"on": False, "early": True, "ahead": ("rotary", "store", "attention", "merge")}
 
 
 def set_pdl(on: bool) -> None:
