@@ -249,7 +249,7 @@ def _ablations():
     """name -> a context manager that changes one part of the step while the graphs are captured."""
     import contextlib
 
-    from inferd.layers import attention, gemv, paged_decode
+    from inferd.layers import gemv, paged_decode
     from inferd.layers.rotary import RotaryEmbedding
 
     @contextlib.contextmanager
@@ -268,7 +268,7 @@ def _ablations():
         "whole step": contextlib.nullcontext,
         "loads after the wait (no early loads)": lambda: patched(gemv, "_PDL", {**gemv._PDL, "early": False}),
         "without rotary": lambda: patched(RotaryEmbedding, "forward", unrotated),
-        "the KV store in a kernel of its own": lambda: patched(attention, "STORE_IN_ATTENTION", False),
+        "without the KV store": lambda: patched(paged_decode, "store_kv_triton", lambda *a, **k: None),
         "without attention": lambda: patched(paged_decode, "paged_decode_attention", lambda q, *a, **k: q),
         "attention in one split": lambda: patched(paged_decode, "num_splits", lambda *a, **k: 1),
         "attention in 32-token tiles": lambda: patched(
@@ -311,7 +311,7 @@ def ablate(args, bandwidth: float) -> dict:
                 "replay_ms": replay,
                 "replay_pct_of_roofline": 100 * roofline_ms / replay,
             }
-            if name in ("whole step", "the KV store in a kernel of its own") or "before" in name:
+            if name == "whole step" or "before" in name:
                 b1 = run_ours(engine, prompt, 256)
                 row.update(tpot_ms_p50=b1["tpot_ms_p50"], pct_of_roofline=100 * roofline_ms / b1["tpot_ms_p50"])
             rows.append(row)

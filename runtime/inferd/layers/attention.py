@@ -166,11 +166,6 @@ def _gather_slots(cache: torch.Tensor, slots: torch.Tensor, num_kv_heads: int, h
     return flat.index_select(0, slots).to(dtype)
 
 
-# Whether a batch-1 decode step's attention kernel stores the new token's K/V itself (no store
-# kernel before it): bench_decode_step.py's ablation turns it off.
-STORE_IN_ATTENTION = True
-
-
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         super().__init__()
@@ -191,9 +186,7 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        # A batch-1 decode step on the Triton path: the attention kernel stores the new token.
-        fused_store = self.use_triton and not ctx.is_prefill and q.shape[0] == 1 and not ctx.rows_as_one and STORE_IN_ATTENTION
-        if self.k_cache.numel() and not fused_store:
+        if self.k_cache.numel():
             if self.use_triton:
                 from inferd.layers.paged_decode import store_kv_triton
 
@@ -218,14 +211,7 @@ class Attention(nn.Module):
             # Rows computed as one: each context split as a batch-1 step splits it (the same sums).
             splits = num_splits(1, self.num_kv_heads, sm_count(q.device)) if ctx.rows_as_one else None
             o = paged_decode_attention(
-                q,
-                self.k_cache,
-                self.v_cache,
-                ctx.block_tables,
-                ctx.context_lens,
-                self.scale,
-                splits=splits,
-                new_kv=(k, v, ctx.slot_mapping) if fused_store and self.k_cache.numel() else None,
+                q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale, splits=splits
             )
         else:
             o = decode_attention_reference(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)

@@ -86,36 +86,6 @@ def _softmax_step(q, k, t_mask, m, denom, scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _store_new_token(
-    k_cache_ptr,
-    v_cache_ptr,
-    new_k_ptr,
-    new_v_ptr,
-    slot,
-    seq,
-    kv_head,
-    stride_k,
-    stride_v,
-    offs_d,
-    NUM_KV_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    CLAMP: tl.constexpr,
-):
-    """One KV head's K and V of the sequence's new token into its cache slot, as _store_kv_kernel
-    stores them (fp8 saturating at +-CLAMP); then a barrier, so that the program's own loads
-    after it see them."""
-    k = tl.load(new_k_ptr + seq * stride_k + kv_head * HEAD_DIM + offs_d)
-    v = tl.load(new_v_ptr + seq * stride_v + kv_head * HEAD_DIM + offs_d)
-    if CLAMP > 0:
-        k = tl.minimum(tl.maximum(k.to(tl.float32), -CLAMP), CLAMP)
-        v = tl.minimum(tl.maximum(v.to(tl.float32), -CLAMP), CLAMP)
-    dst = slot * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + offs_d
-    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty))
-    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty))
-    tl.debug_barrier()
-
-
-@triton.jit
 def _paged_decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -125,16 +95,9 @@ def _paged_decode_kernel(
     out_ptr,
     part_acc_ptr,
     part_ml_ptr,
-    new_k_ptr,
-    new_v_ptr,
-    slots_ptr,
-    stride_k,
-    stride_v,
     scale,
     stride_bt,
     new_tokens,
-    STORE_NEW: tl.constexpr,
-    CLAMP: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
@@ -164,28 +127,6 @@ def _paged_decode_kernel(
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    # STORE_NEW (one new token a sequence): the split whose range holds the new token (the last of
-    # the context) stores it, in place of a store kernel before this one; it alone reads that slot.
-    owner = (lo <= ctx_len - 1) & (ctx_len - 1 < hi)
-    if STORE_NEW:
-        slot = tl.load(slots_ptr + seq).to(tl.int64)
-    if STORE_NEW and not EARLY:
-        if owner:
-            _store_new_token(
-                k_cache_ptr,
-                v_cache_ptr,
-                new_k_ptr,
-                new_v_ptr,
-                slot,
-                seq,
-                kv_head,
-                stride_k,
-                stride_v,
-                offs_d,
-                NUM_KV_HEADS,
-                HEAD_DIM,
-                CLAMP,
-            )
     first = lo  # the loop's first tile
     if EARLY:
         # The split's first tile before the wait: the cache holds it from earlier steps, except
@@ -197,27 +138,7 @@ def _paged_decode_kernel(
         k0 = _load_k(k_cache_ptr, offs0, mask0, COMPUTE)
         v0 = _load_v(v_cache_ptr, offs0, mask0, COMPUTE, WIDEN_V_IN_REGISTERS)
         pdl_enter(USE_PDL, AHEAD)
-        if STORE_NEW:
-            if owner:
-                _store_new_token(
-                    k_cache_ptr,
-                    v_cache_ptr,
-                    new_k_ptr,
-                    new_v_ptr,
-                    slot,
-                    seq,
-                    kv_head,
-                    stride_k,
-                    stride_v,
-                    offs_d,
-                    NUM_KV_HEADS,
-                    HEAD_DIM,
-                    CLAMP,
-                )
-                if lo + TILE > ctx_len - 1:
-                    k0 = _load_k(k_cache_ptr, offs0, mask0, COMPUTE)
-                    v0 = _load_v(v_cache_ptr, offs0, mask0, COMPUTE, WIDEN_V_IN_REGISTERS)
-        elif lo + TILE > ctx_len - new_tokens:
+        if lo + TILE > ctx_len - new_tokens:
             k0 = _load_k(k_cache_ptr, offs0, mask0, COMPUTE)
             v0 = _load_v(v_cache_ptr, offs0, mask0, COMPUTE, WIDEN_V_IN_REGISTERS)
         first = lo + TILE
@@ -391,14 +312,9 @@ def paged_decode_attention(
     num_stages: int = 4,
     compute_dtype: torch.dtype | None = None,
     widen_v_in_registers: bool | None = None,
-    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    early: bool | None = None,
 ) -> torch.Tensor:
     """q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, W]; context_lens [B].
-    `new_kv` (k, v [B, Hkv, D], slots [B]): each sequence's one new token, which the kernel stores
-    in the cache itself (the last token of its context), as store_kv_triton would before it. The
-    other keyword arguments override the launch configuration (bench/bench_decode_step.py sweeps them;
-    `early`: the early loads with or without programmatic dependent launch, for the CPU's tests).
+    The keyword arguments override the launch configuration (bench/bench_decode_step.py sweeps them).
 
     An fp8 cache is widened to fp16, not to q's bf16, for the products (exact for e4m3 values,
     and the conversion is cheaper: 41 against 62 us for 64 sequences of 640 tokens on the H200),
@@ -420,13 +336,6 @@ def paged_decode_attention(
         part_ml = torch.empty(batch * num_kv_heads * splits * group_pad, 2, device=q.device, dtype=torch.float32)
     else:
         part_acc = part_ml = out
-    if new_kv is not None:
-        new_k, new_v, slots = new_kv
-        for t in (new_k, new_v):
-            if t.shape[0] != batch or t.stride(2) != 1 or t.stride(1) != head_dim:
-                raise ValueError(f"new_kv: one K and V row a sequence, its heads contiguous, got {tuple(t.shape)} {t.stride()}")
-    else:
-        new_k = new_v = slots = q
     on = pdl(batch)
     consts = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, USE_PDL=on, launch_pdl=on)
     _paged_decode_kernel[(batch, num_kv_heads, splits)](
@@ -438,18 +347,11 @@ def paged_decode_attention(
         out,
         part_acc,
         part_ml,
-        new_k,
-        new_v,
-        slots,
-        new_k.stride(0),
-        new_v.stride(0),
         scale,
         block_tables.stride(0),
         batch,  # at most this many new tokens a sequence this step (rows computed as one: all of them)
-        STORE_NEW=new_kv is not None,
-        CLAMP=FP8_MAX if fp8_cache else 0.0,
         **consts,
-        EARLY=early_loads(on) if early is None else early,
+        EARLY=early_loads(on),
         AHEAD=launch_ahead(on, "attention"),
         BLOCK_SIZE=block_size,
         TILE=tile,
