@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from triton_interpreter import _interpreter_scalars, needs_interpreter  # noqa: F401  (autouse fixture)
 
 from inferd import LLM, SamplingParams
 
@@ -134,16 +135,22 @@ def test_prompt_longer_than_context_is_refused(llama_dir):
         llm.generate([list(range(2, 80))], SamplingParams(max_tokens=4))
 
 
+@needs_interpreter
 def test_the_two_pass_argmax_finds_the_first_maximum_as_argmax_does():
-    from inferd.layers.sampler import first_argmax
+    """triton_fused.argmax_rows (the greedy token of a few rows on CUDA) through Triton's
+    interpreter: ties across and inside its 2,048-column chunks, the last column, equal rows, a row
+    of -inf, NaN (the largest, as torch.argmax counts it), a vocabulary of one partial chunk."""
+    from inferd.layers.triton_fused import argmax_rows
 
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(5, 128256, generator=g).bfloat16()
+    logits = torch.randn(7, 128256, generator=g).bfloat16()
     logits[1, 7] = logits[1, 90000] = 50  # a tie across chunks: the first wins
-    logits[2, 1003] = logits[2, 1004] = 50  # a tie inside one chunk
+    logits[2, 2047] = logits[2, 2048] = 50  # a tie across a chunk boundary
     logits[3, -1] = 50  # the last entry
     logits[4] = 0  # all equal: index 0
-    got = first_argmax(logits, chunked=True)
-    assert got.tolist() == logits.argmax(dim=-1).tolist() and got[1] == 7 and got[2] == 1003 and got[4] == 0
-    odd = torch.randn(2, 1009, generator=g)  # a prime vocabulary: no chunk divides it, one pass
-    assert first_argmax(odd, chunked=True).tolist() == odd.argmax(dim=-1).tolist()
+    logits[5] = float("-inf")
+    logits[6, 500] = logits[6, 9000] = float("nan")
+    got = argmax_rows(logits)
+    assert got.tolist() == logits.argmax(dim=-1).tolist() == [got[0].item(), 7, 2047, 128255, 0, 0, 500]
+    odd = torch.randn(2, 1009, generator=g)  # less than one chunk
+    assert argmax_rows(odd).tolist() == odd.argmax(dim=-1).tolist()

@@ -89,6 +89,7 @@ def decode_input_views(buf: torch.Tensor, rows: int, width: int) -> dict[str, to
 
 
 def decode_input_bytes(rows: int, width: int) -> int:
+    """The size of decode_input_views' layout for `rows` rows of `width` block-table entries."""
     return 5 * rows * 8 + rows * 4 * (1 + width)
 
 

@@ -21,7 +21,6 @@ over the batch's logprobs, at k the largest asked.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,31 +55,16 @@ class Sampled:
     top_logprobs: torch.Tensor | None = None
 
 
-@functools.lru_cache(maxsize=16)
-def _argmax_chunk(vocab: int) -> int | None:
-    """A divisor of the vocabulary near 1,024 (128,256 = 128 x 1,002; 151,936 = 128 x 1,187)."""
-    return next((c for c in sorted(range(256, 4097), key=lambda c: abs(c - 1024)) if vocab % c == 0), None)
-
-
-def first_argmax(logits: torch.Tensor, chunked: bool | None = None) -> torch.Tensor:
-    """logits.argmax(-1) (the first maximum), in two passes on CUDA for a few rows: torch reduces
-    one 128k row with few thread blocks (35 us a step for the 8B shape at batch 1 on the H200,
-    BENCHMARKS.md); the maxima of chunks first, then the first chunk holding the largest. On
-    CUDA that is two Triton kernels (triton_fused.argmax_rows); `chunked` (the CPU's tests) the
-    same passes in torch."""
-    rows, vocab = logits.shape
-    if chunked is None and logits.is_cuda and rows <= 8 and logits.stride(-1) == 1:
+def first_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) (the first maximum). On CUDA for a few rows, two Triton kernels
+    (triton_fused.argmax_rows: the chunks' winners, then the row's): torch reduces a 128k row with
+    few thread blocks (35 us a step for the 8B shape at batch 1 on the H200), and a chunked torch
+    version still took five kernels and ~23 us of the 1.5B's step (BENCHMARKS.md, seventh pass)."""
+    if logits.is_cuda and logits.shape[0] <= 8 and logits.stride(-1) == 1:
         from inferd.layers.triton_fused import argmax_rows
 
         return argmax_rows(logits)
-    if chunked is None:
-        chunked = False
-    chunk = _argmax_chunk(vocab) if chunked else None
-    if chunk is None:
-        return logits.argmax(dim=-1)
-    values, within = logits.view(rows, vocab // chunk, chunk).max(dim=-1)
-    best = values.argmax(dim=-1, keepdim=True)  # the first chunk with the maximum
-    return (best * chunk + within.gather(1, best)).view(rows)
+    return logits.argmax(dim=-1)
 
 
 class Sampler:
