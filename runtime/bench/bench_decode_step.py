@@ -9,9 +9,11 @@
    fits max_num_batched_tokens), with the step's linear-layer TFLOP/s (2 x linear weights x tokens
    over the step's wall time).
 4. `ablate`: the batch-1 step (bf16, GEMV kernels) recaptured with one part taken out or changed
-   at a time (rotary, the KV store, attention, its context splits, programmatic dependent launch,
-   the early loads): graph replay against the whole step's, so the difference is that part's cost
-   on the critical path (outputs are wrong where parts are taken out; only time is read). The
+   at a time (rotary, the KV store, attention, its context splits and tiles, programmatic
+   dependent launch, the early loads, which kernels launch the next before they wait), and the
+   engine's time per token for the whole step and the launch variants: graph replay against the
+   whole step's, so the difference is that part's cost on the critical path (outputs are wrong
+   where parts are taken out; only time is read). The
    replays run at a context of `--context` tokens (256 by default, the middle of the batch-1
    benchmark's 128-384; 1 is attention's floor), set in the graph's input buffers.
 5. `timeline`: steady batch-1 decode under the profiler: what the device does between one step's
