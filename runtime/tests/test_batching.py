@@ -169,3 +169,25 @@ def test_close_frees_the_kv_cache_and_weights_while_the_engine_is_still_referenc
     gc.collect()  # the modules' own reference cycles
     assert cache() is None and weight() is None
     llm.engine.close()  # again: a no-op
+
+
+@pytest.mark.parametrize("rows,width", [(1, 256), (3, 7), (16, 1)])
+def test_a_decode_steps_inputs_lie_packed_in_one_buffer(rows, width):
+    """decode_input_views: every input of a step in one byte range (what one copy moves), none
+    overlapping another, each row of the tables its own, in the dtypes the kernels read."""
+    import torch
+
+    from inferd.engine.model_runner import decode_input_bytes, decode_input_views
+
+    size = decode_input_bytes(rows, width)
+    buf = torch.zeros(size + 64, dtype=torch.uint8)
+    views = decode_input_views(buf, rows, width)
+    parts = [views[k] for k in ("input_ids", "positions", "slot_mapping", "context_lens", "block_tables")]
+    parts += list(views["pending"])
+    assert [views[k].dtype for k in ("input_ids", "context_lens", "block_tables")] == [torch.int64, torch.int32, torch.int32]
+    assert views["block_tables"].shape == (rows, width) and views["pending"].shape == (2, rows)
+    for i, part in enumerate(parts):  # each part marked in turn: one that shared a byte with an
+        part.fill_(i + 1)  # earlier part would change that part's mark
+    assert all(bool((part == i + 1).all()) for i, part in enumerate(parts))
+    assert sum(p.numel() * p.element_size() for p in parts) == size  # packed: all of the layout's bytes
+    assert buf[:size].any() and not buf[size:].any()  # and nothing past it
