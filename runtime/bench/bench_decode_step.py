@@ -313,7 +313,7 @@ def ablate(args, bandwidth: float) -> dict:
                 "replay_ms": replay,
                 "replay_pct_of_roofline": 100 * roofline_ms / replay,
             }
-            if name == "whole step" or "before" in name:
+            if name == "whole step" or name.startswith("loads after") or "before" in name:
                 b1 = run_ours(engine, prompt, 256)
                 row.update(tpot_ms_p50=b1["tpot_ms_p50"], pct_of_roofline=100 * roofline_ms / b1["tpot_ms_p50"])
             rows.append(row)
@@ -414,6 +414,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if not 1 <= args.context <= 4096:
+        ap.error(f"--context: from 1 to the benchmark engines' max_model_len (4096) tokens, got {args.context}")
     args.loads = [tuple(int(x) for x in load.split("x")) for load in args.loads]
     info = run_info(args)
     bw = copy_bandwidth(args.device)

@@ -63,7 +63,7 @@ def test_fp8_v_widened_in_registers_equals_the_cast(batch):
 def test_greedy_argmax_kernels_find_the_first_maximum_as_torch_does(vocab, dtype):
     """The two Triton passes of a few rows' greedy token (chunk winners, then the row's) against
     torch.argmax: ties across and inside chunks (the first wins), the last column, equal rows,
-    a row of -inf, NaN (the largest, as torch counts it), a vocabulary of one partial chunk."""
+    a row of -inf, NaN (larger than +inf, as torch counts it), a vocabulary of one partial chunk."""
     from inferd.layers.triton_fused import argmax_rows
 
     g = torch.Generator(device="cuda").manual_seed(vocab)
@@ -73,10 +73,11 @@ def test_greedy_argmax_kernels_find_the_first_maximum_as_torch_does(vocab, dtype
     logits[3, -1] = 50
     logits[4] = 0
     logits[5] = float("-inf")
-    logits[6, 500] = logits[6, vocab - 2] = float("nan")
+    logits[6, 600] = logits[6, vocab - 2] = float("nan")
+    logits[6, 500] = float("inf")  # before the NaN: torch still takes the NaN
     for rows in (1, 3, 8):
         assert argmax_rows(logits[:rows]).tolist() == logits[:rows].argmax(dim=-1).tolist()
-    assert argmax_rows(logits).tolist()[1:7] == [7, 1000, vocab - 1, 0, 0, 500]
+    assert argmax_rows(logits).tolist()[1:7] == [7, 1000, vocab - 1, 0, 0, 600]
 
 
 @pytest.fixture(autouse=True)

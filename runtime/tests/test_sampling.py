@@ -139,7 +139,7 @@ def test_prompt_longer_than_context_is_refused(llama_dir):
 def test_the_two_pass_argmax_finds_the_first_maximum_as_argmax_does():
     """triton_fused.argmax_rows (the greedy token of a few rows on CUDA) through Triton's
     interpreter: ties across and inside its 2,048-column chunks, the last column, equal rows, a row
-    of -inf, NaN (the largest, as torch.argmax counts it), a vocabulary of one partial chunk."""
+    of -inf, NaN (larger than +inf, as torch.argmax counts it), a vocabulary of one partial chunk."""
     from inferd.layers.triton_fused import argmax_rows
 
     g = torch.Generator().manual_seed(0)
@@ -149,8 +149,9 @@ def test_the_two_pass_argmax_finds_the_first_maximum_as_argmax_does():
     logits[3, -1] = 50  # the last entry
     logits[4] = 0  # all equal: index 0
     logits[5] = float("-inf")
-    logits[6, 500] = logits[6, 9000] = float("nan")
+    logits[6, 9000] = logits[6, 9001] = float("nan")
+    logits[6, 500] = float("inf")  # before the NaN: torch still takes the NaN
     got = argmax_rows(logits)
-    assert got.tolist() == logits.argmax(dim=-1).tolist() == [got[0].item(), 7, 2047, 128255, 0, 0, 500]
+    assert got.tolist() == logits.argmax(dim=-1).tolist() == [got[0].item(), 7, 2047, 128255, 0, 0, 9000]
     odd = torch.randn(2, 1009, generator=g)  # less than one chunk
     assert argmax_rows(odd).tolist() == odd.argmax(dim=-1).tolist()

@@ -69,28 +69,43 @@ def release_cuda_graphs(runner, wait: bool = True) -> None:
     getattr(runner, "verify_outputs", {}).clear()
 
 
+def _even(rows: int) -> int:
+    return rows + (rows & 1)
+
+
+def _decode_input_offsets(rows: int, width: int) -> tuple[int, int, int]:
+    """Byte offsets of decode_input_views' context lengths, block tables and end: each part
+    starts on a 16-byte boundary, as a tensor of its own would (Triton specializes its kernels on
+    pointers so aligned, and vectorizes their loads)."""
+    up = lambda n: -(-n // 16) * 16  # noqa: E731
+    lens = up(5 * _even(rows) * 8)
+    tables = up(lens + rows * 4)
+    return lens, tables, up(tables + rows * width * 4)
+
+
 def decode_input_views(buf: torch.Tensor, rows: int, width: int) -> dict[str, torch.Tensor]:
     """A decode step's inputs for `rows` rows as views of one byte buffer, one after another so
     that one copy moves them all: five int64 rows (token id, position, cache slot, then the
     pending tokens' destination rows and source rows), the context lengths (int32) and the block
-    tables (int32, rows x width). The layout depends on the row count only: the host's pinned
-    staging and the device's buffer (a CUDA graph's inputs) are laid out alike."""
-    n64, n32 = 5 * rows * 8, rows * 4
-    ints = buf[:n64].view(torch.int64).view(5, rows)
+    tables (int32, rows x width), each int64 row and each part on a 16-byte boundary. The layout
+    depends on the row count only: the host's pinned staging and the device's buffer (a CUDA
+    graph's inputs) are laid out alike."""
+    lens, tables, _ = _decode_input_offsets(rows, width)
+    ints = buf[: 5 * _even(rows) * 8].view(torch.int64).view(5, _even(rows))[:, :rows]
     return {
         "ints": ints,
         "input_ids": ints[0],
         "positions": ints[1],
         "slot_mapping": ints[2],
         "pending": ints[3:5],
-        "context_lens": buf[n64 : n64 + n32].view(torch.int32),
-        "block_tables": buf[n64 + n32 : n64 + n32 + n32 * width].view(torch.int32).view(rows, width),
+        "context_lens": buf[lens : lens + rows * 4].view(torch.int32),
+        "block_tables": buf[tables : tables + rows * width * 4].view(torch.int32).view(rows, width),
     }
 
 
 def decode_input_bytes(rows: int, width: int) -> int:
     """The size of decode_input_views' layout for `rows` rows of `width` block-table entries."""
-    return 5 * rows * 8 + rows * 4 * (1 + width)
+    return _decode_input_offsets(rows, width)[2]
 
 
 class ModelRunner:
