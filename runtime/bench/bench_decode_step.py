@@ -49,6 +49,7 @@ from bench_engine import (  # noqa: E402
     build_hf_model,
     copy_bandwidth,
     graph_us,
+    percentile,
     replay_ms,
     run_info,
     run_ours,
@@ -376,21 +377,13 @@ def timeline(args) -> dict:
                 "ops": ops,
             }
         )
-    mid = rows[len(rows) // 2] if rows else {}
     summary = {
         "steps": len(rows),
-        "replay_us_median": sorted(r["replay_us"] for r in rows)[len(rows) // 2] if rows else None,
-        "gap_us_median": sorted(r["gap_us"] for r in rows)[len(rows) // 2] if rows else None,
-        "busy_us_median": sorted(r["busy_us"] for r in rows)[len(rows) // 2] if rows else None,
-        "a_gap": mid,
+        **{f"{k}_median": percentile([r[k] for r in rows], 50) for k in ("replay_us", "gap_us", "busy_us")},
+        "a_gap": rows[len(rows) // 2] if rows else {},
     }
     print(json.dumps(summary, indent=1), flush=True)
-    raw = [
-        [e.get("cat"), e["name"][:60], e["ts"], e.get("dur"), e.get("args", {}).get("correlation")]
-        for e in trace
-        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset", "cuda_runtime", "cuda_driver")
-    ]
-    return {"timeline": {"shape": args.shape, **summary, "rows": rows, "raw": raw}}
+    return {"timeline": {"shape": args.shape, **summary, "rows": rows}}
 
 
 def main() -> int:

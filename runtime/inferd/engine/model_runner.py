@@ -574,11 +574,10 @@ class ModelRunner:
         pool = None
         for bs, as_one in [(b, False) for b in reversed(buckets)] + [(r, True) for r in reversed(self.verify_rows)]:
             g = self.graph_inputs[bs] = decode_input_views(self._graph_input_buf, bs, width)
-            # Padding rows' inputs for the warm-up: token 0 at position 0 in the scratch block.
-            g["ints"].zero_()
-            g["slot_mapping"].fill_(self.num_blocks * self.block_size)
-            g["context_lens"].fill_(1)
-            g["block_tables"].fill_(self.num_blocks)
+            # The warm-up's inputs: every row a padding row, as a step fills them.
+            self._decode_inputs([], bs, self._staging[0])
+            size = decode_input_bytes(bs, width)
+            self._graph_input_buf[:size].copy_(self._staging[0]["inputs"][:size])
             ctx = AttentionContext(
                 is_prefill=False,
                 slot_mapping=g["slot_mapping"],

@@ -291,36 +291,41 @@ ARGMAX_CHUNK = 2048
 
 
 @triton.jit
+def _first_max(vals, cols, vocab):
+    """Of `vals` (at columns `cols`; `vocab` where none): the largest and the first column holding
+    it, a NaN counting larger than anything (torch.argmax's order): (NaN, its first column) then."""
+    nan = vals != vals
+    first_nan = tl.min(tl.where(nan, cols, vocab), 0)
+    top = tl.max(tl.where(nan, float("-inf"), vals), 0)
+    first_top = tl.min(tl.where(vals == top, cols, vocab), 0)
+    has_nan = first_nan < vocab
+    return tl.where(has_nan, float("nan"), top), tl.where(has_nan, first_nan, first_top)
+
+
+@triton.jit
 def _chunk_argmax_kernel(x_ptr, val_ptr, idx_ptr, stride_x, vocab, CHUNKS, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    """Program (row, c): the largest value of the row's chunk c and the first column holding it;
-    a chunk holding NaN gives NaN and its first NaN's column (torch.argmax counts NaN largest)."""
+    """Program (row, c): the largest value of the row's chunk c and the first column holding it."""
     pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     cols = c * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + row * stride_x + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-    nan = x != x
-    first_nan = tl.min(tl.where(nan, cols, vocab), 0)
-    top = tl.max(tl.where(nan, float("-inf"), x), 0)
-    first_top = tl.min(tl.where(x == top, cols, vocab), 0)
-    tl.store(val_ptr + row * CHUNKS + c, tl.where(first_nan < vocab, float("nan"), top))
-    tl.store(idx_ptr + row * CHUNKS + c, tl.where(first_nan < vocab, first_nan, first_top))
+    top, col = _first_max(x, cols, vocab)
+    tl.store(val_ptr + row * CHUNKS + c, top)
+    tl.store(idx_ptr + row * CHUNKS + c, col)
 
 
 @triton.jit
 def _rows_argmax_kernel(val_ptr, idx_ptr, out_ptr, CHUNKS, vocab, CHUNKS_POW2: tl.constexpr, USE_PDL: tl.constexpr):
-    """Program row: of the chunks holding the row's largest value (NaN first), the first column
-    (the chunks are in column order, so the smallest of their columns)."""
+    """Program row: the first column of the row's largest value, from its chunks' winners (the
+    chunks are in column order, so the first of the chunks holding it has it)."""
     pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, CHUNKS_POW2)
     vals = tl.load(val_ptr + row * CHUNKS + c, mask=c < CHUNKS, other=float("-inf"))
     cols = tl.load(idx_ptr + row * CHUNKS + c, mask=c < CHUNKS, other=vocab)
-    nan = vals != vals
-    first_nan = tl.min(tl.where(nan, cols, vocab), 0)
-    top = tl.max(tl.where(nan, float("-inf"), vals), 0)
-    first_top = tl.min(tl.where(vals == top, cols, vocab), 0)
-    tl.store(out_ptr + row, tl.where(first_nan < vocab, first_nan, first_top).to(tl.int64))
+    _, col = _first_max(vals, cols, vocab)
+    tl.store(out_ptr + row, col.to(tl.int64))
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
