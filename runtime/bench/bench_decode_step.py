@@ -14,7 +14,7 @@
    engine's time per token for the whole step and the launch variants: graph replay against the
    whole step's, so the difference is that part's cost on the critical path (outputs are wrong
    where parts are taken out; only time is read). The
-   replays run at a context of `--context` tokens (256 by default, the middle of the batch-1
+   replays run at each context of `--context` tokens (256 by default, the middle of the batch-1
    benchmark's 128-384; 1 is attention's floor), set in the graph's input buffers.
 5. `timeline`: steady batch-1 decode under the profiler: what the device does between one step's
    graph replay and the next (input copies, sampling, the tokens' copy) and how long it idles.
@@ -93,10 +93,11 @@ def attention(args, bandwidth: float) -> dict:
             default = time_us(*call)  # the launch the engine makes for this cache
             for compute, widen_v in compute_dtypes:
                 rows = []
-                for tile, warps, stages, splits in itertools.product(args.tiles, args.warps, args.stages, args.splits):
-                    config = {"tile": tile, "warps": warps, "stages": stages, "splits": splits}
+                configs = itertools.product(args.tiles, args.warps, args.stages, args.splits, args.min_split_tokens)
+                for tile, warps, stages, splits, least in configs:
+                    config = {"tile": tile, "warps": warps, "stages": stages, "splits": splits, "min_split_tokens": least}
                     try:
-                        launch = dict(splits=splits, tile=tile, num_warps=warps, num_stages=stages)
+                        launch = dict(splits=splits, tile=tile, min_split_tokens=least, num_warps=warps, num_stages=stages)
                         us = time_us(*call, **launch, compute_dtype=compute, widen_v_in_registers=widen_v)
                     except Exception as e:  # e.g. out of shared memory: a result, not a stop
                         rows.append({**config, "error": str(e)[:120]})
@@ -274,9 +275,16 @@ def _ablations():
         "without the KV store": lambda: patched(paged_decode, "store_kv_triton", lambda *a, **k: None),
         "without attention": lambda: patched(paged_decode, "paged_decode_attention", lambda q, *a, **k: q),
         "attention in one split": lambda: patched(paged_decode, "num_splits", lambda *a, **k: 1),
-        "attention in 32-token tiles": lambda: patched(
-            paged_decode, "paged_decode_attention", functools.partial(paged_decode.paged_decode_attention, tile=32)
-        ),
+        **{
+            f"attention in {tile}-token tiles, a split at least {least}": functools.partial(
+                patched,
+                paged_decode,
+                "paged_decode_attention",
+                functools.partial(paged_decode.paged_decode_attention, tile=tile, min_split_tokens=least),
+            )
+            for tile in (32, 64)
+            for least in (0, 128, 192, 256)
+        },
         "no kernel launches the next before it waits": lambda: patched(gemv, "_PDL", {**gemv._PDL, "ahead": ()}),
         "the GEMVs launch the next before they wait too": lambda: patched(
             gemv, "_PDL", {**gemv._PDL, "ahead": (*gemv._PDL["ahead"], "gemv")}
@@ -297,24 +305,23 @@ def ablate(args, bandwidth: float) -> dict:
         runner = engine.runner
         roofline_ms = runner.weight_bytes() / bandwidth * 1000
         run_ours(engine, prompt, 8)  # the KV cache holds a context of 128 + a few tokens
-        variants = list(_ablations().items())
+        variants = [(n, c) for n, c in _ablations().items() if n == "whole step" or any(v in n for v in args.variants)]
         for name, change in [*variants, variants[0]]:  # the whole step again last: the drift
             release_cuda_graphs(runner)
             with change():
                 runner._capture_cuda_graphs()
-            g, blocks = runner.graph_inputs[1], -(-args.context // runner.block_size)
-            with torch.inference_mode():  # the graph's buffers are inference tensors
-                g["block_tables"][0, :blocks] = torch.arange(blocks, device=g["block_tables"].device)
-                g["context_lens"][0] = args.context
-                g["slot_mapping"][0] = args.context - 1  # its blocks are 0, 1, ...: the last token's slot
-            replay = min(replay_ms(runner.graphs[1]) for _ in range(5))
-            row = {
-                "variant": name,
-                "context": args.context,
-                "replay_ms": replay,
-                "replay_pct_of_roofline": 100 * roofline_ms / replay,
-            }
-            if name == "whole step" or name.startswith("loads after") or "before" in name:
+            row = {"variant": name}
+            g = runner.graph_inputs[1]
+            for context in args.context:
+                blocks = -(-context // runner.block_size)
+                with torch.inference_mode():  # the graph's buffers are inference tensors
+                    g["block_tables"][0, :blocks] = torch.arange(blocks, device=g["block_tables"].device)
+                    g["context_lens"][0] = context
+                    g["slot_mapping"][0] = context - 1  # its blocks are 0, 1, ...: the last token's slot
+                replay = min(replay_ms(runner.graphs[1]) for _ in range(5))
+                row[f"replay_ms_at_{context}"] = replay
+            row["replay_pct_of_roofline"] = {c: 100 * roofline_ms / row[f"replay_ms_at_{c}"] for c in args.context}
+            if any(t in name for t in args.tpot_of) or name.startswith("loads after") or "before" in name:
                 b1 = run_ours(engine, prompt, 256)
                 row.update(tpot_ms_p50=b1["tpot_ms_p50"], pct_of_roofline=100 * roofline_ms / b1["tpot_ms_p50"])
             rows.append(row)
@@ -402,12 +409,21 @@ def main() -> int:
     ap.add_argument("--quantization", nargs="+", default=["none", "fp8"])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--context", type=int, default=256, help="ablate: the context the replays run at")
+    ap.add_argument("--context", type=int, nargs="+", default=[256], help="ablate: the contexts the replays run at")
+    ap.add_argument(
+        "--tpot-of",
+        nargs="+",
+        default=["whole step"],
+        help="ablate: the variants whose name holds one of these also timed per output token over 256 tokens"
+        " (and those that change launches)",
+    )
+    ap.add_argument("--variants", nargs="+", default=[""], help="ablate: those whose name holds one of these")
+    ap.add_argument("--min-split-tokens", nargs="+", type=int, default=[0], help="attention: a split's least share")
     ap.add_argument("--warm-steps", type=int, default=24)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if not 1 <= args.context <= 4096:
+    if not all(1 <= c <= 4096 for c in args.context):
         ap.error(f"--context: from 1 to the benchmark engines' max_model_len (4096) tokens, got {args.context}")
     args.loads = [tuple(int(x) for x in load.split("x")) for load in args.loads]
     info = run_info(args)

@@ -86,6 +86,17 @@ def _softmax_step(q, k, t_mask, m, denom, scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _split_share(ctx_len, TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr):
+    """(tiles a split takes, splits that work) for a context of ctx_len tokens: the context's
+    tiles shared among the SPLITS programs, at least MIN_SPLIT_TILES a split, so a short context
+    takes fewer splits (one: no merge) and a long one all of them. Read on the device, so one
+    captured launch fits every context."""
+    tiles = tl.cdiv(ctx_len, TILE)
+    per_split = tl.maximum(tl.cdiv(tiles, SPLITS), MIN_SPLIT_TILES)
+    return per_split, tl.cdiv(tiles, per_split)
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -105,6 +116,7 @@ def _paged_decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE: tl.constexpr,
     SPLITS: tl.constexpr,
+    MIN_SPLIT_TILES: tl.constexpr,
     PRECISION: tl.constexpr,
     COMPUTE: tl.constexpr,
     WIDEN_V_IN_REGISTERS: tl.constexpr,
@@ -119,9 +131,8 @@ def _paged_decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx_len = tl.load(context_lens_ptr + seq)
-    # This split's token range, in whole tiles.
-    tiles = tl.cdiv(ctx_len, TILE)
-    per_split = tl.cdiv(tiles, SPLITS)
+    # This split's token range, in whole tiles (the merge kernel works the same out).
+    per_split, working = _split_share(ctx_len, TILE, SPLITS, MIN_SPLIT_TILES)
     lo = split * per_split * TILE
     hi = tl.minimum((split + 1) * per_split * TILE, ctx_len)
 
@@ -167,14 +178,15 @@ def _paged_decode_kernel(
         v = _load_v(v_cache_ptr, offs, t_mask, COMPUTE, WIDEN_V_IN_REGISTERS)  # after the scores, as before
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
 
-    if SPLITS == 1:
-        out = acc / denom[:, None]
-        tl.store(
-            out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=q_mask[:, None],
-        )
-    else:
+    if working <= 1:  # one split took the whole context (or a padded row): no merge
+        if split == 0:
+            out = acc / denom[:, None]
+            tl.store(
+                out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
+                out.to(out_ptr.dtype.element_ty),
+                mask=q_mask[:, None],
+            )
+    elif split < working:  # the splits past the context store nothing: the merge reads none
         row = ((seq * NUM_KV_HEADS + kv_head) * SPLITS + split) * GROUP_PAD + offs_g
         tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc)
         tl.store(part_ml_ptr + row * 2, m)
@@ -250,32 +262,42 @@ def _merge_splits_kernel(
     out_ptr,
     part_acc_ptr,
     part_ml_ptr,
+    context_lens_ptr,
     NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    TILE: tl.constexpr,
     SPLITS: tl.constexpr,
+    MIN_SPLIT_TILES: tl.constexpr,
     SPLITS_POW2: tl.constexpr,
     GROUP_POW2: tl.constexpr,
     USE_PDL: tl.constexpr,
     AHEAD: tl.constexpr,
 ):
     pdl_ahead(USE_PDL, AHEAD)
-    pdl_enter(USE_PDL, AHEAD)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
-    # Every split's partial state in one load (a loop over the splits would wait for each in turn).
+    ctx_len = tl.load(context_lens_ptr + seq)  # from the host, before the step: read before the wait
+    # The wait even when there is nothing to merge: the next kernel's wait covers this kernel only,
+    # so it must not end before the attention kernel has.
+    pdl_enter(USE_PDL, AHEAD)
+    _, working = _split_share(ctx_len, TILE, SPLITS, MIN_SPLIT_TILES)
+    if working <= 1:  # the attention kernel wrote the output
+        return
+    # Every working split's partial state in one load (a loop over the splits would wait for each
+    # in turn).
     offs_s = tl.arange(0, SPLITS_POW2)
     offs_g = tl.arange(0, GROUP_POW2)
     offs_d = tl.arange(0, HEAD_DIM)
     g_mask = offs_g < GROUP
-    sg_mask = (offs_s < SPLITS)[:, None] & g_mask[None, :]
+    sg_mask = (offs_s < working)[:, None] & g_mask[None, :]
     rows = ((seq * NUM_KV_HEADS + kv_head) * SPLITS + offs_s)[:, None] * GROUP_PAD + offs_g[None, :]  # [S, G]
     m_s = tl.load(part_ml_ptr + rows * 2, mask=sg_mask, other=float("-inf"))
     l_s = tl.load(part_ml_ptr + rows * 2 + 1, mask=sg_mask, other=0.0)
     acc_s = tl.load(part_acc_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=sg_mask[:, :, None], other=0.0)
     m = tl.max(m_s, 0)  # [G]
-    # An empty split has m_s = -inf and l_s = 0 (weight 0); a padded row has all splits empty.
+    # A masked split has m_s = -inf and l_s = 0 (weight 0).
     w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m[None, :]))
     denom = tl.sum(l_s * w, 0)
     acc = tl.sum(acc_s * w[:, :, None], 0)
@@ -286,6 +308,11 @@ def _merge_splits_kernel(
         out.to(out_ptr.dtype.element_ty),
         mask=g_mask[:, None],
     )
+
+
+# A split takes at least this many tokens of the context: a shorter context runs in fewer splits,
+# and up to this many in one (the merge's cost against the split's; set from the H200 sweep).
+MIN_SPLIT_TOKENS = 0
 
 
 def num_splits(batch: int, num_kv_heads: int, sm_count: int = 132) -> int:
@@ -308,6 +335,7 @@ def paged_decode_attention(
     *,
     splits: int | None = None,
     tile: int | None = None,
+    min_split_tokens: int | None = None,
     num_warps: int = 4,
     num_stages: int = 4,
     compute_dtype: torch.dtype | None = None,
@@ -325,6 +353,7 @@ def paged_decode_attention(
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     splits = splits or num_splits(batch, num_kv_heads, sm_count(q.device))
     tile = tile or (128 if fp8_cache and splits > 1 else 64)
+    min_split_tiles = triton.cdiv(min_split_tokens if min_split_tokens is not None else MIN_SPLIT_TOKENS, tile)
     compute_dtype = compute_dtype or (torch.float16 if fp8_cache and q.dtype != torch.float32 else q.dtype)
     if widen_v_in_registers is None:
         widen_v_in_registers = fp8_cache and compute_dtype == torch.float16
@@ -356,6 +385,7 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
         TILE=tile,
         SPLITS=splits,
+        MIN_SPLIT_TILES=max(1, min_split_tiles),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         COMPUTE=_TL_DTYPES[compute_dtype],
         WIDEN_V_IN_REGISTERS=widen_v_in_registers,
@@ -367,8 +397,11 @@ def paged_decode_attention(
             out,
             part_acc,
             part_ml,
+            context_lens,
             **consts,
+            TILE=tile,
             SPLITS=splits,
+            MIN_SPLIT_TILES=max(1, min_split_tiles),
             SPLITS_POW2=triton.next_power_of_2(splits),
             GROUP_POW2=triton.next_power_of_2(group),
             AHEAD=launch_ahead(on, "merge"),
