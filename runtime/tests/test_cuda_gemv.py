@@ -152,8 +152,8 @@ def test_engine_greedy_tokens_with_the_gemv_path_follow_the_plain_path(tmp_path,
 
 @pytest.mark.parametrize("rows", [1, 5])  # a batch-1 step; a verify pass of 5 rows computed as one
 @pytest.mark.parametrize("context", [1, 16, 17, 64, 65, 200, 383, 1000])
-@pytest.mark.parametrize("min_split_tokens", [None, 128])  # the default; one split to 128 tokens
-def test_early_loads_before_the_wait_give_the_late_loads_attention_bit_for_bit(rows, context, min_split_tokens):
+@pytest.mark.parametrize("one_split_tokens", [0, 128])  # always split; one split to 128 tokens
+def test_early_loads_before_the_wait_give_the_late_loads_attention_bit_for_bit(rows, context, one_split_tokens):
     """Under programmatic dependent launch the rotary, KV-store and attention kernels read what no
     earlier kernel of the step writes (positions, slots, block tables, cached K/V) before they
     wait; attention reads the tile with this step's new tokens again after it. A graph of rotary,
@@ -189,7 +189,7 @@ def test_early_loads_before_the_wait_give_the_late_loads_attention_bit_for_bit(r
             table[None].expand(rows, -1),
             lens,
             dim**-0.5,
-            min_split_tokens=min_split_tokens,
+            one_split_tokens=one_split_tokens,
         )
 
     outs, early_before = {}, gemv._PDL["early"]

@@ -4,7 +4,9 @@ One program per (sequence, KV head, split): it loads the query heads of that KV 
 walks its share of the sequence's block table TILE tokens at a time and keeps an online softmax,
 so K/V are read once per group whatever the GQA ratio. With few sequences the context is split
 across programs (flash-decoding) and a second kernel merges the partial softmaxes, so a batch of
-one still fills the GPU. Shapes are static per batch, so CUDA graphs capture both kernels.
+one still fills the GPU. Shapes are static per batch, so CUDA graphs capture both kernels; how
+many splits work (and whether one takes the whole context, with nothing to merge) follows the
+context, read on the device.
 """
 
 from __future__ import annotations
@@ -86,14 +88,13 @@ def _softmax_step(q, k, t_mask, m, denom, scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _split_share(ctx_len, TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr):
-    """(tiles a split takes, splits that work) for a context of ctx_len tokens: the context's
-    tiles shared among the SPLITS programs, at least MIN_SPLIT_TILES a split, so a short context
-    takes fewer splits (one: no merge) and a long one all of them. Read on the device, so one
-    captured launch fits every context."""
+def _split_share(ctx_len, TILE: tl.constexpr, SPLITS: tl.constexpr, ONE_SPLIT_TILES: tl.constexpr):
+    """(tiles a split takes, splits that work) for a context of ctx_len tokens: a context of up to
+    ONE_SPLIT_TILES tiles in one split (no merge), a longer one shared out a tile or more a split
+    over up to SPLITS programs. Read on the device, so one captured launch fits every context."""
     tiles = tl.cdiv(ctx_len, TILE)
-    per_split = tl.maximum(tl.cdiv(tiles, SPLITS), MIN_SPLIT_TILES)
-    return per_split, tl.cdiv(tiles, per_split)
+    per_split = tl.where(tiles <= ONE_SPLIT_TILES, tiles, tl.cdiv(tiles, SPLITS))
+    return per_split, tl.cdiv(tiles, tl.maximum(per_split, 1))
 
 
 @triton.jit
@@ -116,7 +117,7 @@ def _paged_decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE: tl.constexpr,
     SPLITS: tl.constexpr,
-    MIN_SPLIT_TILES: tl.constexpr,
+    ONE_SPLIT_TILES: tl.constexpr,
     PRECISION: tl.constexpr,
     COMPUTE: tl.constexpr,
     WIDEN_V_IN_REGISTERS: tl.constexpr,
@@ -132,7 +133,9 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
     ctx_len = tl.load(context_lens_ptr + seq)
     # This split's token range, in whole tiles (the merge kernel works the same out).
-    per_split, working = _split_share(ctx_len, TILE, SPLITS, MIN_SPLIT_TILES)
+    per_split, working = _split_share(ctx_len, TILE, SPLITS, ONE_SPLIT_TILES)
+    if split >= tl.maximum(working, 1):  # past the context: nothing to read, nothing for the merge
+        return
     lo = split * per_split * TILE
     hi = tl.minimum((split + 1) * per_split * TILE, ctx_len)
 
@@ -179,18 +182,17 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
 
     if working <= 1:  # one split took the whole context (or a padded row): no merge
-        if split == 0:
-            out = acc / denom[:, None]
-            tl.store(
-                out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
-                out.to(out_ptr.dtype.element_ty),
-                mask=q_mask[:, None],
-            )
-    elif split < working:  # the splits past the context store nothing: the merge reads none
-        row = ((seq * NUM_KV_HEADS + kv_head) * SPLITS + split) * GROUP_PAD + offs_g
-        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc)
-        tl.store(part_ml_ptr + row * 2, m)
-        tl.store(part_ml_ptr + row * 2 + 1, denom)
+        out = acc / denom[:, None]
+        tl.store(
+            out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=q_mask[:, None],
+        )
+    else:  # the group's heads' partial state (not the padding rows)
+        row = ((seq * NUM_KV_HEADS + kv_head) * SPLITS + split) * GROUP + offs_g
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=q_mask[:, None])
+        tl.store(part_ml_ptr + row * 2, m, mask=q_mask)
+        tl.store(part_ml_ptr + row * 2 + 1, denom, mask=q_mask)
 
 
 @triton.jit
@@ -265,61 +267,59 @@ def _merge_splits_kernel(
     context_lens_ptr,
     NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     TILE: tl.constexpr,
     SPLITS: tl.constexpr,
-    MIN_SPLIT_TILES: tl.constexpr,
+    ONE_SPLIT_TILES: tl.constexpr,
     SPLITS_POW2: tl.constexpr,
-    GROUP_POW2: tl.constexpr,
     USE_PDL: tl.constexpr,
     AHEAD: tl.constexpr,
 ):
+    """One program per (sequence, query head): the partial softmaxes of the splits that worked
+    into the head's output (a program a head, so each reads a few KB rather than its group's)."""
     pdl_ahead(USE_PDL, AHEAD)
     seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    head = tl.program_id(1)
     ctx_len = tl.load(context_lens_ptr + seq)  # from the host, before the step: read before the wait
     # The wait even when there is nothing to merge: the next kernel's wait covers this kernel only,
     # so it must not end before the attention kernel has.
     pdl_enter(USE_PDL, AHEAD)
-    _, working = _split_share(ctx_len, TILE, SPLITS, MIN_SPLIT_TILES)
+    _, working = _split_share(ctx_len, TILE, SPLITS, ONE_SPLIT_TILES)
     if working <= 1:  # the attention kernel wrote the output
         return
     # Every working split's partial state in one load (a loop over the splits would wait for each
     # in turn).
     offs_s = tl.arange(0, SPLITS_POW2)
-    offs_g = tl.arange(0, GROUP_POW2)
     offs_d = tl.arange(0, HEAD_DIM)
-    g_mask = offs_g < GROUP
-    sg_mask = (offs_s < working)[:, None] & g_mask[None, :]
-    rows = ((seq * NUM_KV_HEADS + kv_head) * SPLITS + offs_s)[:, None] * GROUP_PAD + offs_g[None, :]  # [S, G]
-    m_s = tl.load(part_ml_ptr + rows * 2, mask=sg_mask, other=float("-inf"))
-    l_s = tl.load(part_ml_ptr + rows * 2 + 1, mask=sg_mask, other=0.0)
-    acc_s = tl.load(part_acc_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=sg_mask[:, :, None], other=0.0)
-    m = tl.max(m_s, 0)  # [G]
+    s_mask = offs_s < working
+    kv_head = head // GROUP
+    rows = ((seq * NUM_KV_HEADS + kv_head) * SPLITS + offs_s) * GROUP + head % GROUP  # [S]
+    m_s = tl.load(part_ml_ptr + rows * 2, mask=s_mask, other=float("-inf"))
+    l_s = tl.load(part_ml_ptr + rows * 2 + 1, mask=s_mask, other=0.0)
+    acc_s = tl.load(part_acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    m = tl.max(m_s, 0)
     # A masked split has m_s = -inf and l_s = 0 (weight 0).
-    w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m[None, :]))
+    w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m))
     denom = tl.sum(l_s * w, 0)
-    acc = tl.sum(acc_s * w[:, :, None], 0)
-    head = kv_head * GROUP + offs_g
-    out = acc / denom[:, None]
-    tl.store(
-        out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=g_mask[:, None],
-    )
+    out = tl.sum(acc_s * w[:, None], 0) / denom
+    tl.store(out_ptr + (seq * NUM_KV_HEADS * GROUP + head) * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-# A split takes at least this many tokens of the context: a shorter context runs in fewer splits,
-# and up to this many in one (the merge's cost against the split's; set from the H200 sweep).
-MIN_SPLIT_TOKENS = 0
+# A context of up to this many tokens runs in one split, with no merge (the merge's cost against
+# the split's; the H200 sweep in BENCHMARKS.md).
+ONE_SPLIT_TOKENS = 0
+
+
+# The most splits a context takes (a split takes at least one tile, so a short context fewer).
+MAX_SPLITS = 8
 
 
 def num_splits(batch: int, num_kv_heads: int, sm_count: int = 132) -> int:
-    """Enough programs to cover the GPU about four times; one split once the batch does that
-    alone (the best split counts of the H200 sweep in BENCHMARKS.md)."""
+    """Enough programs to cover the GPU about four times, at most MAX_SPLITS a sequence; one
+    split once the batch does that alone (the best split counts of the H200 sweeps in
+    BENCHMARKS.md)."""
     programs = batch * num_kv_heads
-    return max(1, min(8, (4 * sm_count) // max(1, programs)))
+    return max(1, min(MAX_SPLITS, (4 * sm_count) // max(1, programs)))
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -335,7 +335,7 @@ def paged_decode_attention(
     *,
     splits: int | None = None,
     tile: int | None = None,
-    min_split_tokens: int | None = None,
+    one_split_tokens: int | None = None,
     num_warps: int = 4,
     num_stages: int = 4,
     compute_dtype: torch.dtype | None = None,
@@ -353,7 +353,7 @@ def paged_decode_attention(
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     splits = splits or num_splits(batch, num_kv_heads, sm_count(q.device))
     tile = tile or (128 if fp8_cache and splits > 1 else 64)
-    min_split_tiles = triton.cdiv(min_split_tokens if min_split_tokens is not None else MIN_SPLIT_TOKENS, tile)
+    one_split_tiles = (one_split_tokens if one_split_tokens is not None else ONE_SPLIT_TOKENS) // tile
     compute_dtype = compute_dtype or (torch.float16 if fp8_cache and q.dtype != torch.float32 else q.dtype)
     if widen_v_in_registers is None:
         widen_v_in_registers = fp8_cache and compute_dtype == torch.float16
@@ -361,12 +361,12 @@ def paged_decode_attention(
     group_pad = max(16, triton.next_power_of_2(group))
     out = torch.empty_like(q)
     if splits > 1:
-        part_acc = torch.empty(batch * num_kv_heads * splits * group_pad, head_dim, device=q.device, dtype=torch.float32)
-        part_ml = torch.empty(batch * num_kv_heads * splits * group_pad, 2, device=q.device, dtype=torch.float32)
+        part_acc = torch.empty(batch * num_heads * splits, head_dim, device=q.device, dtype=torch.float32)
+        part_ml = torch.empty(batch * num_heads * splits, 2, device=q.device, dtype=torch.float32)
     else:
         part_acc = part_ml = out
     on = pdl(batch)
-    consts = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, USE_PDL=on, launch_pdl=on)
+    consts = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, USE_PDL=on, launch_pdl=on)
     _paged_decode_kernel[(batch, num_kv_heads, splits)](
         q,
         k_cache,
@@ -380,12 +380,13 @@ def paged_decode_attention(
         block_tables.stride(0),
         batch,  # at most this many new tokens a sequence this step (rows computed as one: all of them)
         **consts,
+        GROUP_PAD=group_pad,
         EARLY=early_loads(on),
         AHEAD=launch_ahead(on, "attention"),
         BLOCK_SIZE=block_size,
         TILE=tile,
         SPLITS=splits,
-        MIN_SPLIT_TILES=max(1, min_split_tiles),
+        ONE_SPLIT_TILES=one_split_tiles,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         COMPUTE=_TL_DTYPES[compute_dtype],
         WIDEN_V_IN_REGISTERS=widen_v_in_registers,
@@ -393,7 +394,7 @@ def paged_decode_attention(
         num_stages=num_stages,
     )
     if splits > 1:
-        _merge_splits_kernel[(batch, num_kv_heads)](
+        _merge_splits_kernel[(batch, num_heads)](
             out,
             part_acc,
             part_ml,
@@ -401,9 +402,8 @@ def paged_decode_attention(
             **consts,
             TILE=tile,
             SPLITS=splits,
-            MIN_SPLIT_TILES=max(1, min_split_tiles),
+            ONE_SPLIT_TILES=one_split_tiles,
             SPLITS_POW2=triton.next_power_of_2(splits),
-            GROUP_POW2=triton.next_power_of_2(group),
             AHEAD=launch_ahead(on, "merge"),
             num_warps=4,
         )
