@@ -93,11 +93,10 @@ def attention(args, bandwidth: float) -> dict:
             default = time_us(*call)  # the launch the engine makes for this cache
             for compute, widen_v in compute_dtypes:
                 rows = []
-                configs = itertools.product(args.tiles, args.warps, args.stages, args.splits, args.one_split_tokens)
-                for tile, warps, stages, splits, one in configs:
-                    config = {"tile": tile, "warps": warps, "stages": stages, "splits": splits, "one_split_tokens": one}
+                for tile, warps, stages, splits in itertools.product(args.tiles, args.warps, args.stages, args.splits):
+                    config = {"tile": tile, "warps": warps, "stages": stages, "splits": splits}
                     try:
-                        launch = dict(splits=splits, tile=tile, one_split_tokens=one, num_warps=warps, num_stages=stages)
+                        launch = dict(splits=splits, tile=tile, num_warps=warps, num_stages=stages)
                         us = time_us(*call, **launch, compute_dtype=compute, widen_v_in_registers=widen_v)
                     except Exception as e:  # e.g. out of shared memory: a result, not a stop
                         rows.append({**config, "error": str(e)[:120]})
@@ -266,8 +265,8 @@ def _ablations():
             setattr(obj, name, old)
 
     @contextlib.contextmanager
-    def attention_launch(tile: int, one_split_tokens: int, max_splits: int):
-        launch = functools.partial(paged_decode.paged_decode_attention, tile=tile, one_split_tokens=one_split_tokens)
+    def attention_launch(tile: int, max_splits: int):
+        launch = functools.partial(paged_decode.paged_decode_attention, tile=tile)
         with patched(paged_decode, "paged_decode_attention", launch), patched(paged_decode, "MAX_SPLITS", max_splits):
             yield
 
@@ -282,11 +281,8 @@ def _ablations():
         "without attention": lambda: patched(paged_decode, "paged_decode_attention", lambda q, *a, **k: q),
         "attention in one split": lambda: patched(paged_decode, "num_splits", lambda *a, **k: 1),
         **{
-            f"attention: {tile}-token tiles, one split to {one} tokens, at most {most} splits": functools.partial(
-                attention_launch, tile, one, most
-            )
+            f"attention: {tile}-token tiles, at most {most} splits": functools.partial(attention_launch, tile, most)
             for tile in (32, 64)
-            for one in (0, 128, 192)
             for most in (8, 16)
         },
         "no kernel launches the next before it waits": lambda: patched(gemv, "_PDL", {**gemv._PDL, "ahead": ()}),
@@ -422,9 +418,6 @@ def main() -> int:
         " (and those that change launches)",
     )
     ap.add_argument("--variants", nargs="+", default=[""], help="ablate: those whose name holds one of these")
-    ap.add_argument(
-        "--one-split-tokens", nargs="+", type=int, default=[0], help="attention: contexts up to this long in one split"
-    )
     ap.add_argument("--warm-steps", type=int, default=24)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=None)

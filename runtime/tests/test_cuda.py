@@ -18,14 +18,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
     "dtype,cache_dtype", [(torch.bfloat16, None), (torch.float32, None), (torch.bfloat16, torch.float8_e4m3fn)]
 )
 @pytest.mark.parametrize("batch", [1, 5, 40])  # split-K for small batches, one pass for large ones
-@pytest.mark.parametrize("one_split_tokens", [0, 256])  # always split; contexts to 256 in one split
-def test_triton_paged_decode_matches_reference(heads, kv_heads, head_dim, dtype, cache_dtype, batch, one_split_tokens):
+def test_triton_paged_decode_matches_reference(heads, kv_heads, head_dim, dtype, cache_dtype, batch):
     from inferd.layers.paged_decode import paged_decode_attention
 
     torch.manual_seed(0)
     args = _paged_decode_case(batch, heads, kv_heads, head_dim, dtype, cache_dtype or dtype)
     q, k_cache, v_cache, tables, context_lens, scale = args
-    out = paged_decode_attention(*args, one_split_tokens=one_split_tokens)
+    out = paged_decode_attention(*args)
     ref = decode_attention_reference(q, k_cache, v_cache, tables.long(), context_lens, scale)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)

@@ -152,8 +152,7 @@ def test_engine_greedy_tokens_with_the_gemv_path_follow_the_plain_path(tmp_path,
 
 @pytest.mark.parametrize("rows", [1, 5])  # a batch-1 step; a verify pass of 5 rows computed as one
 @pytest.mark.parametrize("context", [1, 16, 17, 64, 65, 200, 383, 1000])
-@pytest.mark.parametrize("one_split_tokens", [0, 128])  # always split; one split to 128 tokens
-def test_early_loads_before_the_wait_give_the_late_loads_attention_bit_for_bit(rows, context, one_split_tokens):
+def test_early_loads_before_the_wait_give_the_late_loads_attention_bit_for_bit(rows, context):
     """Under programmatic dependent launch the rotary, KV-store and attention kernels read what no
     earlier kernel of the step writes (positions, slots, block tables, cached K/V) before they
     wait; attention reads the tile with this step's new tokens again after it. A graph of rotary,
@@ -182,15 +181,7 @@ def test_early_loads_before_the_wait_give_the_late_loads_attention_bit_for_bit(r
     def step():
         q, k, v = rotary(positions, qkv, heads * dim, kv_heads * dim)
         store_kv_triton(k.view(rows, kv_heads, dim), v.view(rows, kv_heads, dim), k_cache, v_cache, slots)
-        return paged_decode_attention(
-            q.view(rows, heads, dim),
-            k_cache,
-            v_cache,
-            table[None].expand(rows, -1),
-            lens,
-            dim**-0.5,
-            one_split_tokens=one_split_tokens,
-        )
+        return paged_decode_attention(q.view(rows, heads, dim), k_cache, v_cache, table[None].expand(rows, -1), lens, dim**-0.5)
 
     outs, early_before = {}, gemv._PDL["early"]
     try:

@@ -88,12 +88,13 @@ def _softmax_step(q, k, t_mask, m, denom, scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _split_share(ctx_len, TILE: tl.constexpr, SPLITS: tl.constexpr, ONE_SPLIT_TILES: tl.constexpr):
-    """(tiles a split takes, splits that work) for a context of ctx_len tokens: a context of up to
-    ONE_SPLIT_TILES tiles in one split (no merge), a longer one shared out a tile or more a split
-    over up to SPLITS programs. Read on the device, so one captured launch fits every context."""
+def _split_share(ctx_len, TILE: tl.constexpr, SPLITS: tl.constexpr):
+    """(tiles a split takes, splits that work) for a context of ctx_len tokens: its tiles shared
+    out over up to SPLITS programs, a tile or more each, so a short context takes fewer splits
+    (a one-tile context one: no merge). Read on the device, so one captured launch fits every
+    context."""
     tiles = tl.cdiv(ctx_len, TILE)
-    per_split = tl.where(tiles <= ONE_SPLIT_TILES, tiles, tl.cdiv(tiles, SPLITS))
+    per_split = tl.cdiv(tiles, SPLITS)
     return per_split, tl.cdiv(tiles, tl.maximum(per_split, 1))
 
 
@@ -117,7 +118,6 @@ def _paged_decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE: tl.constexpr,
     SPLITS: tl.constexpr,
-    ONE_SPLIT_TILES: tl.constexpr,
     PRECISION: tl.constexpr,
     COMPUTE: tl.constexpr,
     WIDEN_V_IN_REGISTERS: tl.constexpr,
@@ -133,7 +133,7 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
     ctx_len = tl.load(context_lens_ptr + seq)
     # This split's token range, in whole tiles (the merge kernel works the same out).
-    per_split, working = _split_share(ctx_len, TILE, SPLITS, ONE_SPLIT_TILES)
+    per_split, working = _split_share(ctx_len, TILE, SPLITS)
     if split >= tl.maximum(working, 1):  # past the context: nothing to read, nothing for the merge
         return
     lo = split * per_split * TILE
@@ -181,7 +181,7 @@ def _paged_decode_kernel(
         v = _load_v(v_cache_ptr, offs, t_mask, COMPUTE, WIDEN_V_IN_REGISTERS)  # after the scores, as before
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
 
-    if working <= 1:  # one split took the whole context (or a padded row): no merge
+    if working <= 1:  # one split took the whole context (or a padded row): nothing to merge
         out = acc / denom[:, None]
         tl.store(
             out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
@@ -270,7 +270,6 @@ def _merge_splits_kernel(
     HEAD_DIM: tl.constexpr,
     TILE: tl.constexpr,
     SPLITS: tl.constexpr,
-    ONE_SPLIT_TILES: tl.constexpr,
     SPLITS_POW2: tl.constexpr,
     USE_PDL: tl.constexpr,
     AHEAD: tl.constexpr,
@@ -284,7 +283,7 @@ def _merge_splits_kernel(
     # The wait even when there is nothing to merge: the next kernel's wait covers this kernel only,
     # so it must not end before the attention kernel has.
     pdl_enter(USE_PDL, AHEAD)
-    _, working = _split_share(ctx_len, TILE, SPLITS, ONE_SPLIT_TILES)
+    _, working = _split_share(ctx_len, TILE, SPLITS)
     if working <= 1:  # the attention kernel wrote the output
         return
     # Every working split's partial state in one load (a loop over the splits would wait for each
@@ -305,13 +304,9 @@ def _merge_splits_kernel(
     tl.store(out_ptr + (seq * NUM_KV_HEADS * GROUP + head) * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-# A context of up to this many tokens runs in one split, with no merge (the merge's cost against
-# the split's; the H200 sweep in BENCHMARKS.md).
-ONE_SPLIT_TOKENS = 0
-
-
-# The most splits a context takes (a split takes at least one tile, so a short context fewer).
-MAX_SPLITS = 8
+# The most splits a sequence's context takes (a split takes at least one tile, so a short context
+# fewer): 16 against 8 halved attention at 4,096 tokens on the H200 (BENCHMARKS.md, eighth pass).
+MAX_SPLITS = 16
 
 
 def num_splits(batch: int, num_kv_heads: int, sm_count: int = 132) -> int:
@@ -335,7 +330,6 @@ def paged_decode_attention(
     *,
     splits: int | None = None,
     tile: int | None = None,
-    one_split_tokens: int | None = None,
     num_warps: int = 4,
     num_stages: int = 4,
     compute_dtype: torch.dtype | None = None,
@@ -353,7 +347,6 @@ def paged_decode_attention(
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     splits = splits or num_splits(batch, num_kv_heads, sm_count(q.device))
     tile = tile or (128 if fp8_cache and splits > 1 else 64)
-    one_split_tiles = (one_split_tokens if one_split_tokens is not None else ONE_SPLIT_TOKENS) // tile
     compute_dtype = compute_dtype or (torch.float16 if fp8_cache and q.dtype != torch.float32 else q.dtype)
     if widen_v_in_registers is None:
         widen_v_in_registers = fp8_cache and compute_dtype == torch.float16
@@ -386,7 +379,6 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
         TILE=tile,
         SPLITS=splits,
-        ONE_SPLIT_TILES=one_split_tiles,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         COMPUTE=_TL_DTYPES[compute_dtype],
         WIDEN_V_IN_REGISTERS=widen_v_in_registers,
@@ -402,7 +394,6 @@ def paged_decode_attention(
             **consts,
             TILE=tile,
             SPLITS=splits,
-            ONE_SPLIT_TILES=one_split_tiles,
             SPLITS_POW2=triton.next_power_of_2(splits),
             AHEAD=launch_ahead(on, "merge"),
             num_warps=4,
