@@ -151,14 +151,16 @@ def test_engine_greedy_tokens_with_the_gemv_path_follow_the_plain_path(tmp_path,
 
 
 @pytest.mark.parametrize("rows", [1, 5])  # a batch-1 step; a verify pass of 5 rows computed as one
-@pytest.mark.parametrize("context", [1, 16, 17, 64, 65, 200, 383, 1000])
+@pytest.mark.parametrize("context", [1, 16, 17, 64, 65, 200, 383, 1000, 1100, 2100, 4000])
 def test_early_loads_before_the_wait_give_the_late_loads_attention_bit_for_bit(rows, context):
-    """Under programmatic dependent launch the rotary, KV-store and attention kernels read what no
-    earlier kernel of the step writes (positions, slots, block tables, cached K/V) before they
-    wait; attention reads the tile with this step's new tokens again after it. A graph of rotary,
-    store and attention, whose new tokens' cache slots hold NaN before every replay, must give the
-    output of the same graph with every load after the wait."""
+    """Under programmatic dependent launch the rotary, KV-store, attention and merge kernels read
+    what no earlier kernel of the step writes (positions, slots, context lengths, block tables,
+    cached K/V) before they wait; attention reads the tile with this step's new tokens again after
+    it. A graph of rotary, store and attention, whose new tokens' cache slots hold NaN before every
+    replay, must give the output of the same graph with every load after the wait, and that of
+    the torch reference (the longer contexts take several tiles a split)."""
     from inferd.layers import gemv
+    from inferd.layers.attention import decode_attention_reference
     from inferd.layers.context import AttentionContext, reset_context, set_context
     from inferd.layers.paged_decode import paged_decode_attention, store_kv_triton
     from inferd.layers.rotary import RotaryEmbedding
@@ -204,3 +206,7 @@ def test_early_loads_before_the_wait_give_the_late_loads_attention_bit_for_bit(r
         gemv._PDL["early"] = early_before
         reset_context()
     assert torch.equal(outs[True], outs[False])
+    gemv.set_pdl(False)
+    q = rotary(positions, qkv, heads * dim, kv_heads * dim)[0].view(rows, heads, dim)
+    ref = decode_attention_reference(q, k_cache, v_cache, table[None].expand(rows, -1).long(), lens, dim**-0.5)
+    torch.testing.assert_close(outs[True].float(), ref.float(), atol=2e-2, rtol=2e-2)

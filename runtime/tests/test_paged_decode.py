@@ -18,11 +18,11 @@ pytestmark = needs_interpreter
 
 
 @pytest.mark.parametrize("splits", [None, 1, 3, 8, 16])
-@pytest.mark.parametrize("lens", [[1], [64], [65], [333], [200, 1, 0, 17, 130]])
+@pytest.mark.parametrize("lens", [[1], [64], [65], [300], [333], [200, 1, 0, 17, 130]])
 def test_split_attention_equals_the_reference(lens, splits):
-    """Contexts of one tile (the other splits empty), of several and a padded row (context 0)
-    in one batch, in one split or several (a context of one tile: one split, which writes the
-    output itself, the merge kernel doing nothing)."""
+    """Contexts of one tile (the other splits empty), of several (300 tokens in 3 splits: shares
+    of 2, 2 and 1 tiles) and a padded row (context 0) in one batch, in one split or several (a
+    context of one tile: one split, which writes the output itself, the merge doing nothing)."""
     from inferd.layers.paged_decode import paged_decode_attention
 
     g = torch.Generator().manual_seed(len(lens))

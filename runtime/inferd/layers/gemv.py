@@ -66,7 +66,8 @@ def set_pdl(on: bool) -> None:
 
 def early_loads(on: bool) -> bool:
     """Whether a kernel launched with programmatic dependent launch (`on`) reads what no earlier
-    kernel of the step writes (positions, slots, block tables, cached K/V) before it waits."""
+    kernel of the step writes (positions, slots, context lengths, block tables, cached K/V) before
+    it waits."""
     return on and _PDL["early"]
 
 

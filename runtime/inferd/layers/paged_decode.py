@@ -169,7 +169,7 @@ def _paged_decode_kernel(
     denom = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     if EARLY:
-        if lo < hi:  # an empty split keeps m = -inf, denom = 0 (the merge gives it no weight)
+        if lo < hi:  # only a context of 0 tokens (a test's padded row) leaves its split empty
             p, alpha, m, denom = _softmax_step(q, k0, mask0, m, denom, scale, PRECISION)
             acc = acc * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PRECISION).to(tl.float32)
     for start in range(first, hi, TILE):
@@ -181,18 +181,27 @@ def _paged_decode_kernel(
         v = _load_v(v_cache_ptr, offs, t_mask, COMPUTE, WIDEN_V_IN_REGISTERS)  # after the scores, as before
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
 
-    if working <= 1:  # one split took the whole context (or a padded row): nothing to merge
-        out = acc / denom[:, None]
-        tl.store(
-            out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=q_mask[:, None],
-        )
+    if SPLITS == 1:  # resolved at compile time: no partial state in the one-split kernel
+        _store_output(out_ptr, acc, denom, seq, head, q_mask, offs_d, NUM_KV_HEADS, GROUP, HEAD_DIM)
+    elif working <= 1:  # one split took the whole context: nothing to merge
+        _store_output(out_ptr, acc, denom, seq, head, q_mask, offs_d, NUM_KV_HEADS, GROUP, HEAD_DIM)
     else:  # the group's heads' partial state (not the padding rows)
         row = ((seq * NUM_KV_HEADS + kv_head) * SPLITS + split) * GROUP + offs_g
         tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=q_mask[:, None])
         tl.store(part_ml_ptr + row * 2, m, mask=q_mask)
         tl.store(part_ml_ptr + row * 2 + 1, denom, mask=q_mask)
+
+
+@triton.jit
+def _store_output(
+    out_ptr, acc, denom, seq, head, q_mask, offs_d, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr
+):
+    """The group's heads' normalized output rows."""
+    tl.store(
+        out_ptr + (seq * NUM_KV_HEADS * GROUP + head)[:, None] * HEAD_DIM + offs_d[None, :],
+        (acc / denom[:, None]).to(out_ptr.dtype.element_ty),
+        mask=q_mask[:, None],
+    )
 
 
 @triton.jit
@@ -272,6 +281,7 @@ def _merge_splits_kernel(
     SPLITS: tl.constexpr,
     SPLITS_POW2: tl.constexpr,
     USE_PDL: tl.constexpr,
+    EARLY: tl.constexpr,
     AHEAD: tl.constexpr,
 ):
     """One program per (sequence, query head): the partial softmaxes of the splits that worked
@@ -279,10 +289,13 @@ def _merge_splits_kernel(
     pdl_ahead(USE_PDL, AHEAD)
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    ctx_len = tl.load(context_lens_ptr + seq)  # from the host, before the step: read before the wait
-    # The wait even when there is nothing to merge: the next kernel's wait covers this kernel only,
-    # so it must not end before the attention kernel has.
-    pdl_enter(USE_PDL, AHEAD)
+    if not EARLY:
+        pdl_enter(USE_PDL, AHEAD)
+    ctx_len = tl.load(context_lens_ptr + seq)  # from the host, before the step (EARLY: before the wait)
+    if EARLY:
+        # The wait even when there is nothing to merge: the next kernel's wait covers this kernel
+        # only, so this one must not end before the attention kernel has.
+        pdl_enter(USE_PDL, AHEAD)
     _, working = _split_share(ctx_len, TILE, SPLITS)
     if working <= 1:  # the attention kernel wrote the output
         return
@@ -305,7 +318,8 @@ def _merge_splits_kernel(
 
 
 # The most splits a sequence's context takes (a split takes at least one tile, so a short context
-# fewer): 16 against 8 halved attention at 4,096 tokens on the H200 (BENCHMARKS.md, eighth pass).
+# fewer): 16 against 8 cut the kernel's time at 4,096 tokens by about a third on the H200 (BENCHMARKS.md,
+# eighth pass) and cost nothing measurable in the batch-1 step up to 384 tokens.
 MAX_SPLITS = 16
 
 
@@ -395,6 +409,7 @@ def paged_decode_attention(
             TILE=tile,
             SPLITS=splits,
             SPLITS_POW2=triton.next_power_of_2(splits),
+            EARLY=early_loads(on),
             AHEAD=launch_ahead(on, "merge"),
             num_warps=4,
         )
