@@ -415,7 +415,7 @@ def main() -> int:
     ap.add_argument(
         "--tpot-of",
         nargs="+",
-        default=["whole step"],
+        default=[],
         help="ablate: the variants whose name holds one of these also timed per output token over 256 tokens"
         " (the whole step and the early-loads and launch-ahead variants always are)",
     )
